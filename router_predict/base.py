@@ -25,6 +25,7 @@ class LayerObservation:
     hidden: torch.Tensor | None = None  # [T, H] router input at this layer (None in id-only traces)
     token_ids: torch.Tensor | None = None  # [T] int64
     positions: torch.Tensor | None = None  # [T] int64
+    prev_token_ids: torch.Tensor | None = None  # [T] int64 previous token of the row's sequence, -1 at its start
 
 
 class Predictor(ABC):
@@ -42,6 +43,14 @@ class Predictor(ABC):
     def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
         """Scores [d, T, E] for MoE layers obs.moe_index+1 .. +d, d = min(depth, L-1-obs.moe_index)."""
 
-    def predict_path(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """Scores [L, T, E] for every MoE layer before the forward pass starts, or None if unsupported."""
+    def lookahead(self, moe_index: int, depth: int) -> int:
+        """d = min(depth, L-1-moe_index): how many later layers exist to predict (0 at the last layer)."""
+        return max(0, min(depth, self.num_layers - 1 - moe_index))
+
+    def predict_path(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                     prev_token_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Scores [L, T, E] for every MoE layer before the forward pass starts, or None if unsupported.
+
+        prev_token_ids: [T] int64 previous token per row (-1 at a sequence start), if known.
+        """
         return None

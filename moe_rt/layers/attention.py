@@ -1,0 +1,106 @@
+"""Grouped-query attention over a paged KV cache.
+
+Tokens of a forward batch are flattened: T rows, each with its position. A prefill batch holds
+whole prompts back to back (`seq_lens`); a decode batch holds one new token per sequence.
+The KV cache of a layer is two tensors [num_slots, KV, hd]; slot = block * block_size + offset.
+
+Shape legend: T tokens, B sequences, H query heads, KV key/value heads, hd head dim, D hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_rt.models.spec import AttentionSpec
+
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    seq_lens: list[int]  # prefill: tokens per sequence (sum = T); decode: context length incl. the new token
+    slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot per row; None = no cache (scoring)
+    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
+    block_size: int = 16
+    context_lens: torch.Tensor | None = None  # decode: [B] int64, == seq_lens as a tensor
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor  # [num_slots, KV, hd]
+    v: torch.Tensor  # [num_slots, KV, hd]
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec, hidden: int, eps: float, rope: RotaryEmbedding, window: int | None):
+        super().__init__()
+        self.spec = spec
+        h, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size, self.kv_size = h * hd, kv * hd
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
+        if spec.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)
+        elif spec.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(self.q_size, eps), RMSNorm(self.kv_size, eps)
+        self.rope = rope
+        self.window = window
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: LayerKV | None):
+        s = self.spec
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if s.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        q = q.reshape(T, s.num_heads, s.head_dim)
+        k = k.reshape(T, s.num_kv_heads, s.head_dim)
+        v = v.reshape(T, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        if kv is not None and meta.slot_mapping is not None:
+            kv.k.index_copy_(0, meta.slot_mapping, k)
+            kv.v.index_copy_(0, meta.slot_mapping, v)
+        if meta.is_prefill:
+            o = self._prefill(q, k, v, meta.seq_lens)
+        else:
+            o = self._decode(q, kv, meta)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+    def _prefill(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:
+        # Prompts never share a cache prefix, so each attends only to its own new keys.
+        outs, start = [], 0
+        for n in seq_lens:
+            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+            if self.window is not None and n > self.window:
+                i = torch.arange(n, device=q.device)
+                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
+            else:
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1))
+            start += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _decode(self, q, kv: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
+        B, nblk = meta.block_tables.shape
+        L = nblk * meta.block_size
+        s = self.spec
+        k = kv.k.view(-1, meta.block_size, s.num_kv_heads, s.head_dim)[meta.block_tables]
+        v = kv.v.view(-1, meta.block_size, s.num_kv_heads, s.head_dim)[meta.block_tables]
+        k = k.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        pos = torch.arange(L, device=q.device)[None, :]
+        ctx = meta.context_lens[:, None]
+        mask = pos < ctx
+        if self.window is not None:
+            mask = mask & (pos >= ctx - self.window)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+        return o[:, :, 0, :]

@@ -1,0 +1,66 @@
+"""The MoE block: router -> dispatch -> expert compute -> combine (+ shared expert).
+
+Shape legend: T tokens, D hidden, E routed experts, K chosen per token.
+
+The block owns only its router (and shared expert). Where expert weights live (store), how tokens
+travel (dispatcher) and how experts are computed (compute) belong to one MoEContext shared by all
+blocks of a model, so the engine, an expert cache or expert parallelism can swap them after the
+model is built without touching the model code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_rt.models.spec import MoESpec
+
+from ..mlp import DenseMLP
+from .compute import ExpertCompute, torch_experts
+from .dispatch import LocalDispatcher
+from .events import RouterEvent, RoutingHub
+from .routing import route
+from .store import ExpertStore
+
+
+@dataclass
+class MoEContext:
+    store: ExpertStore | None = None
+    compute: ExpertCompute = torch_experts
+    dispatcher: object = field(default_factory=LocalDispatcher)
+    hub: RoutingHub = field(default_factory=RoutingHub)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, spec: MoESpec, hidden: int, moe_index: int, layer_id: int, ctx: MoEContext) -> None:
+        super().__init__()
+        r = spec.routing
+        self.spec, self.moe_index, self.layer_id, self.ctx = spec, moe_index, layer_id, ctx
+        self.gate = nn.Linear(hidden, r.num_experts, bias=False)
+        if r.correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(r.num_experts))
+        else:
+            self.e_score_correction_bias = None
+        self.shared_expert = DenseMLP(hidden, spec.shared_intermediate_size) if spec.shared_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_gate and self.shared_expert else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        r = self.spec.routing
+        w = self.gate.weight
+        logits = F.linear(x.float(), w.float()) if r.logits_fp32 else F.linear(x, w)
+        weights, ids = route(logits, r, self.e_score_correction_bias)
+        if ctx.hub.active:
+            ctx.hub.emit(RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch))
+        d = ctx.dispatcher.dispatch(self.moe_index, x, ids, weights)
+        experts = ctx.store.prepare(self.moe_index, d.topk_ids)
+        y = ctx.compute(d.hidden, experts.w13, experts.w2, experts.slots(d.topk_ids), d.topk_weights)
+        out = ctx.dispatcher.combine(self.moe_index, y, d)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

@@ -1,0 +1,58 @@
+"""Expert-compute backends: (hidden, w13, w2, slot ids, weights) -> weighted sum over the K choices.
+
+Every backend has the signature of `reference.reference_experts` and must match it:
+    hidden [T, D], w13 [S, 2I, D], w2 [S, D, I], topk_ids [T, K] slots (-1 = skip), topk_weights [T, K]
+    -> [T, D] in hidden's dtype.
+`get_expert_compute(name)` is the one place a backend is chosen.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe_rt.errors import MoeRtError
+
+ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """Group (token, choice) pairs by slot and run each used expert once on its tokens."""
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # -1 (skipped) pairs sort first
+    slots, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    tokens = order // K
+    weights = topk_weights.reshape(-1)
+    out = torch.zeros_like(hidden)
+    start = 0
+    for s, n in zip(slots.tolist(), counts.tolist()):
+        if s >= 0:
+            pick = order[start : start + n]
+            tok = tokens[start : start + n]
+            gate, up = F.linear(hidden[tok], w13[s]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, w2[s])
+            out.index_add_(0, tok, (y * weights[pick, None]).to(out.dtype))
+        start += n
+    return out
+
+
+def _triton_experts() -> ExpertCompute:
+    try:
+        from moe_rt.kernels.fused_moe import fused_experts
+    except ImportError as e:  # triton missing or the kernel package not importable
+        raise MoeRtError(f"expert compute 'triton' is unavailable: {e}") from None
+    return fused_experts
+
+
+def get_expert_compute(name: str) -> ExpertCompute:
+    if name == "torch":
+        return torch_experts
+    if name == "triton":
+        return _triton_experts()
+    if name == "reference":
+        from .reference import reference_experts
+
+        return reference_experts
+    raise MoeRtError(f"unknown expert compute backend '{name}' (choose torch, triton or reference)")

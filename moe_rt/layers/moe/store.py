@@ -1,0 +1,55 @@
+"""Expert stores: the one interface through which expert weights are reached.
+
+An MoE layer asks its store to `prepare` the experts a batch needs and gets a LayerExperts: a
+weight stack plus the slot of each logical expert in it. A store that keeps every expert resident
+returns its full stack with identity slots; an expert cache returns its fast-tier buffers and maps
+only resident experts (see expert_cache/). Only the store decides where weights live.
+
+Shape legend: E logical experts, S slots in the stack, I expert intermediate size, D hidden.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerExperts:
+    w13: torch.Tensor  # [S, 2I, D] gate rows then up rows
+    w2: torch.Tensor  # [S, D, I]
+    slot_of: torch.Tensor | None = None  # [E] int64 slot of each logical expert (-1: not here); None = identity
+
+    def slots(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Map logical ids [T, K] (-1 = skip) to slot ids in w13/w2 (-1 = skip)."""
+        if self.slot_of is None:
+            return topk_ids
+        return torch.where(topk_ids >= 0, self.slot_of[topk_ids.clamp(min=0)], topk_ids)
+
+
+class ExpertStore(ABC):
+    num_layers: int  # MoE layers
+    num_experts: int
+
+    @abstractmethod
+    def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
+        """Make every expert in topk_ids (logical ids, -1 = none) usable and return the stack to use."""
+
+    def expert_bytes(self) -> int:
+        return 0
+
+
+class ResidentExpertStore(ExpertStore):
+    """Every expert of every layer stacked on the compute device (the all-resident ceiling)."""
+
+    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor]) -> None:
+        self.w13, self.w2 = w13, w2
+        self.num_layers = len(w13)
+        self.num_experts = w13[0].shape[0]
+
+    def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
+        return LayerExperts(self.w13[moe_index], self.w2[moe_index])
+
+    def expert_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)

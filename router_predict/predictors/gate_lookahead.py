@@ -1,0 +1,131 @@
+"""Training-free look-ahead: apply the routers of layers l+1..l+D to the hidden state at layer l.
+
+Residual streams change slowly between adjacent layers, so later routers applied early are a good
+guess (exact when the residual update is zero and the routers' input norms agree). Scores rank
+experts like the model's own selection: raw logits (softmax routers), or sigmoid(logits) +
+e_score_correction_bias where the model has that bias (DeepSeek-V3 style). Group-limited routing
+(n_group/topk_group) is not modelled: the ranking is over all experts.
+
+Shape legend: T tokens, H router input size, E routed experts, L MoE layers, d look-ahead distance.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from moe_rt.errors import MoeRtError
+from router_predict.base import LayerObservation, Predictor
+
+GATE_NAMES = ("model.layers.{i}.block_sparse_moe.gate.weight",  # Mixtral
+              "model.layers.{i}.mlp.gate.weight")  # Qwen-MoE, OLMoE, DeepSeek
+BIAS_NAME = "model.layers.{i}.mlp.gate.e_score_correction_bias"
+
+
+class GateLookaheadPredictor(Predictor):
+    name = "gate_lookahead"
+    needs_hidden = True
+
+    def __init__(self, gate_weights: list[torch.Tensor], top_k: int,
+                 biases: list[torch.Tensor] | None = None, layer_ids: list[int] | None = None) -> None:
+        """gate_weights: per MoE layer [E, H]; biases: per MoE layer [E] correction bias, or None."""
+        if not gate_weights:
+            raise MoeRtError("gate_lookahead needs at least one router weight")
+        shapes = {tuple(w.shape) for w in gate_weights}
+        if len(shapes) != 1:
+            raise MoeRtError(f"gate_lookahead: router weights differ in shape: {sorted(shapes)}")
+        super().__init__(len(gate_weights), gate_weights[0].shape[0], top_k)
+        self.weights = torch.stack([w.float() for w in gate_weights])  # [L, E, H]
+        self.biases = None if biases is None else torch.stack([b.float() for b in biases])  # [L, E]
+        self.layer_ids = layer_ids if layer_ids is not None else list(range(len(gate_weights)))
+
+    def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
+        if obs.hidden is None:
+            raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
+        d = self.lookahead(obs.moe_index, depth)
+        w = self.weights[obs.moe_index + 1: obs.moe_index + 1 + d]  # [d, E, H]
+        logits = torch.einsum("th,deh->dte", obs.hidden.float(), w)
+        if self.biases is None:
+            return logits
+        b = self.biases[obs.moe_index + 1: obs.moe_index + 1 + d]  # [d, E]
+        return torch.sigmoid(logits) + b[:, None, :]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str) -> "GateLookaheadPredictor":
+        """Read only the router weights from a Hugging Face folder (single or sharded safetensors)."""
+        config = _read_config(model_dir)
+        layer_ids = moe_layer_ids(config)
+        top_k = config.get("num_experts_per_tok")
+        if not isinstance(top_k, int):
+            raise MoeRtError(f"{model_dir}/config.json has no integer num_experts_per_tok")
+        files = _tensor_files(model_dir)
+        weights, biases = [], []
+        for i in layer_ids:
+            names = [n.format(i=i) for n in GATE_NAMES]
+            found = next((n for n in names if n in files), None)
+            if found is None:
+                raise MoeRtError(f"{model_dir}: no router weight for MoE layer {i} (looked for {names[0]} "
+                                 f"and {names[1]})")
+            weights.append(_load_tensor(model_dir, files[found], found))
+            bias = BIAS_NAME.format(i=i)
+            if bias in files:
+                biases.append(_load_tensor(model_dir, files[bias], bias))
+        if biases and len(biases) != len(weights):
+            raise MoeRtError(f"{model_dir}: e_score_correction_bias present on some MoE layers only")
+        expected = next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                         if isinstance(config.get(k), int)), None)
+        if expected is not None and weights[0].shape[0] != expected:
+            raise MoeRtError(f"{model_dir}: router weight has {weights[0].shape[0]} experts but config "
+                             f"says {expected}")
+        return cls(weights, top_k, biases or None, layer_ids)
+
+
+def moe_layer_ids(config: dict) -> list[int]:
+    """Decoder-layer indices that have a routed MoE block, from a HF config.json dict."""
+    n = config.get("num_hidden_layers")
+    if not isinstance(n, int):
+        raise MoeRtError("config.json has no integer num_hidden_layers")
+    if "first_k_dense_replace" in config:  # DeepSeek-V2/V3
+        first, freq = config["first_k_dense_replace"], config.get("moe_layer_freq", 1)
+        return [i for i in range(n) if i >= first and i % freq == 0]
+    if "decoder_sparse_step" in config:  # Qwen2-MoE / Qwen3-MoE
+        step, dense = config["decoder_sparse_step"] or 1, set(config.get("mlp_only_layers") or [])
+        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+    return list(range(n))  # Mixtral, OLMoE: every layer is MoE
+
+
+def _read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise MoeRtError(f"{model_dir}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise MoeRtError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def _tensor_files(model_dir: str) -> dict[str, str]:
+    """Tensor name -> safetensors file name, from the shard index or the single file's header."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise MoeRtError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+def _load_tensor(model_dir: str, file_name: str, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    path = os.path.join(model_dir, file_name)
+    if not os.path.isfile(path):
+        raise MoeRtError(f"{model_dir}: shard {file_name} listed in the index is missing")
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(name).float()

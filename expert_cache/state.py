@@ -1,0 +1,248 @@
+"""Cache state: which expert keys hold which fast-tier slots, and what happened to them.
+
+`CacheState` is the single owner of residency. Each action has a check that says whether it is
+allowed (`can_admit`/`admit`, `can_evict`/`evict`, `can_pin`/`pin`, `mark_in_flight`/`complete`);
+an action whose check fails raises CacheStateError, which is a bug in the caller, not a user error.
+No copies happen here: an executor (in-engine cache, or the replay simulator) decides with the
+pure policies, calls these actions, and moves bytes.
+
+Terms follow the glossary in `expert_cache/__init__.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from expert_cache.policies import ExpertKey, PolicyInputs, eviction_candidates
+
+Scope = Literal["per_layer", "global"]
+AccessResult = Literal["hit", "prefetch_hit", "miss"]
+
+
+class CacheStateError(RuntimeError):
+    """An action broke a cache invariant (evicting a pinned key, admitting into a full pool...)."""
+
+
+@dataclass
+class CacheStats:
+    """Counters over a run. `hits` includes `prefetch_hits`; hits + misses = accesses."""
+
+    hits: int = 0
+    misses: int = 0  # demand loads (each one a stall in the engine)
+    prefetch_hits: int = 0  # first hit on a key that a prefetch brought in
+    prefetches_issued: int = 0
+    wasted_prefetches: int = 0  # prefetched keys evicted before any hit
+    wasted_prefetch_bytes: int = 0
+    streamed_misses: int = 0  # misses served from a staging buffer without being admitted
+    evictions: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=dict)  # source tier ("cpu"/"disk") -> bytes
+    stall_s: float = 0.0  # time compute waited for demand loads (filled by the executor)
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def loads(self) -> int:
+        """Every copy from the slow tier: demand misses plus prefetches."""
+        return self.misses + self.prefetches_issued
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "prefetch_hits": self.prefetch_hits,
+                "prefetches_issued": self.prefetches_issued,
+                "wasted_prefetches": self.wasted_prefetches,
+                "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
+                "streamed_misses": self.streamed_misses, "evictions": self.evictions,
+                "bytes_moved": dict(self.bytes_moved), "stall_s": self.stall_s,
+                "accesses": self.accesses, "loads": self.loads, "hit_rate": self.hit_rate}
+
+
+@dataclass
+class SlotEntry:
+    """One resident key."""
+
+    slot: int  # index into its pool's fast-tier buffer
+    pinned: bool = False
+    in_flight: bool = False
+    prefetched_unused: bool = False  # brought by a prefetch and not hit yet
+
+
+@dataclass
+class CacheState:
+    """Residency of expert keys in fast-tier slot pools, plus per-key and total statistics.
+
+    scope "per_layer": one pool per MoE layer, each with `capacity_slots` slots.
+    scope "global": one pool (id 0) of `capacity_slots` slots shared by all layers.
+    """
+
+    num_layers: int  # L, MoE layers
+    capacity_slots: int  # slots per pool (per layer, or in total for scope "global")
+    scope: Scope = "per_layer"
+    expert_bytes: int = 0  # bytes of one expert's weights (0 when unknown, e.g. id-only replay)
+    source_tier: str = "cpu"  # where loads come from: "cpu" (pinned host RAM) or "disk"
+    entries: dict[ExpertKey, SlotEntry] = field(default_factory=dict)
+    free_slots: dict[int, list[int]] = field(default_factory=dict)  # pool -> free slots, popped last-first
+    pool_keys: dict[int, set[ExpertKey]] = field(default_factory=dict)  # pool -> resident keys
+    needed: set[ExpertKey] = field(default_factory=set)  # keys of the layer being computed
+    # Per-key history, kept across evictions (LRU/LFU read these dicts directly, without copies).
+    last_use: dict[ExpertKey, int] = field(default_factory=dict)  # tick of last access or load
+    use_count: dict[ExpertKey, int] = field(default_factory=dict)  # accesses
+    load_count: dict[ExpertKey, int] = field(default_factory=dict)  # loads (demand + prefetch)
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.capacity_slots < 0:
+            raise ValueError(f"capacity_slots must be >= 0, got {self.capacity_slots}")
+        if self.scope not in ("per_layer", "global"):
+            raise ValueError(f"scope must be per_layer or global, got {self.scope!r}")
+        if not self.free_slots and not self.entries:
+            pools = range(self.num_layers) if self.scope == "per_layer" else range(1)
+            # Reversed so pop() hands out slot 0 first: deterministic, easy to read in tests.
+            self.free_slots = {p: list(reversed(range(self.capacity_slots))) for p in pools}
+            self.pool_keys = {p: set() for p in pools}
+
+    # ---- queries ----
+    def pool_of(self, key: ExpertKey) -> int:
+        layer = key[0]
+        if not 0 <= layer < self.num_layers:
+            raise CacheStateError(f"key {key} names MoE layer {layer}, outside [0, {self.num_layers})")
+        return layer if self.scope == "per_layer" else 0
+
+    def is_resident(self, key: ExpertKey) -> bool:
+        return key in self.entries
+
+    def slot_of(self, key: ExpertKey) -> int | None:
+        e = self.entries.get(key)
+        return None if e is None else e.slot
+
+    def num_free(self, pool: int) -> int:
+        return len(self.free_slots[pool])
+
+    def in_flight(self) -> set[ExpertKey]:
+        return {k for k, e in self.entries.items() if e.in_flight}
+
+    def pinned(self) -> set[ExpertKey]:
+        return {k for k, e in self.entries.items() if e.pinned}
+
+    def candidates(self, pool: int) -> list[ExpertKey]:
+        """Eviction candidates of `pool`: resident minus pinned, in-flight and needed."""
+        keys = self.pool_keys[pool]
+        return eviction_candidates(
+            keys, (k for k in keys if self.entries[k].pinned),
+            (k for k in keys if self.entries[k].in_flight), self.needed & keys)
+
+    def policy_inputs(self, predicted=None, next_use=None) -> PolicyInputs:
+        """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""
+        return PolicyInputs(self.last_use, self.use_count, predicted or {}, next_use or {})
+
+    # ---- check/action pairs ----
+    def can_admit(self, key: ExpertKey) -> bool:
+        return key not in self.entries and self.num_free(self.pool_of(key)) > 0
+
+    def admit(self, key: ExpertKey, now: int, *, prefetch: bool = False,
+              in_flight: bool = False) -> int:
+        """Give `key` a free slot of its pool and count the load; returns the slot."""
+        if not self.can_admit(key):
+            why = "already resident" if key in self.entries else "its pool has no free slot"
+            raise CacheStateError(f"cannot admit {key}: {why}")
+        pool = self.pool_of(key)
+        slot = self.free_slots[pool].pop()
+        self.entries[key] = SlotEntry(slot, in_flight=in_flight, prefetched_unused=prefetch)
+        self.pool_keys[pool].add(key)
+        # A fresh load counts as a use for recency, so LRU does not evict it before it is read.
+        self.last_use[key] = now
+        self.load_count[key] = self.load_count.get(key, 0) + 1
+        self._count_bytes()
+        if prefetch:
+            self.stats.prefetches_issued += 1
+        return slot
+
+    def can_evict(self, key: ExpertKey) -> bool:
+        e = self.entries.get(key)
+        return e is not None and not e.pinned and not e.in_flight and key not in self.needed
+
+    def evict(self, key: ExpertKey) -> int:
+        """Free `key`'s slot; returns it. Pinned, in-flight and needed keys are refused."""
+        if not self.can_evict(key):
+            e = self.entries.get(key)
+            why = ("not resident" if e is None else "pinned" if e.pinned
+                   else "in flight" if e.in_flight else "needed by the current layer")
+            raise CacheStateError(f"cannot evict {key}: {why}")
+        e = self.entries.pop(key)
+        pool = self.pool_of(key)
+        self.pool_keys[pool].discard(key)
+        self.free_slots[pool].append(e.slot)
+        self.stats.evictions += 1
+        if e.prefetched_unused:
+            self.stats.wasted_prefetches += 1
+            self.stats.wasted_prefetch_bytes += self.expert_bytes
+        return e.slot
+
+    def can_pin(self, key: ExpertKey) -> bool:
+        return key in self.entries or self.can_admit(key)
+
+    def pin(self, key: ExpertKey, now: int = 0) -> int:
+        """Make `key` resident for good (admitting it if needed); returns its slot."""
+        if not self.can_pin(key):
+            raise CacheStateError(f"cannot pin {key}: its pool has no free slot")
+        if key not in self.entries:
+            self.admit(key, now)
+        self.entries[key].pinned = True
+        return self.entries[key].slot
+
+    def mark_in_flight(self, key: ExpertKey) -> None:
+        e = self.entries.get(key)
+        if e is None or e.in_flight:
+            raise CacheStateError(f"cannot mark {key} in flight: "
+                                  f"{'not resident' if e is None else 'already in flight'}")
+        e.in_flight = True
+
+    def complete(self, key: ExpertKey) -> None:
+        e = self.entries.get(key)
+        if e is None or not e.in_flight:
+            raise CacheStateError(f"cannot complete {key}: "
+                                  f"{'not resident' if e is None else 'not in flight'}")
+        e.in_flight = False
+
+    def mark_needed(self, keys: Iterable[ExpertKey]) -> None:
+        """Protect the keys of the layer about to compute (resident or not yet)."""
+        self.needed.update(keys)
+
+    def clear_needed(self) -> None:
+        self.needed.clear()
+
+    # ---- accounting ----
+    def access(self, key: ExpertKey, now: int) -> AccessResult:
+        """Record one compute-time access to `key` and classify it. A miss changes no residency:
+        the executor then admits (after evicting) or streams the key."""
+        self.last_use[key] = now
+        self.use_count[key] = self.use_count.get(key, 0) + 1
+        e = self.entries.get(key)
+        if e is None:
+            self.stats.misses += 1
+            return "miss"
+        self.stats.hits += 1
+        if e.prefetched_unused:
+            e.prefetched_unused = False
+            self.stats.prefetch_hits += 1
+            return "prefetch_hit"
+        return "hit"
+
+    def record_streamed(self, key: ExpertKey) -> None:
+        """A missed key was loaded into staging only; its bytes still moved."""
+        self.load_count[key] = self.load_count.get(key, 0) + 1
+        self.stats.streamed_misses += 1
+        self._count_bytes()
+
+    def add_stall(self, seconds: float) -> None:
+        self.stats.stall_s += seconds
+
+    def _count_bytes(self) -> None:
+        moved = self.stats.bytes_moved
+        moved[self.source_tier] = moved.get(self.source_tier, 0) + self.expert_bytes

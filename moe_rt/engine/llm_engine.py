@@ -1,0 +1,199 @@
+"""The engine: a thin loop over named parts.
+
+    step() = schedule -> run (model forward) -> sample -> postprocess
+
+Requests enter with add_request and leave when finished or aborted; the running batch changes
+between steps (continuous batching). step() returns what each touched request produced.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_rt.checkpoint import read_config
+from moe_rt.config import RuntimeConfig
+from moe_rt.device import resolve_device, resolve_dtype
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.compute import get_expert_compute
+from moe_rt.loader import load_model
+from moe_rt.outputs import CompletionOutput, RequestOutput
+from moe_rt.sampling_params import SamplingParams
+from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .sampler import sample, token_logprobs
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one sequence produced in one step (for streaming)."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    finish_reason: str | None
+
+
+class LLMEngine:
+    def __init__(self, cfg: RuntimeConfig, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.tokenizer = Tokenizer(cfg.model)
+        self.model, self.reader = load_model(cfg.model, self.dtype, self.device, progress=progress)
+        self.spec = self.model.spec
+        self.model.moe_ctx.compute = get_expert_compute(cfg.engine.expert_compute)
+        self.eos_ids = self._eos_ids(cfg.model)
+        ec = cfg.engine
+        a = self.spec.attention
+        bytes_per_block = 2 * self.spec.num_layers * ec.kv_block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
+        capacity = num_blocks * ec.kv_block_size
+        max_len = ec.max_model_len or min(self.spec.max_position_embeddings, capacity)
+        if max_len > self.spec.max_position_embeddings:
+            raise MoeRtError(f"max_model_len={max_len} exceeds the model's {self.spec.max_position_embeddings} positions")
+        if max_len > capacity:
+            raise MoeRtError(
+                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens, fewer than "
+                f"max_model_len={max_len}; raise kv_cache_memory_gb or lower max_model_len"
+            )
+        self.max_model_len = max_len
+        self.blocks = BlockManager(num_blocks, ec.kv_block_size)
+        self.scheduler = Scheduler(ec, self.blocks)
+        self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device)
+        self.generator = torch.Generator().manual_seed(ec.seed)
+        self._seq_counter = itertools.count()
+        self._req_counter = itertools.count()
+        self.requests: dict[str, list[Sequence]] = {}
+        self.last_batch_size = 0
+        self.num_steps = 0
+
+    def _eos_ids(self, model_dir: str) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.is_file():
+            eos = read_config_json(gen).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(i, int) or not 0 <= i < self.spec.vocab_size for i in ids):
+                raise MoeRtError(f"prompt token ids must be integers in [0, {self.spec.vocab_size})")
+        if not ids:
+            raise MoeRtError("the prompt is empty")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        if len(ids) + 1 > self.max_model_len:
+            raise MoeRtError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len}")
+        rid = request_id or f"req-{next(self._req_counter)}"
+        if rid in self.requests:
+            raise MoeRtError(f"request id {rid} is already in use")
+        seqs = []
+        for i in range(params.n):
+            gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
+            seq = Sequence(next(self._seq_counter), rid, i, ids, params, gen)
+            seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[rid] = seqs
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks. Returns False if it is unknown or already done."""
+        seqs = self.requests.get(request_id)
+        if not seqs:
+            return False
+        for seq in seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        return RequestOutput(
+            request_id,
+            seqs[0].prompt_token_ids,
+            [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.logprobs) for s in seqs],
+        )
+
+    def release(self, request_id: str) -> RequestOutput:
+        """Final output of a finished request; forgets it."""
+        out = self.output(request_id)
+        del self.requests[request_id]
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        self.last_batch_size = len(seqs)
+        self.num_steps += 1
+        logits = self.runner.run(seqs, is_prefill)
+        tokens = sample(logits, seqs, self.generator)
+        logprobs = token_logprobs(logits, seqs, tokens)
+        return [self._postprocess(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
+
+    def _postprocess(self, seq: Sequence, token: int, logprob) -> StepOutput:
+        p = seq.params
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        out = seq.output_token_ids
+        reason = None
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        if reason is None:
+            seq.text += seq.detok.step(out)
+            if p.stop:
+                # Search only where a stop string could newly end.
+                start = max(0, seq.emitted - max(len(s) for s in p.stop))
+                hits = [i for s in p.stop if (i := seq.text.find(s, start)) >= 0]
+                if hits:
+                    seq.text = seq.text[: min(hits)]
+                    reason = "stop"
+        if reason is None and (len(out) >= p.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        # While a stop string could still be completing, its first characters are held back so a
+        # stream never shows text that is later cut.
+        hold = 0 if reason is not None or not p.stop else max(len(s) for s in p.stop) - 1
+        end = max(seq.emitted, len(seq.text) - hold)
+        delta = seq.text[seq.emitted : end]
+        seq.emitted = end
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+        return StepOutput(seq.request_id, seq.index, [token], delta, reason)
+
+
+def read_config_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoeRtError(f"{path} is not valid JSON: {e}") from None

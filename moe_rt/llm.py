@@ -1,0 +1,109 @@
+"""The Python runtime API:
+
+    from moe_rt import LLM, SamplingParams
+    llm = LLM()                                   # the shipped demo model
+    llm = LLM(model="path/to/hf-folder", dtype="float32", device="cpu", max_num_seqs=16)
+    outs = llm.generate(["In the beginning"], SamplingParams(max_tokens=32, temperature=0))
+    for piece in llm.stream("And God said", SamplingParams(max_tokens=20)): print(piece, end="")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from moe_rt.config import build_config
+from moe_rt.errors import MoeRtError
+from moe_rt.outputs import RequestOutput
+from moe_rt.sampling_params import SamplingParams
+
+from .engine.llm_engine import LLMEngine
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+
+
+def default_model_dir() -> str:
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise MoeRtError(f"no model given and the demo model is not installed at {DEMO_MODEL_DIR}")
+    return str(DEMO_MODEL_DIR)
+
+
+Prompt = str | list[int]
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, progress: bool = True, **options) -> None:
+        """options: dtype, device, placement, and any EngineConfig field (max_num_seqs, ...)."""
+        self.config = build_config(model=str(model) if model is not None else default_model_dir(), **options)
+        self.engine = LLMEngine(self.config, progress=progress)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in prompt order. Token-id prompts are lists of ints."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if isinstance(params, list) and len(params) != len(prompts):
+            raise MoeRtError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        try:
+            with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        if out.finish_reason is not None and self.engine.output(out.request_id).finished:
+                            bar.update(1)
+        finally:
+            for rid in ids:  # on an exception, leave no request behind in the engine
+                self.engine.abort(rid)
+        return [self.engine.release(rid) for rid in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one completion as they are generated (n must be 1)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise MoeRtError("stream() takes n=1")
+        rid = self.engine.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        if out.new_text:
+                            yield out.new_text
+                        if out.finish_reason is not None:
+                            return
+                if not self.engine.has_unfinished():
+                    return
+        finally:
+            self.engine.abort(rid)
+            self.engine.requests.pop(rid, None)
+
+    def chat(
+        self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None
+    ) -> RequestOutput | list[RequestOutput]:
+        """Apply the model's chat template (with the assistant prompt) and generate."""
+        many = bool(messages) and isinstance(messages[0], list)
+        convs = messages if many else [messages]
+        outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)
+        return outs if many else outs[0]
+
+    def prompt_logits(self, token_ids: list[int] | str) -> torch.Tensor:
+        """Logits [len, vocab] (float32) of every prompt position; for scoring and parity checks."""
+        ids = self.engine.encode_prompt(token_ids)
+        if len(ids) > self.engine.max_model_len:
+            raise MoeRtError(f"{len(ids)} tokens exceed the context of {self.engine.max_model_len}")
+        return self.engine.runner.prompt_logits(ids).float()

@@ -159,8 +159,11 @@ def save_placement_yaml(path: str | os.PathLike, placement: ExpertParallelPlacem
     """Write a file whose only top-level key is `expert_parallel:`."""
     text = yaml.safe_dump({SECTION: placement.to_section()}, sort_keys=False,
                           default_flow_style=None)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise MoeRtError(f"placement {os.fspath(path)}: cannot write ({e.strerror})") from None
 
 
 def load_placement_yaml(path: str | os.PathLike) -> ExpertParallelPlacement:

@@ -1,0 +1,112 @@
+"""`moe-rt plan-placement`: plan an s-EG expert placement from a routing trace and write its YAML.
+
+Prints the planned placement's local share and all-to-all traffic next to DeepSpeed's default
+placement on the same trace. That comparison is in-sample (the planner saw these tokens); use
+`moe-rt simulate-ep`, which plans and measures on different sequences, for an honest estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moe_rt.errors import MoeRtError
+from parallel.grouping import GroupingOptions, plan_expert_groups
+from parallel.placement import default_placement, save_placement_yaml
+from parallel.traffic import TrafficOptions, compare_schemes, ratio
+from router_predict.trace import Trace, load_trace
+
+
+def add_grouping_arguments(parser: argparse.ArgumentParser) -> None:
+    """Planner and size flags shared with simulate-ep."""
+    parser.add_argument("--replicas", type=int, default=0, metavar="R",
+                        help="extra copy of each layer's R hottest experts (default 0)")
+    parser.add_argument("--load-tolerance", type=float, default=0.1, metavar="F",
+                        help="a rank may carry at most (1+F) x the mean token load; negative "
+                             "means count balance only (default 0.1)")
+    parser.add_argument("--cross-layer-weight", type=float, default=1.0, metavar="W",
+                        help="weight of keeping experts on the rank of the previous layer's "
+                             "experts, relative to grouping one layer's experts (default 1.0)")
+    parser.add_argument("--hidden", type=int, default=None, metavar="H",
+                        help="model hidden size for byte counts (default: from the trace's "
+                             "hidden states, else rows only)")
+    parser.add_argument("--dtype-bytes", type=int, default=2, metavar="B",
+                        help="bytes per activation element (default 2, bf16)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, metavar="T.npz", help="routing trace (.npz)")
+    parser.add_argument("--ranks", required=True, type=int, metavar="N",
+                        help="expert-parallel ranks; must divide the number of experts")
+    parser.add_argument("--out", required=True, metavar="placement.yaml",
+                        help="where to write the expert_parallel: section")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_grouping_arguments(parser)
+
+
+def grouping_options(args: argparse.Namespace, ranks: int) -> GroupingOptions:
+    tol = args.load_tolerance if args.load_tolerance >= 0 else None
+    return GroupingOptions(ranks=ranks, replicas=args.replicas, cross_layer_weight=args.cross_layer_weight,
+                           load_tolerance=tol)
+
+
+def hidden_size(args: argparse.Namespace, trace: Trace) -> int | None:
+    """--hidden, else the width of the trace's recorded router inputs, else None."""
+    if args.hidden is not None:
+        if args.hidden < 1:
+            raise MoeRtError(f"--hidden must be >= 1, got {args.hidden}")
+        return args.hidden
+    return int(trace.hidden.shape[-1]) if trace.hidden is not None else None
+
+
+def run(args: argparse.Namespace) -> int:
+    trace = load_trace(args.trace)
+    placement = plan_expert_groups(trace.topk_ids, trace.num_experts,
+                                   grouping_options(args, args.ranks))
+    save_placement_yaml(args.out, placement)
+    default = default_placement(trace.num_layers, trace.num_experts, args.ranks)
+    hidden = hidden_size(args, trace)
+    # With no hidden size, count rows: bytes per token then reads as rows per token.
+    opts = TrafficOptions(hidden=hidden or 1, dtype_bytes=args.dtype_bytes if hidden else 1)
+    reports = compare_schemes(trace.topk_ids, default, placement, opts, batch_ids=trace.steps)
+    unit = "bytes" if hidden else "rows"
+    summary = {
+        "out": args.out, "ranks": args.ranks, "replicas": placement.num_replicas(),
+        "unit": unit, "hidden": hidden, "in_sample": True,
+        "local_share": {"default": reports["baseline"].local_share,
+                        "s-EG": reports["s-EG"].local_share},
+        "a2a_per_token": {"default": reports["baseline"].a2a_bytes_per_token,
+                          "s-EG": reports["s-EG"].a2a_bytes_per_token,
+                          "s-TS default": reports["s-TS"].a2a_bytes_per_token,
+                          "s-TS s-EG": reports["s-TS+s-EG"].a2a_bytes_per_token},
+    }
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    a2a = summary["a2a_per_token"]
+    print(f"wrote {args.out}: {trace.num_layers} layers x {trace.num_experts} experts on "
+          f"{args.ranks} ranks, {placement.num_replicas()} replicas")
+    print(f"in-sample on {trace.num_rows} tokens (use simulate-ep for held-out numbers):")
+    print(f"  local share          default {reports['baseline'].local_share:.3f}   "
+          f"s-EG {reports['s-EG'].local_share:.3f}")
+    print(f"  all-to-all {unit}/token  default {a2a['default']:.1f}   s-EG {a2a['s-EG']:.1f}   "
+          f"ratio {ratio(a2a['s-EG'], a2a['default']):.3f}")
+    print(f"  with s-TS tokens     default {a2a['s-TS default']:.1f}   s-EG {a2a['s-TS s-EG']:.1f}   "
+          f"ratio {ratio(a2a['s-TS s-EG'], a2a['s-TS default']):.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m parallel.cli_plan`); moe-rt's own CLI calls add_arguments/run."""
+    parser = argparse.ArgumentParser(prog="moe-rt plan-placement", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except MoeRtError as e:
+        print(f"moe-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

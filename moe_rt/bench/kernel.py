@@ -170,3 +170,9 @@ def _interpret_smoke(args: argparse.Namespace) -> int:
             print(f"interpret-smoke {r['name']} T={r['batch']} {args.dtype}: rel err {r['rel_err']:.1e} "
                   f"({'ok' if r['ok'] else 'FAIL'}, tol {tol:.0e}); no timings in interpreter mode")
     return 0 if ok else 1
+
+
+if __name__ == "__main__":  # `python -m moe_rt.bench.kernel`, same as `moe-rt bench kernel`
+    _parser = argparse.ArgumentParser(prog="python -m moe_rt.bench.kernel", description=__doc__.split("\n")[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

@@ -185,7 +185,8 @@ def fused_experts(
             config = default_config(T, K, S)
     block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     launch = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"  # fp32 must not drop to tf32
+    # fp32 operands must not be silently rounded to tf32; other dtypes take the target's default.
+    precision = "ieee" if hidden.dtype == torch.float32 else None
 
     routing: AlignedRouting = align_block_size(topk_ids, block_m, S)
     L = routing.sorted_pair_ids.numel()

@@ -1,0 +1,175 @@
+"""The `cache:` section of the expert-placement file (docs/placement.md), validated once.
+
+The config holds what the user asked for. Values found at start-up (how many slots `capacity_gb`
+buys for this model's expert size) are computed by `resolve_capacity_slots` and kept in runtime
+state, never written back here.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moe_rt.errors import MoeRtError
+
+GIB = 1024 ** 3
+
+
+class CacheConfig(BaseModel):
+    """How experts are split between a bounded fast tier (GPU) and a slower tier."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    capacity_slots: int | None = Field(
+        None, ge=1,
+        description="Fast-tier size in experts: per MoE layer with scope per_layer, in total with "
+                    "scope global. Give this or capacity_gb, not both.")
+    capacity_gb: float | None = Field(
+        None, gt=0,
+        description="Fast-tier size in GiB of expert weights across all MoE layers; turned into "
+                    "slots at start-up from the model's expert size (per_layer: split evenly).")
+    scope: Literal["per_layer", "global"] = Field(
+        "per_layer",
+        description="per_layer: each MoE layer has its own slots. global: one slot pool shared "
+                    "by all layers, so busy layers can hold more experts than quiet ones.")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "cpu",
+        description="Where non-resident experts live: none (all experts stay on the GPU, no "
+                    "cache), cpu (pinned host RAM), disk (the checkpoint's safetensors files).")
+    policy: Literal["lru", "lfu", "predictive"] = Field(
+        "lru",
+        description="Eviction policy. predictive keeps experts the predictor forecasts for the "
+                    "coming layers and prefetches them; it needs `predictor`.")
+    pinned: dict[int, list[int]] = Field(
+        default_factory=dict,
+        description="Experts that are always resident and never evicted, as {MoE layer index: "
+                    "[expert ids]}. They count against the capacity.")
+    predictor: str | None = Field(
+        None,
+        description="Routing predictor name (router_predict registry), e.g. frequency, "
+                    "coactivation, or a learned one. Used only by policy predictive.")
+    predictor_dir: str | None = Field(
+        None, description="Folder with the fitted predictor's files, for predictors that need them.")
+    lookahead: int | Literal["auto"] = Field(
+        1,
+        description="How many MoE layers ahead to predict and prefetch (>= 1), or auto: the "
+                    "smallest depth whose prefetches finish before the layer runs, measured at "
+                    "start-up from transfer and layer times.")
+    prefetch_queue: int = Field(
+        8, ge=0,
+        description="Most prefetches issued after one layer; further ones are dropped, nearest "
+                    "layers and highest scores kept. 0 disables prefetch.")
+    cpu_compute_on_miss: bool = Field(
+        False,
+        description="On a miss, run the expert on the CPU where its weights are when the latency "
+                    "model says that beats copying it to the GPU. Needs offload: cpu.")
+
+    @field_validator("lookahead", mode="before")
+    @classmethod
+    def _lookahead_positive(cls, v: Any) -> Any:
+        # Before the union is tried, so a bad value gets this message, not one per union branch.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"lookahead must be an integer >= 1 or 'auto', got {v!r}")
+
+    @field_validator("pinned")
+    @classmethod
+    def _pinned_ids(cls, v: dict[int, list[int]]) -> dict[int, list[int]]:
+        for layer, experts in v.items():
+            if layer < 0:
+                raise ValueError(f"pinned layer {layer} is negative")
+            if any(e < 0 for e in experts):
+                raise ValueError(f"pinned experts of layer {layer} include a negative id")
+            if len(set(experts)) != len(experts):
+                raise ValueError(f"pinned experts of layer {layer} repeat an id: {experts}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CacheConfig":
+        given = [n for n in ("capacity_slots", "capacity_gb") if getattr(self, n) is not None]
+        if self.offload == "none":
+            extra = given + [n for n in ("predictor", "predictor_dir")
+                             if getattr(self, n) is not None]
+            extra += ["pinned"] if self.pinned else []
+            extra += ["cpu_compute_on_miss"] if self.cpu_compute_on_miss else []
+            if extra:
+                raise ValueError(f"offload: none keeps every expert on the GPU, so "
+                                 f"{', '.join(extra)} would be ignored; remove it or set offload")
+            if self.policy == "predictive":
+                raise ValueError("offload: none has no cache, so policy predictive does nothing")
+            return self
+        if len(given) != 1:
+            raise ValueError("give exactly one of capacity_slots and capacity_gb"
+                             + (f" (both are set)" if len(given) == 2 else ""))
+        if self.policy == "predictive" and self.predictor is None:
+            raise ValueError("policy predictive needs a predictor name")
+        if self.predictor is not None and self.policy != "predictive":
+            raise ValueError(f"predictor is only used by policy predictive, not {self.policy}; "
+                             f"set policy: predictive or remove predictor")
+        if self.predictor_dir is not None and self.predictor is None:
+            raise ValueError("predictor_dir is set but predictor is not")
+        if self.cpu_compute_on_miss and self.offload != "cpu":
+            raise ValueError("cpu_compute_on_miss needs offload: cpu (the weights must be in RAM)")
+        if self.capacity_slots is not None:
+            counts = {l: len(e) for l, e in self.pinned.items()}
+            if self.scope == "per_layer" and counts and max(counts.values()) > self.capacity_slots:
+                layer = max(counts, key=counts.get)
+                raise ValueError(f"layer {layer} pins {counts[layer]} experts but capacity_slots "
+                                 f"is {self.capacity_slots} per layer")
+            if self.scope == "global" and sum(counts.values()) > self.capacity_slots:
+                raise ValueError(f"{sum(counts.values())} pinned experts exceed capacity_slots "
+                                 f"{self.capacity_slots}")
+        return self
+
+    def pinned_keys(self) -> list[tuple[int, int]]:
+        """Pinned experts as sorted (layer, expert) keys."""
+        return sorted((l, e) for l, experts in self.pinned.items() for e in experts)
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """Checks that need the model: pinned ids in range. Raises MoeRtError."""
+        for layer, expert in self.pinned_keys():
+            if layer >= num_layers:
+                raise MoeRtError(f"cache: pinned layer {layer} but the model has {num_layers} "
+                                 f"MoE layers (0..{num_layers - 1})")
+            if expert >= num_experts:
+                raise MoeRtError(f"cache: pinned expert {expert} of layer {layer} but the model "
+                                 f"has {num_experts} experts per layer")
+
+    def resolve_capacity_slots(self, expert_bytes: int, num_layers: int,
+                               num_experts: int) -> int:
+        """Slots per pool for this model (per layer, or in total for scope global).
+
+        capacity_gb buys floor(budget / expert_bytes) slots, split evenly across layers when
+        per_layer. Never more than the experts that exist; at least one slot is required.
+        """
+        if self.offload == "none":
+            return num_experts if self.scope == "per_layer" else num_experts * num_layers
+        if self.capacity_slots is not None:
+            slots = self.capacity_slots
+        else:
+            if expert_bytes <= 0:
+                raise MoeRtError(f"cache: expert size must be known to use capacity_gb, got "
+                                 f"{expert_bytes} bytes")
+            total = int(self.capacity_gb * GIB // expert_bytes)
+            slots = total // num_layers if self.scope == "per_layer" else total
+            if slots < 1:
+                raise MoeRtError(f"cache: capacity_gb {self.capacity_gb} holds no expert "
+                                 f"({expert_bytes / GIB:.3f} GiB each"
+                                 f"{', per layer' if self.scope == 'per_layer' else ''})")
+        most = num_experts if self.scope == "per_layer" else num_experts * num_layers
+        return min(slots, most)
+
+
+def load_cache_config(data: Any, where: str = "cache") -> CacheConfig:
+    """Build a CacheConfig from parsed YAML/JSON; any problem raises a one-line MoeRtError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MoeRtError(f"{where}: must be a mapping, got {type(data).__name__}")
+    try:
+        return CacheConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise MoeRtError(f"{where}{'.' + loc if loc else ''}: {msg}") from None

@@ -1,0 +1,89 @@
+"""Record a routing trace online by listening to a model's RoutingHub.
+
+Each MoE layer emits one RouterEvent per forward batch; the recorder gathers the L events of a step
+and appends its T rows in batch order, so trace rows keep execution order and rows sharing a step
+are exactly one forward batch (the replay invariant of docs/traces.md).
+
+Shape legend: T rows of a batch, L MoE layers, k experts per token, H router input size.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from router_predict.trace import Trace, TraceMeta, validate_trace
+
+
+class TraceRecorder:
+    def __init__(self, hub: RoutingHub, num_layers: int, with_hidden: bool = False) -> None:
+        self.hub = hub
+        self.num_layers = num_layers
+        self.with_hidden = with_hidden
+        self._unsubscribe: Callable[[], None] | None = None
+        self._step: int | None = None
+        self._pending: dict[int, RouterEvent] = {}  # moe_index -> event of the current step
+        self._chunks: list[dict[str, np.ndarray]] = []  # one per finished step
+        self.layer_ids: list[int | None] = [None] * num_layers
+
+    def start(self) -> None:
+        if self._unsubscribe is None:
+            self._unsubscribe = self.hub.subscribe(self._on_event)
+
+    def stop(self) -> None:
+        """Unsubscribe and close the step in progress (its rows become part of the trace)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._flush()
+
+    def _on_event(self, event: RouterEvent) -> None:
+        batch = event.batch
+        if batch is None:
+            raise MoeRtError("TraceRecorder needs BatchInfo on router events (run the model through the engine)")
+        if not 0 <= event.moe_index < self.num_layers:
+            raise MoeRtError(f"router event for MoE layer {event.moe_index}, recorder expects {self.num_layers}")
+        if self._step is not None and batch.step != self._step:
+            self._flush()
+        if event.moe_index in self._pending:
+            raise MoeRtError(f"step {batch.step} routed MoE layer {event.moe_index} twice")
+        self._step = batch.step
+        self._pending[event.moe_index] = event
+        self.layer_ids[event.moe_index] = event.layer_id
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        missing = [l for l in range(self.num_layers) if l not in self._pending]
+        if missing:
+            raise MoeRtError(f"step {self._step} has no router event for MoE layer(s) {missing}")
+        events = [self._pending[l] for l in range(self.num_layers)]
+        batch = events[0].batch
+        chunk = {
+            "topk_ids": torch.stack([e.topk_ids for e in events], 1).to(torch.int32).cpu().numpy(),
+            "topk_weights": torch.stack([e.topk_weights for e in events], 1).float().cpu().numpy(),
+            "seq_ids": batch.seq_ids.long().cpu().numpy(),
+            "positions": batch.positions.long().cpu().numpy(),
+            "steps": np.full(batch.seq_ids.shape[0], batch.step, dtype=np.int64),
+            "token_ids": batch.token_ids.long().cpu().numpy(),
+        }
+        if self.with_hidden:
+            chunk["hidden"] = torch.stack([e.hidden for e in events], 1).to(torch.float16).cpu().numpy()
+        self._chunks.append(chunk)
+        self._pending, self._step = {}, None
+
+    def to_trace(self, meta: TraceMeta) -> Trace:
+        """All steps recorded so far as a validated Trace (meta.layer_ids must match the events)."""
+        self._flush()
+        if not self._chunks:
+            raise MoeRtError("the recorder saw no router events")
+        if list(meta.layer_ids) != self.layer_ids:
+            raise MoeRtError(f"meta layer_ids {list(meta.layer_ids)} differ from the recorded {self.layer_ids}")
+        cat = {k: np.concatenate([c[k] for c in self._chunks]) for k in self._chunks[0]}
+        trace = Trace(cat["topk_ids"], cat["topk_weights"], cat["seq_ids"], cat["positions"], cat["steps"],
+                      meta, cat.get("hidden"), cat["token_ids"])
+        validate_trace(trace, "recorded trace")
+        return trace

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             "eval_split": args.eval_split, "planned_on_tokens": plan_on.num_rows,
             "counted_on_tokens": count_on.num_rows,
             "results": [{"ranks": n, "schemes": {s: r.to_dict() for s, r in results[n].items()}}
-                        for n in args.ranks]}, sort_keys=True))
+                        for n in args.ranks]}))
         return 0
     where = ("in-sample" if args.eval_split == 0 else
              f"planned on {plan_on.num_rows} tokens, counted on {count_on.num_rows} held-out tokens")

@@ -18,13 +18,14 @@ def planted_ids(tokens: int = 64) -> np.ndarray:
 
 def write_trace(path, topk_ids: np.ndarray, num_experts: int, seqs: int = 4,
                 hidden: int | None = None) -> str:
-    """Write a valid .npz trace; tokens are dealt round-robin into `seqs` sequences, 8 per step."""
+    """Write a valid .npz trace: `seqs` sequences of consecutive rows, 8 rows per step."""
     n, num_layers, k = topk_ids.shape
+    seq_ids = np.arange(n) * seqs // n
     arrays = {
         "topk_ids": topk_ids.astype(np.int32),
         "topk_weights": np.full((n, num_layers, k), 1.0 / k, dtype=np.float32),
-        "seq_ids": (np.arange(n) % seqs).astype(np.int64),
-        "positions": (np.arange(n) // seqs).astype(np.int64),
+        "seq_ids": seq_ids.astype(np.int64),
+        "positions": (np.arange(n) - np.searchsorted(seq_ids, seq_ids)).astype(np.int64),
         "steps": (np.arange(n) // 8).astype(np.int64),
         "meta": np.array(json.dumps({"num_experts": num_experts, "top_k": k,
                                      "layer_ids": list(range(num_layers)), "model": "tiny"})),

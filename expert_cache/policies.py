@@ -105,13 +105,23 @@ def choose_victims(policy: str, candidates: Iterable[ExpertKey], n: int,
     return eviction_order(policy, candidates, inputs)[:n]
 
 
-def belady_bypass(incoming: ExpertKey, victim: ExpertKey | None, inputs: PolicyInputs) -> bool:
-    """True when optimal replacement would not admit `incoming` at all: its next use is no sooner
-    than the best victim's (or nothing can be evicted), so keeping the victim saves at least as
-    many future misses. This is what makes Belady optimal when a miss may be streamed."""
-    if victim is None:
-        return True
-    return inputs.next_use.get(incoming, NEVER) >= inputs.next_use.get(victim, NEVER)
+def belady_keep(resident: Iterable[ExpertKey], loaded: Iterable[ExpertKey], room: int,
+                inputs: PolicyInputs) -> set[ExpertKey]:
+    """Optimal offline choice after a layer visit: which of the `resident` keys and the keys just
+    `loaded` for this visit (misses, all fetched anyway) to keep in `room` slots.
+
+    Keeps the `room` keys whose next use is soonest; on equal next use a resident key wins (it
+    costs no copy), then the smaller key. Keeping the soonest-needed set is Belady's rule with
+    bypass: a missed key used later than everything kept is streamed rather than admitted. Every
+    demand policy ends a visit with some such subset, so this choice needs the fewest loads.
+    """
+    resident = set(resident)
+    contenders = resident | set(loaded)
+
+    def order(k: ExpertKey) -> tuple:
+        return (inputs.next_use.get(k, NEVER), k not in resident, k)
+
+    return set(sorted(contenders, key=order)[:max(room, 0)])
 
 
 def should_displace(incoming: Prediction, victim: ExpertKey, inputs: PolicyInputs) -> bool:

@@ -1,7 +1,7 @@
 """Exact expected victims for each pure eviction policy."""
 import pytest
 
-from expert_cache.policies import (PolicyInputs, Prediction, belady_bypass, choose_victims,
+from expert_cache.policies import (PolicyInputs, Prediction, belady_keep, choose_victims,
                                    eviction_candidates, eviction_order, should_displace)
 
 A, B, C, D = (0, 0), (0, 1), (0, 2), (1, 3)
@@ -66,12 +66,11 @@ def test_unknown_policy_and_negative_count_raise():
         choose_victims("lru", [A], -1, PolicyInputs())
 
 
-def test_belady_bypass_when_incoming_is_used_no_sooner():
-    inp = PolicyInputs(next_use={A: 10, B: 20})
-    assert belady_bypass(B, A, inp) is True  # keep A (needed at 10), stream B
-    assert belady_bypass(A, B, inp) is False  # evict B, keep A
-    assert belady_bypass(C, A, inp) is True  # C never used again
-    assert belady_bypass(A, None, inp) is True  # nothing evictable
+def test_belady_keep_soonest_next_use_resident_wins_ties():
+    inp = PolicyInputs(next_use={A: 10, C: 5})  # B and D never used again
+    assert belady_keep([A, B], [C, D], 2, inp) == {C, A}  # D streamed, B evicted
+    assert belady_keep([A, B], [C, D], 3, inp) == {C, A, B}  # B and D tie: resident B stays
+    assert belady_keep([A, B], [C], 0, inp) == set()
 
 
 def test_prefetch_only_displaces_less_valuable_forecasts():

@@ -1,0 +1,297 @@
+"""Replay a routing trace through the expert cache and count hits, misses and prefetches.
+
+Replay model (docs/expert-cache.md states it for users):
+- Rows with the same `steps` value are one forward batch. A step visits MoE layers 0..L-1 in
+  order; one visit is one tick (tick = step_ordinal * L + layer).
+- A visit accesses each distinct expert the batch's tokens chose at that layer once (the union).
+  The needed keys are protected while the layer runs. A miss evicts one candidate chosen by the
+  policy and takes its slot; with no candidate it is streamed (loaded to staging, not kept).
+- Policy "predictive": after layer l, the forecast for layers l+1..l+d (predictor scores
+  aggregated by votes, see forecast.py) replaces the previous one; it ranks victims and up to
+  `prefetch_queue` forecast keys are prefetched. Loads complete before the next layer runs, so
+  hit rates are an upper bound on what the engine sees when transfers are slower than layers.
+- Policy "belady": demand paging with perfect knowledge of future accesses, no prefetch. A
+  visit's misses are all loaded (to slots or staging); afterwards each pool keeps the
+  `capacity` keys, among its old residents and the new loads, whose next use is soonest
+  (Belady's furthest-next-use eviction with bypass, for set requests). Every demand policy ends
+  a visit with one such subset, so Belady needs the fewest loads: for every policy, prefetching
+  or not, loads >= Belady's misses, and without prefetch hit rate <= Belady's. Prefetching can
+  beat Belady's hit rate by loading early; it cannot beat its loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from expert_cache.forecast import aggregate_scores, prefetch_order
+from expert_cache.policies import (NEVER, ExpertKey, Prediction, belady_keep, choose_victims,
+                                   should_displace)
+from expert_cache.state import CacheState, CacheStats, Scope
+from moe_rt.errors import MoeRtError
+from router_predict.trace import Trace, step_bounds
+
+SIM_POLICIES = ("lru", "lfu", "predictive", "belady")
+
+
+@dataclass(frozen=True)
+class BatchNeeds:
+    """needs[s][l]: sorted distinct experts the batch of step ordinal s uses at MoE layer l."""
+
+    num_layers: int  # L
+    num_experts: int  # E
+    needs: tuple[tuple[tuple[int, ...], ...], ...]  # [S][L] expert ids
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.needs)
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> "BatchNeeds":
+        rows = []
+        for _, a, b in step_bounds(trace.steps):
+            ids = trace.topk_ids[a:b]  # [T, L, k]
+            rows.append(tuple(tuple(int(e) for e in np.unique(ids[:, l, :]))
+                              for l in range(trace.num_layers)))
+        return cls(trace.num_layers, trace.num_experts, tuple(rows))
+
+
+@dataclass(frozen=True)
+class ForecastSchedule:
+    """forecasts[s][l]: what the predictor forecast right after layer l of step ordinal s.
+
+    Forecasts do not depend on cache state, so one schedule serves every policy and capacity."""
+
+    depth: int
+    forecasts: tuple[tuple[dict[ExpertKey, Prediction], ...], ...]  # [S][L]
+
+
+def predict_schedule(trace: Trace, predictor, depth: int, progress: bool = True) -> ForecastSchedule:
+    """Run `predictor` (router_predict.base.Predictor) after every layer of every step."""
+    import torch
+
+    from router_predict.base import LayerObservation
+
+    if depth < 1:
+        raise MoeRtError(f"look-ahead depth must be >= 1, got {depth}")
+    if getattr(predictor, "needs_hidden", False) and trace.hidden is None:
+        raise MoeRtError(f"predictor {predictor.name} needs router inputs, but the trace has no "
+                         f"`hidden` array; use an id-only predictor (frequency, coactivation)")
+    num_layers, num_experts = trace.num_layers, trace.num_experts
+    out = []
+    bounds = step_bounds(trace.steps)
+    for _, a, b in tqdm(bounds, desc="predict", unit="step", disable=not progress):
+        per_layer = []
+        for l in range(num_layers):
+            d = min(depth, num_layers - 1 - l)
+            if d == 0:
+                per_layer.append({})
+                continue
+            hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden[a:b, l]).float()
+            obs = LayerObservation(
+                moe_index=l, topk_ids=torch.from_numpy(trace.topk_ids[a:b, l]).long(),
+                topk_weights=torch.from_numpy(trace.topk_weights[a:b, l]), hidden=hidden,
+                token_ids=None if trace.token_ids is None else torch.from_numpy(trace.token_ids[a:b]),
+                positions=torch.from_numpy(trace.positions[a:b]))
+            with torch.no_grad():
+                scores = predictor.predict(obs, depth)
+            if tuple(scores.shape) != (d, b - a, num_experts):
+                raise MoeRtError(f"predictor {predictor.name} returned scores of shape "
+                                 f"{tuple(scores.shape)} at layer {l}, expected {(d, b - a, num_experts)}")
+            per_layer.append(aggregate_scores(scores, trace.top_k, l + 1))
+        out.append(tuple(per_layer))
+    return ForecastSchedule(depth, tuple(out))
+
+
+def oracle_schedule(trace: Trace, depth: int) -> ForecastSchedule:
+    """A perfect predictor: the forecast after layer l is exactly what layers l+1..l+d use in
+    this step, scored like `aggregate_scores` (tokens choosing the expert). The reference for
+    how good prediction-aware caching can get."""
+    if depth < 1:
+        raise MoeRtError(f"look-ahead depth must be >= 1, got {depth}")
+    num_layers = trace.num_layers
+    out = []
+    for _, a, b in step_bounds(trace.steps):
+        votes = []
+        for m in range(num_layers):
+            experts, counts = np.unique(trace.topk_ids[a:b, m, :], return_counts=True)
+            votes.append(list(zip(experts.tolist(), counts.tolist())))
+        per_layer = []
+        for l in range(num_layers):
+            f = {}
+            for m in range(l + 1, min(l + depth, num_layers - 1) + 1):
+                f.update({(m, e): Prediction(m - l, float(c)) for e, c in votes[m]})
+            per_layer.append(f)
+        out.append(tuple(per_layer))
+    return ForecastSchedule(depth, tuple(out))
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    policy: str  # lru | lfu | predictive | belady
+    capacity_slots: int  # slots per pool: per layer (per_layer) or in total (global)
+    scope: Scope = "per_layer"
+    prefetch_queue: int = 8  # most prefetches after one layer (predictive only)
+    pinned: tuple[ExpertKey, ...] = ()
+    expert_bytes: int = 0  # for byte counters; 0 leaves them at 0
+
+
+@dataclass
+class SimulationResult:
+    options: SimOptions
+    depth: int | None  # look-ahead of the forecast schedule (predictive), else None
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.stats.hit_rate
+
+    def as_dict(self) -> dict:
+        o = self.options
+        return {"policy": o.policy, "scope": o.scope, "capacity_slots": o.capacity_slots,
+                "depth": self.depth, **self.stats.as_dict()}
+
+
+def _next_use_table(needs: BatchNeeds) -> dict[ExpertKey, list[int]]:
+    """Ticks at which each key is accessed, in reverse order so the next one is a cheap pop()."""
+    ticks: dict[ExpertKey, list[int]] = {}
+    L = needs.num_layers
+    for s, step in enumerate(needs.needs):
+        for l, experts in enumerate(step):
+            for e in experts:
+                ticks.setdefault((l, e), []).append(s * L + l)
+    for v in ticks.values():
+        v.reverse()
+    return ticks
+
+
+def simulate(needs: BatchNeeds, options: SimOptions,
+             schedule: ForecastSchedule | None = None) -> SimulationResult:
+    """Replay `needs` under `options`; `schedule` is required for policy predictive."""
+    policy = options.policy
+    if policy not in SIM_POLICIES:
+        raise MoeRtError(f"unknown policy {policy!r}; choose from {', '.join(SIM_POLICIES)}")
+    if policy == "predictive" and schedule is None:
+        raise MoeRtError("policy predictive needs a predictor (--predictor)")
+    if options.capacity_slots < 1:
+        raise MoeRtError(f"capacity must be >= 1 slot, got {options.capacity_slots}")
+    if schedule is not None and len(schedule.forecasts) != needs.num_steps:
+        raise MoeRtError(f"forecast schedule has {len(schedule.forecasts)} steps, trace has "
+                         f"{needs.num_steps}")
+    state = CacheState(needs.num_layers, options.capacity_slots, options.scope, options.expert_bytes)
+    for key in options.pinned:
+        if not state.can_pin(key):
+            raise MoeRtError(f"cannot pin {key}: more pinned experts than capacity "
+                             f"{options.capacity_slots} in its pool")
+        state.pin(key, now=-1)
+    future = _next_use_table(needs) if policy == "belady" else {}
+    next_use = {k: float(v[-1]) for k, v in future.items()}
+    predicted: dict[ExpertKey, Prediction] = {}
+    L = needs.num_layers
+    for s, step in enumerate(needs.needs):
+        for l, experts in enumerate(step):
+            tick = s * L + l
+            keys = [(l, e) for e in experts]
+            state.mark_needed(keys)
+            missed = [k for k in keys if state.access(k, tick) == "miss"]
+            if future:
+                for k in keys:  # move each accessed key's next use past this tick
+                    future[k].pop()
+                    next_use[k] = float(future[k][-1]) if future[k] else NEVER
+            inputs = state.policy_inputs(predicted, next_use)
+            if policy == "belady":
+                state.clear_needed()  # Belady decides after the layer ran, with staging
+                _belady_visit(state, missed, tick, inputs)
+                continue
+            for key in missed:
+                _serve_miss(state, key, tick, policy, inputs)
+            state.clear_needed()
+            if policy == "predictive":
+                predicted = schedule.forecasts[s][l]
+                _prefetch(state, predicted, tick, options.prefetch_queue)
+    return SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
+
+
+def _serve_miss(state: CacheState, key: ExpertKey, tick: int, policy: str, inputs) -> None:
+    """Demand policies: take a free slot, else evict the policy's victim, else stream."""
+    if state.can_admit(key):
+        state.admit(key, tick)
+        return
+    victims = choose_victims(policy, state.candidates(state.pool_of(key)), 1, inputs)
+    if not victims:  # every slot is pinned or needed by this layer
+        state.record_streamed(key)
+        return
+    state.evict(victims[0])
+    state.admit(key, tick)
+
+
+def _belady_visit(state: CacheState, missed: list[ExpertKey], tick: int, inputs) -> None:
+    """All of the visit's misses were loaded (to slots or staging); per pool keep the soonest-used
+    set of old residents and new loads (policies.belady_keep), stream the other loads."""
+    pools: dict[int, list[ExpertKey]] = {}
+    for key in missed:
+        pools.setdefault(state.pool_of(key), []).append(key)
+    for pool, loaded in pools.items():
+        movable = state.candidates(pool)  # needed is cleared: all but pinned
+        room = state.capacity_slots - (len(state.pool_keys[pool]) - len(movable))
+        keep = belady_keep(movable, loaded, room, inputs)
+        for key in movable:
+            if key not in keep:
+                state.evict(key)
+        for key in loaded:
+            if key in keep:
+                state.admit(key, tick)
+            else:
+                state.record_streamed(key)
+
+
+def _prefetch(state: CacheState, predicted: dict[ExpertKey, Prediction], tick: int,
+              queue: int) -> None:
+    """Issue up to `queue` prefetches for the forecast; never displace a more valuable forecast."""
+    if queue <= 0 or not predicted:
+        return
+    inputs = state.policy_inputs(predicted)
+    issued = 0
+    for key in prefetch_order(predicted, state.entries, len(predicted)):
+        if issued >= queue:
+            break
+        if not state.can_admit(key):
+            victims = choose_victims("predictive", state.candidates(state.pool_of(key)), 1, inputs)
+            if not victims or not should_displace(predicted[key], victims[0], inputs):
+                continue
+            state.evict(victims[0])
+        state.admit(key, tick, prefetch=True)
+        issued += 1
+
+
+@dataclass(frozen=True)
+class HitRateCurve:
+    """Results per policy over capacities given in slots per layer (global pool = that x L)."""
+
+    scope: Scope
+    capacities: tuple[int, ...]
+    results: dict[str, tuple[SimulationResult, ...]]
+
+    def hit_rates(self, policy: str) -> list[float]:
+        return [r.hit_rate for r in self.results[policy]]
+
+
+def pool_slots(slots_per_layer: int, scope: Scope, num_layers: int) -> int:
+    """Pool size for a capacity stated per layer: a global pool gets the same total."""
+    return slots_per_layer if scope == "per_layer" else slots_per_layer * num_layers
+
+
+def hit_rate_curve(trace: Trace | BatchNeeds, capacities: Sequence[int], policies: Iterable[str],
+                   *, scope: Scope = "per_layer", schedule: ForecastSchedule | None = None,
+                   prefetch_queue: int = 8, progress: bool = True) -> HitRateCurve:
+    """Simulate every policy at every capacity (slots per layer); Belady is always included."""
+    needs = trace if isinstance(trace, BatchNeeds) else BatchNeeds.from_trace(trace)
+    names = list(dict.fromkeys([*policies, "belady"]))
+    runs = [(p, c) for p in names for c in capacities]
+    results: dict[str, list[SimulationResult]] = {p: [] for p in names}
+    for p, c in tqdm(runs, desc="simulate", unit="run", disable=not progress):
+        opts = SimOptions(p, pool_slots(c, scope, needs.num_layers), scope, prefetch_queue)
+        results[p].append(simulate(needs, opts, schedule if p == "predictive" else None))
+    return HitRateCurve(scope, tuple(capacities), {p: tuple(r) for p, r in results.items()})

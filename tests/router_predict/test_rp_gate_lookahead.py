@@ -94,3 +94,13 @@ def test_from_checkpoint_errors(tmp_path):
 def test_moe_layer_ids_from_config():
     assert moe_layer_ids({"num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}) == [1]
     assert moe_layer_ids({"num_hidden_layers": 3}) == [0, 1, 2]
+
+
+def test_hidden_predictor_on_trace_without_hidden_is_a_user_error():
+    trace, w = shared_router_trace()
+    trace.hidden = None
+    with pytest.raises(MoeRtError, match="needs hidden states but the trace has none"):
+        replay(trace, GateLookaheadPredictor([w] * 4, top_k=2), depth=1, progress=False)
+    trace, _ = shared_router_trace(e=8)
+    with pytest.raises(MoeRtError, match="is for 2 MoE layers x 8 experts but the trace has 4 x 8"):
+        replay(trace, GateLookaheadPredictor([w] * 2, top_k=2), depth=1, progress=False)

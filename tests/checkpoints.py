@@ -50,19 +50,17 @@ COMMON = dict(
 def hf_config(family: str, vocab: int, **over):
     import transformers as tf
 
+    base = {**COMMON, "vocab_size": vocab, "num_experts_per_tok": 2}
     if family == "mixtral":
-        cfg = tf.MixtralConfig(vocab_size=vocab, num_local_experts=8, num_experts_per_tok=2, **{**COMMON, **over})
-    elif family == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(vocab_size=vocab, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                                shared_expert_intermediate_size=80, **{**COMMON, **over})
-    elif family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(vocab_size=vocab, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
-                                head_dim=24, **{**COMMON, **over})
-    elif family == "olmoe":
-        cfg = tf.OlmoeConfig(vocab_size=vocab, num_experts=8, num_experts_per_tok=2, **{**COMMON, **over})
-    else:
-        raise ValueError(family)
-    return cfg
+        return tf.MixtralConfig(**{**base, "num_local_experts": 8, **over})
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**{**base, "num_experts": 8, "moe_intermediate_size": 48,
+                                    "shared_expert_intermediate_size": 80, **over})
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**{**base, "num_experts": 8, "moe_intermediate_size": 48, "head_dim": 24, **over})
+    if family == "olmoe":
+        return tf.OlmoeConfig(**{**base, "num_experts": 8, **over})
+    raise ValueError(family)
 
 
 def write_checkpoint(folder: Path, family: str = "mixtral", seed: int = 0, shard: str | None = None, **over) -> Path:

@@ -41,9 +41,16 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
 def _triton_experts() -> ExpertCompute:
     try:
         from moe_rt.kernels.fused_moe import fused_experts
+        from moe_rt.kernels.tuning import TuningTables
     except ImportError as e:  # triton missing or the kernel package not importable
         raise MoeRtError(f"expert compute 'triton' is unavailable: {e}") from None
-    return fused_experts
+    # One table cache per backend instance: a missing tuning table is warned about once.
+    tables = TuningTables()
+
+    def triton_experts(hidden, w13, w2, topk_ids, topk_weights):
+        return fused_experts(hidden, w13, w2, topk_ids, topk_weights, tables=tables)
+
+    return triton_experts
 
 
 def get_expert_compute(name: str) -> ExpertCompute:

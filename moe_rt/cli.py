@@ -1,0 +1,84 @@
+"""`moe-rt` command line. Each subcommand lives in its own module exposing
+`add_arguments(parser)` and `run(args) -> int`; only the chosen one is imported, so a command
+never pays for another's imports. User errors print one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moe_rt.errors import MoeRtError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("moe_rt.cli_generate", "generate a completion for a prompt"),
+    "chat": ("moe_rt.cli_generate:chat", "answer one chat message with the model's chat template"),
+    "info": ("moe_rt.cli_info", "architecture, parameter counts and expert sizes of a model folder"),
+    "serve": ("server.cli_serve", "start the OpenAI-compatible REST server"),
+    "trace": ("router_predict.cli_trace", "record a routing trace (.npz) by running prompts"),
+    "train-predictor": ("router_predict.cli_train", "train a learned routing predictor on a trace"),
+    "eval-predictor": ("router_predict.cli_eval", "replay a trace and score routing predictors"),
+    "simulate-cache": ("expert_cache.cli_simulate", "replay a trace through expert-cache policies"),
+    "plan-placement": ("parallel.cli_plan", "plan expert-to-rank placement from a trace (s-EG)"),
+    "simulate-ep": ("parallel.cli_simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
+    "bench": ("", "benchmarks: " + ", ".join(["decode", "kernel", "serve", "offload", "ep"])),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "decode": ("moe_rt.bench.decode", "decode tokens/s of moe-rt vs transformers on the same weights"),
+    "kernel": ("moe_rt.bench.kernel", "fused Triton MoE vs per-expert loop vs bandwidth floor"),
+    "serve": ("moe_rt.bench.serve", "load test of the REST server vs offline throughput"),
+    "offload": ("expert_cache.bench_offload", "decode with experts offloaded: cache policies vs resident"),
+    "ep": ("parallel.bench_ep", "expert-parallel traffic and latency: baseline vs s-TS vs s-EG"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would add a usage block)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _load(spec: str):
+    module, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise MoeRtError(f"this command needs {e.name}, which is not installed") from None
+    if attr:
+        return getattr(mod, f"{attr}_add_arguments"), getattr(mod, f"{attr}_run")
+    return mod.add_arguments, mod.run
+
+
+def _usage(table: dict, prog: str) -> str:
+    lines = [f"usage: {prog} COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in table.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog, table = "moe-rt", COMMANDS
+    if argv and argv[0] == "bench":
+        prog, table, argv = "moe-rt bench", BENCHES, argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(table, prog))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        print(f"{prog}: error: unknown command '{name}' (choose from {', '.join(table)})", file=sys.stderr)
+        return 2
+    try:
+        add_arguments, run = _load(table[name][0])
+        parser = _Parser(prog=f"{prog} {name}", description=table[name][1])
+        add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(run(args) or 0)
+    except MoeRtError as e:
+        print(f"moe-rt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`moe-rt info`: what a model folder holds, without loading the weights."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from moe_rt.checkpoint import CheckpointReader
+from moe_rt.loader import load_spec
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face model folder (default: the shipped demo model)")
+    p.add_argument("--json", action="store_true")
+
+
+def model_info(model_dir: str) -> dict:
+    spec = load_spec(model_dir)
+    reader = CheckpointReader(model_dir)
+    total = expert = 0
+    dtype_bytes = 2
+    for name in reader.weight_map:
+        t = reader._handles[reader.weight_map[name]].get_slice(name)
+        n = 1
+        for d in t.get_shape():
+            n *= d
+        total += n
+        if ".experts." in name:
+            expert += n
+        dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), dtype_bytes)
+    L, E, K = len(spec.moe_layer_ids), spec.num_experts, spec.top_k
+    per_expert = 3 * spec.hidden_size * spec.moe.intermediate_size
+    active = total - expert + L * K * per_expert
+    return {
+        "architecture": spec.architecture,
+        "layers": spec.num_layers,
+        "moe_layers": L,
+        "hidden_size": spec.hidden_size,
+        "heads": spec.attention.num_heads,
+        "kv_heads": spec.attention.num_kv_heads,
+        "vocab_size": spec.vocab_size,
+        "experts_per_layer": E,
+        "experts_per_token": K,
+        "shared_expert_intermediate": spec.moe.shared_intermediate_size,
+        "parameters_total": total,
+        "parameters_experts": expert,
+        "parameters_active_per_token": active,
+        "checkpoint_dtype_bytes": dtype_bytes,
+        "bytes_per_expert": per_expert * dtype_bytes,
+        "max_position_embeddings": spec.max_position_embeddings,
+    }
+
+
+def run(args) -> int:
+    from moe_rt.llm import default_model_dir
+
+    info = model_info(args.model or default_model_dir())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v:,}" if isinstance(v, int) else f"{k:<{width}}  {v}")
+    return 0

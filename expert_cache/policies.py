@@ -5,7 +5,8 @@ prefix of it. Orders end in the key itself, so equal inputs always give equal ou
 simulator's results and the tests' exact expectations depend on that).
 
 Policies never see pinned, in-flight or needed keys: `eviction_candidates` removes them before any
-policy runs, so no policy can break the never-evict rules however it ranks (glossary: expert_cache).
+policy runs, so no policy can break the never-evict rules however it ranks (terms: the glossary
+in docs/expert-cache.md).
 
 Time is an integer tick the caller advances (the simulator uses one tick per layer visit). A key
 never used has last use -1, i.e. it is the least recently used.

@@ -6,7 +6,7 @@ an action whose check fails raises CacheStateError, which is a bug in the caller
 No copies happen here: an executor (in-engine cache, or the replay simulator) decides with the
 pure policies, calls these actions, and moves bytes.
 
-Terms follow the glossary in `expert_cache/__init__.py`.
+Terms follow the glossary in docs/expert-cache.md.
 """
 from __future__ import annotations
 

@@ -1,0 +1,151 @@
+"""`moe-rt trace`: run prompts through the engine and record which experts every token used.
+
+All prompts are queued at once and the engine steps until every request is done, so the trace has
+the batches continuous batching really forms (prefills admitted between decode steps, finished
+sequences leaving). Each forward row is one token: a request contributes prompt + generated - 1
+rows (its last sampled token is never fed back), more if the scheduler preempted and recomputed it.
+
+From Python, `record_trace(llm, prompts, params)` does the same on a live engine. The recorder can
+also be switched on around any other use of the engine:
+
+    recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden=False)
+    recorder.start()
+    llm.generate(prompts, params)   # or engine.step() from a server loop
+    recorder.stop()
+    trace = recorder.to_trace(trace_meta(llm))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from moe_rt.errors import MoeRtError
+from router_predict.recorder import TraceRecorder
+from router_predict.trace import Trace, TraceMeta, save_trace
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from moe_rt.cli_generate import add_model_arguments
+
+    p.add_argument("--prompts", required=True,
+                   help="prompt file: one prompt per line, or JSONL (.jsonl, or every line a JSON object) "
+                        "with a 'prompt' field")
+    p.add_argument("--out", required=True, help="trace file to write (.npz, docs/traces.md)")
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt at most")
+    p.add_argument("--with-hidden", action="store_true",
+                   help="also store each MoE layer's router input (float16; needed by gate_lookahead/learned)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most (engine default if unset)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    add_model_arguments(p)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file (one per non-blank line) or JSONL with a 'prompt' field per line."""
+    if not os.path.isfile(path):
+        raise MoeRtError(f"prompts file {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    if not lines:
+        raise MoeRtError(f"prompts file {path} is empty")
+    if path.endswith(".jsonl") or all(_is_json_object(text) for _, text in lines):
+        prompts = []
+        for n, text in lines:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise MoeRtError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(prompt, str) or not prompt:
+                raise MoeRtError(f"{path}:{n}: needs a non-empty string field 'prompt'")
+            prompts.append(prompt)
+        return prompts
+    return [text for _, text in lines]
+
+
+def _is_json_object(text: str) -> bool:
+    if not text.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def trace_meta(llm, **extra) -> TraceMeta:
+    """Meta of a trace recorded from `llm`: experts, top-k, MoE layer ids, model folder, dtype."""
+    spec = llm.model.spec
+    return TraceMeta(num_experts=spec.num_experts, top_k=spec.top_k, layer_ids=tuple(spec.moe_layer_ids),
+                     model=str(llm.config.model),
+                     extra={"architecture": spec.architecture, "dtype": str(llm.engine.dtype).replace("torch.", ""),
+                            **extra})
+
+
+def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool = False,
+                 progress: bool = False) -> Trace:
+    """Run `prompts` with continuous batching while a TraceRecorder listens; return the trace.
+
+    params: one SamplingParams or one per prompt. Requests other callers already queued in the
+    engine are recorded too (their rows share the batches). Nothing stays subscribed afterwards.
+    """
+    if not prompts:
+        raise MoeRtError("record_trace needs at least one prompt")
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise MoeRtError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
+    engine = llm.engine
+    recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden)
+    ids: list[str] = []
+    prompt_tokens = generated = 0
+    recorder.start()
+    try:
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        pending = set(ids)
+        with tqdm(total=len(ids), desc="trace", unit="req", disable=not progress) as bar:
+            while pending and engine.has_unfinished():
+                engine.step()
+                done = {rid for rid in pending if engine.output(rid).finished}
+                pending -= done
+                bar.update(len(done))
+        for rid in ids:
+            out = engine.output(rid)
+            prompt_tokens += len(out.prompt_token_ids) * len(out.outputs)
+            generated += sum(len(o.token_ids) for o in out.outputs)
+    finally:
+        recorder.stop()
+        for rid in ids:  # on an exception, leave no request behind in the engine
+            engine.abort(rid)
+            engine.requests.pop(rid, None)
+    return recorder.to_trace(trace_meta(llm, num_prompts=len(prompts), prompt_tokens=prompt_tokens,
+                                        generated_tokens=generated, max_tokens=plist[0].max_tokens,
+                                        temperature=plist[0].temperature))
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_rt.llm import LLM
+    from moe_rt.sampling_params import SamplingParams
+
+    if args.max_tokens < 1:
+        raise MoeRtError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    prompts = read_prompts(args.prompts)  # before loading the model: bad input fails fast
+    base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    params = [SamplingParams(max_tokens=base.max_tokens, temperature=base.temperature, seed=args.seed + i)
+              for i in range(len(prompts))]
+    opts = dict(dtype=args.dtype, device=args.device, expert_compute=args.expert_compute)
+    if args.placement:
+        opts["placement"] = args.placement
+    if args.max_num_seqs is not None:
+        opts["max_num_seqs"] = args.max_num_seqs
+    llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
+    trace = record_trace(llm, prompts, params, with_hidden=args.with_hidden, progress=True)
+    save_trace(args.out, trace)
+    seqs = len(set(trace.seq_ids.tolist()))
+    steps = len(set(trace.steps.tolist()))
+    print(f"wrote {args.out}: {trace.num_rows} rows from {seqs} sequences in {steps} forward steps, "
+          f"{trace.num_layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k})"
+          f"{', with hidden' if trace.hidden is not None else ''}")
+    return 0

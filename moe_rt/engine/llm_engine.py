@@ -49,6 +49,7 @@ class LLMEngine:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        read_config(cfg.model)  # a missing or broken folder is reported before anything else
         self.tokenizer = Tokenizer(cfg.model)
         self.model, self.reader = load_model(cfg.model, self.dtype, self.device, progress=progress)
         self.spec = self.model.spec

@@ -1,0 +1,78 @@
+"""Pure engine parts with exact expected outputs: block manager, scheduler, sampler filters."""
+import torch
+
+from moe_rt.config import EngineConfig
+from moe_rt.engine.block_manager import BlockManager
+from moe_rt.engine.sampler import filter_logits
+from moe_rt.engine.scheduler import Scheduler
+from moe_rt.engine.sequence import Sequence, Status
+from moe_rt.sampling_params import SamplingParams
+
+
+def seq(i, n):
+    return Sequence(i, f"r{i}", 0, list(range(n)), SamplingParams())
+
+
+def test_block_manager_pairs_checks_with_actions():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    s = seq(0, 5)
+    assert bm.can_allocate(s)
+    bm.allocate(s)
+    assert s.block_table == [0, 1] and bm.num_free == 1
+    s.token_ids += [9, 9, 9]  # 8 tokens: still 2 blocks
+    assert bm.can_append(s)
+    bm.append(s)
+    assert s.block_table == [0, 1]
+    s.token_ids.append(9)  # 9 tokens: needs a third block
+    bm.append(s)
+    assert s.block_table == [0, 1, 2] and bm.num_free == 0
+    s.token_ids.append(9)
+    assert bm.can_append(s)  # the 10th token still fits in block 2
+    assert not bm.can_allocate(seq(1, 1))
+    bm.deallocate(s)
+    assert bm.num_free == 3 and s.block_table == []
+
+
+def test_scheduler_prefills_then_decodes_and_preempts_newest():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    sch = Scheduler(EngineConfig(max_num_seqs=8), bm)
+    a, b = seq(0, 3), seq(1, 3)
+    sch.add(a)
+    sch.add(b)
+    batch, prefill = sch.schedule()
+    assert prefill and batch == [a, b] and bm.num_free == 0
+    a.token_ids.append(1)  # both now need their 3rd slot in block 1: fits
+    b.token_ids.append(1)
+    batch, prefill = sch.schedule()
+    assert not prefill and batch == [a, b]
+    a.token_ids.append(1)  # 5 tokens: a needs a third block, none free -> b (newest) is preempted
+    b.token_ids.append(1)
+    batch, prefill = sch.schedule()
+    assert batch == [a] and b.status == Status.WAITING and list(sch.waiting) == [b]
+    assert sch.num_preemptions == 1 and b.block_table == []
+
+
+def test_scheduler_respects_token_budget_but_admits_a_long_prompt_alone():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sch = Scheduler(EngineConfig(max_num_batched_tokens=10), bm)
+    long, short = seq(0, 30), seq(1, 3)
+    sch.add(long)
+    sch.add(short)
+    batch, prefill = sch.schedule()
+    assert prefill and batch == [long]
+    batch, prefill = sch.schedule()
+    assert prefill and batch == [short]
+
+
+def test_top_k_and_top_p_filters_exact():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    out = filter_logits(logits, 1.0, top_k=2, top_p=1.0)
+    assert torch.isinf(out[2:]).all() and torch.equal(out[:2], logits[:2])
+    probs = logits.softmax(-1)  # [0.644, 0.237, 0.087, 0.032]
+    out = filter_logits(logits, 1.0, top_k=0, top_p=0.8)  # 0.644 < 0.8 <= 0.881: keep two
+    assert torch.isfinite(out).tolist() == [True, True, False, False]
+    out = filter_logits(logits, 1.0, top_k=0, top_p=0.5)  # the top token alone already covers 0.5
+    assert torch.isfinite(out).tolist() == [True, False, False, False]
+    assert probs[0] > 0.5
+    out = filter_logits(logits, 2.0, 0, 1.0)
+    assert torch.allclose(out, logits / 2)

@@ -1,0 +1,84 @@
+"""The MoE block on its own: DeepSeek-V2/V3 routing against transformers' own MoE modules, the
+torch expert backend against the slow reference, and the observer hub."""
+import pytest
+import torch
+
+from moe_rt.layers.moe.block import MoEBlock, MoEContext
+from moe_rt.layers.moe.compute import torch_experts
+from moe_rt.layers.moe.reference import reference_experts
+from moe_rt.layers.moe.store import ResidentExpertStore
+from moe_rt.models.deepseek import moe_spec
+
+DEEPSEEK = {
+    "v3-grouped-sigmoid": ("DeepseekV3Config", dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                                     norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1)),
+    "v3-ungrouped-no-norm": ("DeepseekV3Config", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                                       norm_topk_prob=False, routed_scaling_factor=1.0, n_shared_experts=2)),
+    "v2-greedy": ("DeepseekV2Config", dict(n_routed_experts=8, num_experts_per_tok=2, topk_method="greedy",
+                                            routed_scaling_factor=1.5, n_shared_experts=1)),
+    "v2-group-limited": ("DeepseekV2Config", dict(n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy",
+                                                   n_group=4, topk_group=2, routed_scaling_factor=1.0, n_shared_experts=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEPSEEK))
+def test_deepseek_block_matches_transformers(name):
+    import transformers as tf
+
+    cls, over = DEEPSEEK[name]
+    cfg = getattr(tf, cls)(hidden_size=32, moe_intermediate_size=16, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, vocab_size=64, **over)
+    torch.manual_seed(hash(name) % 1000)
+    module_cls = tf.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE if "V3" in cls \
+        else tf.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe
+    hf = module_cls(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.3)
+        if hasattr(hf.gate, "e_score_correction_bias"):
+            hf.gate.e_score_correction_bias.normal_(0, 0.5)
+    spec = moe_spec(cfg.to_dict())
+    ctx = MoEContext(store=ResidentExpertStore([hf.experts.gate_up_proj.data], [hf.experts.down_proj.data]))
+    block = MoEBlock(spec, 32, 0, 0, ctx)
+    with torch.no_grad():
+        block.gate.weight.copy_(hf.gate.weight)
+        if block.e_score_correction_bias is not None:
+            block.e_score_correction_bias.copy_(hf.gate.e_score_correction_bias)
+        sh = hf.shared_experts
+        block.shared_expert.gate_up_proj.weight.copy_(torch.cat([sh.gate_proj.weight, sh.up_proj.weight]))
+        block.shared_expert.down_proj.weight.copy_(sh.down_proj.weight)
+        x = torch.randn(24, 32)
+        torch.testing.assert_close(block(x), hf(x[None])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,K,S", [(1, 1, 4), (7, 2, 8), (33, 4, 16)])
+def test_torch_backend_matches_reference(T, K, S):
+    g = torch.Generator().manual_seed(T * 100 + K)
+    D, I = 24, 40
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(S, 2 * I, D, generator=g) / D**0.5
+    w2 = torch.randn(S, D, I, generator=g) / I**0.5
+    ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
+    ids[0, 0] = -1  # a choice computed elsewhere (expert parallelism) contributes nothing
+    w = torch.rand(T, K, generator=g)
+    torch.testing.assert_close(torch_experts(x, w13, w2, ids, w), reference_experts(x, w13, w2, ids, w), rtol=1e-5, atol=1e-5)
+
+
+def test_hub_sees_every_moe_layer_with_batch_info(mixtral_llm):
+    from moe_rt import SamplingParams
+
+    events = []
+    unsubscribe = mixtral_llm.model.hub.subscribe(events.append)
+    try:
+        mixtral_llm.generate("In the beginning", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    finally:
+        unsubscribe()
+    spec = mixtral_llm.model.spec
+    L = len(spec.moe_layer_ids)
+    assert len(events) == 3 * L  # one prefill and two decode steps (the last token is never fed back)
+    assert [e.moe_index for e in events[:L]] == list(range(L))
+    first = events[0]
+    assert first.topk_ids.shape == (first.hidden.shape[0], spec.top_k)
+    assert first.batch.positions.tolist() == list(range(first.hidden.shape[0]))
+    assert events[-1].batch.step == events[0].batch.step + 2
+    assert not mixtral_llm.model.hub.active

@@ -1,0 +1,415 @@
+"""AsyncEngine: the LLMEngine driven by one background thread, fed from an asyncio event loop.
+
+Threading discipline (the engine is not thread-safe):
+  * Only the engine thread touches the LLMEngine's mutable state (add_request, step, abort,
+    release, moe_stats). It also builds the engine when given a factory, so the server answers
+    /health with 503 while a model loads.
+  * Event-loop code talks to it through `_cmds`, a deque guarded by `_cond` (a
+    threading.Condition): it appends ("add" | "abort" | "moe_stats", ...) and notifies. The engine
+    thread drains all commands between two steps, so a request arriving mid-generation joins the
+    running batch at the next step (continuous batching).
+  * Results go back with ONE `loop.call_soon_threadsafe` per engine iteration, which routes the
+    step's deltas into per-request asyncio queues. `_streams` and `_queued` are touched only on the
+    event loop, so they need no lock.
+  * The engine thread publishes an immutable EngineStats snapshot under `_cond` after every
+    iteration; metrics read it and tests wait on it with `wait_for` (bounded, no sleeps).
+  * Tokenizing a prompt runs in a worker thread (asyncio.to_thread): the tokenizer is read-only
+    after load, so it is safe beside the engine thread, and the loop never blocks on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from moe_rt.engine.llm_engine import LLMEngine
+from moe_rt.errors import MoeRtError
+from moe_rt.outputs import RequestOutput, TokenLogprob
+from moe_rt.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """More requests wait than max_queue allows; the app answers 429 with Retry-After."""
+
+    def __init__(self, queued: int, retry_after: int = 1) -> None:
+        super().__init__(f"the server is overloaded: {queued} requests are already waiting; retry later")
+        self.retry_after = retry_after
+
+
+class EngineUnavailable(Exception):
+    """The engine is not loaded yet, failed, or is shutting down (503)."""
+
+
+@dataclass
+class Delta:
+    """What one completion of a request produced in one engine step."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    token_ids: list[int]
+    text: str  # new text (stop strings held back until they cannot match)
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    logprobs: list[TokenLogprob] | None  # one per new token, when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot written by the engine thread after each iteration."""
+
+    ready: bool = False
+    paused: bool = False
+    running_seqs: int = 0  # sequences in the running batch
+    waiting_seqs: int = 0  # sequences admitted to the engine but waiting for KV / a batch slot
+    active_requests: frozenset[str] = frozenset()  # request ids the engine still holds
+    last_batch_size: int = 0
+    max_batch_size: int = 0  # largest batch of one step since start
+    num_steps: int = 0
+    generation_tokens_total: int = 0
+    prompt_tokens_total: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0  # aborted while unfinished (client gone, shutdown); their KV freed
+    num_preemptions: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0  # equals kv_blocks_total when no request holds KV
+
+
+class RequestStream:
+    """Async iterator of Deltas of one request; `final` holds the RequestOutput once it ends.
+
+    Leaving it early (break, exception, cancellation) must go through `abort()` or `aclose()`,
+    which frees the request's KV blocks in the engine.
+    """
+
+    def __init__(self, owner: AsyncEngine, request_id: str, prompt_token_ids: list[int]) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.final: RequestOutput | None = None
+        self.started = False  # produced its first token (left the queue)
+        self.done = False
+        self._owner = owner
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Delta):
+            return item
+        self.done = True
+        if isinstance(item, RequestOutput):
+            self.final = item
+            raise StopAsyncIteration
+        raise item  # an exception from the engine thread
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self._owner._abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.abort()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        *,
+        max_queue: int = 256,
+        retry_after_s: int = 1,
+    ) -> None:
+        """engine: a built LLMEngine, or a factory the engine thread calls (the model loads there).
+        max_queue: requests allowed to wait for their first token; one more gets Overloaded."""
+        if max_queue < 1:
+            raise MoeRtError(f"max_queue must be >= 1, got {max_queue}")
+        self._engine = engine if isinstance(engine, LLMEngine) else None
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self._cond = threading.Condition()
+        self._cmds: collections.deque = collections.deque()  # guarded by _cond
+        self._stopping = False  # guarded by _cond
+        self._paused = False  # guarded by _cond
+        self._stats = EngineStats()  # guarded by _cond
+        self._token_samples: collections.deque = collections.deque(maxlen=8192)  # (t, tokens) under _cond
+        self.error: str | None = None  # why the engine is unavailable (load failure, crash)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}  # event loop only
+        self._queued = 0  # event loop only: submitted requests without a first token yet
+        self._ids = itertools.count()
+
+    # -- lifecycle (event loop) -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the engine thread (returns at once; `ready` turns true once the model is loaded)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="moe-rt-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the engine thread; every unfinished request is aborted and its stream ends with an
+        EngineUnavailable error."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+        self._fail_streams(EngineUnavailable("the server is shutting down"))
+
+    @property
+    def ready(self) -> bool:
+        return self.stats.ready and self.error is None and not self._stopping
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The loaded engine, for read-only facts (tokenizer, max_model_len, spec)."""
+        if self._engine is None or not self.stats.ready:
+            raise EngineUnavailable(self.error or "the model is still loading")
+        return self._engine
+
+    @property
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return self._stats
+
+    @property
+    def queue_length(self) -> int:
+        """Requests submitted and waiting for their first token (the bound max_queue applies to)."""
+        return self._queued
+
+    def tokens_per_second(self, window_s: float = 10.0) -> float:
+        """Generated tokens per second over the last `window_s` seconds (0 when idle)."""
+        now = time.monotonic()
+        with self._cond:
+            samples = [s for s in self._token_samples if s[0] >= now - window_s]
+            total = self._stats.generation_tokens_total
+        if not samples:
+            return 0.0
+        t0, n0 = samples[0]
+        # the first sample's tokens were produced before t0; count from the sample before it
+        return (total - n0) / max(now - t0, 1e-9) if len(samples) > 1 else 0.0
+
+    def wait_for(self, predicate: Callable[[EngineStats], bool], timeout: float) -> bool:
+        """Block the calling (non-loop) thread until predicate(stats) holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._stats), timeout)
+
+    def pause(self) -> None:
+        """Stop stepping; new requests are still accepted and wait (drain, maintenance, tests)."""
+        with self._cond:
+            self._paused = True
+            self._stats = replace(self._stats, paused=True)
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._stats = replace(self._stats, paused=False)
+            self._cond.notify_all()
+
+    # -- requests (event loop) ------------------------------------------------------------------
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        """Prompt -> validated token ids, tokenized off the event loop."""
+        return await asyncio.to_thread(self.engine.encode_prompt, prompt)
+
+    async def encode_chat(self, messages: list[dict]) -> list[int]:
+        return await asyncio.to_thread(self.engine.tokenizer.encode_chat, messages)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Queue a request; iterate the returned stream for its Deltas.
+
+        Raises Overloaded when max_queue requests already wait, EngineUnavailable when not ready,
+        MoeRtError on a bad prompt (the engine's own checks also surface through the stream)."""
+        self._check_available()
+        ids = await self.encode(prompt)
+        self._check_available()  # may have changed while tokenizing
+        if self._queued >= self.max_queue:
+            raise Overloaded(self._queued, self.retry_after_s)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            raise MoeRtError(f"request id {rid} is already in use")
+        stream = RequestStream(self, rid, ids)
+        self._streams[rid] = stream
+        self._queued += 1
+        self._send(("add", rid, ids, params))
+        return stream
+
+    async def moe_stats(self) -> dict | None:
+        """engine.moe_stats() read on the engine thread, or None if the engine exposes none."""
+        if not self.ready or not callable(getattr(self._engine, "moe_stats", None)):
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        self._send(("moe_stats", fut))
+        return await fut
+
+    def _check_available(self) -> None:
+        if self._loop is None:
+            raise EngineUnavailable("the engine is not started")
+        if not self.ready:
+            raise EngineUnavailable(self.error or ("the server is shutting down" if self._stopping else "the model is still loading"))
+
+    def _send(self, cmd: tuple) -> None:
+        with self._cond:
+            self._cmds.append(cmd)
+            self._cond.notify_all()
+
+    def _abort(self, rid: str) -> None:
+        stream = self._streams.pop(rid, None)
+        if stream is None:
+            return  # already finished
+        if not stream.started:
+            self._queued -= 1
+        self._send(("abort", rid))
+
+    def _dispatch(self, deltas: list[Delta], finals: list[RequestOutput], errors: dict[str, Exception]) -> None:
+        """Runs on the event loop: route one engine iteration's results into request streams."""
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            if not stream.started:
+                stream.started = True
+                self._queued -= 1
+            stream._queue.put_nowait(d)
+        for item in [*finals, *errors.items()]:
+            rid, payload = (item.request_id, item) if isinstance(item, RequestOutput) else item
+            stream = self._streams.pop(rid, None)
+            if stream is None:
+                continue
+            if not stream.started:
+                self._queued -= 1
+            stream._queue.put_nowait(payload)
+
+    def _fail_streams(self, exc: Exception) -> None:
+        for rid in list(self._streams):
+            self._dispatch([], [], {rid: exc})
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            engine = self._engine if self._engine is not None else self._factory()
+        except Exception as e:  # a bad model folder or a bug: report it on /health, keep serving 503
+            log.exception("model failed to load")
+            self.error = f"the model failed to load: {e}"
+            self._post(self._fail_streams, EngineUnavailable(self.error))
+            return
+        self._engine = engine
+        self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
+        with self._cond:
+            self._stats = replace(self._stats, ready=True)
+            self._cond.notify_all()
+        try:
+            self._loop_forever(engine)
+        except Exception as e:
+            log.exception("the engine loop crashed")
+            self.error = f"the engine failed: {e}"
+            self._post(self._fail_streams, EngineUnavailable(self.error))
+        finally:
+            try:
+                for rid in list(engine.requests):  # free every KV block still held
+                    engine.abort(rid)
+                    engine.requests.pop(rid, None)
+            except Exception:  # after a crash the engine state may be broken; nothing more to free
+                log.exception("could not abort the remaining requests")
+            self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
+
+    def _loop_forever(self, engine: LLMEngine) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._cmds and (self._paused or not engine.has_unfinished()):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                cmds, self._cmds = self._cmds, collections.deque()
+                paused = self._paused
+            deltas: list[Delta] = []
+            finals: list[RequestOutput] = []
+            errors: dict[str, Exception] = {}
+            aborted = prompt_tokens = tokens = 0
+            for cmd in cmds:
+                if cmd[0] == "add":
+                    _, rid, ids, params = cmd
+                    try:
+                        engine.add_request(ids, params, rid)
+                        prompt_tokens += len(ids)
+                    except MoeRtError as e:
+                        errors[rid] = e
+                elif cmd[0] == "abort" and cmd[1] in engine.requests:
+                    aborted += not engine.output(cmd[1]).finished
+                    engine.abort(cmd[1])  # frees the KV blocks
+                    engine.requests.pop(cmd[1], None)
+                elif cmd[0] == "moe_stats":
+                    fut = cmd[1]
+                    try:
+                        res = engine.moe_stats()
+                    except Exception as e:  # a bug in the stats code must not kill serving
+                        log.exception("moe_stats failed")
+                        res = {"error": str(e)}
+                    self._post(_set_result, fut, res)
+            if not paused and engine.has_unfinished():
+                ended: dict[str, None] = {}  # ordered set: a request's n sequences may end in one step
+                for out in engine.step():
+                    seq = engine.requests[out.request_id][out.index]
+                    lps = seq.logprobs[-len(out.new_token_ids):] if seq.logprobs is not None else None
+                    deltas.append(Delta(out.request_id, out.index, out.new_token_ids, out.new_text, out.finish_reason, lps))
+                    tokens += len(out.new_token_ids)
+                    if out.finish_reason is not None:
+                        ended[out.request_id] = None
+                finals = [engine.release(rid) for rid in ended if engine.output(rid).finished]
+            if deltas or finals or errors:
+                self._post(self._dispatch, deltas, finals, errors)
+            self._publish(engine, aborted=aborted, finished=len(finals), tokens=tokens, prompt_tokens=prompt_tokens)
+
+    def _publish(self, engine: LLMEngine, *, aborted: int, finished: int, tokens: int, prompt_tokens: int) -> None:
+        with self._cond:
+            s = self._stats
+            self._stats = replace(
+                s,
+                running_seqs=len(engine.scheduler.running),
+                waiting_seqs=len(engine.scheduler.waiting),
+                active_requests=frozenset(engine.requests),
+                last_batch_size=engine.last_batch_size,
+                max_batch_size=max(s.max_batch_size, engine.last_batch_size),
+                num_steps=engine.num_steps,
+                generation_tokens_total=s.generation_tokens_total + tokens,
+                prompt_tokens_total=s.prompt_tokens_total + prompt_tokens,
+                requests_finished=s.requests_finished + finished,
+                requests_aborted=s.requests_aborted + aborted,
+                num_preemptions=engine.scheduler.num_preemptions,
+                kv_blocks_total=engine.blocks.num_blocks,
+                kv_blocks_free=engine.blocks.num_free,
+            )
+            if tokens:
+                self._token_samples.append((time.monotonic(), self._stats.generation_tokens_total))
+            self._cond.notify_all()
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)

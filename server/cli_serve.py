@@ -1,0 +1,88 @@
+"""`moe-rt serve`: the OpenAI-compatible HTTP server (docs/server.md).
+
+The socket is bound first and the model loads on the engine thread, so /health answers 503 while
+the model loads and 200 once it serves. Also runnable as `python -m server.cli_serve ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from moe_rt.errors import MoeRtError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the shipped demo model)")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    parser.add_argument("--placement", default=None, help="expert-placement YAML file (docs/placement.md)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one, printed at start)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait for a first token; more get 429")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the paged KV cache")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    opts = {"dtype": args.dtype, "device": args.device, "placement": args.placement}
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_gb"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from moe_rt.config import build_config
+    from moe_rt.engine.llm_engine import LLMEngine
+    from moe_rt.llm import default_model_dir
+
+    from .app import build_app
+    from .async_engine import AsyncEngine
+
+    # Check everything cheap before binding the port: a bad flag fails fast with one line.
+    model = args.model if args.model is not None else default_model_dir()
+    if not (Path(model) / "config.json").is_file():
+        raise MoeRtError(f"{model} is not a model folder (no config.json)")
+    cfg = build_config(model=model, **_engine_options(args))
+    name = args.served_model_name or Path(model).resolve().name
+    engine = AsyncEngine(lambda: LLMEngine(cfg, progress=False), max_queue=args.max_queue)
+    app = build_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise MoeRtError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    sock.listen(2048)
+    host, port = sock.getsockname()[:2]
+    print(f"moe-rt: serving '{name}' on http://{host}:{port}/v1 (health: /health, metrics: /metrics)", flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 1 if engine.error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-rt serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except MoeRtError as e:
+        print(f"moe-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,6 +52,22 @@ class GateLookaheadPredictor(Predictor):
         return torch.sigmoid(logits) + b[:, None, :]
 
     @classmethod
+    def from_model(cls, model) -> "GateLookaheadPredictor":
+        """From a loaded MoEForCausalLM (anything with moe_blocks() and spec.top_k): no file reads.
+
+        Weights are copied to fp32 CPU tensors, so later edits to the model do not leak in.
+        """
+        blocks = model.moe_blocks()
+        if not blocks:
+            raise MoeRtError("gate_lookahead.from_model: the model has no MoE blocks")
+        weights = [b.gate.weight.detach().float().cpu().clone() for b in blocks]
+        has_bias = [getattr(b, "e_score_correction_bias", None) is not None for b in blocks]
+        if any(has_bias) and not all(has_bias):
+            raise MoeRtError("gate_lookahead.from_model: e_score_correction_bias on some MoE layers only")
+        biases = [b.e_score_correction_bias.detach().float().cpu().clone() for b in blocks] if all(has_bias) else None
+        return cls(weights, model.spec.top_k, biases, [b.layer_id for b in blocks])
+
+    @classmethod
     def from_checkpoint(cls, model_dir: str) -> "GateLookaheadPredictor":
         """Read only the router weights from a Hugging Face folder (single or sharded safetensors)."""
         config = _read_config(model_dir)

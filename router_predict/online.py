@@ -1,0 +1,212 @@
+"""Run a routing predictor inside a live model: forecasts for the expert cache's prefetcher.
+
+OnlinePredictor subscribes to a model's RoutingHub. Right after MoE layer l routes a batch it
+builds the LayerObservation (router input, chosen experts, and from the engine's BatchInfo the
+token ids, positions and previous tokens), asks the Predictor for layers l+1..l+D, and turns each
+per-token forecast into one expert score vector for the batch: how many of the batch's tokens have
+expert e in their predicted top-k. That vector is what a prefetcher needs (which experts, how
+many tokens want each), so it is kept as `latest(target)` and pushed to `on_forecast` callbacks.
+
+When layer l+d then routes, the per-token forecasts made for it are scored against what it chose
+(recall@k, the same rule as offline replay in router_predict.evaluate), so `stats()` is the
+predictor's live hit rate. A forecast is only ever scored against the same forward batch: forecasts
+still pending when the next batch starts are dropped.
+
+Cost: nothing is subscribed until start(), and the MoE blocks skip emitting when no one listens.
+When running, the whole observer (predict and bookkeeping) is timed per token.
+
+Shape legend: T tokens of a batch, k experts per token, E routed experts, H router input size,
+L MoE layers, D depth (look-ahead distances 1..D).
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from router_predict.base import LayerObservation, Predictor
+from router_predict.evaluate import hit_counts, ranked_experts
+
+_FRESH = ("fresh",)  # no forward seen yet: the next event starts one
+ForecastFn = Callable[[int, torch.Tensor, int], None]  # (target moe_index, expert scores [E], distance d)
+
+
+@dataclass
+class _Tally:
+    rows: int = 0  # tokens whose forecast was scored
+    hits: int = 0  # true experts inside the predicted top-k, summed over rows
+
+    def recall(self, k: int) -> float | None:
+        return self.hits / (self.rows * k) if self.rows else None
+
+
+class OnlinePredictor:
+    """Forecasts of later MoE layers' experts, made while the model runs, and their live recall."""
+
+    def __init__(self, hub: RoutingHub, predictor: Predictor, depth: int = 1, *, device: str = "cpu",
+                 max_tracked_seqs: int = 65536) -> None:
+        """device: where observations are moved before predict() (where the predictor's weights live).
+
+        max_tracked_seqs: sequences whose last token is remembered for prev_token_ids (oldest dropped).
+        """
+        if depth < 1:
+            raise MoeRtError(f"online predictor depth must be >= 1, got {depth}")
+        max_depth = getattr(predictor, "max_depth", depth)
+        if depth > max_depth:
+            raise MoeRtError(f"predictor {predictor.name} was trained for depth {max_depth}, asked {depth}")
+        self.hub, self.predictor, self.depth = hub, predictor, depth
+        self.device = torch.device(device)
+        self.max_tracked_seqs = max_tracked_seqs
+        self._unsubscribe: Callable[[], None] | None = None
+        self._callbacks: list[ForecastFn] = []
+        self._latest: dict[int, torch.Tensor] = {}  # target moe_index -> [E] latest batch forecast
+        self._last_token: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq id -> (position, token)
+        self._forward: tuple | None = _FRESH  # identifies the batch being routed
+        self._last_index = -1
+        self._batch_cols: tuple | None = None  # (token_ids, positions, prev_token_ids) of this batch
+        self._pending: dict[tuple[int, int], torch.Tensor] = {}  # (target, d) -> scores [T, E]
+        self._tally: dict[tuple[int, int], _Tally] = {}  # (target, d) -> running counts
+        self._tokens = 0
+        self._spent_ns = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> "OnlinePredictor":
+        if self._unsubscribe is None:
+            self._unsubscribe = self.hub.subscribe(self._on_event)
+        return self
+
+    def stop(self) -> None:
+        """Unsubscribe; stats and latest forecasts stay readable."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self._pending.clear()
+        self._forward = _FRESH
+
+    def __enter__(self) -> "OnlinePredictor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- consumers ----------------------------------------------------------------------------
+    def on_forecast(self, fn: ForecastFn) -> Callable[[], None]:
+        """Call fn(target_moe_index, expert_scores [E] float32 on CPU, d) after every forecast.
+
+        expert_scores[e] = tokens of the batch with e in their predicted top-k for that layer.
+        Returns a function that removes the callback.
+        """
+        self._callbacks.append(fn)
+        return lambda: self._callbacks.remove(fn) if fn in self._callbacks else None
+
+    def latest(self, moe_index: int) -> torch.Tensor | None:
+        """The most recent forecast [E] for MoE layer `moe_index` (made from the nearest earlier layer)."""
+        return self._latest.get(moe_index)
+
+    def stats(self) -> dict:
+        """Live recall@k of the forecasts (overall, per distance, per target layer) and cost per token."""
+        k = self.predictor.top_k
+        by_d, per_layer = {}, {}
+        for d in range(1, self.depth + 1):
+            total = _Tally()
+            layers = {}
+            for (target, dd), t in sorted(self._tally.items()):
+                if dd == d:
+                    total.rows, total.hits = total.rows + t.rows, total.hits + t.hits
+                    layers[target] = {"recall": t.recall(k), "rows": t.rows}
+            by_d[d] = {"recall": total.recall(k), "rows": total.rows}
+            per_layer[d] = layers
+        all_rows = sum(t.rows for t in self._tally.values())
+        all_hits = sum(t.hits for t in self._tally.values())
+        return {
+            "predictor": self.predictor.name, "depth": self.depth, "top_k": k,
+            "recall": all_hits / (all_rows * k) if all_rows else None,
+            "by_distance": by_d, "per_layer": per_layer,
+            "tokens": self._tokens,
+            "cost_us_per_token": self._spent_ns / 1000 / self._tokens if self._tokens else None,
+        }
+
+    def reset_stats(self) -> None:
+        self._tally.clear()
+        self._tokens = self._spent_ns = 0
+
+    # -- the observer -------------------------------------------------------------------------
+    def _on_event(self, event: RouterEvent) -> None:
+        start = time.perf_counter_ns()
+        self._observe(event)
+        self._spent_ns += time.perf_counter_ns() - start
+
+    def _observe(self, event: RouterEvent) -> None:
+        l, num_layers = event.moe_index, self.predictor.num_layers
+        if not 0 <= l < num_layers:
+            raise MoeRtError(f"router event for MoE layer {l}, predictor is for {num_layers} layers")
+        batch = event.batch
+        if batch is not None and batch.token_ids.shape[0] != event.topk_ids.shape[0]:
+            batch = None  # a forward outside the engine's step (e.g. prompt_logits) sees a stale BatchInfo
+        # A new forward starts at a new engine step, or (outside the engine) when layer indices restart.
+        forward = (batch.step,) if batch is not None else None
+        if forward != self._forward or l <= self._last_index:
+            self._new_forward(event, batch, forward)
+        self._last_index = l
+        true_ids = event.topk_ids.detach().to("cpu", torch.long)  # [T, k]
+        for d in range(1, self.depth + 1):
+            scores = self._pending.pop((l, d), None)
+            if scores is not None:
+                tally = self._tally.setdefault((l, d), _Tally())
+                tally.rows += true_ids.shape[0]
+                tally.hits += int(hit_counts(scores, true_ids, true_ids.shape[1]).sum())
+        if self.predictor.lookahead(l, self.depth) == 0:
+            return
+        token_ids, positions, prev = self._batch_cols or (None, None, None)
+        dev = self.device
+        obs = LayerObservation(
+            l, event.topk_ids.detach().to(dev, torch.long), event.topk_weights.detach().to(dev, torch.float32),
+            event.hidden.detach().to(dev, torch.float32) if self.predictor.needs_hidden else None,
+            token_ids, positions, prev)
+        with torch.no_grad():
+            scores = self.predictor.predict(obs, self.depth).float().cpu()  # [d, T, E]
+        e = self.predictor.num_experts
+        for d in range(1, scores.shape[0] + 1):
+            target = l + d
+            s = scores[d - 1]
+            self._pending[(target, d)] = s
+            picked = ranked_experts(s, self.predictor.top_k)  # [T, k]
+            agg = torch.bincount(picked.reshape(-1), minlength=e).float()  # [E]
+            self._latest[target] = agg
+            for fn in list(self._callbacks):
+                fn(target, agg, d)
+
+    def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
+        self._forward = forward
+        self._pending.clear()
+        self._tokens += event.topk_ids.shape[0]
+        if batch is None:
+            self._batch_cols = None
+            return
+        token_ids = batch.token_ids.to("cpu", torch.long)
+        positions = batch.positions.to("cpu", torch.long)
+        self._batch_cols = (token_ids.to(self.device), positions.to(self.device),
+                            self._prev_tokens(batch.seq_ids.tolist(), positions.tolist(),
+                                              token_ids.tolist()).to(self.device))
+
+    def _prev_tokens(self, seq_ids: list[int], positions: list[int], token_ids: list[int]) -> torch.Tensor:
+        """[T] token at position-1 of each row's sequence, -1 if unknown (as in docs/traces.md).
+
+        Rows of a sequence arrive in increasing position order (prefill rows are contiguous, decode
+        adds one), so the last token seen per sequence is enough.
+        """
+        out = []
+        last = self._last_token
+        for s, p, t in zip(seq_ids, positions, token_ids):
+            seen = last.get(s)
+            out.append(seen[1] if seen is not None and seen[0] == p - 1 else -1)
+            last[s] = (p, t)
+            last.move_to_end(s)
+        while len(last) > self.max_tracked_seqs:
+            last.popitem(last=False)
+        return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,158 @@
+"""OnlinePredictor: live forecasts and recall inside the engine, checked against offline replay."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.events import BatchInfo, RouterEvent, RoutingHub
+from moe_rt.sampling_params import SamplingParams
+from router_predict.base import LayerObservation, Predictor
+from router_predict.cli_trace import record_trace
+from router_predict.evaluate import replay
+from router_predict.online import OnlinePredictor
+from router_predict.predictors.coactivation import CoactivationPredictor
+from router_predict.predictors.common import prev_tokens
+from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+PROMPTS = ["In the beginning God created", "And God said", "Hello world, the quick brown fox"]
+PARAMS = SamplingParams(max_tokens=4, temperature=0)
+
+
+class Fixed(Predictor):
+    """Scores experts 0..E-1 descending for every token and layer; records what it was shown."""
+
+    name = "fixed"
+
+    def __init__(self, num_layers, num_experts, top_k):
+        super().__init__(num_layers, num_experts, top_k)
+        self.seen: list[LayerObservation] = []
+
+    def predict(self, obs, depth):
+        self.seen.append(obs)
+        d = self.lookahead(obs.moe_index, depth)
+        return torch.arange(self.num_experts, 0, -1).float().expand(d, obs.topk_ids.shape[0], -1)
+
+
+def event(layer, ids, batch=None, h=3):
+    ids = torch.tensor(ids)
+    return RouterEvent(layer, layer, torch.zeros(len(ids), h), torch.zeros(len(ids), 4), ids,
+                       torch.full(ids.shape, 0.5), batch)
+
+
+def test_recall_forecasts_and_callbacks_exact_by_hand():
+    hub = RoutingHub()
+    online = OnlinePredictor(hub, Fixed(3, 4, 2), depth=2)
+    got = []
+    online.on_forecast(lambda target, scores, d: got.append((target, d, scores.tolist())))
+    assert not hub.active  # nothing subscribed before start(): the MoE blocks skip emitting
+    with online:
+        hub.emit(event(0, [[0, 1], [2, 3]]))
+        assert got == [(1, 1, [2.0, 2.0, 0.0, 0.0]), (2, 2, [2.0, 2.0, 0.0, 0.0])]
+        hub.emit(event(1, [[0, 2], [1, 0]]))  # forecast [0, 1] for both: 1 + 2 hits of 4
+        hub.emit(event(2, [[3, 2], [0, 1]]))  # d=2: 0 + 2; d=1: 0 + 2
+        hub.emit(event(0, [[0, 1]]))  # a new forward (indices restart): nothing left pending
+        hub.emit(event(0, [[0, 1]]))  # again: the layer-0 forecasts above are dropped, never scored
+    assert not hub.active
+    s = online.stats()
+    assert s["by_distance"][1] == {"recall": 5 / 8, "rows": 4}
+    assert s["by_distance"][2] == {"recall": 2 / 4, "rows": 2}
+    assert s["per_layer"][1] == {1: {"recall": 3 / 4, "rows": 2}, 2: {"recall": 2 / 4, "rows": 2}}
+    assert s["recall"] == 7 / 12 and s["tokens"] == 4 and s["cost_us_per_token"] > 0
+    assert online.latest(1).tolist() == [1.0, 1.0, 0.0, 0.0] and online.latest(0) is None
+    hub.emit(event(1, [[0, 1]]))  # after stop: ignored
+    assert online.stats()["tokens"] == 4
+
+
+def test_prev_tokens_follow_sequences_across_steps():
+    hub = RoutingHub()
+    fixed = Fixed(2, 4, 2)
+    online = OnlinePredictor(hub, fixed).start()
+    steps = [  # (seq_ids, positions, token_ids): prefill of 7 and 8, decode, then a recompute of 7
+        ([7, 7, 8], [0, 1, 0], [10, 11, 20]),
+        ([7, 8], [2, 1], [12, 21]),
+        ([7, 7, 7, 7], [0, 1, 2, 3], [10, 11, 12, 13]),
+    ]
+    for n, (s, p, t) in enumerate(steps):
+        hub.emit(event(0, [[0, 1]] * len(s), BatchInfo(n, torch.tensor(s), torch.tensor(p), torch.tensor(t))))
+    online.stop()
+    got = [o.prev_token_ids.tolist() for o in fixed.seen]
+    assert got == [[-1, 10, -1], [11, 20], [-1, 10, 11, 12]]
+    seq, pos, tok = (np.concatenate([np.array(x[i]) for x in steps]) for i in range(3))
+    assert sum(got, []) == prev_tokens(seq, pos, tok).tolist()  # the offline rule gives the same
+
+
+def test_rejects_bad_setup():
+    with pytest.raises(MoeRtError, match="depth must be >= 1"):
+        OnlinePredictor(RoutingHub(), Fixed(2, 4, 2), depth=0)
+    online = OnlinePredictor(RoutingHub(), Fixed(2, 4, 2)).start()
+    with pytest.raises(MoeRtError, match="MoE layer 5"):
+        online.hub.emit(event(5, [[0, 1]]))
+
+
+def test_from_model_equals_from_checkpoint(mixtral_llm, mixtral_dir):
+    a = GateLookaheadPredictor.from_model(mixtral_llm.model)
+    b = GateLookaheadPredictor.from_checkpoint(str(mixtral_dir))
+    assert a.layer_ids == b.layer_ids == [0, 1] and a.top_k == b.top_k == 2 and a.biases is None
+    torch.testing.assert_close(a.weights, b.weights, rtol=0, atol=0)
+    obs = LayerObservation(0, torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2),
+                           hidden=torch.randn(5, 64, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(a.predict(obs, 1), b.predict(obs, 1), rtol=0, atol=0)
+
+
+def run_online_and_record(llm, predictor, depth):
+    online = OnlinePredictor(llm.model.hub, predictor, depth)
+    calls = []
+    online.on_forecast(lambda target, scores, d: calls.append((target, d, float(scores.sum()))))
+    with online:
+        trace = record_trace(llm, PROMPTS, PARAMS, with_hidden=True)
+    return online, trace, calls
+
+
+def test_online_recall_equals_offline_replay(mixtral_llm):
+    gate = GateLookaheadPredictor.from_model(mixtral_llm.model)
+    online, trace, calls = run_online_and_record(mixtral_llm, gate, 1)
+    offline = replay(trace, gate, 1, progress=False)
+    s = online.stats()
+    assert s["tokens"] == trace.num_rows == s["by_distance"][1]["rows"]
+    assert s["by_distance"][1]["recall"] == offline.by_distance[1]["recall"]
+    assert s["per_layer"][1][1]["recall"] == offline.per_layer_recall[1][1]
+    assert 0 < s["recall"] < 1  # a random model's residual stream moves: look-ahead is not exact
+    # One forecast for layer 1 per forward batch, each counting k experts per token.
+    assert {c[:2] for c in calls} == {(1, 1)} and sum(c[2] for c in calls) == 2 * trace.num_rows
+    assert mixtral_llm.model.hub.active is False
+    # An id-only predictor fitted on this run, judged live on a second run, equals its replay too.
+    coact = CoactivationPredictor.fit(trace, 1)
+    online, trace2, _ = run_online_and_record(mixtral_llm, coact, 1)
+    assert online.stats()["recall"] == replay(trace2, coact, 1, progress=False).by_distance[1]["recall"]
+
+
+def zero_residual_checkpoint(folder):
+    """3 MoE layers whose attention and experts add nothing and whose routers and norms are equal,
+    so every router sees the same input and picks the same experts: look-ahead must be exact."""
+    from checkpoints import write_checkpoint
+
+    write_checkpoint(folder, "mixtral", num_hidden_layers=3)
+    path = folder / "model.safetensors"
+    w = load_file(str(path))
+    for name in list(w):
+        if name.endswith("o_proj.weight") or name.endswith(".w2.weight"):
+            w[name] = torch.zeros_like(w[name])
+    for i in (1, 2):
+        for part in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
+            w[f"model.layers.{i}.{part}"] = w[f"model.layers.0.{part}"].clone()
+    save_file(w, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def test_gate_lookahead_exact_when_routers_identical_and_residual_zero(tmp_path):
+    from moe_rt import LLM
+
+    llm = LLM(zero_residual_checkpoint(tmp_path), dtype="float32", device="cpu", progress=False)
+    online, trace, calls = run_online_and_record(llm, GateLookaheadPredictor.from_model(llm.model), 2)
+    s = online.stats()
+    assert s["by_distance"][1] == {"recall": 1.0, "rows": 2 * trace.num_rows}
+    assert s["by_distance"][2] == {"recall": 1.0, "rows": trace.num_rows}
+    assert (trace.topk_ids[:, 1] == trace.topk_ids[:, 0]).all()  # the model really routes alike
+    assert {(c[0], c[1]) for c in calls} == {(1, 1), (2, 2), (2, 1)}
+    assert online.latest(2).sum() == 2 * int((trace.steps == trace.steps.max()).sum())

@@ -30,7 +30,7 @@ import torch
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
-from router_predict.evaluate import hit_counts, ranked_experts
+from router_predict.evaluate import ranked_experts
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
 ForecastFn = Callable[[int, torch.Tensor, int], None]  # (target moe_index, expert scores [E], distance d)
@@ -69,7 +69,7 @@ class OnlinePredictor:
         self._forward: tuple | None = _FRESH  # identifies the batch being routed
         self._last_index = -1
         self._batch_cols: tuple | None = None  # (token_ids, positions, prev_token_ids) of this batch
-        self._pending: dict[tuple[int, int], torch.Tensor] = {}  # (target, d) -> scores [T, E]
+        self._pending: dict[tuple[int, int], torch.Tensor] = {}  # (target, d) -> predicted top-k [T, k]
         self._tally: dict[tuple[int, int], _Tally] = {}  # (target, d) -> running counts
         self._tokens = 0
         self._spent_ns = 0
@@ -155,11 +155,12 @@ class OnlinePredictor:
         self._last_index = l
         true_ids = event.topk_ids.detach().to("cpu", torch.long)  # [T, k]
         for d in range(1, self.depth + 1):
-            scores = self._pending.pop((l, d), None)
-            if scores is not None:
+            picked = self._pending.pop((l, d), None)
+            if picked is not None:
                 tally = self._tally.setdefault((l, d), _Tally())
                 tally.rows += true_ids.shape[0]
-                tally.hits += int(hit_counts(scores, true_ids, true_ids.shape[1]).sum())
+                # hit_counts' rule (true experts inside the predicted top-k) on the stored top-k.
+                tally.hits += int((picked[:, :, None] == true_ids[:, None, :]).any(1).sum())
         if self.predictor.lookahead(l, self.depth) == 0:
             return
         token_ids, positions, prev = self._batch_cols or (None, None, None)
@@ -170,16 +171,17 @@ class OnlinePredictor:
             token_ids, positions, prev)
         with torch.no_grad():
             scores = self.predictor.predict(obs, self.depth).float().cpu()  # [d, T, E]
-        e = self.predictor.num_experts
-        for d in range(1, scores.shape[0] + 1):
+        d_max, t, e = scores.shape
+        # One ranking for all distances; ties go to the lower expert id, as in offline replay.
+        picked = ranked_experts(scores.reshape(d_max * t, e), self.predictor.top_k).reshape(d_max, t, -1)
+        agg = torch.zeros(d_max, e).scatter_add_(1, picked.reshape(d_max, -1),
+                                                  torch.ones(d_max, picked.shape[1] * picked.shape[2]))
+        for d in range(1, d_max + 1):
             target = l + d
-            s = scores[d - 1]
-            self._pending[(target, d)] = s
-            picked = ranked_experts(s, self.predictor.top_k)  # [T, k]
-            agg = torch.bincount(picked.reshape(-1), minlength=e).float()  # [E]
-            self._latest[target] = agg
+            self._pending[(target, d)] = picked[d - 1]  # [T, k]
+            self._latest[target] = agg[d - 1]  # [E]
             for fn in list(self._callbacks):
-                fn(target, agg, d)
+                fn(target, agg[d - 1], d)
 
     def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
         self._forward = forward

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     E, L = trace.num_experts, trace.num_layers
     if not 1 <= args.capacity <= E:
-        raise MoeRtError(f"--capacity must be between 1 and {E} (experts per layer), got {args.capacity}")
+        raise MoeRtError(f"--capacity must be between 1 and {E} (experts per layer), "
+                         f"got {args.capacity}")
     progress = not args.no_progress and not args.json
     needs = BatchNeeds.from_trace(trace)
     schedule = _schedule(args, trace, progress) if "predictive" in policies else None

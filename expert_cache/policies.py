@@ -49,48 +49,57 @@ def eviction_candidates(resident: Iterable[ExpertKey], pinned: Iterable[ExpertKe
     return sorted(k for k in set(resident) if k not in protected)
 
 
-def _last(inputs: PolicyInputs, key: ExpertKey) -> int:
-    return inputs.last_use.get(key, -1)
-
-
-def lru_rank(key: ExpertKey, inputs: PolicyInputs) -> tuple:
+def lru_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     """Least recently used first."""
-    return (_last(inputs, key), key)
+    last = inputs.last_use.get
+    return lambda k: (last(k, -1), k)
 
 
-def lfu_rank(key: ExpertKey, inputs: PolicyInputs) -> tuple:
+def lfu_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     """Fewest uses first (counts survive eviction, so a returning hot expert keeps its history);
     ties by LRU."""
-    return (inputs.use_count.get(key, 0), _last(inputs, key), key)
+    last, count = inputs.last_use.get, inputs.use_count.get
+    return lambda k: (count(k, 0), last(k, -1), k)
 
 
-def predictive_rank(key: ExpertKey, inputs: PolicyInputs) -> tuple:
+def predictive_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     """Unpredicted keys first (by LRU); then predicted ones, furthest distance first, then lowest
     batch score, then LRU. Keeps exactly what the predictor says the coming layers will use."""
-    p = inputs.predicted.get(key)
-    if p is None:
-        return (0, 0, 0.0, _last(inputs, key), key)
-    return (1, -p.distance, p.score, _last(inputs, key), key)
+    last, pred = inputs.last_use.get, inputs.predicted.get
+
+    def key(k: ExpertKey) -> tuple:
+        p = pred(k)
+        if p is None:
+            return (0, 0, 0.0, last(k, -1), k)
+        return (1, -p.distance, p.score, last(k, -1), k)
+
+    return key
 
 
-def belady_rank(key: ExpertKey, inputs: PolicyInputs) -> tuple:
+def belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     """Next use furthest in the future first (never used again = furthest); ties by LRU."""
-    return (-inputs.next_use.get(key, NEVER), _last(inputs, key), key)
+    last, nxt = inputs.last_use.get, inputs.next_use.get
+    return lambda k: (-nxt(k, NEVER), last(k, -1), k)
 
 
-RANKS: dict[str, Callable[[ExpertKey, PolicyInputs], tuple]] = {
-    "lru": lru_rank, "lfu": lfu_rank, "predictive": predictive_rank, "belady": belady_rank,
+# Each builds a sort key for one set of inputs, binding the dict lookups once: replay ranks the
+# candidates on every miss, so this is the simulator's hot loop.
+RANK_KEYS: dict[str, Callable[[PolicyInputs], Callable[[ExpertKey], tuple]]] = {
+    "lru": lru_key, "lfu": lfu_key, "predictive": predictive_key, "belady": belady_key,
 }
+
+
+def _rank_key(policy: str, inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
+    try:
+        return RANK_KEYS[policy](inputs)
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {policy!r}; choose from {', '.join(POLICIES)}")
 
 
 def eviction_order(policy: str, candidates: Iterable[ExpertKey],
                    inputs: PolicyInputs) -> list[ExpertKey]:
     """All candidates, most evictable first, under `policy`."""
-    try:
-        rank = RANKS[policy]
-    except KeyError:
-        raise ValueError(f"unknown eviction policy {policy!r}; choose from {', '.join(POLICIES)}")
-    return sorted(set(candidates), key=lambda k: rank(k, inputs))
+    return sorted(set(candidates), key=_rank_key(policy, inputs))
 
 
 def choose_victims(policy: str, candidates: Iterable[ExpertKey], n: int,
@@ -98,12 +107,11 @@ def choose_victims(policy: str, candidates: Iterable[ExpertKey], n: int,
     """Up to `n` victims from `candidates` (fewer when there are fewer candidates)."""
     if n < 0:
         raise ValueError(f"cannot choose {n} victims")
+    key = _rank_key(policy, inputs)
     if n == 1:  # the common case (one miss): a linear min instead of a full sort
-        if policy not in RANKS:
-            eviction_order(policy, (), inputs)  # raises the unknown-policy error
         cands = list(candidates)
-        return [min(cands, key=lambda k: RANKS[policy](k, inputs))] if cands else []
-    return eviction_order(policy, candidates, inputs)[:n]
+        return [min(cands, key=key)] if cands else []
+    return sorted(set(candidates), key=key)[:n]
 
 
 def belady_keep(resident: Iterable[ExpertKey], loaded: Iterable[ExpertKey], room: int,

@@ -99,7 +99,8 @@ def predict_schedule(trace: Trace, predictor, depth: int, progress: bool = True)
                 scores = predictor.predict(obs, depth)
             if tuple(scores.shape) != (d, b - a, num_experts):
                 raise MoeRtError(f"predictor {predictor.name} returned scores of shape "
-                                 f"{tuple(scores.shape)} at layer {l}, expected {(d, b - a, num_experts)}")
+                                 f"{tuple(scores.shape)} at layer {l}, "
+                                 f"expected {(d, b - a, num_experts)}")
             per_layer.append(aggregate_scores(scores, trace.top_k, l + 1))
         out.append(tuple(per_layer))
     return ForecastSchedule(depth, tuple(out))
@@ -237,9 +238,8 @@ def _belady_visit(state: CacheState, missed: list[ExpertKey], tick: int, inputs)
         movable = state.candidates(pool)  # needed is cleared: all but pinned
         room = state.capacity_slots - (len(state.pool_keys[pool]) - len(movable))
         keep = belady_keep(movable, loaded, room, inputs)
-        for key in movable:
-            if key not in keep:
-                state.evict(key)
+        for key in sorted(movable - keep):
+            state.evict(key)
         for key in loaded:
             if key in keep:
                 state.admit(key, tick)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
-from expert_cache.policies import ExpertKey, PolicyInputs, eviction_candidates
+from expert_cache.policies import ExpertKey, PolicyInputs
 
 Scope = Literal["per_layer", "global"]
 AccessResult = Literal["hit", "prefetch_hit", "miss"]
@@ -85,9 +85,13 @@ class CacheState:
     expert_bytes: int = 0  # bytes of one expert's weights (0 when unknown, e.g. id-only replay)
     source_tier: str = "cpu"  # where loads come from: "cpu" (pinned host RAM) or "disk"
     entries: dict[ExpertKey, SlotEntry] = field(default_factory=dict)
-    free_slots: dict[int, list[int]] = field(default_factory=dict)  # pool -> free slots, popped last-first
+    free_slots: dict[int, list[int]] = field(default_factory=dict)  # pool -> free slots (a stack)
     pool_keys: dict[int, set[ExpertKey]] = field(default_factory=dict)  # pool -> resident keys
     needed: set[ExpertKey] = field(default_factory=set)  # keys of the layer being computed
+    # Protected keys kept as sets (mirroring the entries' flags) so candidates() is a set
+    # difference: replay asks for candidates on every miss.
+    pinned_keys: set[ExpertKey] = field(default_factory=set)
+    in_flight_keys: set[ExpertKey] = field(default_factory=set)
     # Per-key history, kept across evictions (LRU/LFU read these dicts directly, without copies).
     last_use: dict[ExpertKey, int] = field(default_factory=dict)  # tick of last access or load
     use_count: dict[ExpertKey, int] = field(default_factory=dict)  # accesses
@@ -125,17 +129,15 @@ class CacheState:
         return len(self.free_slots[pool])
 
     def in_flight(self) -> set[ExpertKey]:
-        return {k for k, e in self.entries.items() if e.in_flight}
+        return set(self.in_flight_keys)
 
     def pinned(self) -> set[ExpertKey]:
-        return {k for k, e in self.entries.items() if e.pinned}
+        return set(self.pinned_keys)
 
-    def candidates(self, pool: int) -> list[ExpertKey]:
-        """Eviction candidates of `pool`: resident minus pinned, in-flight and needed."""
-        keys = self.pool_keys[pool]
-        return eviction_candidates(
-            keys, (k for k in keys if self.entries[k].pinned),
-            (k for k in keys if self.entries[k].in_flight), self.needed & keys)
+    def candidates(self, pool: int) -> set[ExpertKey]:
+        """Eviction candidates of `pool`: resident minus pinned, in-flight and needed (unordered;
+        policies impose the order). Same result as policies.eviction_candidates, but O(protected)."""
+        return self.pool_keys[pool] - self.pinned_keys - self.in_flight_keys - self.needed
 
     def policy_inputs(self, predicted=None, next_use=None) -> PolicyInputs:
         """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""
@@ -155,6 +157,8 @@ class CacheState:
         slot = self.free_slots[pool].pop()
         self.entries[key] = SlotEntry(slot, in_flight=in_flight, prefetched_unused=prefetch)
         self.pool_keys[pool].add(key)
+        if in_flight:
+            self.in_flight_keys.add(key)
         # A fresh load counts as a use for recency, so LRU does not evict it before it is read.
         self.last_use[key] = now
         self.load_count[key] = self.load_count.get(key, 0) + 1
@@ -194,6 +198,7 @@ class CacheState:
         if key not in self.entries:
             self.admit(key, now)
         self.entries[key].pinned = True
+        self.pinned_keys.add(key)
         return self.entries[key].slot
 
     def mark_in_flight(self, key: ExpertKey) -> None:
@@ -202,6 +207,7 @@ class CacheState:
             raise CacheStateError(f"cannot mark {key} in flight: "
                                   f"{'not resident' if e is None else 'already in flight'}")
         e.in_flight = True
+        self.in_flight_keys.add(key)
 
     def complete(self, key: ExpertKey) -> None:
         e = self.entries.get(key)
@@ -209,6 +215,7 @@ class CacheState:
             raise CacheStateError(f"cannot complete {key}: "
                                   f"{'not resident' if e is None else 'not in flight'}")
         e.in_flight = False
+        self.in_flight_keys.discard(key)
 
     def mark_needed(self, keys: Iterable[ExpertKey]) -> None:
         """Protect the keys of the layer about to compute (resident or not yet)."""

@@ -81,3 +81,20 @@ def test_prefetch_only_displaces_less_valuable_forecasts():
     assert should_displace(near, B, inp) is True  # same distance, higher score
     assert should_displace(Prediction(1, 1.0), B, inp) is False  # equal: no churn
     assert should_displace(Prediction(2, 9.0), B, inp) is False  # further than B
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "predictive", "belady"])
+def test_single_victim_fast_path_agrees_with_full_order(policy):
+    import random
+
+    rng = random.Random(policy)
+    keys = [(l, e) for l in range(3) for e in range(5)]
+    for _ in range(50):
+        sub = rng.sample(keys, 6)
+        inp = PolicyInputs(
+            last_use={k: rng.randrange(4) for k in sub if rng.random() < 0.8},
+            use_count={k: rng.randrange(3) for k in sub},
+            predicted={k: Prediction(rng.randrange(1, 3), float(rng.randrange(2)))
+                       for k in sub if rng.random() < 0.5},
+            next_use={k: rng.randrange(10) for k in sub if rng.random() < 0.7})
+        assert choose_victims(policy, sub, 1, inp) == eviction_order(policy, sub, inp)[:1]

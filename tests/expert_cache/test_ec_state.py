@@ -41,10 +41,10 @@ def test_evict_refuses_pinned_in_flight_needed_and_absent():
         assert not s.can_evict(key)
         with pytest.raises(CacheStateError, match=why):
             s.evict(key)
-    assert s.candidates(0) == [(0, 3)]
+    assert s.candidates(0) == {(0, 3)}
     s.complete((0, 1))
     s.clear_needed()
-    assert s.candidates(0) == [(0, 1), (0, 2), (0, 3)]
+    assert s.candidates(0) == {(0, 1), (0, 2), (0, 3)}
     s.evict((0, 1))
     assert (0, 1) not in s.entries and s.num_free(0) == 1
 
@@ -70,7 +70,7 @@ def test_pin_admits_when_needed_and_refuses_when_full():
     assert not s.can_pin((0, 4))
     with pytest.raises(CacheStateError):
         s.pin((0, 4))
-    assert s.candidates(0) == []
+    assert s.candidates(0) == set()
 
 
 def test_access_counts_hits_misses_prefetch_hits_and_wasted_prefetch_bytes():

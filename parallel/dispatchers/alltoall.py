@@ -1,0 +1,78 @@
+"""Baseline expert-parallel dispatcher (DeepSpeed-MoE inference): all-to-all to the expert owners.
+
+Shape legend: T tokens on this rank, K experts per token, E experts per layer, N ranks, D hidden,
+M rows this rank sends (one per distinct (token, destination rank)), M' rows it receives.
+
+Which rank serves pair (token t, expert e): this rank if it holds a copy of e, else e's primary.
+A token goes once to each distinct serving rank, carrying only the ids that rank serves (the
+rest are -1, which expert compute skips); the serving rank returns the weighted sum over those
+ids, and the token's rank adds the returns up. So a token whose K experts sit on one rank
+crosses the link once, not K times.
+"""
+from __future__ import annotations
+
+import torch
+
+from moe_rt.layers.moe.dispatch import DispatchOutput
+from parallel.placement import ExpertParallelPlacement
+
+from .base import TokenSplit, even_split
+from .comm import Comm, pack_rows, unpack_rows
+
+
+class AllToAllDispatcher:
+    kind = "alltoall"
+
+    def __init__(self, comm: Comm, placement: ExpertParallelPlacement, device=None) -> None:
+        self.comm = comm
+        self.stats = comm.stats
+        self.holder = torch.as_tensor(placement.holder_mask(), device=device)  # [L, E, N] bool
+        self.primary = torch.as_tensor(placement.primary_table(), device=device)  # [L, E] int64
+
+    # -- token split (see base.py) ------------------------------------------------------------
+    def token_split(self, moe_index: int | None, T: int, device=None) -> TokenSplit:
+        return even_split(T, self.comm.world, device)
+
+    def side_columns(self, moe_index: int) -> torch.Tensor | None:
+        """Extra int32 columns to ride on the all-gather after this layer (none for the baseline)."""
+        return None
+
+    def accept_side(self, moe_index: int, columns: torch.Tensor) -> None:
+        pass
+
+    # -- dispatch / combine --------------------------------------------------------------------
+    def serving_rank(self, moe_index: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, K] rank that computes each pair: here if this rank holds a copy, else the primary."""
+        here = self.holder[moe_index, :, self.comm.rank][topk_ids]
+        return torch.where(here, torch.full_like(topk_ids, self.comm.rank), self.primary[moe_index][topk_ids])
+
+    def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> DispatchOutput:
+        comm, N = self.comm, self.comm.world
+        T, K = topk_ids.shape
+        dest = self.serving_rank(moe_index, topk_ids)  # [T, K]
+        self.stats.pairs[moe_index] += T * K
+        self.stats.local_pairs[moe_index] += int((dest == comm.rank).sum())
+        # Dedup: one row per distinct (token, destination), grouped by destination.
+        goes = torch.zeros(T, N, dtype=torch.bool, device=hidden.device)
+        goes[torch.arange(T, device=hidden.device)[:, None], dest] = True
+        dst, tok = goes.t().nonzero(as_tuple=True)  # sorted by destination, then token
+        send_counts = torch.bincount(dst, minlength=N).tolist()
+        ids = torch.where(dest[tok] == dst[:, None], topk_ids[tok], torch.full_like(topk_ids[tok], -1))
+        payload = pack_rows(hidden[tok], ids.to(torch.int32), topk_weights[tok].float())
+        recv_counts = comm.exchange_counts(send_counts)
+        D = hidden.shape[1]
+        got = comm.all_to_all(payload, send_counts, recv_counts,
+                              {"a2a_dispatch": D * hidden.element_size(), "a2a_meta": 8 * K}, moe_index)
+        h, ids_in, w_in = unpack_rows(got, [(hidden.dtype, D), (torch.int32, K), (torch.float32, K)])
+        return DispatchOutput(h, ids_in.long(), w_in, handle=(tok, send_counts, recv_counts, T))
+
+    def combine(self, moe_index: int, expert_out: torch.Tensor, d: DispatchOutput) -> torch.Tensor:
+        tok, send_counts, recv_counts, T = d.handle
+        D = expert_out.shape[1]
+        back = self.comm.all_to_all(expert_out, recv_counts, send_counts,
+                                    {"a2a_combine": D * expert_out.element_size()}, moe_index)
+        out = expert_out.new_zeros(T, D)
+        # index_add_ runs in row order: a token's returns are added in destination-rank order.
+        out.index_add_(0, tok, back)
+        return out

@@ -1,0 +1,108 @@
+"""Build an LLM that runs expert-parallel over a group of ranks.
+
+    ep = init_ep()                                   # on every rank (launch.py or torchrun)
+    llm = build_ep_llm(model_dir, ep, EPOptions(dispatcher="speculative", placement="p.yaml"))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0))   # on every rank
+    if ep.is_main: print(outs[0].outputs[0].text, llm.moe_stats())
+
+Every rank must make the same calls with the same requests in the same order: the engine's
+scheduler and sampler are deterministic given that (same seeds), so all ranks take the same
+step, which the collectives inside every layer require (otherwise they hang).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from moe_rt.errors import MoeRtError
+from parallel.apply import EPRuntime, apply_expert_parallel
+from parallel.groups import EPGroup
+from parallel.placement import ExpertParallelPlacement, default_placement, load_placement_yaml
+from parallel.stats import merge_stats
+from parallel.tp import shard_kv_cache
+
+
+@dataclass(frozen=True)
+class EPOptions:
+    """How a model runs expert-parallel."""
+
+    dispatcher: str = "alltoall"  # alltoall (baseline) or speculative (s-TS)
+    placement: str | ExpertParallelPlacement | None = None  # YAML path, object, or None = default
+    predictor: object = "gate_lookahead"  # s-TS: a router_predict name or a Predictor instance
+    slack: float = 0.25  # s-TS: tokens per rank <= ceil((1 + slack) * T / N)
+
+
+def resolve_placement(placement, num_layers: int, num_experts: int, ranks: int) -> ExpertParallelPlacement:
+    if placement is None:
+        return default_placement(num_layers, num_experts, ranks)
+    if isinstance(placement, (str, Path)):
+        return load_placement_yaml(placement)
+    return placement
+
+
+def resolve_predictor(predictor, model_dir: str):
+    if predictor is None or not isinstance(predictor, str):
+        return predictor
+    from router_predict.registry import build_predictor
+
+    return build_predictor(predictor, model_dir=model_dir, depth=1)
+
+
+class EPLLM:
+    """The LLM API on one rank of an expert-parallel group (same calls on every rank)."""
+
+    def __init__(self, llm, runtime: EPRuntime) -> None:
+        self.llm, self.runtime = llm, runtime
+
+    @property
+    def ep(self) -> EPGroup:
+        return self.runtime.ep
+
+    @property
+    def stats(self):
+        return self.runtime.stats
+
+    def generate(self, *args, **kwargs):
+        return self.llm.generate(*args, **kwargs)
+
+    def prompt_logits(self, token_ids):
+        return self.llm.prompt_logits(token_ids)
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    def moe_stats(self, group_view: bool = False) -> dict:
+        """This rank's counters, or (group_view=True, a collective: call on every rank) the merged view."""
+        mine = self.runtime.moe_stats()
+        if not group_view:
+            return mine
+        if self.ep.world == 1:
+            return merge_stats([mine])
+        every: list = [None] * self.ep.world
+        dist.all_gather_object(every, mine, group=self.ep.group)
+        return merge_stats(every)
+
+
+def build_ep_llm(model_dir: str | Path, ep: EPGroup, options: EPOptions = EPOptions(), *,
+                 progress: bool = False, **llm_options) -> EPLLM:
+    """Build the LLM on this rank, then apply EP (attention TP + expert parallelism) to its model."""
+    from moe_rt.llm import LLM
+
+    if "device" in llm_options and str(llm_options["device"]) != str(ep.device):
+        raise MoeRtError(f"device {llm_options['device']} differs from the group's {ep.device}")
+    llm_options["device"] = str(ep.device)
+    # NOTE: LLM loads every expert before EP drops the ones this rank does not hold; a
+    # load_experts=False hook in LLMEngine would avoid the peak (see docs/parallel.md).
+    llm = LLM(model_dir, progress=progress, **llm_options)
+    model = llm.engine.model
+    spec = model.spec
+    placement = resolve_placement(options.placement, len(spec.moe_layer_ids), spec.num_experts, ep.world)
+    predictor = resolve_predictor(options.predictor, str(model_dir)) if options.dispatcher == "speculative" else None
+    runtime = apply_expert_parallel(model, ep, placement, options.dispatcher, predictor,
+                                    reader=llm.engine.reader, slack=options.slack)
+    runner = llm.engine.runner
+    runner.kv = shard_kv_cache(runner.kv, ep.world)
+    return EPLLM(llm, runtime)

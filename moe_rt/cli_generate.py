@@ -11,6 +11,35 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--placement", help="expert-placement YAML (docs/placement.md)")
     p.add_argument("--expert-compute", default="torch", choices=["torch", "triton", "reference"])
+    g = p.add_argument_group("expert offloading (override the placement file's cache section)")
+    g.add_argument("--offload", choices=["none", "cpu", "disk"], help="where non-resident experts live")
+    g.add_argument("--expert-cache-gb", type=float, help="fast-tier budget in GiB of expert weights")
+    g.add_argument("--expert-cache-slots", type=int, help="fast-tier experts per MoE layer")
+    g.add_argument("--cache-policy", choices=["lru", "lfu", "predictive"])
+    g.add_argument("--predictor", help="routing predictor for prefetch (with --cache-policy predictive)")
+    g.add_argument("--predictor-dir", help="folder of a trained predictor")
+    g.add_argument("--lookahead", help="MoE layers to prefetch ahead (int or auto)")
+
+
+def cache_options(args) -> dict | None:
+    """The cache section given by flags, or None when no offload flag was given."""
+    fields = {
+        "offload": args.offload, "capacity_gb": args.expert_cache_gb, "capacity_slots": args.expert_cache_slots,
+        "policy": args.cache_policy, "predictor": args.predictor, "predictor_dir": args.predictor_dir,
+        "lookahead": int(args.lookahead) if args.lookahead and args.lookahead.isdigit() else args.lookahead,
+    }
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return None
+    if args.placement:
+        from moe_rt.placement import load_placement
+
+        base = load_placement(args.placement).cache
+        if base is not None:
+            given = {**base.model_dump(), **given}
+    from expert_cache.config import load_cache_config
+
+    return load_cache_config(given, "offload flags")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +64,9 @@ def build_llm(args):
     opts = dict(dtype=args.dtype, device=args.device, expert_compute=args.expert_compute)
     if args.placement:
         opts["placement"] = args.placement
+    cache = cache_options(args)
+    if cache is not None:
+        opts["cache"] = cache
     return LLM(args.model, progress=sys.stderr.isatty(), **opts)
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from expert_cache.config import CacheConfig
 from moe_rt.errors import MoeRtError
 
 
@@ -33,6 +34,9 @@ class RuntimeConfig(BaseModel):
     dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     placement: str | None = Field(None, description="expert-placement YAML file (docs/placement.md)")
+    cache: CacheConfig | None = Field(
+        None, description="expert-cache settings; override the placement file's cache section (docs/placement.md)"
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 

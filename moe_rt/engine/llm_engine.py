@@ -11,6 +11,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
 from moe_rt.loader import load_model
 from moe_rt.outputs import CompletionOutput, RequestOutput
+from moe_rt.placement import PlacementFile, load_placement
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -51,8 +53,26 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         read_config(cfg.model)  # a missing or broken folder is reported before anything else
         self.tokenizer = Tokenizer(cfg.model)
-        self.model, self.reader = load_model(cfg.model, self.dtype, self.device, progress=progress)
+        self.placement = load_placement(cfg.placement) if cfg.placement else PlacementFile()
+        cache_cfg = cfg.cache or self.placement.cache
+        offload = cache_cfg is not None and cache_cfg.offload != "none"
+        self.model, self.reader = load_model(
+            cfg.model, self.dtype, self.device, load_experts=not offload, progress=progress
+        )
         self.spec = self.model.spec
+        self.placement.check_model(len(self.spec.moe_layer_ids), self.spec.num_experts)
+        # name -> callable returning a JSON-able dict; the cache, predictor and expert parallelism
+        # register here and the server exports the union (GET /v1/moe/stats, /metrics).
+        self.stat_sources: dict[str, Callable[[], dict]] = {}
+        self.expert_cache = None
+        if offload:
+            from expert_cache.runtime import install_expert_cache
+
+            cache_cfg.check_model(len(self.spec.moe_layer_ids), self.spec.num_experts)
+            self.expert_cache = install_expert_cache(
+                self.model, self.reader, cache_cfg, device=self.device, dtype=self.dtype
+            )
+            self.stat_sources["cache"] = self.expert_cache.stats
         self.model.moe_ctx.compute = get_expert_compute(cfg.engine.expert_compute)
         self.eos_ids = self._eos_ids(cfg.model)
         ec = cfg.engine
@@ -129,6 +149,10 @@ class LLMEngine:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
         return True
+
+    def moe_stats(self) -> dict:
+        """MoE figures of every registered source (cache, predictor, expert parallelism)."""
+        return {name: fn() for name, fn in self.stat_sources.items()}
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -1,0 +1,132 @@
+"""`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
+weights in the same run, and how close each decode step comes to the memory-bandwidth floor
+(bytes of weights the step must read / bandwidth measured in this run)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from moe_rt.errors import MoeRtError
+
+from .common import add_model_choice, emit, measure_bandwidth, parse_ints, resolve_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_choice(p)
+    p.add_argument("--batch-sizes", default="1,16", help="comma-separated decode batch sizes")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is kept")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+def time_moe_rt(llm, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds spent in decode steps (prefill excluded) to generate new_tokens for every prompt."""
+    from moe_rt import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    rids = [eng.add_request(p, params) for p in prompts]
+    while any(len(s) == s.num_prompt_tokens for r in rids for s in eng.requests[r]):
+        eng.step()  # prefill(s)
+    t = time.perf_counter()
+    while eng.has_unfinished():
+        eng.step()
+    dt = time.perf_counter() - t
+    for r in rids:
+        eng.release(r)
+    return dt
+
+
+def time_transformers(hf, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        tn = time.perf_counter() - t
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return tn - t1
+
+
+def step_weight_bytes(llm, prompts: list[list[int]]) -> float:
+    """Mean bytes of weights one decode step reads: every dense weight plus each distinct expert
+    the batch routes to, counted from the router events of a real (untimed) run."""
+    from moe_rt import SamplingParams
+
+    model, spec = llm.model, llm.model.spec
+    esize = next(model.parameters()).element_size()
+    dense = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * esize
+    if spec.tie_word_embeddings:
+        dense += model.lm_head.weight.numel() * esize
+    per_expert = spec.bytes_per_expert(esize)
+    B = len(prompts)
+    touched: list[int] = []
+
+    def count(ev):
+        if ev.topk_ids.shape[0] == B and ev.batch is not None and ev.batch.positions.min() >= len(prompts[0]):
+            touched.append(int(ev.topk_ids.unique().numel()))
+
+    off = model.hub.subscribe(count)
+    try:
+        llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    finally:
+        off()
+    L = len(spec.moe_layer_ids)
+    return dense + per_expert * L * (sum(touched) / max(len(touched), 1))
+
+
+def run(args) -> int:
+    from moe_rt.llm import LLM
+
+    batches = parse_ints(args.batch_sizes, "--batch-sizes")
+    if args.new_tokens < 2 or args.prompt_len < 1:
+        raise MoeRtError("--new-tokens must be >= 2 and --prompt-len >= 1")
+    model_dir = resolve_model(args)
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
+    device, dtype = llm.engine.device, llm.engine.dtype
+    hf = None
+    if not args.no_transformers:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise MoeRtError("the transformers baseline needs transformers (pip install -e '.[test]')") from None
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    bandwidth = measure_bandwidth(device)
+    vocab = llm.model.spec.vocab_size
+    rows = []
+    for B in tqdm(batches, desc="bench decode", disable=args.json):
+        prompts = _prompts(B, args.prompt_len, vocab, seed=B)
+        time_moe_rt(llm, prompts, 4)  # warm-up
+        ours = min(time_moe_rt(llm, prompts, args.new_tokens) for _ in range(args.repeats))
+        tokens = B * (args.new_tokens - 1)
+        row = {"batch": B, "moe_rt_tok_s": tokens / ours, "moe_rt_step_ms": 1e3 * ours / (args.new_tokens - 1)}
+        if hf is not None:
+            time_transformers(hf, prompts, 4)
+            theirs = min(time_transformers(hf, prompts, args.new_tokens) for _ in range(args.repeats))
+            row["hf_tok_s"] = tokens / theirs
+            row["ratio"] = row["moe_rt_tok_s"] / row["hf_tok_s"]
+        floor_ms = 1e3 * step_weight_bytes(llm, prompts) / bandwidth
+        row["floor_ms"] = floor_ms
+        row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
+        rows.append(row)
+    extra = {
+        "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "threads": torch.get_num_threads(), "bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+    }
+    emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
+    return 0

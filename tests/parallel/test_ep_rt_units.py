@@ -1,0 +1,123 @@
+"""Exact checks of the EP runtime's parts: byte accounting and dedup on a hand case (2 gloo
+ranks), the s-TS balanced assignment, token splits, and one-line errors for bad set-ups."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.compute import torch_experts
+from parallel.dispatchers.base import even_split
+from parallel.dispatchers.speculative import balanced_assign
+from parallel.launch import launch
+
+D, I, E, K = 8, 6, 4, 2
+# default placement over 2 ranks: experts 0, 1 on rank 0; 2, 3 on rank 1
+HAND_IDS = {0: [[0, 1], [0, 2], [2, 3]], 1: [[2, 3], [0, 1]]}
+
+
+def hand_case(ep):
+    from parallel.apply import EPExpertStore
+    from parallel.dispatchers.alltoall import AllToAllDispatcher
+    from parallel.dispatchers.comm import Comm
+    from parallel.placement import default_placement
+    from parallel.stats import EPStats
+
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)  # same on all ranks
+    ids = torch.tensor(HAND_IDS[ep.rank])
+    hidden = torch.randn(ids.shape[0], D, generator=torch.Generator().manual_seed(10 + ep.rank))
+    weights = torch.rand(ids.shape, generator=g)
+    stats = EPStats(ep.rank, ep.world, 1, 1)
+    disp = AllToAllDispatcher(Comm(ep, stats), default_placement(1, E, 2))
+    mine = [0, 1] if ep.rank == 0 else [2, 3]
+    slot_of = torch.full((E,), -1)
+    slot_of[mine] = torch.arange(2)
+    store = EPExpertStore([w13[mine]], [w2[mine]], [slot_of], E)
+    d = disp.dispatch(0, hidden, ids, weights)
+    experts = store.prepare(0, d.topk_ids)
+    y = torch_experts(d.hidden, experts.w13, experts.w2, experts.slots(d.topk_ids), d.topk_weights)
+    out = disp.combine(0, y, d)
+    ref = torch_experts(hidden, w13, w2, ids, weights)
+    return {"rows_in": d.hidden.shape[0], "ids_in": d.topk_ids.tolist(), "out": out, "ref": ref,
+            "stats": stats.as_dict()}
+
+
+def test_hand_case_bytes_dedup_and_result():
+    r0, r1 = launch(2, hand_case, timeout_s=60)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["out"], r["ref"], atol=1e-5, rtol=1e-5)
+    # Rank 0 sends token 1 (experts 0 | 2) and token 2 (experts 2, 3: both on rank 1, so ONE row).
+    # Rank 1 sends token 1 (experts 0, 1: one row). Rows carry D fp32 values + K ids + K weights.
+    # Combine rows are counted by their sender: rank 0 returns 1 row, rank 1 returns 2.
+    # Each rank also sends its N-1 = 1 split count (int64) ahead of the dispatch.
+    row, meta = 4 * D, 8 * K
+    assert r0["stats"]["bytes_by_collective"] == {"a2a_dispatch": 2 * row, "a2a_combine": 1 * row,
+                                                  "a2a_meta": 2 * meta + 8}
+    assert r1["stats"]["bytes_by_collective"] == {"a2a_dispatch": 1 * row, "a2a_combine": 2 * row,
+                                                  "a2a_meta": 1 * meta + 8}
+    assert r0["stats"]["a2a_bytes_by_layer"] == [3 * row]
+    # Rank 1 computes rank 0's tokens 1 and 2 (rows grouped by source rank) and its own token 0, each once.
+    assert r1["rows_in"] == 3
+    assert r1["ids_in"] == [[-1, 2], [2, 3], [2, 3]]
+    assert r0["ids_in"] == [[0, 1], [0, -1], [0, 1]]
+    assert (r0["stats"]["pairs"], r0["stats"]["local_pairs"]) == ([6], [3])
+    assert (r1["stats"]["pairs"], r1["stats"]["local_pairs"]) == ([4], [2])
+
+
+def test_balanced_assign_exact():
+    scores = np.array([[2, 0], [2, 0], [2, 0], [0, 1]])
+    assert balanced_assign(scores, cap=2, default=np.array([0, 0, 1, 1])).tolist() == [0, 0, 1, 1]
+    # Ties go to the token's default rank, then the lowest rank.
+    assert balanced_assign(np.array([[1, 1], [1, 1]]), 1, np.array([1, 0])).tolist() == [1, 0]
+    # Strongest preference chooses first: token 1 (2 experts on rank 1) beats token 0 (1 expert).
+    assert balanced_assign(np.array([[0, 1], [0, 2]]), 1, np.array([0, 1])).tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        balanced_assign(np.zeros((5, 2)), 2, np.zeros(5, dtype=np.int64))
+
+
+def test_even_split_and_owner():
+    s = even_split(5, 2)
+    assert s.counts == [3, 2] and s.owned(1).tolist() == [3, 4] and s.owner().tolist() == [0, 0, 0, 1, 1]
+    assert even_split(1, 4).counts == [1, 0, 0, 0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from checkpoints import write_checkpoint
+    from moe_rt.loader import load_model
+
+    d = write_checkpoint(tmp_path_factory.mktemp("ep_units"), "mixtral", num_attention_heads=4,
+                         num_key_value_heads=2)
+    return load_model(d, progress=False)
+
+
+def fake_group(world):
+    from parallel.groups import EPGroup
+
+    return EPGroup(0, world, None, torch.device("cpu"))
+
+
+def test_setup_errors(tiny):
+    from parallel.apply import apply_expert_parallel
+    from parallel.placement import ExpertParallelPlacement, default_placement
+    from parallel.tp import check_tp
+
+    model, reader = tiny
+    with pytest.raises(MoeRtError, match="placement is for 4 ranks but the group has 2"):
+        apply_expert_parallel(model, fake_group(2), default_placement(2, 8, 4), reader=reader)
+    missing = ExpertParallelPlacement(ranks=2, layers={l: {e: [e % 2] for e in range(7)} for l in range(2)})
+    with pytest.raises(MoeRtError, match=r"expert\(s\) \[7\] not placed"):
+        apply_expert_parallel(model, fake_group(2), missing, reader=reader)
+    # 2 KV heads cannot be split over 4 ranks.
+    with pytest.raises(MoeRtError, match="KV heads \\(2\\) divisible by 4"):
+        apply_expert_parallel(model, fake_group(4), default_placement(2, 8, 4), reader=reader)
+    with pytest.raises(MoeRtError, match="needs a routing predictor"):
+        apply_expert_parallel(model, fake_group(2), default_placement(2, 8, 2), "speculative", reader=reader)
+    with pytest.raises(MoeRtError, match="unknown EP dispatcher"):
+        apply_expert_parallel(model, fake_group(2), default_placement(2, 8, 2), "ring", reader=reader)
+    with pytest.raises(MoeRtError, match="OLMoE"):
+        check_tp(4, 4, "full", 2)
+    # Nothing above touched the model: errors come before any change.
+    assert model.layers[0].self_attn.spec.num_heads == 4

@@ -14,6 +14,8 @@ from router_predict.online import OnlinePredictor
 from router_predict.predictors.coactivation import CoactivationPredictor
 from router_predict.predictors.common import prev_tokens
 from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+from router_predict.predictors.path import train_path
+from router_predict.predictors.training import TrainConfig
 
 PROMPTS = ["In the beginning God created", "And God said", "Hello world, the quick brown fox"]
 PARAMS = SamplingParams(max_tokens=4, temperature=0)
@@ -125,6 +127,10 @@ def test_online_recall_equals_offline_replay(mixtral_llm):
     coact = CoactivationPredictor.fit(trace, 1)
     online, trace2, _ = run_online_and_record(mixtral_llm, coact, 1)
     assert online.stats()["recall"] == replay(trace2, coact, 1, progress=False).by_distance[1]["recall"]
+    # The path predictor reads token ids, positions and previous tokens from the engine's BatchInfo.
+    path = train_path(trace, cfg=TrainConfig(epochs=2, progress=False)).predictor
+    online, trace3, _ = run_online_and_record(mixtral_llm, path, 1)
+    assert online.stats()["recall"] == replay(trace3, path, 1, progress=False).by_distance[1]["recall"]
 
 
 def zero_residual_checkpoint(folder):

@@ -1,0 +1,98 @@
+"""The prefetcher's decisions: which forecast experts to load early, and how far ahead to look.
+
+It listens to a forecast source (router_predict.online.OnlinePredictor, or anything with the same
+`on_forecast(fn)` hook: fn(target_moe_index, expert_scores [E], distance)) and keeps the latest
+forecast as per-key Predictions, exactly like the replay simulator's (forecast.aggregate_scores:
+score = tokens voting for the expert). It moves no bytes and changes no residency: the cache
+(runtime.ExpertCache) asks it for `candidates` after each layer's demand loads and issues them
+through the transfer engine, evicting only what policies.should_displace allows.
+
+`lookahead: auto` picks the depth online: prefetches issued after layer l have d layer-times to
+land before layer l+d runs, and one worker copies them one after another, so the smallest depth
+that hides them is ceil(prefetches per layer x transfer time per expert / layer time), all three
+measured as exponential moving averages while the model runs.
+
+Shape legend: E experts per layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+
+from expert_cache.forecast import prefetch_order
+from expert_cache.policies import ExpertKey, Prediction
+
+ForecastFn = Callable[[int, torch.Tensor, int], None]
+
+
+class ForecastSource(Protocol):
+    def on_forecast(self, fn: ForecastFn) -> Callable[[], None]: ...
+
+
+class MovingAverage:
+    """Exponential moving average; None until the first sample."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha, self.value = alpha, None
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+
+
+class Prefetcher:
+    def __init__(self, num_layers: int, depth: int | str, max_depth: int, limit: int) -> None:
+        """depth: an int >= 1 or "auto"; max_depth: the deepest forecast the source makes;
+        limit: most prefetches issued after one layer (prefetch_queue)."""
+        self.num_layers, self.limit = num_layers, limit
+        self.auto = depth == "auto"
+        self.max_depth = max(1, max_depth)
+        self._fixed = 1 if self.auto else min(int(depth), self.max_depth)
+        self.predicted: dict[ExpertKey, Prediction] = {}  # the latest forecast, within depth
+        self.transfer_s = MovingAverage()  # seconds per expert copy (worker)
+        self.layer_s = MovingAverage()  # seconds per MoE layer (compute, stalls excluded)
+        self.issued_per_layer = MovingAverage()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # -- the forecast source ------------------------------------------------------------------
+    def attach(self, source: ForecastSource) -> None:
+        self._unsubscribe = source.on_forecast(self.feed)
+
+    def detach(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def feed(self, target: int, scores: torch.Tensor, distance: int) -> None:
+        """One forecast made after layer target-distance. Distance 1 opens a new round: the
+        forecast after a layer replaces the previous one (as in replay)."""
+        if distance == 1:
+            self.predicted = {}
+        if distance > self.depth or not 0 <= target < self.num_layers:
+            return
+        for e in torch.nonzero(scores > 0).flatten().tolist():
+            self.predicted[(target, e)] = Prediction(distance, float(scores[e]))
+
+    # -- decisions ----------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        if not self.auto:
+            return self._fixed
+        t_x, t_l, n = self.transfer_s.value, self.layer_s.value, self.issued_per_layer.value
+        if t_x is None or not t_l or not n:
+            return 1
+        return max(1, min(self.max_depth, math.ceil(n * t_x / t_l)))
+
+    def candidates(self, resident) -> list[ExpertKey]:
+        """Forecast keys not resident, nearest layer then highest score first (all of them: the
+        cache stops at `limit` issued, skipping keys it may not make room for)."""
+        return prefetch_order(self.predicted, resident, len(self.predicted))
+
+    # -- measurements -------------------------------------------------------------------------
+    def record_transfer(self, seconds: float) -> None:
+        self.transfer_s.add(seconds)
+
+    def record_layer(self, seconds: float, issued: int) -> None:
+        self.layer_s.add(seconds)
+        self.issued_per_layer.add(issued)

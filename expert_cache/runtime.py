@@ -1,0 +1,390 @@
+"""The in-engine expert cache: an ExpertStore whose experts live in a bounded fast tier.
+
+`install_expert_cache(model, reader, cfg, device=, dtype=)` builds an ExpertCache and makes it the
+model's store. The cache owns the fast tier (slot buffers on the compute device, in the compute
+dtype; on a CPU-only machine the "fast tier" is a RAM budget), the CacheState (the only record of
+which expert holds which slot), the slow tier (slow_tier.py) and the transfer engine
+(transfer.py). It is the executor of the pure parts: policies choose victims, the prefetcher
+chooses what to load early, and only this class calls CacheState's actions and moves bytes.
+
+Per MoE layer, `prepare(l, topk_ids)`:
+  1. completes finished prefetches; cancels queued prefetches for layer l that l does not use
+     (proven wrong), and counts started ones as proven wrong (wasted if evicted unused);
+  2. marks l's experts needed (never evicted while needed or in flight);
+  3. per expert: a hit goes straight (waiting for its copy if a prefetch is still landing), a
+     miss is loaded synchronously into a free slot or the policy's victim (stall time counted);
+     if every slot of the pool is pinned or needed, the miss is streamed through staging;
+  4. issues prefetches for layers l+1..l+d from the latest forecast (they overlap l's compute);
+  5. returns LayerExperts(slot buffers, slot_of [E]).
+All CacheState changes happen on the model's thread; the transfer worker only writes bytes.
+
+Shape legend: L MoE layers, E experts per layer, S slots per pool, I expert intermediate size,
+D hidden size, T tokens, K experts per token.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from expert_cache.config import CacheConfig
+from expert_cache.policies import ExpertKey, choose_victims, should_displace
+from expert_cache.prefetcher import ForecastSource, Prefetcher
+from expert_cache.slow_tier import SlowTier, build_slow_tier
+from expert_cache.state import CacheState
+from expert_cache.transfer import Ticket, TransferEngine
+from moe_rt.errors import MoeRtError
+from moe_rt.layers.moe.store import ExpertStore, LayerExperts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    prefetch_hits: int = 0
+    streamed: int = 0
+    stall_s: float = 0.0
+
+
+class ExpertCache(ExpertStore):
+    def __init__(self, spec, tier: SlowTier, cfg: CacheConfig, *, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        L, E = len(spec.moe_layer_ids), spec.num_experts
+        D, I = spec.hidden_size, spec.moe.intermediate_size
+        cfg.check_model(L, E)
+        self.spec, self.cfg, self.tier = spec, cfg, tier
+        self.device, self.dtype = torch.device(device), dtype
+        self.num_layers, self.num_experts = L, E
+        self._expert_bytes = spec.bytes_per_expert(torch.empty((), dtype=dtype).element_size())
+        self.capacity_slots = cfg.resolve_capacity_slots(self._expert_bytes, L, E)
+        self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
+        pools = L if cfg.scope == "per_layer" else 1
+        S = self.capacity_slots
+        self.w13 = [torch.empty(S, 2 * I, D, dtype=dtype, device=self.device) for _ in range(pools)]
+        self.w2 = [torch.empty(S, D, I, dtype=dtype, device=self.device) for _ in range(pools)]
+        # Host copy of each layer's logical expert -> slot map, changed only by _admit/_evict.
+        self._slot_of = [torch.full((E,), -1, dtype=torch.int64) for _ in range(L)]
+        self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
+        self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
+        self.prefetcher: Prefetcher | None = None
+        self._source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
+        self._tick = 0
+        self._last: tuple[int, float, int] | None = None  # (layer, time leaving prepare, issued)
+        self.layers = [LayerCounters() for _ in range(L)]
+        self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
+        self.proven_wrong = 0  # prefetches already copying when their layer ran without them
+        self._closed = False
+        for key in cfg.pinned_keys():
+            slot = self.state.pin(key, now=-1)
+            self._slot_of[key[0]][key[1]] = slot
+            self.transfer.load_now(key, *self._slot(key, slot))
+
+    # -- ExpertStore ------------------------------------------------------------------------------
+    def expert_bytes(self) -> int:
+        """Bytes of the fast tier (all slots)."""
+        return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)
+
+    def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
+        enter = time.perf_counter()
+        self._tick += 1
+        now, l = self._tick, moe_index
+        if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
+            self.prefetcher.record_layer(enter - self._last[1], self._last[2])
+        ids = topk_ids[topk_ids >= 0].unique().tolist()
+        keys = [(l, e) for e in ids]
+        self._reap()
+        self._drop_wrong_prefetches(l, set(keys))
+        st, counters = self.state, self.layers[l]
+        st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
+        st.mark_needed(keys)
+        stall, streamed = 0.0, []
+        for key in keys:
+            result = st.access(key, now)
+            if result != "miss":
+                counters.hits += 1
+                counters.prefetch_hits += result == "prefetch_hit"
+                ticket = self._tickets.get(key)
+                if ticket is not None:  # a prefetch of this expert is still landing
+                    t0 = time.perf_counter()
+                    if self.transfer.cancel(ticket):  # not started: load it now, not after the queue
+                        self.transfer.load_now(key, ticket.w13, ticket.w2)
+                    self._finish(key, ticket)
+                    stall += time.perf_counter() - t0
+                continue
+            counters.misses += 1
+            t0 = time.perf_counter()
+            slot = self._make_room(key, now)
+            if slot is None:  # every slot of the pool is pinned, needed or in flight
+                streamed.append(key)
+                st.record_streamed(key)
+                counters.streamed += 1
+            else:
+                self.transfer.load_now(key, *self._slot(key, slot))
+            stall += time.perf_counter() - t0
+        out = self._layer_experts(l, keys, streamed) if streamed else None
+        if streamed:
+            stall += out[1]
+            out = out[0]
+        st.add_stall(stall)
+        counters.stall_s += stall
+        issued = self._prefetch(now)
+        if out is None:
+            pool = self.state.pool_of((l, 0))
+            slot_of = self._slot_of[l]
+            out = LayerExperts(self.w13[pool], self.w2[pool],
+                               slot_of if self.device.type == "cpu" else slot_of.to(self.device))
+        # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
+        # compute of this layer (stalls are inside prepare, so excluded).
+        self._last = (l, time.perf_counter(), issued)
+        return out
+
+    # -- prefetch ---------------------------------------------------------------------------------
+    def start_prefetch(self, source: ForecastSource, *, depth: int | str = 1, max_depth: int = 1,
+                       owner=None) -> Prefetcher:
+        """Prefetch from `source`'s forecasts (e.g. an OnlinePredictor); `owner` is stopped on close."""
+        if self.prefetcher is not None:
+            raise MoeRtError("the expert cache already has a prefetcher")
+        self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, self.cfg.prefetch_queue)
+        self.prefetcher.attach(source)
+        self._source = owner
+        return self.prefetcher
+
+    def _prefetch(self, now: int) -> int:
+        """Issue up to prefetch_queue copies for the latest forecast; returns how many."""
+        p = self.prefetcher
+        if p is None or p.limit <= 0 or not p.predicted:
+            return 0
+        st = self.state
+        inputs = st.policy_inputs(p.predicted)
+        issued = 0
+        for key in p.candidates(st.entries):
+            if issued >= p.limit or not self.transfer.can_submit():
+                break
+            if not st.can_admit(key):
+                # Same rule as replay: a prefetch only displaces a less valuable forecast.
+                victims = choose_victims("predictive", st.candidates(st.pool_of(key)), 1, inputs)
+                if not victims or not should_displace(p.predicted[key], victims[0], inputs):
+                    continue
+                self._evict(victims[0])
+            slot = self._admit(key, now, prefetch=True, in_flight=True)
+            # Invariant: the key is in flight in CacheState from here until _finish, so no one
+            # evicts it or hands its slot to another key while the worker writes into it.
+            self._tickets[key] = self.transfer.submit(key, *self._slot(key, slot))
+            issued += 1
+        return issued
+
+    def _reap(self) -> None:
+        for key, ticket in list(self._tickets.items()):
+            if ticket.is_done():
+                self._finish(key, ticket)
+
+    def _finish(self, key: ExpertKey, ticket: Ticket) -> None:
+        """The copy has landed (or was cancelled): the key stops being in flight."""
+        self.transfer.wait(ticket)  # raises if the read failed; on CUDA orders the compute stream
+        del self._tickets[key]
+        self.state.complete(key)
+        if self.prefetcher is not None and ticket.prefetch and not ticket.cancelled:
+            self.prefetcher.record_transfer(ticket.seconds)
+
+    def _drop_wrong_prefetches(self, layer: int, needed: set[ExpertKey]) -> None:
+        """Layer `layer` is about to run without these prefetched experts: cancel queued copies
+        (their slots were never written), count started ones as proven wrong."""
+        for key, ticket in list(self._tickets.items()):
+            if key[0] != layer or key in needed:
+                continue
+            if self.transfer.cancel(ticket):
+                self._finish(key, ticket)
+                self._uncount_cancelled(key)
+                self._evict(key)
+                self.cancelled += 1
+            else:
+                self.proven_wrong += 1
+
+    def _uncount_cancelled(self, key: ExpertKey) -> None:
+        # CacheState counts a load when the slot is admitted; a cancelled copy moved no bytes,
+        # so take the count back, and do not let its eviction count as a wasted prefetch.
+        s = self.state.stats
+        s.prefetches_issued -= 1
+        s.bytes_moved[self.tier.name] -= self._expert_bytes
+        s.evictions -= 1
+        self.state.load_count[key] -= 1
+        self.state.entries[key].prefetched_unused = False
+
+    # -- slots ------------------------------------------------------------------------------------
+    def _slot(self, key: ExpertKey, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = self.state.pool_of(key)
+        return self.w13[pool][slot], self.w2[pool][slot]
+
+    def _make_room(self, key: ExpertKey, now: int) -> int | None:
+        """Admit a missed key (evicting the policy's victim if needed); None if nothing may go."""
+        st = self.state
+        if not st.can_admit(key):
+            predicted = self.prefetcher.predicted if self.prefetcher is not None else None
+            victims = choose_victims(self.cfg.policy, st.candidates(st.pool_of(key)), 1,
+                                     st.policy_inputs(predicted))
+            if not victims:
+                return None
+            self._evict(victims[0])
+        return self._admit(key, now)
+
+    def _admit(self, key: ExpertKey, now: int, **kw) -> int:
+        slot = self.state.admit(key, now, **kw)
+        self._slot_of[key[0]][key[1]] = slot
+        return slot
+
+    def _evict(self, key: ExpertKey) -> None:
+        self.state.evict(key)
+        self._slot_of[key[0]][key[1]] = -1
+
+    def _layer_experts(self, l: int, keys: list[ExpertKey], streamed: list[ExpertKey]):
+        """A stack of exactly this layer's experts when some could not get a slot: resident ones
+        copied from their slots, streamed ones read from the slow tier. Returns (experts, seconds)."""
+        t0 = time.perf_counter()
+        w13s, w2s = self.w13[0], self.w2[0]
+        n = len(keys)
+        w13 = torch.empty((n, *w13s.shape[1:]), dtype=self.dtype, device=self.device)
+        w2 = torch.empty((n, *w2s.shape[1:]), dtype=self.dtype, device=self.device)
+        slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        streamed_set = set(streamed)
+        for i, key in enumerate(keys):
+            slot_of[key[1]] = i
+            if key in streamed_set:
+                self.transfer.load_now(key, w13[i], w2[i])
+            else:
+                src13, src2 = self._slot(key, self.state.slot_of(key))
+                w13[i].copy_(src13)
+                w2[i].copy_(src2)
+        return LayerExperts(w13, w2, slot_of.to(self.device)), time.perf_counter() - t0
+
+    # -- reporting --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s = self.state.stats.as_dict()
+        p = self.prefetcher
+        out = {
+            **s,
+            "offload": self.tier.name, "policy": self.cfg.policy, "scope": self.cfg.scope,
+            "capacity_slots": self.capacity_slots, "expert_bytes": self._expert_bytes,
+            "bytes_moved_total": sum(s["bytes_moved"].values()),
+            "prefetches_cancelled": self.cancelled, "prefetches_proven_wrong": self.proven_wrong,
+            "lookahead": None if p is None else p.depth,
+            "transfer_s_avg": None if p is None else p.transfer_s.value,
+            "layer_s_avg": None if p is None else p.layer_s.value,
+            "per_layer": {l: asdict(c) for l, c in enumerate(self.layers)},
+        }
+        if self._source is not None and hasattr(self._source, "stats"):
+            out["predictor"] = self._source.stats()
+        return out
+
+    def close(self) -> None:
+        """Stop the predictor feed and the transfer worker (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.prefetcher is not None:
+            self.prefetcher.detach()
+        if self._source is not None and hasattr(self._source, "stop"):
+            self._source.stop()
+        self.transfer.close()
+        for key, ticket in list(self._tickets.items()):
+            self._finish(key, ticket)  # cancelled or completed; clears in-flight marks
+        self.tier.close()
+
+
+class OnDemandExpertStore(ExpertStore):
+    """No cache at all: every prepare reads every expert the layer uses from the slow tier into
+    a staging stack (the naive baseline of `moe-rt bench offload`)."""
+
+    def __init__(self, spec, tier: SlowTier, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.num_layers, self.num_experts = len(spec.moe_layer_ids), spec.num_experts
+        D, I, E = spec.hidden_size, spec.moe.intermediate_size, spec.num_experts
+        self.tier, self.device = tier, torch.device(device)
+        self.w13 = torch.empty(E, 2 * I, D, dtype=dtype, device=self.device)
+        self.w2 = torch.empty(E, D, I, dtype=dtype, device=self.device)
+        self._expert_bytes = spec.bytes_per_expert(self.w13.element_size())
+        self.loads, self.stall_s = 0, 0.0
+
+    def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
+        t0 = time.perf_counter()
+        ids = topk_ids[topk_ids >= 0].unique().tolist()
+        slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        for i, e in enumerate(ids):
+            self.tier.read_into((moe_index, e), self.w13[i], self.w2[i])
+            slot_of[e] = i
+        self.loads += len(ids)
+        self.stall_s += time.perf_counter() - t0
+        return LayerExperts(self.w13, self.w2, slot_of.to(self.device))
+
+    def stats(self) -> dict:
+        return {"misses": self.loads, "hits": 0, "loads": self.loads, "stall_s": self.stall_s,
+                "bytes_moved": {self.tier.name: self.loads * self._expert_bytes},
+                "bytes_moved_total": self.loads * self._expert_bytes}
+
+    def close(self) -> None:
+        self.tier.close()
+
+
+def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torch.dtype,
+                         predictor=None, progress: bool = False) -> ExpertCache:
+    """Build the cache for `model` (loaded with load_experts=False), make it the model's store.
+
+    predictor: a router_predict Predictor object to prefetch with (any policy); by default one is
+    built from cfg.predictor when the policy is predictive (gate_lookahead from the loaded model's
+    routers; learned/path from cfg.predictor_dir; frequency/coactivation fitted on the trace file
+    cfg.predictor_dir points at).
+    """
+    if cfg.offload == "none":
+        raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
+    spec = model.spec
+    device = torch.device(device)
+    if cfg.cpu_compute_on_miss and device.type == "cpu":
+        log.info("cache: cpu_compute_on_miss does nothing here: the model computes on the CPU, "
+                 "where the weights already are, so a miss is a RAM copy either way")
+    elif cfg.cpu_compute_on_miss:
+        log.warning("cache: cpu_compute_on_miss needs the MoE block to add CPU-computed expert "
+                    "outputs, which it does not yet; misses are copied to the GPU")
+    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress)
+    cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
+    if predictor is None and cfg.policy == "predictive":
+        predictor = _build_predictor(cfg, model)
+    if predictor is not None:
+        _attach_predictor(cache, model, predictor, cfg)
+    model.moe_ctx.store = cache
+    return cache
+
+
+def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) -> None:
+    from router_predict.online import OnlinePredictor
+
+    L = cache.num_layers
+    if L < 2:
+        log.info("cache: one MoE layer, nothing to prefetch ahead")
+        return
+    trained = getattr(predictor, "max_depth", L - 1)
+    want = 4 if cfg.lookahead == "auto" else cfg.lookahead
+    depth = max(1, min(want, L - 1, trained))
+    online = OnlinePredictor(model.hub, predictor, depth=depth).start()
+    cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
+
+
+def _build_predictor(cfg: CacheConfig, model):
+    from router_predict.registry import build_predictor
+
+    name = cfg.predictor
+    if name == "gate_lookahead":
+        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+        return GateLookaheadPredictor.from_model(model)
+    depth = 4 if cfg.lookahead == "auto" else cfg.lookahead
+    if name in ("frequency", "coactivation"):
+        if cfg.predictor_dir is None or not str(cfg.predictor_dir).endswith(".npz"):
+            raise MoeRtError(f"cache: predictor {name} is fitted on a trace; set predictor_dir to a "
+                             f"trace file (.npz, from moe-rt trace)")
+        from router_predict.trace import load_trace
+
+        depth = max(1, min(depth, len(model.spec.moe_layer_ids) - 1))
+        return build_predictor(name, fit_trace=load_trace(cfg.predictor_dir), depth=depth)
+    return build_predictor(name, predictor_dir=cfg.predictor_dir, depth=depth)

@@ -232,7 +232,8 @@ def train_step(model, batch, o: TrainOptions) -> tuple[float, float]:
     return ce.item(), aux.item()
 
 
-def train(model, stream, starts, val, o: TrainOptions, ckpt_dir: Path, log_every: int = 25) -> dict:
+def train(model, stream, starts, val, o: TrainOptions, ckpt_dir: Path, log_every: int = 25,
+          allow_new_steps: bool = False) -> dict:
     """Run o.steps steps, resuming from ckpt_dir/last.pt if it is there.
 
     val: (N, S) validation rows; a fixed slice is scored every 500 steps so the
@@ -241,12 +242,19 @@ def train(model, stream, starts, val, o: TrainOptions, ckpt_dir: Path, log_every
     opt = make_optimizer(model, o)
     gen = torch.Generator().manual_seed(o.seed + 1)
     stream_t, starts_t = torch.from_numpy(stream), torch.from_numpy(starts)
-    step, curve, elapsed = 0, [], 0.0
+    step, curve, elapsed, resumes = 0, [], 0.0, []
     ckpt = ckpt_dir / "last.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["options"] != asdict(o):
+        before = {**state["options"], "steps": o.steps} if allow_new_steps else state["options"]
+        if before != asdict(o):
             sys.exit(f"error: {ckpt} was made with other options; delete it or pass the same flags")
+        resumes = state.get("resumes", [])
+        if state["options"]["steps"] != o.steps:
+            # a shorter run on a busy machine: the cosine schedule is recomputed
+            # for the new length from here on (recorded in training_summary.json)
+            resumes.append({"at_step": state["step"], "steps_before": state["options"]["steps"],
+                            "steps_after": o.steps})
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -281,9 +289,10 @@ def train(model, stream, starts, val, o: TrainOptions, ckpt_dir: Path, log_every
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"options": asdict(o), "model": model.state_dict(), "opt": opt.state_dict(),
                         "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step + 1,
-                        "curve": curve, "elapsed": time.perf_counter() - t0}, ckpt.with_suffix(".tmp"))
+                        "curve": curve, "elapsed": time.perf_counter() - t0, "resumes": resumes}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)  # never leave a half-written checkpoint
-    return {"steps": o.steps, "wall_time_s": round(time.perf_counter() - t0, 1), "curve": curve}
+    return {"steps": o.steps, "wall_time_s": round(time.perf_counter() - t0, 1), "schedule_changes": resumes,
+            "curve": curve}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -482,6 +491,8 @@ def parse_args() -> tuple[argparse.Namespace, TrainOptions]:
     ap.add_argument("--images", type=Path, default=REPO / "docs" / "images")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--stats-only", action="store_true", help="only recompute training_summary stats of --out")
+    ap.add_argument("--allow-new-steps", action="store_true",
+                    help="resume a checkpoint made with another --steps (the schedule is recomputed)")
     ap.add_argument("--measure-only", type=int, default=0, metavar="N", help="time N training steps and exit")
     for f in TrainOptions.__dataclass_fields__.values():
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
@@ -526,7 +537,7 @@ def main() -> None:
         return
 
     val = val_rows(encode_stream(tok, val_v)[0], o.seq_len, bos=0)
-    result = train(model, stream, starts, val, o, args.ckpt_dir)
+    result = train(model, stream, starts, val, o, args.ckpt_dir, allow_new_steps=args.allow_new_steps)
     save_model(model, tok, args.out, o)
     size = (args.out / "model.safetensors").stat().st_size
     summary = {

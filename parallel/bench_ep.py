@@ -1,0 +1,365 @@
+"""`moe-rt bench ep`: expert-parallel traffic and latency, baseline vs s-TS vs s-EG vs both.
+
+Starts N ranks itself (subprocesses, torch.distributed on loopback, or inside network namespaces
+joined by rate-limited veth links with --slow-link), runs the same greedy prompts under every
+scheme and reports, per generated or prompt token: bytes sent by all collectives and by the
+all-to-alls alone, the share of token-expert pairs served locally, the predictor hit rate, the
+mean engine-step latency, and whether every scheme produced identical tokens (lossless).
+
+s-EG needs a placement: --placement FILE, or one planned here (parallel/grouping.py) from
+routing recorded on calibration prompts that are not the benchmark prompts (or --trace FILE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from moe_rt.errors import MoeRtError
+
+SCHEMES = {  # name -> (dispatcher, uses the s-EG placement)
+    "baseline": ("alltoall", False),
+    "s-TS": ("speculative", False),
+    "s-EG": ("alltoall", True),
+    "s-TS+s-EG": ("speculative", True),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Hugging Face model folder")
+    src.add_argument("--synthetic", action="store_true", help="build a random Mixtral-shaped checkpoint")
+    p.add_argument("--ranks", type=int, default=4, help="expert-parallel ranks N (default 4)")
+    p.add_argument("--placement", help="s-EG placement YAML (default: plan one from calibration routing)")
+    p.add_argument("--trace", help="routing trace (.npz) to plan the s-EG placement from")
+    p.add_argument("--prompts", type=int, default=8, help="benchmark prompts (default 8)")
+    p.add_argument("--prompt-len", type=int, default=48, help="tokens per prompt (default 48)")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per prompt (default 16)")
+    p.add_argument("--predictor", default="gate_lookahead", help="s-TS predictor (router_predict name)")
+    p.add_argument("--slow-link", type=float, metavar="GBIT",
+                   help="run ranks in network namespaces with links limited to GBIT Gbit/s (needs root)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per scheme (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schemes", default=",".join(SCHEMES),
+                   help=f"comma-separated subset/order of {', '.join(SCHEMES)} (baseline is always run)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--synthetic-size", default="small", choices=list(SYNTHETIC_SIZES),
+                   help="shape of the --synthetic model")
+
+
+SYNTHETIC_SIZES = {  # Mixtral-shaped: 8 experts, top-2
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4),
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+}
+
+
+def write_synthetic(folder: Path, size: str, seed: int) -> Path:
+    """A random Mixtral-shaped checkpoint (8 experts, top-2) with a small byte-level tokenizer."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["expert parallel mixture of experts benchmark text"] * 8, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
+    cfg = tf.MixtralConfig(vocab_size=tok.get_vocab_size(), num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=False, **SYNTHETIC_SIZES[size])
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # wider than the default init so that routing is far from uniform
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def record_routing(model_dir: str, prompts, max_tokens: int):
+    """[T, L, K] routing of a single-process run (the s-EG planner's input)."""
+    import numpy as np
+
+    from moe_rt import LLM, SamplingParams
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", progress=False)
+    hub = llm.engine.model.hub
+    L = len(llm.engine.spec.moe_layer_ids)
+    rows: list = []
+    pending: dict[int, object] = {}
+
+    def on_event(ev):
+        pending[ev.moe_index] = ev.topk_ids.cpu().numpy()
+        if len(pending) == L:
+            rows.append(np.stack([pending[m] for m in range(L)], axis=1))
+            pending.clear()
+
+    unsubscribe = hub.subscribe(on_event)
+    try:
+        llm.generate(prompts, _params(max_tokens))
+    finally:
+        unsubscribe()
+    return np.concatenate(rows, axis=0), llm.engine.spec.num_experts
+
+
+def _params(max_tokens: int):
+    from moe_rt.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+# -- the rank worker ---------------------------------------------------------------------------
+
+def worker(job_path: str) -> None:
+    """One rank: run every scheme on the same prompts; rank 0 writes the merged results."""
+    import torch
+
+    from parallel.groups import destroy_ep, init_ep
+    from parallel.runtime import EPOptions, build_ep_llm
+
+    job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["threads"])
+    ep = init_ep("gloo", timeout_s=job["timeout_s"])
+    try:
+        llms = {}
+        for name in job["schemes"]:
+            dispatcher, grouped = SCHEMES[name]
+            opts = EPOptions(dispatcher, job["placement"] if grouped else None, job["predictor"])
+            llms[name] = build_ep_llm(job["model"], ep, opts, dtype="float32", kv_cache_memory_gb=0.25,
+                                      max_num_seqs=len(job["prompts"]))
+            llms[name].generate(job["warmup"], _params(2))  # first-call costs out of the timing
+            llms[name].stats.reset()
+        # Schemes take turns, repeat after repeat, so that load from other processes on the
+        # machine hits them alike; the median wall time is reported.
+        walls: dict[str, list[float]] = {name: [] for name in llms}
+        tokens = {}
+        for _ in range(job["repeats"]):
+            for name, llm in llms.items():
+                ep_barrier(ep)
+                t0 = time.perf_counter()
+                outs = llm.generate(job["prompts"], _params(job["max_tokens"]))
+                wall = time.perf_counter() - t0
+                every: list = [None] * ep.world
+                torch.distributed.all_gather_object(every, wall)
+                walls[name].append(max(every))  # a step ends when its slowest rank ends
+                tokens[name] = [o.outputs[0].token_ids for o in outs]
+        results = {}
+        for name, llm in llms.items():
+            stats = llm.moe_stats(group_view=True)  # a collective: every rank calls it
+            results[name] = {"tokens": tokens[name], "wall_s": sorted(walls[name])[len(walls[name]) // 2],
+                             "repeats": job["repeats"], "stats": stats}
+        if ep.is_main:
+            Path(job["out"]).write_text(json.dumps(results))
+    finally:
+        destroy_ep(ep)
+
+
+def ep_barrier(ep) -> None:
+    import torch.distributed as dist
+
+    if ep.world > 1:
+        dist.barrier(group=ep.group)
+
+
+# -- network namespaces for --slow-link ---------------------------------------------------------
+
+class SlowLink:
+    """N namespaces, each with one veth to a bridge namespace; tbf shapes both directions.
+
+    Addresses 10.200.0.(r+1)/24 exist only inside these namespaces. Everything is deleted in
+    close(), also after a failure (deleting a namespace removes its veth ends).
+    """
+
+    def __init__(self, ranks: int, gbit: float) -> None:
+        self.tag = f"moert{os.getpid()}"
+        self.bridge = f"{self.tag}-br"
+        self.names = [f"{self.tag}-r{r}" for r in range(ranks)]
+        self.made: list[str] = []
+        self.ranks, self.gbit = ranks, gbit
+
+    def _ip(self, *args: str) -> None:
+        import subprocess
+
+        r = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+        if r.returncode:
+            raise MoeRtError(f"{' '.join(args)}: {r.stderr.strip() or 'failed'}")
+
+    def open(self) -> "SlowLink":
+        rate = f"{self.gbit * 1000:.3f}mbit"
+        for ns in [self.bridge, *self.names]:
+            self._ip("ip", "netns", "add", ns)
+            self.made.append(ns)
+        self._ip("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        self._ip("ip", "-n", self.bridge, "link", "set", "br0", "up")
+        for r, ns in enumerate(self.names):
+            a, b = f"v{r}a", f"v{r}b"
+            self._ip("ip", "link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", self.bridge)
+            self._ip("ip", "-n", ns, "addr", "add", f"10.200.0.{r + 1}/24", "dev", a)
+            self._ip("ip", "-n", ns, "link", "set", "lo", "up")
+            self._ip("ip", "-n", ns, "link", "set", a, "up")
+            self._ip("ip", "-n", self.bridge, "link", "set", b, "master", "br0", "up")
+            for where, dev in ((ns, a), (self.bridge, b)):  # egress of each end = both directions
+                self._ip("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                         "rate", rate, "burst", "256kbit", "latency", "400ms")
+        return self
+
+    def prefix(self, rank: int) -> list[str]:
+        return ["ip", "netns", "exec", self.names[rank], "env", f"GLOO_SOCKET_IFNAME=v{rank}a"]
+
+    def close(self) -> None:
+        import subprocess
+
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.made.clear()
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from moe_rt.loader import load_spec
+    from parallel.launch import launch_commands
+    from parallel.placement import load_placement_yaml, save_placement_yaml
+
+    if args.ranks < 2:
+        raise MoeRtError("bench ep needs at least 2 ranks")
+    work = Path(tempfile.mkdtemp(prefix="moe-rt-bench-ep-"))
+    model_dir = args.model or str(write_synthetic(work / "model", args.synthetic_size, args.seed))
+    spec = load_spec(model_dir)
+    prompts = make_prompts(spec.vocab_size, args.prompts, args.prompt_len, args.seed + 1)
+    if args.placement:
+        placement_path = args.placement
+        load_placement_yaml(placement_path)
+    else:
+        placement_path = str(work / "s-eg.yaml")
+        save_placement_yaml(placement_path, plan_placement(args, model_dir, spec))
+    schemes = [x.strip() for x in args.schemes.split(",") if x.strip()]
+    unknown = [x for x in schemes if x not in SCHEMES]
+    if unknown:
+        raise MoeRtError(f"unknown scheme {unknown[0]!r}; choose from {', '.join(SCHEMES)}")
+    if "baseline" not in schemes:
+        schemes.insert(0, "baseline")
+    job = {"model": model_dir, "schemes": schemes, "placement": placement_path,
+           "predictor": args.predictor, "prompts": prompts, "max_tokens": args.max_tokens,
+           "warmup": make_prompts(spec.vocab_size, 2, 8, args.seed + 2), "threads": args.threads, "repeats": max(1, args.repeats),
+           "timeout_s": 300, "out": str(work / "results.json")}
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job))
+    argv = [sys.executable, "-m", "parallel.bench_ep", "--worker", str(job_path)]
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    link = None
+    try:
+        if args.slow_link is not None:
+            if args.slow_link <= 0:
+                raise MoeRtError("--slow-link takes a positive rate in Gbit/s")
+            try:
+                link = SlowLink(args.ranks, args.slow_link).open()
+            except MoeRtError as e:
+                print(f"moe-rt: error: --slow-link needs network namespaces, which are not permitted "
+                      f"here ({e})", file=sys.stderr)
+                return 2
+            procs = launch_commands(args.ranks, argv, addr="10.200.0.1", prefix=link.prefix, env=env, timeout_s=900)
+        else:
+            procs = launch_commands(args.ranks, argv, env=env, timeout_s=900)
+    finally:
+        if link is not None:
+            link.close()
+    bad = [(r, p) for r, p in enumerate(procs) if p.returncode]
+    if bad:
+        r, p = bad[0]
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MoeRtError(f"bench rank {r} exited with {p.returncode}: {tail}")
+    results = json.loads(Path(job["out"]).read_text())
+    report = summarize(results, args, model_dir, placement_path)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0 if report["lossless"] else 1
+
+
+def plan_placement(args, model_dir: str, spec):
+    from parallel.grouping import GroupingOptions, plan_expert_groups
+
+    if args.trace:
+        from router_predict.trace import load_trace
+
+        trace = load_trace(args.trace)
+        ids, E = trace.topk_ids, trace.num_experts
+    else:  # calibration prompts: same length, different seed from the benchmark prompts
+        calib = make_prompts(spec.vocab_size, max(8, args.prompts), args.prompt_len, args.seed + 100)
+        ids, E = record_routing(model_dir, calib, args.max_tokens)
+    return plan_expert_groups(ids, E, GroupingOptions(ranks=args.ranks))
+
+
+def summarize(results: dict, args, model_dir: str, placement: str) -> dict:
+    base = results["baseline"]
+    rows = {}
+    for name, r in results.items():
+        s = r["stats"]
+        steps = s["steps"]
+        rows[name] = {
+            "all_bytes_per_token": s["all_bytes_per_token"], "a2a_bytes_per_token": s["a2a_bytes_per_token"],
+            "bytes_by_collective": s["bytes_by_collective"], "local_share": s["local_share"],
+            "predictor_hit_rate": s["predictor_hit_rate"], "steps": steps, "tokens": s["tokens"],
+            # stats cover every repeat; wall_s is one repeat's (median) time
+            "step_ms": 1e3 * r["wall_s"] * r["repeats"] / steps if steps else None,
+            "a2a_vs_baseline": s["a2a_bytes_per_token"] / base["stats"]["a2a_bytes_per_token"],
+            "same_tokens_as_baseline": r["tokens"] == base["tokens"],
+        }
+    return {"model": model_dir, "ranks": args.ranks, "slow_link_gbit": args.slow_link,
+            "placement": placement, "predictor": args.predictor, "prompts": args.prompts,
+            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+            "lossless": all(r["same_tokens_as_baseline"] for r in rows.values()), "schemes": rows}
+
+
+def format_report(rep: dict) -> str:
+    link = f", links {rep['slow_link_gbit']} Gbit/s" if rep["slow_link_gbit"] else ", loopback"
+    lines = [f"expert parallel over {rep['ranks']} ranks{link}; {rep['prompts']} prompts x "
+             f"{rep['prompt_len']} tokens, {rep['max_tokens']} generated",
+             f"{'scheme':<11} {'all B/tok':>10} {'a2a B/tok':>10} {'a2a vs base':>11} {'local':>6} "
+             f"{'hit':>5} {'step ms':>8}"]
+    for name, r in rep["schemes"].items():
+        hit = f"{r['predictor_hit_rate']:.2f}" if r["predictor_hit_rate"] is not None else "-"
+        lines.append(f"{name:<11} {r['all_bytes_per_token']:>10.0f} {r['a2a_bytes_per_token']:>10.0f} "
+                     f"{r['a2a_vs_baseline']:>11.2f} {r['local_share']:>6.2f} {hit:>5} {r['step_ms']:>8.2f}")
+    lines.append("lossless: greedy tokens identical in every scheme" if rep["lossless"]
+                 else "NOT LOSSLESS: some scheme produced different tokens")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        worker(argv[1])
+        return 0
+    p = argparse.ArgumentParser(prog="moe-rt bench ep")
+    add_arguments(p)
+    try:
+        return run(p.parse_args(argv))
+    except MoeRtError as e:
+        print(f"moe-rt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
     block_size: int = 16
     context_lens: torch.Tensor | None = None  # decode: [B] int64, == seq_lens as a tensor
+    # Filled once per forward by the model and shared by every layer (not per layer: it is the
+    # same for all of them): rotary tables of `positions`, and the decode key-position grid.
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    key_positions: torch.Tensor | None = None  # decode: [1, max_blocks * block_size]
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Attention(nn.Module):
         v = v.reshape(T, s.num_kv_heads, s.head_dim)
         if s.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        q, k = self.rope.apply(meta.rope, q, k) if meta.rope is not None else self.rope(positions, q, k)
         if kv is not None and meta.slot_mapping is not None:
             kv.k.index_copy_(0, meta.slot_mapping, k)
             kv.v.index_copy_(0, meta.slot_mapping, v)
@@ -97,7 +101,7 @@ class Attention(nn.Module):
         v = kv.v.view(-1, meta.block_size, s.num_kv_heads, s.head_dim)[meta.block_tables]
         k = k.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = v.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        pos = torch.arange(L, device=q.device)[None, :]
+        pos = meta.key_positions if meta.key_positions is not None else torch.arange(L, device=q.device)[None, :]
         ctx = meta.context_lens[:, None]
         mask = pos < ctx
         if self.window is not None:

@@ -20,11 +20,18 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
         self.cos, self.sin = emb.cos(), emb.sin()
 
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [T, 1, hd] of `positions`, cast to the compute dtype; done once per forward."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def apply(cs: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        cos, sin = cs
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, hd], k [T, KV, hd], positions [T] -> rotated q, k."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.apply(self.lookup(positions, q.dtype), q, k)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class MoEForCausalLM(nn.Module):
         self.spec = spec
         self.moe_ctx = ctx or MoEContext()
         a = spec.attention
-        rope = RotaryEmbedding(a.head_dim, spec.max_position_embeddings, a.rope_theta)
+        rope = self.rope = RotaryEmbedding(a.head_dim, spec.max_position_embeddings, a.rope_theta)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rope, self.moe_ctx) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -64,6 +64,10 @@ class MoEForCausalLM(nn.Module):
         kv_caches: list[LayerKV] | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        meta.rope = self.rope.lookup(positions, x.dtype)
+        if not meta.is_prefill and meta.block_tables is not None:
+            L = meta.block_tables.shape[1] * meta.block_size
+            meta.key_positions = torch.arange(L, device=x.device)[None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta, kv_caches[i] if kv_caches is not None else None)
         return self.norm(x)

@@ -195,8 +195,9 @@ def build_app(
     @app.get("/v1/moe/stats")
     async def moe_stats():
         stats = await async_engine.moe_stats()
-        if stats is None:
-            return JSONResponse({"layers": {}, "note": "this engine exposes no MoE statistics yet (no engine.moe_stats())"})
+        if not stats:
+            return JSONResponse({"note": "no MoE statistics are exposed yet (no expert cache, predictor or "
+                                         "expert parallelism registered a source)"})
         return JSONResponse(stats)
 
     @app.get("/health")

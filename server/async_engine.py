@@ -382,9 +382,10 @@ class AsyncEngine:
                     if out.finish_reason is not None:
                         ended[out.request_id] = None
                 finals = [engine.release(rid) for rid in ended if engine.output(rid).finished]
+            # Stats first: anything a client sees after this step must already be counted there.
+            self._publish(engine, aborted=aborted, finished=len(finals), tokens=tokens, prompt_tokens=prompt_tokens)
             if deltas or finals or errors:
                 self._post(self._dispatch, deltas, finals, errors)
-            self._publish(engine, aborted=aborted, finished=len(finals), tokens=tokens, prompt_tokens=prompt_tokens)
 
     def _publish(self, engine: LLMEngine, *, aborted: int, finished: int, tokens: int, prompt_tokens: int) -> None:
         with self._cond:

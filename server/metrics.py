@@ -4,9 +4,10 @@ Request-side figures (counts, latencies) are recorded by the handlers; engine-si
 (queue, batch, tokens) are read from the AsyncEngine's stats snapshot at scrape time; MoE figures
 come from the engine's optional `moe_stats()` dict, refreshed by the /metrics handler.
 
-MoE dict shape understood here: top-level numbers become `moe_rt_moe_<key>`; a "layers" entry that
-is a list of dicts (or a dict keyed by layer) becomes `moe_rt_moe_layer_<key>{layer="i"}` for each
-numeric field. Anything else is left to /v1/moe/stats.
+engine.moe_stats() is {source: {...}} (cache, predictor, expert parallelism). Every numeric leaf
+becomes a gauge named by its key path, `moe_rt_moe_<source>_<key>[_<subkey>]`; a list (per MoE
+layer) adds a `layer` label, e.g. moe_rt_moe_ep_a2a_bytes_by_layer{layer="3"}. Strings are left to
+/v1/moe/stats.
 """
 from __future__ import annotations
 
@@ -59,25 +60,34 @@ class _EngineCollector:
 
     @staticmethod
     def _moe(stats: dict | None):
-        if not stats:
-            return
-        for key, v in stats.items():
-            if _is_number(v):
-                yield GaugeMetricFamily(f"moe_rt_moe_{_metric_name(key)}", f"engine moe_stats {key}", value=v)
-        layers = stats.get("layers")
-        rows = layers.items() if isinstance(layers, dict) else enumerate(layers) if isinstance(layers, list) else []
-        families: dict[str, GaugeMetricFamily] = {}
-        for layer, row in rows:
-            if not isinstance(row, dict):
-                continue
-            layer = row.get("layer", layer)
-            for key, v in row.items():
-                if key == "layer" or not _is_number(v):
-                    continue
-                name = f"moe_rt_moe_layer_{_metric_name(key)}"
-                fam = families.setdefault(name, GaugeMetricFamily(name, f"engine moe_stats per layer {key}", labels=["layer"]))
-                fam.add_metric([str(layer)], v)
+        families: dict[tuple, GaugeMetricFamily] = {}
+        for path, labels, value in _flatten(stats or {}, [], {}):
+            name = "moe_rt_moe_" + "_".join(_metric_name(p) for p in path)
+            key = (name, tuple(labels))
+            if key not in families:
+                if any(k[0] == name for k in families):  # same name, other labels: keep both apart
+                    name += "_by_" + "_".join(labels)
+                families[key] = GaugeMetricFamily(name, f"engine moe_stats {'.'.join(map(str, path))}", labels=list(labels))
+            families[key].add_metric(list(labels.values()), value)
         yield from families.values()
+
+
+def _flatten(obj, path: list, labels: dict):
+    """(path, labels, number) for every numeric leaf of engine.moe_stats(): dict keys extend the
+    name; list positions become a `layer` label (or the row's own "layer" field)."""
+    if isinstance(obj, bool):
+        yield path, labels, float(obj)
+    elif _is_number(obj):
+        yield path, labels, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            if not (k == "layer" and "layer" in labels):
+                yield from _flatten(v, path + [k], labels)
+    elif isinstance(obj, (list, tuple)):
+        label = "layer" if "layer" not in labels else f"index{len(labels)}"
+        for i, v in enumerate(obj):
+            pos = v.get("layer", i) if isinstance(v, dict) and label == "layer" else i
+            yield from _flatten(v, path, {**labels, label: str(pos)})
 
 
 class ServerMetrics:

@@ -149,7 +149,7 @@ def test_health_is_503_until_loaded_and_moe_stats_are_exported(mixtral_dir):
     def load():
         assert gate.wait(WAIT)
         engine = make_engine(mixtral_dir)
-        engine.moe_stats = lambda: {"steps": 3, "layers": [{"layer": 0, "hit_rate": 0.5}, {"layer": 1, "hit_rate": 0.25}]}
+        engine.stat_sources["cache"] = lambda: {"hits": 3, "hit_rate": [0.5, 0.25], "by_kind": {"prefetch": 2}}
         return engine
 
     async_engine = AsyncEngine(load)
@@ -160,10 +160,11 @@ def test_health_is_503_until_loaded_and_moe_stats_are_exported(mixtral_dir):
         gate.set()
         assert async_engine.wait_for(lambda st: st.ready, WAIT)
         assert s.get("/health").json() == {"status": "ok"}
-        assert s.get("/v1/moe/stats").json()["layers"][1] == {"layer": 1, "hit_rate": 0.25}
+        assert s.get("/v1/moe/stats").json() == {"cache": {"hits": 3, "hit_rate": [0.5, 0.25], "by_kind": {"prefetch": 2}}}
         text = s.get("/metrics").text
-        assert 'moe_rt_moe_layer_hit_rate{layer="1"} 0.25' in text
-        assert "moe_rt_moe_steps 3.0" in text
+        assert 'moe_rt_moe_cache_hit_rate{layer="1"} 0.25' in text
+        assert "moe_rt_moe_cache_hits 3.0" in text
+        assert "moe_rt_moe_cache_by_kind_prefetch 2.0" in text
     assert not async_engine.ready  # shut down with the server
 
 
@@ -172,7 +173,7 @@ def test_models_health_moe_stats_and_metrics(srv):
     assert models["object"] == "list"
     assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 256
     assert srv.get("/health").status_code == 200
-    assert srv.get("/v1/moe/stats").json()["layers"] == {}
+    assert "no MoE statistics" in srv.get("/v1/moe/stats").json()["note"]
     r = srv.post("/v1/completions", body(max_tokens=5))
     assert r.status_code == 200
     text = srv.get("/metrics").text

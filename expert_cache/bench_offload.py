@@ -1,0 +1,252 @@
+"""`moe-rt bench offload`: decode tokens/s with experts offloaded to disk, per cache configuration.
+
+Compared in one run, on the same prompts (greedy, so every configuration routes identically):
+  resident   every expert in RAM (the ceiling);
+  naive      no cache: every expert use reads it from disk (OnDemandExpertStore);
+  lru        the cache at each capacity, demand loads only;
+  pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
+             training; frequency and coactivation are fitted on a trace of *other* prompts
+             recorded in the same run).
+Capacities are percentages of each layer's experts. The disk tier drops every page it reads from
+the page cache (slow_tier.DiskTier), so figures are disk figures, not RAM ones; --keep-page-cache
+measures with the page cache left alone.
+
+The cost model (cost_model.py) predicts each configuration's tokens/s from the resident layer
+time, the measured per-expert disk read time, and miss/prefetch rates from replaying the decode
+trace (simulator.py); its prediction is printed next to the measurement, followed by its
+prediction for Mixtral-8x7B on a 24 GB GPU over PCIe 4.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from expert_cache import cost_model as cm
+from moe_rt.bench.common import add_model_choice, emit, parse_ints, resolve_model
+from moe_rt.errors import MoeRtError
+
+ID_ONLY = ("frequency", "coactivation")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_choice(p)
+    p.add_argument("--capacities", default="25,50", help="cache sizes, percent of each layer's experts")
+    p.add_argument("--predictors", default="gate_lookahead,frequency,coactivation",
+                   help="predictors to prefetch with (policy predictive); empty for none")
+    p.add_argument("--lookahead", default="1", help="prefetch depth: an integer or auto")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--fit-prompts", type=int, default=16, help="prompts traced to fit id-only predictors")
+    p.add_argument("--keep-page-cache", action="store_true",
+                   help="do not drop read pages from the page cache (RAM then backs the 'disk' tier)")
+    p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration; the best is kept")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def _decode_seconds(llm, prompts, new_tokens: int) -> float:
+    from moe_rt.bench.decode import time_moe_rt
+
+    return time_moe_rt(llm, prompts, new_tokens)
+
+
+def _best_seconds(llm, prompts, new_tokens: int, repeats: int) -> float:
+    """Best of `repeats` decode runs: the machine is shared, the minimum is the least disturbed."""
+    return min(_decode_seconds(llm, prompts, new_tokens) for _ in range(max(1, repeats)))
+
+
+def _llm(model: str, cache=None):
+    from moe_rt import LLM
+
+    return LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
+
+
+def _disk_read_seconds(llm, drop: bool, n: int = 24) -> float:
+    """Seconds to read one expert from the checkpoint into RAM (median of n distinct experts)."""
+    from expert_cache.slow_tier import DiskTier
+
+    spec = llm.model.spec
+    tier = DiskTier(llm.engine.reader, spec, drop_page_cache=drop)
+    if drop:
+        tier.drop_all()
+    D, I = spec.hidden_size, spec.moe.intermediate_size
+    w13, w2 = torch.empty(2 * I, D), torch.empty(D, I)
+    L, E = len(spec.moe_layer_ids), spec.num_experts
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        tier.read_into((i % L, (i * 7) % E), w13, w2)
+        times.append(time.perf_counter() - t)
+    tier.close()
+    return float(np.median(times))
+
+
+def run(args: argparse.Namespace) -> int:
+    from expert_cache.runtime import OnDemandExpertStore
+    from expert_cache.slow_tier import DiskTier
+    from moe_rt import SamplingParams
+    from router_predict.cli_trace import record_trace
+    from router_predict.trace import save_trace
+
+    model = resolve_model(args)
+    pcts = parse_ints(args.capacities, "--capacities")
+    if any(p > 100 for p in pcts):
+        raise MoeRtError("--capacities are percentages (1..100)")
+    predictors = [p for p in args.predictors.split(",") if p]
+    lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
+    progress = not args.no_progress
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+
+    resident = _llm(model)
+    spec = resident.model.spec
+    L, E = len(spec.moe_layer_ids), spec.num_experts
+    prompts = _prompts(args.batch, args.prompt_len, spec.vocab_size, seed=1)
+    fit_prompts = _prompts(args.fit_prompts, args.prompt_len, spec.vocab_size, seed=2)
+    _decode_seconds(resident, prompts, 2)  # warm-up
+    t_res = _best_seconds(resident, prompts, args.new_tokens, args.repeats)
+    eval_trace = record_trace(resident, prompts, params, with_hidden=True)
+    fit_trace = record_trace(resident, fit_prompts, params)
+    tmp = tempfile.TemporaryDirectory()
+    fit_path = str(Path(tmp.name) / "fit.npz")
+    save_trace(fit_path, fit_trace)
+    t_read = _disk_read_seconds(resident, drop=not args.keep_page_cache)
+    t_read_warm = _disk_read_seconds(resident, drop=False)
+    del resident
+
+    configs = [("naive", None, None)]
+    for pct in pcts:
+        slots = max(1, round(E * pct / 100))
+        configs.append(("lru", pct, dict(offload="disk", capacity_slots=slots, policy="lru")))
+        for name in predictors:
+            cfg = dict(offload="disk", capacity_slots=slots, policy="predictive", predictor=name,
+                       lookahead=lookahead)
+            if name in ID_ONLY:
+                cfg["predictor_dir"] = fit_path
+            configs.append((f"pred+{name}", pct, cfg))
+    tokens = args.batch * args.new_tokens
+    rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res, vs_resident=1.0)]
+    for label, pct, cfg in tqdm(configs, desc="offload configs", disable=not progress):
+        if cfg is None:
+            llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru"))
+            llm.engine.expert_cache.close()
+            store = OnDemandExpertStore(spec, DiskTier(llm.engine.reader, spec,
+                                                       drop_page_cache=not args.keep_page_cache),
+                                        device=torch.device("cpu"), dtype=torch.float32)
+            llm.model.moe_ctx.store = store
+        else:
+            llm = _llm(model, cfg)
+            store = llm.engine.expert_cache
+        _decode_seconds(llm, prompts, 1)  # prefill path and predictor warm, cache not reset
+        before = store.stats()
+        dt = _best_seconds(llm, prompts, args.new_tokens, args.repeats)
+        s = store.stats()
+        store.close()
+        # counters cover every timed repeat: report them per run
+        r = max(1, args.repeats)
+        loads = (s["loads"] - before["loads"]) / r
+        row = dict(config=label, capacity=f"{pct}%" if pct else "0", tok_s=tokens / dt,
+                   vs_resident=t_res / dt,
+                   hit_rate=None if cfg is None else _delta_rate(before, s),
+                   prefetch_hits=None if cfg is None else (s["prefetch_hits"] - before["prefetch_hits"]) / r,
+                   loads=loads, gb_moved=(s["bytes_moved_total"] - before["bytes_moved_total"]) / 1e9 / r,
+                   stall_s=(s["stall_s"] - before["stall_s"]) / r)
+        row["predicted_tok_s"] = _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace)
+        rows.append(row)
+    naive = next(r["tok_s"] for r in rows if r["config"] == "naive")
+    for r in rows:
+        r["vs_naive"] = r["tok_s"] / naive
+    extra = {"model": model, "batch": args.batch, "new_tokens": args.new_tokens,
+             "disk_read_ms_per_expert": round(t_read * 1e3, 3),
+             "page_cache_read_ms_per_expert": round(t_read_warm * 1e3, 3),
+             "page_cache": "kept" if args.keep_page_cache else "dropped after each read",
+             "mixtral_8x7b_24gb_pcie4": _mixtral_table()}
+    emit(rows, args, ["config", "capacity", "tok_s", "vs_resident", "vs_naive", "hit_rate",
+                      "prefetch_hits", "loads", "gb_moved", "stall_s", "predicted_tok_s"], extra)
+    if args.plot:
+        _plot(eval_trace, args.plot, E, predictors, progress)
+    tmp.cleanup()
+    return 0
+
+
+def _delta_rate(before: dict, after: dict) -> float:
+    acc = after["accesses"] - before["accesses"]
+    return (after["hits"] - before["hits"]) / acc if acc else 0.0
+
+
+def _decode_rows(trace, prompt_len: int):
+    return trace.take(np.nonzero(trace.positions >= prompt_len)[0])
+
+
+def _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace) -> float:
+    """The cost model's tokens/s for this configuration, with replay rates on the decode rows."""
+    from expert_cache.simulator import BatchNeeds, SimOptions, predict_schedule, simulate
+
+    trace = _decode_rows(eval_trace, args.prompt_len)
+    needs = BatchNeeds.from_trace(trace)
+    visits = needs.num_steps * L
+    if cfg is None:
+        misses, prefetches = sum(len(x) for s in needs.needs for x in s) / visits, 0.0
+    else:
+        schedule = None
+        if cfg["policy"] == "predictive":
+            depth = 1 if cfg["lookahead"] == "auto" else cfg["lookahead"]
+            schedule = predict_schedule(trace, _replay_predictor(cfg["predictor"], eval_trace, fit_trace, depth),
+                                        depth, progress=False)
+        res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"]), schedule)
+        misses, prefetches = cm.rates_from_replay(res.stats.as_dict(), visits)
+    layer_s = t_res / args.new_tokens / L
+    expert_bytes = 1.0  # t_x is measured per expert: express the link in experts per second
+    c = cm.CostInputs(L, layer_s, 0.0, 1, expert_bytes / t_read, misses, prefetches, args.batch)
+    return cm.tokens_per_s(c)
+
+
+def _replay_predictor(name, eval_trace, fit_trace, depth):
+    from router_predict.registry import build_predictor
+    from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+    if name == "gate_lookahead":
+        return GateLookaheadPredictor.from_checkpoint(eval_trace.meta.model)
+    return build_predictor(name, fit_trace=fit_trace, depth=depth)
+
+
+def _mixtral_table() -> list[dict]:
+    """Cost-model predictions for Mixtral-8x7B, batch 1, at a few replay-like hit rates."""
+    slots = cm.mixtral_capacity_slots()
+    out = []
+    for hit in (0.0, 0.5, 0.7, 0.9):
+        misses = 2.0 * (1 - hit)  # two experts per token per layer
+        demand = cm.tokens_per_s(cm.mixtral_inputs(misses))
+        ahead = cm.tokens_per_s(cm.mixtral_inputs(0.0, prefetches_per_layer=misses))
+        out.append({"hit_rate": hit, "capacity_experts": slots,
+                    "tok_s_demand": round(demand, 2), "tok_s_all_misses_prefetched": round(ahead, 2),
+                    "tok_s_all_resident_bound": round(cm.tokens_per_s(cm.mixtral_inputs(0.0)), 1)})
+    return out
+
+
+def _plot(trace, path: str, num_experts: int, predictors: list[str], progress: bool) -> None:
+    from expert_cache.cli_simulate import sweep_capacities
+    from expert_cache.plots import plot_hit_rate_curve
+    from expert_cache.simulator import hit_rate_curve, predict_schedule
+    from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+    schedule = None
+    pols = ["lru", "lfu"]
+    if "gate_lookahead" in predictors:
+        schedule = predict_schedule(trace, GateLookaheadPredictor.from_checkpoint(trace.meta.model), 1,
+                                    progress=progress)
+        pols.append("predictive")
+    curve = hit_rate_curve(trace, sweep_capacities(num_experts, num_experts // 4), pols,
+                           schedule=schedule, progress=progress)
+    plot_hit_rate_curve(curve, path, "replay of the benchmark's trace (predictive = gate_lookahead)")

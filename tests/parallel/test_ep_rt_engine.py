@@ -99,11 +99,9 @@ def test_two_ranks_all_schemes(model_dir, reference, tmp_path):
 def test_four_ranks(model_dir, reference):
     from parallel.runtime import EPOptions
 
-    schemes = {
-        "baseline": EPOptions("alltoall"),
-        "s-TS": EPOptions("speculative", predictor="gate_lookahead"),
-        "s-TS-random": EPOptions("speculative", predictor="random"),
-    }
+    # Gate look-ahead is covered on 2 ranks; 4 ranks (some with no tokens in decode steps) keep
+    # the adversarial predictor, which scatters tokens the most.
+    schemes = {"baseline": EPOptions("alltoall"), "s-TS-random": EPOptions("speculative", predictor="random")}
     results = launch(4, run_schemes, (model_dir, schemes), timeout_s=180)
     check_equal(results, reference)
     s = results[0]["baseline"][2]

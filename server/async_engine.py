@@ -94,7 +94,12 @@ class RequestStream:
         self.started = False  # produced its first token (left the queue)
         self.done = False
         self._owner = owner
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._items: collections.deque = collections.deque()  # Delta | RequestOutput | Exception
+        self._wake = asyncio.Event()
+
+    def _put(self, item) -> None:
+        self._items.append(item)
+        self._wake.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -102,8 +107,17 @@ class RequestStream:
     async def __anext__(self) -> Delta:
         if self.done:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        while not self._items:
+            self._wake.clear()
+            await self._wake.wait()
+        item = self._items.popleft()
         if isinstance(item, Delta):
+            # A consumer that fell behind (slow client, busy loop) gets the backlog of one
+            # completion as one delta: fewer, larger chunks instead of an ever longer queue.
+            while self._items and isinstance(nxt := self._items[0], Delta) and nxt.index == item.index and item.finish_reason is None:
+                self._items.popleft()
+                item = Delta(item.request_id, item.index, item.token_ids + nxt.token_ids, item.text + nxt.text,
+                             nxt.finish_reason, None if item.logprobs is None else item.logprobs + (nxt.logprobs or []))
             return item
         self.done = True
         if isinstance(item, RequestOutput):
@@ -227,7 +241,10 @@ class AsyncEngine:
 
     # -- requests (event loop) ------------------------------------------------------------------
     async def encode(self, prompt: str | list[int]) -> list[int]:
-        """Prompt -> validated token ids, tokenized off the event loop."""
+        """Prompt -> validated token ids; text is tokenized off the event loop (ids only need a
+        range check, cheaper than a thread hop)."""
+        if isinstance(prompt, list):
+            return self.engine.encode_prompt(prompt)
         return await asyncio.to_thread(self.engine.encode_prompt, prompt)
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -290,7 +307,7 @@ class AsyncEngine:
             if not stream.started:
                 stream.started = True
                 self._queued -= 1
-            stream._queue.put_nowait(d)
+            stream._put(d)
         for item in [*finals, *errors.items()]:
             rid, payload = (item.request_id, item) if isinstance(item, RequestOutput) else item
             stream = self._streams.pop(rid, None)
@@ -298,7 +315,7 @@ class AsyncEngine:
                 continue
             if not stream.started:
                 self._queued -= 1
-            stream._queue.put_nowait(payload)
+            stream._put(payload)
 
     def _fail_streams(self, exc: Exception) -> None:
         for rid in list(self._streams):

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after a clean shutdown
+        return 0
     except MoeRtError as e:
         print(f"moe-rt: error: {e}", file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ class EPDecoderLayer(nn.Module):
         mine = split.owned(rt.ep.rank)
         h = x[mine] + rt.comm.reduce_scatter(partial, split.order, split.counts)
         h = h + self.mlp(self.post_attention_layernorm(h))
-        side = rt.dispatcher.side_columns(self.moe_index) if self.moe_index is not None else None
+        side = rt.dispatcher.side_columns(self.moe_index, h) if self.moe_index is not None else None
         row = D * h.element_size()
         if side is None:
             out = rt.comm.all_gather(h, split.order, split.counts, {"all_gather": row})
@@ -155,6 +155,11 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
     placement.validate_against(L, E)
     a = spec.attention
     check_tp(a.num_heads, a.num_kv_heads, a.qk_norm, N)
+    if predictor == "residual_gate":
+        from parallel.dispatchers.speculative import ResidualGate
+
+        blocks = [layer for layer in model.layers if isinstance(layer.mlp, MoEBlock)]
+        predictor = ResidualGate([b.post_attention_layernorm for b in blocks], [b.mlp.gate for b in blocks])
     stats = EPStats(group.rank, N, L, spec.num_layers)
     comm = Comm(group, stats)
     dispatcher = build_dispatcher(dispatcher_kind, comm, placement, predictor, slack)

@@ -30,7 +30,7 @@ class EPOptions:
 
     dispatcher: str = "alltoall"  # alltoall (baseline) or speculative (s-TS)
     placement: str | ExpertParallelPlacement | None = None  # YAML path, object, or None = default
-    predictor: object = "gate_lookahead"  # s-TS: a router_predict name or a Predictor instance
+    predictor: object = "gate_lookahead"  # s-TS: residual_gate, a router_predict name, or a Predictor
     slack: float = 0.25  # s-TS: tokens per rank <= ceil((1 + slack) * T / N)
 
 
@@ -43,7 +43,8 @@ def resolve_placement(placement, num_layers: int, num_experts: int, ranks: int) 
 
 
 def resolve_predictor(predictor, model_dir: str):
-    if predictor is None or not isinstance(predictor, str):
+    # residual_gate is built from the model's own modules by apply_expert_parallel
+    if predictor is None or not isinstance(predictor, str) or predictor == "residual_gate":
         return predictor
     from router_predict.registry import build_predictor
 

@@ -33,8 +33,9 @@ class AllToAllDispatcher:
     def token_split(self, moe_index: int | None, T: int, device=None) -> TokenSplit:
         return even_split(T, self.comm.world, device)
 
-    def side_columns(self, moe_index: int) -> torch.Tensor | None:
-        """Extra int32 columns to ride on the all-gather after this layer (none for the baseline)."""
+    def side_columns(self, moe_index: int, layer_out: torch.Tensor) -> torch.Tensor | None:
+        """Extra int32 columns [T_r, X] to ride on the all-gather after this layer (none for the
+        baseline); layer_out [T_r, D] is this rank's slice of the layer's output."""
         return None
 
     def accept_side(self, moe_index: int, columns: torch.Tensor) -> None:

@@ -17,6 +17,13 @@ Flow for MoE layer m+1, started at layer m:
 The layer driver's all-gather puts tokens back in their original order, so the result does not
 depend on the guesses at all: a wrong prediction costs bytes, never accuracy.
 At MoE layer 0 nothing has been observed yet: the split is the baseline's even split.
+
+Two sources of guesses:
+  predictor       any router_predict Predictor, fed layer m's router input (step 1 above);
+  ResidualGate    layer m+1's own post-attention norm and router applied to layer m's *output*
+                  (the residual stream entering layer m+1), computed on the slice just before
+                  the all-gather: fresher than layer m's router input, it misses only layer m+1's
+                  attention update.
 """
 from __future__ import annotations
 
@@ -56,14 +63,26 @@ def balanced_assign(scores: np.ndarray, cap: int, default: np.ndarray) -> np.nda
     return out
 
 
+class ResidualGate:
+    """Scores [T_r, E] for MoE layer m+1 from layer m's output slice, with the model's own modules."""
+
+    def __init__(self, norms: list, gates: list) -> None:
+        self.norms, self.gates = norms, gates  # per MoE layer: post-attention RMSNorm, router Linear
+
+    def __call__(self, next_moe_index: int, layer_out: torch.Tensor) -> torch.Tensor:
+        return self.gates[next_moe_index](self.norms[next_moe_index](layer_out)).float()
+
+
 class SpeculativeDispatcher(AllToAllDispatcher):
     kind = "speculative"
 
-    def __init__(self, comm, placement, predictor: Predictor, slack: float = 0.25, device=None) -> None:
+    def __init__(self, comm, placement, predictor: "Predictor | ResidualGate", slack: float = 0.25,
+                 device=None) -> None:
         super().__init__(comm, placement, device)
         self.predictor = predictor
         self.slack = slack
         self.num_moe_layers = self.holder.shape[0]
+        self.top_k = 0  # K, learnt from the first dispatch (guesses have K ids)
         self._guess_full: dict[int, torch.Tensor] = {}  # moe_index -> [T, K] guesses, all tokens
         self._guess_here: torch.Tensor | None = None  # [T_r, K] guesses for this rank's tokens now
         self._side: torch.Tensor | None = None  # [T_r, K] int32 guesses for the next MoE layer
@@ -95,15 +114,21 @@ class SpeculativeDispatcher(AllToAllDispatcher):
             self.stats.pred_pairs += topk_ids.numel()
         self._guess_here = None
         self._side = None
-        if moe_index + 1 < self.num_moe_layers:
+        self.top_k = topk_ids.shape[1]
+        if moe_index + 1 < self.num_moe_layers and isinstance(self.predictor, Predictor):
             obs = LayerObservation(moe_index, topk_ids, topk_weights, hidden=hidden)
             scores = self.predictor.predict(obs, 1)[0]  # [T_r, E] for layer moe_index + 1
             K = topk_ids.shape[1]
             self._side = scores.topk(K, dim=-1).indices.to(torch.int32)
         return super().dispatch(moe_index, hidden, topk_ids, topk_weights)
 
-    def side_columns(self, moe_index: int) -> torch.Tensor | None:
-        return self._side if moe_index + 1 < self.num_moe_layers else None
+    def side_columns(self, moe_index: int, layer_out: torch.Tensor) -> torch.Tensor | None:
+        if moe_index + 1 >= self.num_moe_layers:
+            return None
+        if isinstance(self.predictor, ResidualGate):
+            K = self.top_k
+            self._side = self.predictor(moe_index + 1, layer_out).topk(K, dim=-1).indices.to(torch.int32)
+        return self._side
 
     def accept_side(self, moe_index: int, columns: torch.Tensor) -> None:
         self._guess_full[moe_index + 1] = columns.long()

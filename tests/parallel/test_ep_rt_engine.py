@@ -82,6 +82,7 @@ def test_two_ranks_all_schemes(model_dir, reference, tmp_path):
         "baseline": EPOptions("alltoall"),
         "s-TS": EPOptions("speculative", predictor="gate_lookahead"),
         "s-TS-random": EPOptions("speculative", predictor="random"),
+        "s-TS-residual": EPOptions("speculative", predictor="residual_gate"),
         "s-EG": EPOptions("alltoall", placement=str(path)),
         "s-TS+s-EG": EPOptions("speculative", placement=str(path), predictor="gate_lookahead"),
     }
@@ -92,6 +93,7 @@ def test_two_ranks_all_schemes(model_dir, reference, tmp_path):
     # Gate look-ahead on this model guesses far better than chance (2 of 8 experts: 0.25).
     assert stats["s-TS"][2]["predictor_hit_rate"] > 0.4
     assert stats["s-TS"][2]["local_share"] > stats["baseline"][2]["local_share"]
+    assert stats["s-TS-residual"][2]["predictor_hit_rate"] > 0.4
     # Stats are one group view: every rank reports the same totals.
     assert results[1]["s-TS"][2]["a2a_bytes"] == stats["s-TS"][2]["a2a_bytes"]
 

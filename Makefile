@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# DeepSpeed (the EP sanity reference) builds from source and imports torch in its setup.py:
+	# without --no-build-isolation pip would fetch a second, CUDA, torch into the build env.
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 	touch $(STAMP)
 
 install: $(STAMP)

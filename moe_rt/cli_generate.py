@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moe_rt.errors import MoeRtError
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model folder (default: the shipped demo model)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--placement", help="expert-placement YAML (docs/placement.md)")
-    p.add_argument("--expert-compute", default="torch", choices=["torch", "triton", "reference"])
+    p.add_argument("--expert-compute", default="torch", choices=["torch", "loop", "triton", "reference"])
     g = p.add_argument_group("expert offloading (override the placement file's cache section)")
     g.add_argument("--offload", choices=["none", "cpu", "disk"], help="where non-resident experts live")
     g.add_argument("--expert-cache-gb", type=float, help="fast-tier budget in GiB of expert weights")
@@ -56,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end instead of as it comes")
+    g = p.add_argument_group("expert parallelism (CPU: gloo on loopback; CUDA: nccl)")
+    g.add_argument("--ep", type=int, default=1, help="run on N ranks: attention tensor-parallel, experts expert-parallel")
+    g.add_argument("--ep-dispatcher", choices=["alltoall", "speculative"], default="alltoall",
+                   help="alltoall: DeepSpeed-MoE's scheme; speculative: s-TS token shuffling")
+    g.add_argument("--ep-predictor", default="residual_gate", help="s-TS predictor (residual_gate, gate_lookahead, ...)")
 
 
 def build_llm(args):
@@ -79,8 +86,35 @@ def sampling(args):
     )
 
 
+def _ep_generate(ep, model_dir, prompt, params, options, llm_options):
+    """One rank of `generate --ep N` (module level: the launcher pickles it)."""
+    from parallel.runtime import build_ep_llm
+
+    llm = build_ep_llm(model_dir, ep, options, **llm_options)
+    text = llm.generate(prompt, params)[0].text  # every rank takes the same steps
+    return text if ep.rank == 0 else None
+
+
+def run_ep(args, params) -> int:
+    from moe_rt.llm import default_model_dir
+    from parallel.launch import launch
+    from parallel.runtime import EPOptions
+
+    if args.offload or args.expert_cache_slots or args.expert_cache_gb:
+        raise MoeRtError("--ep does not combine with expert offloading yet")
+    options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
+    llm_options = dict(dtype=args.dtype, expert_compute=args.expert_compute)
+    texts = launch(args.ep, _ep_generate, (args.model or default_model_dir(), args.prompt, params, options, llm_options))
+    print(texts[0])
+    return 0
+
+
 def run(args) -> int:
     params = sampling(args)  # validate before loading the model
+    if args.ep < 1:
+        raise MoeRtError(f"--ep must be >= 1, got {args.ep}")
+    if args.ep > 1:
+        return run_ep(args, params)
     llm = build_llm(args)
     if args.no_stream:
         print(llm.generate(args.prompt, params)[0].text)

@@ -21,7 +21,7 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="context length (prompt + output); default: the model's, capped by the KV budget")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the paged KV cache")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV block")
-    expert_compute: Literal["torch", "triton", "reference"] = Field("torch", description="expert-compute backend")
+    expert_compute: Literal["torch", "loop", "triton", "reference"] = Field("torch", description="expert-compute backend")
     seed: int = Field(0, description="seed of the sampler for requests without their own seed")
 
 

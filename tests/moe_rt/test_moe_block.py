@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_rt.layers.moe.block import MoEBlock, MoEContext
-from moe_rt.layers.moe.compute import torch_experts
+from moe_rt.layers.moe.compute import loop_experts, torch_experts
 from moe_rt.layers.moe.reference import reference_experts
 from moe_rt.layers.moe.store import ResidentExpertStore
 from moe_rt.models.deepseek import moe_spec
@@ -51,8 +51,9 @@ def test_deepseek_block_matches_transformers(name):
         torch.testing.assert_close(block(x), hf(x[None])[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [torch_experts, loop_experts])
 @pytest.mark.parametrize("T,K,S", [(1, 1, 4), (7, 2, 8), (33, 4, 16)])
-def test_torch_backend_matches_reference(T, K, S):
+def test_torch_backends_match_reference(backend, T, K, S):
     g = torch.Generator().manual_seed(T * 100 + K)
     D, I = 24, 40
     x = torch.randn(T, D, generator=g)
@@ -61,7 +62,9 @@ def test_torch_backend_matches_reference(T, K, S):
     ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
     ids[0, 0] = -1  # a choice computed elsewhere (expert parallelism) contributes nothing
     w = torch.rand(T, K, generator=g)
-    torch.testing.assert_close(torch_experts(x, w13, w2, ids, w), reference_experts(x, w13, w2, ids, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backend(x, w13, w2, ids, w), reference_experts(x, w13, w2, ids, w), rtol=1e-5, atol=1e-5)
+    none_here = torch.full_like(ids, -1)
+    assert backend(x, w13, w2, none_here, w).abs().max() == 0
 
 
 def test_hub_sees_every_moe_layer_with_batch_info(mixtral_llm):

@@ -39,6 +39,15 @@ class LLM:
         self.config = build_config(model=str(model) if model is not None else default_model_dir(), **options)
         self.engine = LLMEngine(self.config, progress=progress)
 
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -150,6 +150,13 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return True
 
+    def close(self) -> None:
+        """Stop background work (the expert cache's transfer thread and predictor subscription)."""
+        if self.expert_cache is not None:
+            self.expert_cache.close()
+            self.expert_cache = None
+            self.stat_sources.pop("cache", None)
+
     def moe_stats(self) -> dict:
         """MoE figures of every registered source (cache, predictor, expert parallelism)."""
         return {name: fn() for name, fn in self.stat_sources.items()}

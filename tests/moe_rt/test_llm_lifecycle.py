@@ -1,0 +1,20 @@
+"""LLM with an expert cache: stats through engine.moe_stats(), and close() stops background work."""
+import threading
+
+from moe_rt import LLM, SamplingParams
+
+
+def test_close_stops_the_cache_and_unregisters_its_stats(mixtral_dir, mixtral_llm):
+    before = {t.ident for t in threading.enumerate()}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False,
+             cache={"offload": "disk", "capacity_slots": 2, "policy": "lru"}) as llm:
+        out = llm.generate("In the beginning", params)[0]
+        stats = llm.engine.moe_stats()["cache"]
+        assert stats["hits"] + stats["misses"] > 0
+        assert out.token_ids == mixtral_llm.generate("In the beginning", params)[0].token_ids
+    assert llm.engine.moe_stats() == {} and llm.engine.expert_cache is None
+    leftover = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    for t in leftover:
+        t.join(timeout=10)
+    assert not [t for t in leftover if t.is_alive()]

@@ -355,6 +355,14 @@ class AsyncEngine:
             except Exception:  # after a crash the engine state may be broken; nothing more to free
                 log.exception("could not abort the remaining requests")
             self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
+            # An engine built by our factory is ours to close, on this thread (the only one that
+            # touches it): it stops background work, and under EP it tells the follower ranks to stop.
+            close = getattr(engine, "close", None) if self._factory is not None else None
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing the engine failed")
 
     def _loop_forever(self, engine: LLMEngine) -> None:
         while True:

@@ -2,6 +2,8 @@
 
 The socket is bound first and the model loads on the engine thread, so /health answers 503 while
 the model loads and 200 once it serves. Also runnable as `python -m server.cli_serve ...`.
+With `--ep N` (N > 1) the model runs expert-parallel on N local ranks; rank 0 serves HTTP
+(parallel/serve_ep.py, docs/server.md "Expert-parallel serving").
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from moe_rt.errors import MoeRtError
@@ -29,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the paged KV cache")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = parser.add_argument_group("expert parallelism (CPU: gloo on loopback; CUDA: nccl)")
+    g.add_argument("--ep", type=int, default=1, help="run on N local ranks: rank 0 serves HTTP, every rank computes")
+    g.add_argument("--ep-dispatcher", choices=["alltoall", "speculative"], default="alltoall",
+                   help="alltoall: DeepSpeed-MoE's scheme; speculative: s-TS token shuffling")
+    g.add_argument("--ep-predictor", default="residual_gate", help="s-TS predictor (residual_gate, gate_lookahead, ...)")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -39,9 +47,41 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def run(args: argparse.Namespace) -> int:
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the model loads so /health answers at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MoeRtError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def make_server(app, args: argparse.Namespace):
     import uvicorn
 
+    return uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False))
+
+
+def announce_ready(engine, what: str = "") -> threading.Thread:
+    """Print one 'ready' line once the engine serves (scripts and tests wait for it instead of
+    polling /health). Gives up silently if the model fails to load (a daemon: it never holds the
+    process up)."""
+    def watch() -> None:
+        while not engine.wait_for(lambda s: s.ready, 1.0):  # the load failure path does not notify
+            if engine.error is not None:
+                return
+        print(f"moe-rt: ready{what}", flush=True)
+
+    t = threading.Thread(target=watch, name="moe-rt-ready", daemon=True)
+    t.start()
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
     from moe_rt.config import build_config
     from moe_rt.engine.llm_engine import LLMEngine
     from moe_rt.llm import default_model_dir
@@ -50,25 +90,25 @@ def run(args: argparse.Namespace) -> int:
     from .async_engine import AsyncEngine
 
     # Check everything cheap before binding the port: a bad flag fails fast with one line.
+    if args.ep < 1:
+        raise MoeRtError(f"--ep must be >= 1, got {args.ep}")
     model = args.model if args.model is not None else default_model_dir()
     if not (Path(model) / "config.json").is_file():
         raise MoeRtError(f"{model} is not a model folder (no config.json)")
     cfg = build_config(model=model, **_engine_options(args))
     name = args.served_model_name or Path(model).resolve().name
-    engine = AsyncEngine(lambda: LLMEngine(cfg, progress=False), max_queue=args.max_queue)
-    app = build_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise MoeRtError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    sock.listen(2048)
+    sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"moe-rt: serving '{name}' on http://{host}:{port}/v1 (health: /health, metrics: /metrics)", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    if args.ep > 1:
+        from parallel.serve_ep import run_group
+
+        args.model, args.served_model_name = model, name
+        return run_group(args, sock)
+    engine = AsyncEngine(lambda: LLMEngine(cfg, progress=False), max_queue=args.max_queue)
+    app = build_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    announce_ready(engine)
+    make_server(app, args).run(sockets=[sock])
     return 1 if engine.error else 0
 
 

@@ -1,0 +1,451 @@
+"""`moe-rt serve --ep N`: one HTTP server over an expert-parallel group of N local ranks.
+
+    parent (cli_serve: binds the socket, supervises)
+      ├─ rank 0      uvicorn + AsyncEngine over an EPEngineDriver   ─┐ EP group: the model's collectives
+      └─ rank 1..N-1 follower_loop                                   ┘ control group: command batches
+
+Invariant: every rank makes the same engine calls (add_request, abort, step) in the same order,
+or the collectives inside every layer hang; given that, scheduler and sampler are deterministic
+(same seeds), so every rank schedules the same batch and samples the same tokens. Rank 0 is the
+only source of calls: its AsyncEngine drives an EPEngineDriver, which applies each add/abort
+locally at once and records it; right before each step it broadcasts the recorded calls with the
+step, and the followers replay them in order.
+
+Protocol: one `Batch` per broadcast (pickled by broadcast_object_list):
+    Batch(calls=(("add", request_id, prompt_ids, SamplingParams), ("abort", request_id), ...),
+          action="step" | "stats" | "shutdown")
+  calls   the adds that succeeded on rank 0 and the aborts rank 0 applied, since the last batch,
+          in the order rank 0 applied them (an add rank 0 rejected is never sent).
+  step    every rank calls engine.step(), then forgets the requests that finished in it.
+  stats   every rank joins the all-gather of its EP counters (EPLLM.moe_stats(group_view=True)).
+  shutdown  followers return; rank 0 sends it once, when its engine thread ends cleanly.
+Rank 0 broadcasts only when it is about to step, read group stats or stop: an idle server sends
+nothing, and followers block in the receive without spinning.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.connection as mp_conn
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch.distributed as dist
+
+from moe_rt.errors import MoeRtError
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("step", "stats", "shutdown")
+# The control group waits as long as the server idles. A dead rank is found by the parent, which
+# watches every rank's process and ends the group, not by this timeout.
+CONTROL_TIMEOUT = timedelta(days=3650)
+FOLLOWER_EXIT_S = 15.0  # after rank 0 ended: how long followers may take to leave before a kill
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The engine calls rank 0 made since the last broadcast, then what every rank does next."""
+
+    calls: tuple[tuple, ...]  # ("add", rid, ids, params) | ("abort", rid), in rank 0's order
+    action: str  # one of ACTIONS
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise MoeRtError(f"unknown EP control action {self.action!r}")
+
+
+class ControlChannel:
+    """Broadcasts Batches from rank 0 to every rank over a gloo group of its own.
+
+    Why not the EP group: (1) followers wait here for as long as the server idles, which must not
+    trip the timeout that guards the model's collectives; (2) on CUDA the EP group is nccl, where
+    an object broadcast needs device tensors and stream syncs; a small CPU message fits gloo;
+    (3) control messages never share a communicator with the model's collectives, so their
+    ordering cannot mix. Rank 0 issues all its collectives (control and model) from its one
+    engine thread, so they never run concurrently.
+    """
+
+    def __init__(self, group, world: int) -> None:
+        self.group, self.world = group, world
+
+    @classmethod
+    def create(cls, world: int) -> ControlChannel:
+        """A collective: every rank calls it, in the same order relative to other group creations."""
+        return cls(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT), world)
+
+    def send(self, batch: Batch) -> None:
+        dist.broadcast_object_list([batch], src=0, group=self.group)
+
+    def receive(self) -> Batch:
+        box: list = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def apply_calls(engine, calls: tuple[tuple, ...]) -> None:
+    """Replay rank 0's calls on a follower's engine (rank 0 already applied them to its own)."""
+    for call in calls:
+        if call[0] == "add":
+            _, rid, ids, params = call
+            engine.add_request(ids, params, rid)  # an error here means the ranks diverged: fail loudly
+        elif call[0] == "abort":
+            if call[1] in engine.requests:
+                engine.abort(call[1])
+                engine.requests.pop(call[1], None)
+        else:
+            raise MoeRtError(f"unknown EP engine call {call[0]!r}")
+
+
+class EPEngineDriver:
+    """Rank 0's engine as the AsyncEngine sees it: the LLMEngine calls it makes, plus the
+    broadcasts that keep the followers in step. Used only from the AsyncEngine's engine thread.
+
+    Mutating calls (add_request, abort, step, moe_stats, close) are mirrored to the followers;
+    everything else below is a read or rank-local bookkeeping (release only forgets a finished
+    request's record, which changes no scheduler state).
+    """
+
+    def __init__(self, ep_llm, control: ControlChannel, on_close: Callable[[], None] | None = None) -> None:
+        self.ep_llm = ep_llm
+        self.engine = ep_llm.llm.engine
+        self._control = control
+        self._calls: list[tuple] = []
+        self._on_close = on_close
+        self._broken = False  # a broadcast or step failed: the followers' state is unknown
+        self._closed = False
+
+    # -- mirrored calls -------------------------------------------------------------------------
+    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
+        ids = self.engine.encode_prompt(prompt)  # followers get ids: no tokenizing on every rank
+        rid = self.engine.add_request(ids, params, request_id)  # a rejected add raises: never sent
+        self._calls.append(("add", rid, ids, params))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        if request_id not in self.engine.requests:
+            return False
+        self._calls.append(("abort", request_id))
+        return self.engine.abort(request_id)
+
+    def step(self):
+        self._send("step")
+        try:
+            return self.engine.step()
+        except BaseException:
+            self._broken = True  # e.g. a follower died mid-collective
+            raise
+
+    def moe_stats(self) -> dict:
+        """Every registered source of rank 0, plus "ep": the merged counters of all ranks."""
+        self._send("stats")
+        try:
+            group = self.ep_llm.moe_stats(group_view=True)
+        except BaseException:
+            self._broken = True
+            raise
+        return {**self.engine.moe_stats(), "ep": group}
+
+    def close(self) -> None:
+        """Tell the followers to stop (unless the group is already broken), then release rank 0."""
+        if self._closed:
+            return
+        try:
+            if not self._broken:
+                self._send("shutdown")
+        finally:
+            self._closed = True
+            try:
+                if callable(getattr(self.engine, "close", None)):
+                    self.engine.close()  # rank 0's own background work (expert cache)
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
+
+    def _send(self, action: str) -> None:
+        if self._closed:
+            raise MoeRtError("the EP group has shut down")
+        batch, self._calls = Batch(tuple(self._calls), action), []
+        try:
+            self._control.send(batch)
+        except BaseException:
+            self._broken = True
+            raise
+
+    # -- reads and rank-local bookkeeping (same values on every rank) ---------------------------
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def output(self, request_id: str):
+        return self.engine.output(request_id)
+
+    def release(self, request_id: str):
+        return self.engine.release(request_id)
+
+    def encode_prompt(self, prompt):
+        return self.engine.encode_prompt(prompt)
+
+    @property
+    def requests(self) -> dict:
+        return self.engine.requests
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def spec(self):
+        return self.engine.spec
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def scheduler(self):
+        return self.engine.scheduler
+
+    @property
+    def blocks(self):
+        return self.engine.blocks
+
+    @property
+    def last_batch_size(self) -> int:
+        return self.engine.last_batch_size
+
+    @property
+    def num_steps(self) -> int:
+        return self.engine.num_steps
+
+
+def follower_loop(control: ControlChannel, ep_llm) -> int:
+    """Ranks 1..N-1: replay rank 0's batches until it says shutdown. Returns the steps taken."""
+    engine = ep_llm.llm.engine
+    steps = 0
+    while True:
+        batch = control.receive()
+        apply_calls(engine, batch.calls)
+        if batch.action == "step":
+            # Same rule as rank 0's AsyncEngine: a request is forgotten once all its n sequences ended.
+            ended = dict.fromkeys(o.request_id for o in engine.step() if o.finish_reason is not None)
+            for rid in ended:
+                if engine.output(rid).finished:
+                    engine.release(rid)
+            steps += 1
+        elif batch.action == "stats":
+            ep_llm.moe_stats(group_view=True)
+        else:  # shutdown
+            return steps
+
+
+# -- one rank ------------------------------------------------------------------------------------
+def _build(ep, args):
+    from parallel.runtime import EPOptions, build_ep_llm
+
+    options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
+    llm_options = {"dtype": args.dtype}
+    if args.device != "auto":
+        llm_options["device"] = args.device  # build_ep_llm checks it against the group's device
+    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_gb"):
+        if getattr(args, name) is not None:
+            llm_options[name] = getattr(args, name)
+    return build_ep_llm(args.model, ep, options, **llm_options)
+
+
+def serve_ep_main(ep, args, sock=None) -> int:
+    """The per-rank entry: rank 0 serves HTTP on `sock` (already listening), the others follow."""
+    control = ControlChannel.create(ep.world)  # every rank, before anything else that may fail
+    if ep.rank != 0:
+        follower_loop(control, _build(ep, args))
+        return 0
+
+    from server.app import build_app
+    from server.async_engine import AsyncEngine
+    from server.cli_serve import announce_ready, make_server
+
+    server = None
+
+    def stop_http() -> None:  # the engine thread ended (cleanly or not): stop serving too
+        if server is not None:
+            server.should_exit = True
+
+    def factory() -> EPEngineDriver:  # runs on the engine thread: /health says 503 meanwhile
+        try:
+            return EPEngineDriver(_build(ep, args), control, on_close=stop_http)
+        except BaseException:
+            stop_http()  # a group whose model did not load cannot serve; the parent reports why
+            raise
+
+    engine = AsyncEngine(factory, max_queue=args.max_queue)
+    app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key,
+                    max_body_bytes=args.max_body_bytes)
+    server = make_server(app, args)
+    announce_ready(engine, f" ({ep.world} expert-parallel ranks)")
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGTERM/SIGINT it handled, after a clean stop
+        pass
+    if engine.error:
+        raise MoeRtError(engine.error)
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _exit_with_parent() -> None:
+    """A rank outlives nothing: if the parent dies (even by SIGKILL), leave at once."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        mp_conn.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moe-rt-parent-watch", daemon=True).start()
+
+
+def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> None:
+    """Process body of one rank (module level: spawn pickles it)."""
+    import torch
+
+    from parallel.groups import destroy_ep, init_ep
+    from parallel.launch import rank_env
+
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent only; it stops the ranks in order
+    _exit_with_parent()
+    # Rank 0: SIGTERM before uvicorn runs (still loading) ends it like Ctrl-C; uvicorn then
+    # installs its own handlers. Followers: only the shutdown batch or the parent's kill ends them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler if rank == 0 else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler if rank == 0 else signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    os.environ.update(rank_env(rank, world, "127.0.0.1", master_port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    code = 0
+    try:
+        ep = init_ep()
+        try:
+            code = serve_ep_main(ep, args, sock)
+        finally:
+            destroy_ep(ep)
+    except KeyboardInterrupt:
+        code = 0  # stopped while loading
+    except BaseException as e:
+        if not isinstance(e, MoeRtError):
+            traceback.print_exc()
+        report.send((isinstance(e, MoeRtError), _one_line(e)))
+        code = 2 if isinstance(e, MoeRtError) else 1
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+# -- the parent --------------------------------------------------------------------------------
+def run_group(args, sock) -> int:
+    """Spawn args.ep ranks (rank 0 gets the listening socket), supervise them, return the exit code.
+
+    SIGINT/SIGTERM to the parent: SIGTERM to rank 0, whose graceful stop ends the followers.
+    Any rank failing: every other rank is stopped and its one-line reason is printed (a rank's
+    MoeRtError is raised, exit 2).
+    """
+    from parallel.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, reports = [], []
+    try:
+        for r in range(args.ep):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_rank_entry, args=(r, args.ep, port, args, sock if r == 0 else None, send),
+                            name=f"moe-rt-ep{r}")
+            p.start()
+            send.close()
+            procs.append(p)
+            reports.append(recv)
+    except BaseException:
+        _reap(procs)
+        raise
+    finally:
+        sock.close()  # rank 0 holds its own copy; connections must not queue here after it is gone
+    print(f"moe-rt: started {args.ep} ranks (pids {' '.join(str(p.pid) for p in procs)})", flush=True)
+
+    stopping = []
+
+    def on_signal(signum, frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            if procs[0].is_alive():
+                os.kill(procs[0].pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _supervise(procs, reports, stopping)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _reap(procs)
+
+
+def _supervise(procs, reports, stopping) -> int:
+    alive = dict(enumerate(procs))
+    while alive:
+        mp_conn.wait([p.sentinel for p in alive.values()])  # signal handlers run meanwhile
+        for r, p in list(alive.items()):
+            if p.is_alive():
+                continue
+            p.join()
+            del alive[r]
+            if p.exitcode != 0:
+                return _fail(procs, reports, r)
+            if r == 0:
+                # Rank 0 stopped cleanly and sent "shutdown": the followers leave by themselves.
+                for q in alive.values():
+                    q.join(FOLLOWER_EXIT_S)
+                late = [q.pid for q in alive.values() if q.is_alive()]
+                if late:
+                    print(f"moe-rt: error: follower ranks (pids {late}) did not stop; killed", file=sys.stderr)
+                    return 1
+                failed = [q for q in alive if procs[q].exitcode != 0]
+                return _fail(procs, reports, failed[0]) if failed else 0
+    return 0
+
+
+def _fail(procs, reports, rank: int) -> int:
+    """Stop the group after rank `rank` failed; report the most telling reason."""
+    _reap(procs)
+    got = [(r, *msg) for r, c in enumerate(reports) if (msg := _report_of(c)) is not None]
+    # A usage error (MoeRtError) on any rank explains the others' broken collectives.
+    for r, usage, msg in sorted(got, key=lambda g: (not g[1], g[0] != rank)):
+        if usage:
+            raise MoeRtError(f"rank {r}: {msg}")
+        print(f"moe-rt: error: rank {r} failed: {msg}", file=sys.stderr)
+        return 1
+    print(f"moe-rt: error: rank {rank} exited with code {procs[rank].exitcode}", file=sys.stderr)
+    return 1
+
+
+def _report_of(conn) -> tuple[bool, str] | None:
+    """(usage error?, one line) a rank sent before it exited, or None (killed, or it sent nothing)."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError):  # the pipe closed with nothing in it
+        return None
+
+
+def _reap(procs, grace_s: float = 5.0) -> None:
+    """Stop every rank still running: SIGTERM, a bounded wait, then SIGKILL."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(grace_s)

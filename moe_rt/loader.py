@@ -40,6 +40,8 @@ def load_model(
         model = MoEForCausalLM(spec, MoEContext())
     model.to_empty(device=device)
     model.to(dtype)
+    if spec.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
+        model.lm_head.weight = model.embed_tokens.weight
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset(device)

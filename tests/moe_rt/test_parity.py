@@ -7,7 +7,7 @@ from checkpoints import write_checkpoint
 
 CASES = {
     "mixtral-top2": ("mixtral", {}, None),
-    "mixtral-top1": ("mixtral", {"num_experts_per_tok": 1}, None),
+    "mixtral-top1-tied": ("mixtral", {"num_experts_per_tok": 1, "tie_word_embeddings": True}, None),
     "mixtral-top4-mqa-sharded": ("mixtral", {"num_experts_per_tok": 4, "num_key_value_heads": 1}, "60KB"),
     "qwen2_moe-shared": ("qwen2_moe", {}, None),
     "qwen2_moe-norm-top3-sparse-step": (

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is kept")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's)")
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -102,6 +103,8 @@ def run(args) -> int:
     batches = parse_ints(args.batch_sizes, "--batch-sizes")
     if args.new_tokens < 2 or args.prompt_len < 1:
         raise MoeRtError("--new-tokens must be >= 2 and --prompt-len >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     device, dtype = llm.engine.device, llm.engine.dtype

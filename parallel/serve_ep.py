@@ -244,6 +244,23 @@ def follower_loop(control: ControlChannel, ep_llm) -> int:
             return steps
 
 
+def check_group(model_dir: str, args) -> None:
+    """The cheap checks of `serve --ep N` (heads and experts split over N ranks, the placement),
+    run in the parent before any port or rank exists, so a bad flag is one line and exit 2."""
+    from moe_rt.loader import load_spec
+    from parallel.runtime import resolve_placement
+    from parallel.tp import check_tp
+
+    spec = load_spec(model_dir)
+    a = spec.attention
+    check_tp(a.num_heads, a.num_kv_heads, a.qk_norm, args.ep)
+    L, E = len(spec.moe_layer_ids), spec.num_experts
+    placement = resolve_placement(args.placement, L, E, args.ep)
+    if placement.ranks != args.ep:
+        raise MoeRtError(f"the placement is for {placement.ranks} ranks but --ep is {args.ep}")
+    placement.validate_against(L, E)
+
+
 # -- one rank ------------------------------------------------------------------------------------
 def _build(ep, args):
     from parallel.runtime import EPOptions, build_ep_llm

@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         raise MoeRtError(f"{model} is not a model folder (no config.json)")
     cfg = build_config(model=model, **_engine_options(args))
     name = args.served_model_name or Path(model).resolve().name
+    if args.ep > 1:
+        from parallel.serve_ep import check_group
+
+        check_group(model, args)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"moe-rt: serving '{name}' on http://{host}:{port}/v1 (health: /health, metrics: /metrics)", flush=True)

@@ -153,3 +153,29 @@ def test_sigterm_stops_every_rank(ep_server):
 def test_bad_ep_count_is_one_line(mixtral_dir, capsys):
     assert cli_serve.main(["--model", str(mixtral_dir), "--ep", "0"]) == 2
     assert capsys.readouterr().err.strip() == "moe-rt: error: --ep must be >= 1, got 0"
+
+
+def test_ep_count_that_does_not_split_the_heads_is_one_line(mixtral_dir, capsys):
+    assert cli_serve.main(["--model", str(mixtral_dir), "--ep", "4", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moe-rt: error: attention tensor parallelism over 4 ranks needs heads (4) and KV heads (2) divisible by 4"
+
+
+def test_a_dead_follower_ends_the_group_with_one_line(mixtral_dir):
+    sp = ServeProcess(["--model", str(mixtral_dir), "--port", "0", "--ep", "2", "--dtype", "float32",
+                       "--device", "cpu", "--log-level", "critical"])
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in sp.wait_line(r"started 2 ranks \(pids (\d+) (\d+)\)").groups()]
+        sp.wait_line(r"moe-rt: ready")
+        psutil.Process(pids[1]).kill()
+        assert sp.proc.wait(WAIT) == 1
+        for t in sp._readers:
+            t.join(WAIT)
+        assert f"moe-rt: error: rank 1 exited with code {-signal.SIGKILL}\n" in sp.err, "".join(sp.err)[-2000:]
+        assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if sp.proc.poll() is None:
+            sp.proc.kill()
+            sp.proc.wait(WAIT)
+        _kill_all(pids)

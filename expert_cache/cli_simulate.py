@@ -157,15 +157,10 @@ def _print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m expert_cache.cli_simulate`); moe_rt.cli registers `run`."""
-    parser = argparse.ArgumentParser(prog="moe-rt simulate-cache", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry (`python -m ...`), the same as `moe-rt simulate-cache`."""
+    from moe_rt.cli import standalone
+
+    return standalone("simulate-cache", argv)
 
 
 if __name__ == "__main__":

@@ -80,5 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def standalone(command: str, argv: list[str] | None = None) -> int:
+    """`python -m some.module ARGS` == `moe-rt COMMAND ARGS`: one parser and one error path."""
+    return main([*command.split(), *(sys.argv[1:] if argv is None else argv)])
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -348,17 +348,10 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        worker(argv[1])
-        return 0
-    p = argparse.ArgumentParser(prog="moe-rt bench ep")
-    add_arguments(p)
-    try:
-        return run(p.parse_args(argv))
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry (`python -m ...`), the same as `moe-rt bench ep`."""
+    from moe_rt.cli import standalone
+
+    return standalone("bench ep", argv)
 
 
 if __name__ == "__main__":

@@ -102,15 +102,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m parallel.cli_plan`); moe-rt's own CLI calls add_arguments/run."""
-    parser = argparse.ArgumentParser(prog="moe-rt plan-placement", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry (`python -m ...`), the same as `moe-rt plan-placement`."""
+    from moe_rt.cli import standalone
+
+    return standalone("plan-placement", argv)
 
 
 if __name__ == "__main__":

@@ -121,15 +121,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m parallel.cli_simulate_ep`); moe-rt's CLI calls add_arguments/run."""
-    parser = argparse.ArgumentParser(prog="moe-rt simulate-ep", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry (`python -m ...`), the same as `moe-rt simulate-ep`."""
+    from moe_rt.cli import standalone
+
+    return standalone("simulate-ep", argv)
 
 
 if __name__ == "__main__":

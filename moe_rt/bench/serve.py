@@ -260,13 +260,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="moe-rt bench serve", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    try:
-        return run(p.parse_args(argv))
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """Standalone entry (`python -m ...`), the same as `moe-rt bench serve`."""
+    from moe_rt.cli import standalone
+
+    return standalone("bench serve", argv)
 
 
 if __name__ == "__main__":

@@ -52,43 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shape of the --synthetic model")
 
 
-SYNTHETIC_SIZES = {  # Mixtral-shaped: 8 experts, top-2
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4),
-    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4),
-}
+SYNTHETIC_SIZES = ("tiny", "small")  # moe_rt/bench/synthetic.py shapes mixtral-ep-tiny / mixtral-ep-small
 
 
 def write_synthetic(folder: Path, size: str, seed: int) -> Path:
-    """A random Mixtral-shaped checkpoint (8 experts, top-2) with a small byte-level tokenizer."""
-    import torch
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A random Mixtral-shaped checkpoint (8 experts, top-2) whose heads shard over 2 and 4 ranks."""
+    from moe_rt.bench.synthetic import build_synthetic
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["expert parallel mixture of experts benchmark text"] * 8, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
-    cfg = tf.MixtralConfig(vocab_size=tok.get_vocab_size(), num_local_experts=8, num_experts_per_tok=2,
-                           max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                           tie_word_embeddings=False, **SYNTHETIC_SIZES[size])
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # wider than the default init so that routing is far from uniform
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-            elif "norm" in name:
-                p.uniform_(0.8, 1.2)
-    model.save_pretrained(folder)
-    return folder
+    return build_synthetic(f"mixtral-ep-{size}", folder, seed=seed)
 
 
 def make_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:

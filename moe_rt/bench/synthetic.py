@@ -14,6 +14,11 @@ SHAPES: dict[str, dict] = {
     # experts large enough that a disk/RAM tier matters on CPU: ~0.9 GB of experts in fp32
     "mixtral-offload": dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1024, num_attention_heads=8,
                             num_key_value_heads=4, num_local_experts=32, num_experts_per_tok=2, vocab_size=8192),
+    # expert-parallel benchmarks: heads and KV heads divisible by 2 and 4 ranks
+    "mixtral-ep-tiny": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
+    "mixtral-ep-small": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
     # tiny, for tests of the benchmark plumbing
     "mixtral-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                          num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),

@@ -43,27 +43,8 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
 
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
-
-
-def loop_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
-    """Group (token, choice) pairs by slot and run each used expert once on its tokens."""
-    T, K = topk_ids.shape
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # -1 (skipped) pairs sort first
-    slots, counts = torch.unique_consecutive(flat[order], return_counts=True)
-    tokens = order // K
-    weights = topk_weights.reshape(-1)
-    out = torch.zeros_like(hidden)
-    start = 0
-    for s, n in zip(slots.tolist(), counts.tolist()):
-        if s >= 0:
-            pick = order[start : start + n]
-            tok = tokens[start : start + n]
-            gate, up = F.linear(hidden[tok], w13[s]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, w2[s])
-            out.index_add_(0, tok, (y * weights[pick, None]).to(out.dtype))
-        start += n
-    return out
+# The per-expert loop (one matmul pair per used expert) lives with the kernels it is the baseline of.
+from moe_rt.kernels.loop import loop_experts  # noqa: E402
 
 
 def _triton_experts() -> ExpertCompute:

@@ -319,7 +319,12 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m ...`), the same as `moe-rt bench ep`."""
+    """`python -m parallel.bench_ep --worker JOB` is how each rank starts (see run); any other
+    arguments behave as `moe-rt bench ep`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        worker(argv[1])
+        return 0
     from moe_rt.cli import standalone
 
     return standalone("bench ep", argv)

@@ -1,0 +1,23 @@
+"""bench ep end to end on 2 ranks (subprocess ranks, the path users take): lossless and consistent."""
+import json
+
+from moe_rt.cli import main
+
+
+def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "ep", "--synthetic", "--synthetic-size", "tiny", "--ranks", "2", "--repeats", "1",
+            "--prompts", "2", "--prompt-len", "8", "--max-tokens", "3", "--schemes", "baseline,s-TS+s-EG", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(out[out.index("{"):])
+    assert rep["lossless"] is True
+    rows = rep["schemes"]
+    assert set(rows) == {"baseline", "s-TS+s-EG"}
+    base = rows["baseline"]
+    assert base["a2a_vs_baseline"] == 1.0
+    for r in rows.values():
+        assert r["same_tokens_as_baseline"]
+        assert 0 < r["a2a_bytes_per_token"] <= r["all_bytes_per_token"]
+        moved = sum(r["bytes_by_collective"].values())
+        assert abs(moved / r["tokens"] - r["all_bytes_per_token"]) < 0.1

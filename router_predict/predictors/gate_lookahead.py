@@ -1,7 +1,9 @@
 """Training-free look-ahead: apply the routers of layers l+1..l+D to the hidden state at layer l.
 
 Residual streams change slowly between adjacent layers, so later routers applied early are a good
-guess (exact when the residual update is zero and the routers' input norms agree). Scores rank
+guess. Router inputs are RMSNorm(x) * g_l with a per-layer norm weight g_l; where the norm weights
+are known the hidden state is rescaled by g_{l+d} / g_l first, so the forecast is exact whenever
+the residual stream x itself does not change (whatever the norm weights). Scores rank
 experts like the model's own selection: raw logits (softmax routers), or sigmoid(logits) +
 e_score_correction_bias where the model has that bias (DeepSeek-V3 style). Group-limited routing
 (n_group/topk_group) is not modelled: the ranking is over all experts.
@@ -21,6 +23,7 @@ from router_predict.base import LayerObservation, Predictor
 GATE_NAMES = ("model.layers.{i}.block_sparse_moe.gate.weight",  # Mixtral
               "model.layers.{i}.mlp.gate.weight")  # Qwen-MoE, OLMoE, DeepSeek
 BIAS_NAME = "model.layers.{i}.mlp.gate.e_score_correction_bias"
+NORM_NAME = "model.layers.{i}.post_attention_layernorm.weight"  # the router's input norm, all families
 
 
 class GateLookaheadPredictor(Predictor):
@@ -28,8 +31,10 @@ class GateLookaheadPredictor(Predictor):
     needs_hidden = True
 
     def __init__(self, gate_weights: list[torch.Tensor], top_k: int,
-                 biases: list[torch.Tensor] | None = None, layer_ids: list[int] | None = None) -> None:
-        """gate_weights: per MoE layer [E, H]; biases: per MoE layer [E] correction bias, or None."""
+                 biases: list[torch.Tensor] | None = None, layer_ids: list[int] | None = None,
+                 norm_weights: list[torch.Tensor] | None = None) -> None:
+        """gate_weights: per MoE layer [E, H]; biases: per MoE layer [E] correction bias, or None;
+        norm_weights: per MoE layer [H] weight of the RMSNorm in front of its router, or None."""
         if not gate_weights:
             raise MoeRtError("gate_lookahead needs at least one router weight")
         shapes = {tuple(w.shape) for w in gate_weights}
@@ -39,16 +44,31 @@ class GateLookaheadPredictor(Predictor):
         self.weights = torch.stack([w.float() for w in gate_weights])  # [L, E, H]
         self.biases = None if biases is None else torch.stack([b.float() for b in biases])  # [L, E]
         self.layer_ids = layer_ids if layer_ids is not None else list(range(len(gate_weights)))
+        self.norms = None  # [L, H]
+        if norm_weights is not None:
+            if len(norm_weights) != len(gate_weights):
+                raise MoeRtError(f"gate_lookahead: {len(norm_weights)} norm weights for {len(gate_weights)} routers")
+            self.norms = torch.stack([n.float() for n in norm_weights])
+            if self.norms.shape[1] != self.weights.shape[2]:
+                raise MoeRtError(f"gate_lookahead: norm weights have size {self.norms.shape[1]}, routers "
+                                 f"read {self.weights.shape[2]}")
 
     def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
         if obs.hidden is None:
             raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
         d = self.lookahead(obs.moe_index, depth)
-        w = self.weights[obs.moe_index + 1: obs.moe_index + 1 + d]  # [d, E, H]
+        l = obs.moe_index
+        w = self.weights[l + 1: l + 1 + d]  # [d, E, H]
+        if self.norms is not None:
+            # hidden / g_l * g_t is the router input layer t would see for the same residual stream
+            # (RMSNorm's 1/rms factor is common to both). A zero g_l entry carries nothing: drop it.
+            src = self.norms[l]
+            inv = torch.where(src.abs() > 1e-8, 1.0 / src, torch.zeros_like(src))
+            w = w * (self.norms[l + 1: l + 1 + d] * inv)[:, None, :]
         logits = torch.einsum("th,deh->dte", obs.hidden.float(), w)
         if self.biases is None:
             return logits
-        b = self.biases[obs.moe_index + 1: obs.moe_index + 1 + d]  # [d, E]
+        b = self.biases[l + 1: l + 1 + d]  # [d, E]
         return torch.sigmoid(logits) + b[:, None, :]
 
     @classmethod
@@ -65,7 +85,10 @@ class GateLookaheadPredictor(Predictor):
         if any(has_bias) and not all(has_bias):
             raise MoeRtError("gate_lookahead.from_model: e_score_correction_bias on some MoE layers only")
         biases = [b.e_score_correction_bias.detach().float().cpu().clone() for b in blocks] if all(has_bias) else None
-        return cls(weights, model.spec.top_k, biases, [b.layer_id for b in blocks])
+        norms = [getattr(getattr(model.layers[b.layer_id], "post_attention_layernorm", None), "weight", None)
+                 for b in blocks] if hasattr(model, "layers") else [None]
+        norms = [n.detach().float().cpu().clone() for n in norms] if all(n is not None for n in norms) else None
+        return cls(weights, model.spec.top_k, biases, [b.layer_id for b in blocks], norms)
 
     @classmethod
     def from_checkpoint(cls, model_dir: str) -> "GateLookaheadPredictor":
@@ -87,6 +110,8 @@ class GateLookaheadPredictor(Predictor):
             bias = BIAS_NAME.format(i=i)
             if bias in files:
                 biases.append(_load_tensor(model_dir, files[bias], bias))
+        norm_names = [NORM_NAME.format(i=i) for i in layer_ids]
+        norms = [_load_tensor(model_dir, files[n], n) for n in norm_names] if all(n in files for n in norm_names) else None
         if biases and len(biases) != len(weights):
             raise MoeRtError(f"{model_dir}: e_score_correction_bias present on some MoE layers only")
         expected = next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
@@ -94,7 +119,7 @@ class GateLookaheadPredictor(Predictor):
         if expected is not None and weights[0].shape[0] != expected:
             raise MoeRtError(f"{model_dir}: router weight has {weights[0].shape[0]} experts but config "
                              f"says {expected}")
-        return cls(weights, top_k, biases or None, layer_ids)
+        return cls(weights, top_k, biases or None, layer_ids, norms)
 
 
 def moe_layer_ids(config: dict) -> list[int]:

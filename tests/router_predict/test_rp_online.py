@@ -97,6 +97,8 @@ def test_from_model_equals_from_checkpoint(mixtral_llm, mixtral_dir):
     b = GateLookaheadPredictor.from_checkpoint(str(mixtral_dir))
     assert a.layer_ids == b.layer_ids == [0, 1] and a.top_k == b.top_k == 2 and a.biases is None
     torch.testing.assert_close(a.weights, b.weights, rtol=0, atol=0)
+    torch.testing.assert_close(a.norms, b.norms, rtol=0, atol=0)
+    assert a.norms.shape == (2, 64)
     obs = LayerObservation(0, torch.zeros(5, 2, dtype=torch.long), torch.ones(5, 2),
                            hidden=torch.randn(5, 64, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(a.predict(obs, 1), b.predict(obs, 1), rtol=0, atol=0)
@@ -134,8 +136,9 @@ def test_online_recall_equals_offline_replay(mixtral_llm):
 
 
 def zero_residual_checkpoint(folder):
-    """3 MoE layers whose attention and experts add nothing and whose routers and norms are equal,
-    so every router sees the same input and picks the same experts: look-ahead must be exact."""
+    """3 MoE layers whose attention and experts add nothing and whose routers are equal. The router
+    norms keep their own random weights, so layers route differently, yet look-ahead that rescales
+    by the norm weights must be exact: the residual stream is the same at every layer."""
     from checkpoints import write_checkpoint
 
     write_checkpoint(folder, "mixtral", num_hidden_layers=3)
@@ -145,8 +148,7 @@ def zero_residual_checkpoint(folder):
         if name.endswith("o_proj.weight") or name.endswith(".w2.weight"):
             w[name] = torch.zeros_like(w[name])
     for i in (1, 2):
-        for part in ("block_sparse_moe.gate.weight", "post_attention_layernorm.weight"):
-            w[f"model.layers.{i}.{part}"] = w[f"model.layers.0.{part}"].clone()
+        w[f"model.layers.{i}.block_sparse_moe.gate.weight"] = w["model.layers.0.block_sparse_moe.gate.weight"].clone()
     save_file(w, str(path), metadata={"format": "pt"})
     return folder
 
@@ -155,10 +157,14 @@ def test_gate_lookahead_exact_when_routers_identical_and_residual_zero(tmp_path)
     from moe_rt import LLM
 
     llm = LLM(zero_residual_checkpoint(tmp_path), dtype="float32", device="cpu", progress=False)
-    online, trace, calls = run_online_and_record(llm, GateLookaheadPredictor.from_model(llm.model), 2)
+    gate = GateLookaheadPredictor.from_model(llm.model)
+    online, trace, calls = run_online_and_record(llm, gate, 2)
     s = online.stats()
     assert s["by_distance"][1] == {"recall": 1.0, "rows": 2 * trace.num_rows}
     assert s["by_distance"][2] == {"recall": 1.0, "rows": trace.num_rows}
-    assert (trace.topk_ids[:, 1] == trace.topk_ids[:, 0]).all()  # the model really routes alike
+    assert (trace.topk_ids[:, 1] != trace.topk_ids[:, 0]).any()  # the norms make the layers differ
+    # Without the norm rescaling the same routers are no longer exact.
+    plain = GateLookaheadPredictor(list(gate.weights), 2)
+    assert replay(trace, plain, 1, progress=False).by_distance[1]["recall"] < 1.0
     assert {(c[0], c[1]) for c in calls} == {(1, 1), (2, 2), (2, 1)}
     assert online.latest(2).sum() == 2 * int((trace.steps == trace.steps.max()).sum())

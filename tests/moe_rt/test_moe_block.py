@@ -52,10 +52,9 @@ def test_deepseek_block_matches_transformers(name):
 
 
 @pytest.mark.parametrize("backend", [torch_experts, loop_experts])
-@pytest.mark.parametrize("T,K,S", [(1, 1, 4), (7, 2, 8), (33, 4, 16)])
-def test_torch_backends_match_reference(backend, T, K, S):
+@pytest.mark.parametrize("T,K,S,D,I", [(1, 1, 4, 24, 40), (7, 2, 8, 24, 40), (33, 4, 16, 24, 40), (5, 2, 4, 10, 7)])
+def test_torch_backends_match_reference(backend, T, K, S, D, I):
     g = torch.Generator().manual_seed(T * 100 + K)
-    D, I = 24, 40
     x = torch.randn(T, D, generator=g)
     w13 = torch.randn(S, 2 * I, D, generator=g) / D**0.5
     w2 = torch.randn(S, D, I, generator=g) / I**0.5

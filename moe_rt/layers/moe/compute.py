@@ -21,7 +21,9 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     """Sort (token, choice) pairs by slot and run every expert's rows in one grouped GEMM per
     projection (torch.nn.functional.grouped_mm), the way fused MoE kernels do on GPUs. Falls
     back to one matmul pair per used expert where grouped_mm is missing."""
-    if not _HAS_GROUPED_MM:
+    esize = hidden.element_size()
+    # grouped_mm wants 16-byte-aligned row strides; odd toy shapes take the per-expert loop.
+    if not _HAS_GROUPED_MM or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16:
         return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
     T, K = topk_ids.shape
     if T == 0:  # an expert-parallel rank can receive no tokens in a step

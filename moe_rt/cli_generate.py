@@ -21,6 +21,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--predictor", help="routing predictor for prefetch (with --cache-policy predictive)")
     g.add_argument("--predictor-dir", help="folder of a trained predictor")
     g.add_argument("--lookahead", help="MoE layers to prefetch ahead (int or auto)")
+    p.add_argument("--track-predictor", help="run this routing predictor online and report its live recall")
 
 
 def cache_options(args) -> dict | None:
@@ -74,6 +75,9 @@ def build_llm(args):
     cache = cache_options(args)
     if cache is not None:
         opts["cache"] = cache
+    if args.track_predictor:
+        opts["predictor"] = args.track_predictor
+        opts["predictor_dir"] = args.predictor_dir
     return LLM(args.model, progress=sys.stderr.isatty(), **opts)
 
 

@@ -38,6 +38,14 @@ class RuntimeConfig(BaseModel):
         None, description="expert-cache settings; override the placement file's cache section (docs/placement.md)"
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    predictor: str | None = Field(
+        None, description="routing predictor run online to report its live recall (gate_lookahead, learned, path, "
+                          "frequency, coactivation); the expert cache runs its own for prefetch"
+    )
+    predictor_dir: str | None = Field(
+        None, description="trained predictor folder (learned, path) or a fit trace .npz (frequency, coactivation)"
+    )
+    predictor_depth: int = Field(1, ge=1, description="MoE layers ahead the online predictor forecasts")
 
 
 def build_config(**kwargs) -> RuntimeConfig:

@@ -73,6 +73,7 @@ class LLMEngine:
                 self.model, self.reader, cache_cfg, device=self.device, dtype=self.dtype
             )
             self.stat_sources["cache"] = self.expert_cache.stats
+        self.online_predictor = self._start_predictor(cfg) if cfg.predictor else None
         self.model.moe_ctx.compute = get_expert_compute(cfg.engine.expert_compute)
         self.eos_ids = self._eos_ids(cfg.model)
         ec = cfg.engine
@@ -150,8 +151,29 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return True
 
+    def _start_predictor(self, cfg: RuntimeConfig):
+        from router_predict.online import OnlinePredictor
+        from router_predict.registry import build_predictor
+        from router_predict.trace import load_trace
+
+        fit = None
+        if cfg.predictor in ("frequency", "coactivation"):
+            if not cfg.predictor_dir or not cfg.predictor_dir.endswith(".npz"):
+                raise MoeRtError(f"predictor {cfg.predictor} is fitted on a trace: pass predictor_dir=TRACE.npz")
+            fit = load_trace(cfg.predictor_dir)
+        pdir = None if fit is not None else cfg.predictor_dir
+        predictor = build_predictor(cfg.predictor, fit_trace=fit, model_dir=cfg.model, predictor_dir=pdir,
+                                    depth=cfg.predictor_depth)
+        online = OnlinePredictor(self.model.hub, predictor, cfg.predictor_depth).start()
+        self.stat_sources["predictor"] = online.stats
+        return online
+
     def close(self) -> None:
         """Stop background work (the expert cache's transfer thread and predictor subscription)."""
+        if self.online_predictor is not None:
+            self.online_predictor.stop()
+            self.online_predictor = None
+            self.stat_sources.pop("predictor", None)
         if self.expert_cache is not None:
             self.expert_cache.close()
             self.expert_cache = None

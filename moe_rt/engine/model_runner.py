@@ -81,4 +81,5 @@ class ModelRunner:
         """Logits [n, V] of every prompt position, without touching the KV cache."""
         ids = self._t(token_ids)
         meta = AttentionMetadata(True, [len(token_ids)])
+        self.model.hub.batch = None  # a scoring pass belongs to no engine step: observers must not file it under one
         return self.model.compute_logits(self.model(ids, torch.arange(len(token_ids), device=self.device), meta, None))

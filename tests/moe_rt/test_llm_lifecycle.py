@@ -18,3 +18,13 @@ def test_close_stops_the_cache_and_unregisters_its_stats(mixtral_dir, mixtral_ll
     for t in leftover:
         t.join(timeout=10)
     assert not [t for t in leftover if t.is_alive()]
+
+
+def test_online_predictor_reports_live_recall(mixtral_dir):
+    with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="gate_lookahead") as llm:
+        llm.generate(["In the beginning", "Hello world"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        stats = llm.engine.moe_stats()["predictor"]
+        assert stats["predictor"] == "gate_lookahead" and stats["tokens"] > 0
+        assert 0.0 <= stats["recall"] <= 1.0 and stats["by_distance"][1]["rows"] > 0
+        assert llm.model.hub.active
+    assert not llm.model.hub.active and "predictor" not in llm.engine.moe_stats()

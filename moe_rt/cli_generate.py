@@ -13,6 +13,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--placement", help="expert-placement YAML (docs/placement.md)")
     p.add_argument("--expert-compute", default="torch", choices=["torch", "loop", "triton", "reference"])
+    add_offload_arguments(p)
+
+
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expert offloading (override the placement file's cache section)")
     g.add_argument("--offload", choices=["none", "cpu", "disk"], help="where non-resident experts live")
     g.add_argument("--expert-cache-gb", type=float, help="fast-tier budget in GiB of expert weights")

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the paged KV cache")
+    from moe_rt.cli_generate import add_offload_arguments
+
+    add_offload_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g = parser.add_argument_group("expert parallelism (CPU: gloo on loopback; CUDA: nccl)")
     g.add_argument("--ep", type=int, default=1, help="run on N local ranks: rank 0 serves HTTP, every rank computes")
@@ -44,6 +47,13 @@ def _engine_options(args: argparse.Namespace) -> dict:
     for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_gb"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
+    if args.track_predictor:
+        opts["predictor"], opts["predictor_dir"] = args.track_predictor, args.predictor_dir
+    from moe_rt.cli_generate import cache_options
+
+    cache = cache_options(args)
+    if cache is not None:
+        opts["cache"] = cache
     return opts
 
 
@@ -100,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ep > 1:
         from parallel.serve_ep import check_group
 
+        if cfg.cache is not None or cfg.predictor:
+            raise MoeRtError("--ep does not combine with expert offloading or --track-predictor yet")
         check_group(model, args)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -57,6 +57,8 @@ class MoEBlock(nn.Module):
         d = ctx.dispatcher.dispatch(self.moe_index, x, ids, weights)
         experts = ctx.store.prepare(self.moe_index, d.topk_ids)
         y = ctx.compute(d.hidden, experts.w13, experts.w2, experts.slots(d.topk_ids), d.topk_weights)
+        if experts.host_compute is not None:  # choices mapped to no slot ran where their weights are
+            y = y + experts.host_compute(d.hidden, d.topk_ids, d.topk_weights)
         out = ctx.dispatcher.combine(self.moe_index, y, d)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,10 @@ class LayerExperts:
     w13: torch.Tensor  # [S, 2I, D] gate rows then up rows
     w2: torch.Tensor  # [S, D, I]
     slot_of: torch.Tensor | None = None  # [E] int64 slot of each logical expert (-1: not here); None = identity
+    # Experts the store chose to run where their weights are (e.g. missed experts computed on the
+    # host instead of copied to the GPU, the Fiddler idea): (hidden, topk_ids, topk_weights) -> [T, D]
+    # partial output for exactly the choices whose slot_of is -1. None = every needed expert is in a slot.
+    host_compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def slots(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Map logical ids [T, K] (-1 = skip) to slot ids in w13/w2 (-1 = skip)."""

@@ -21,3 +21,10 @@ def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
         assert 0 < r["a2a_bytes_per_token"] <= r["all_bytes_per_token"]
         moved = sum(r["bytes_by_collective"].values())
         assert abs(moved / r["tokens"] - r["all_bytes_per_token"]) < 0.1
+
+
+def test_bench_ep_refuses_indivisible_heads_before_starting_ranks(mixtral_dir, capsys):
+    # the tiny model has 4 heads and 2 KV heads: 4 ranks cannot split the KV heads
+    assert main(["bench", "ep", "--model", str(mixtral_dir), "--ranks", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "divisible by 4" in err and len(err.strip().splitlines()) == 1

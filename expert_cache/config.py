@@ -59,10 +59,14 @@ class CacheConfig(BaseModel):
         8, ge=0,
         description="Most prefetches issued after one layer; further ones are dropped, nearest "
                     "layers and highest scores kept. 0 disables prefetch.")
-    cpu_compute_on_miss: bool = Field(
+    cpu_compute_on_miss: Literal[False, "auto", "always"] = Field(
         False,
-        description="On a miss, run the expert on the CPU where its weights are when the latency "
-                    "model says that beats copying it to the GPU. Needs offload: cpu.")
+        description="What a miss whose weights are in host RAM does: false (load it into a "
+                    "slot), auto (run it on the host where its weights are when the latency rule "
+                    "cost_model.cpu_beats_transfer says that beats copying it; never on a "
+                    "CPU-only machine, where both are the same RAM), always (run every such "
+                    "miss on the host; for tests and experiments). true means auto. Needs "
+                    "offload: cpu.")
 
     @field_validator("lookahead", mode="before")
     @classmethod
@@ -71,6 +75,17 @@ class CacheConfig(BaseModel):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(f"lookahead must be an integer >= 1 or 'auto', got {v!r}")
+
+    @field_validator("cpu_compute_on_miss", mode="before")
+    @classmethod
+    def _miss_mode(cls, v: Any) -> Any:
+        # YAML files written when this was a bool keep working: true is the latency rule.
+        if v is True:
+            return "auto"
+        if v is False or v in ("auto", "always"):
+            return v
+        raise ValueError(f"cpu_compute_on_miss must be false, true (= auto), auto or always, "
+                         f"got {v!r}")
 
     @field_validator("pinned")
     @classmethod

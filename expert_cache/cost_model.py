@@ -11,7 +11,8 @@ Rates come from the replay simulator (hits, misses, prefetches per layer visit),
 prefetches land in time; the max() above is where slower links show up instead.
 
 `cpu_beats_transfer` is the Fiddler-style choice for a miss whose weights are in host RAM: run
-the expert on the CPU when that is quicker than copying it to the GPU.
+the expert on the CPU when that is quicker than copying it to the GPU; `choose_host_experts`
+applies it to one layer's misses (see docs/expert-cache.md, "Miss handling").
 """
 from __future__ import annotations
 
@@ -66,6 +67,53 @@ def rates_from_replay(stats: dict, layer_visits: int) -> tuple[float, float]:
 def cpu_beats_transfer(expert_bytes: int, link_bytes_per_s: float, cpu_expert_s: float) -> bool:
     """Fiddler's rule: compute a missed expert on the CPU if that takes less than copying it."""
     return cpu_expert_s < transfer_seconds(expert_bytes, link_bytes_per_s)
+
+
+# Host estimates used until the runtime has timed its own host computations (assumptions: one
+# socket's DRAM read bandwidth as torch reaches it, and a many-core CPU's fp32/bf16 GEMM rate).
+HOST_BYTES_PER_S = 20e9
+HOST_FLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class HostRule:
+    """Inputs of the host-or-load choice for the misses of one layer visit."""
+
+    expert_bytes: int  # bytes one copy moves
+    link_bytes_per_s: float  # host -> compute device (measured, or PCIE4_BYTES_PER_S)
+    flops_per_row: float  # one token through one expert: 2 * 3 * D * I
+    row_s: float | None = None  # measured host seconds per (token, expert) pair; None = not yet
+    host_bytes_per_s: float = HOST_BYTES_PER_S
+    host_flops: float = HOST_FLOPS
+
+
+def host_expert_seconds(rows: int, rule: HostRule) -> float:
+    """Host time of one expert on `rows` tokens: the measured per-row average once there is one;
+    before that a roofline (read the weights once, or do the GEMM, whichever is slower)."""
+    if rule.row_s is not None:
+        return rows * rule.row_s
+    return max(rule.expert_bytes / rule.host_bytes_per_s, rows * rule.flops_per_row / rule.host_flops)
+
+
+def choose_host_experts(mode, missed_rows: dict[int, int], *, same_device: bool,
+                        rule: HostRule) -> list[int]:
+    """Which missed experts (id -> token rows routed to it) run on the host, sorted.
+
+    mode False: none. "always": all. "auto": those where cpu_beats_transfer holds, and none when
+    the host and the compute device are the same (a CPU-only machine): there a "copy" is a RAM
+    copy and the compute is identical either way, so nothing is gained.
+    """
+    if mode is False or not missed_rows:
+        return []
+    if mode == "always":
+        return sorted(missed_rows)
+    if mode != "auto":
+        raise MoeRtError(f"cost model: unknown host-compute mode {mode!r}")
+    if same_device:
+        return []
+    return sorted(e for e, n in missed_rows.items()
+                  if cpu_beats_transfer(rule.expert_bytes, rule.link_bytes_per_s,
+                                        host_expert_seconds(n, rule)))
 
 
 # Mixtral-8x7B on one 24 GB GPU over PCIe 4 (assumptions stated in docs/benchmarks-expert-cache.md).

@@ -11,9 +11,11 @@ Per MoE layer, `prepare(l, topk_ids)`:
   1. completes finished prefetches; cancels queued prefetches for layer l that l does not use
      (proven wrong), and counts started ones as proven wrong (wasted if evicted unused);
   2. marks l's experts needed (never evicted while needed or in flight);
-  3. per expert: a hit goes straight (waiting for its copy if a prefetch is still landing), a
-     miss is loaded synchronously into a free slot or the policy's victim (stall time counted);
-     if every slot of the pool is pinned or needed, the miss is streamed through staging;
+  3. per expert: a hit goes straight (waiting for its copy if a prefetch is still landing); with
+     cpu_compute_on_miss, the misses that cost_model.choose_host_experts picks stay unmapped and
+     run on the host where their weights are (LayerExperts.host_compute); any other miss is
+     loaded synchronously into a free slot or the policy's victim (stall time counted); if every
+     slot of the pool is pinned or needed, the miss is streamed through staging;
   4. issues prefetches for layers l+1..l+d from the latest forecast (they overlap l's compute);
   5. returns LayerExperts(slot buffers, slot_of [E]).
 All CacheState changes happen on the model's thread; the transfer worker only writes bytes.
@@ -30,12 +32,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from expert_cache.config import CacheConfig
+from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
 from expert_cache.policies import ExpertKey, choose_victims, should_displace
-from expert_cache.prefetcher import ForecastSource, Prefetcher
+from expert_cache.prefetcher import ForecastSource, MovingAverage, Prefetcher
 from expert_cache.slow_tier import SlowTier, build_slow_tier
 from expert_cache.state import CacheState
 from expert_cache.transfer import Ticket, TransferEngine
 from moe_rt.errors import MoeRtError
+from moe_rt.kernels.loop import loop_experts
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class LayerCounters:
     misses: int = 0
     prefetch_hits: int = 0
     streamed: int = 0
+    host_computed: int = 0  # misses run on the host instead of loaded (counted in misses too)
     stall_s: float = 0.0
 
 
@@ -78,6 +83,16 @@ class ExpertCache(ExpertStore):
         self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
         self.proven_wrong = 0  # prefetches already copying when their layer ran without them
         self._closed = False
+        # Host compute of misses (cpu_compute_on_miss). The tier must hold whole layers in RAM.
+        self.host_mode = cfg.cpu_compute_on_miss if tier.host_layer(0) is not None else False
+        self._flops_per_row = 2 * 3 * D * I
+        self.host_row_s = MovingAverage()  # host seconds per (token, expert) pair, measured
+        self.link_bps = MovingAverage()  # host -> device bytes/s, measured (CUDA, auto only)
+        self.host_computed = 0  # experts (layer visits) run on the host
+        self.host_rows = 0  # (token, expert) pairs run on the host
+        self.host_s = 0.0
+        if self.host_mode == "auto" and self.device.type == "cuda":
+            self._measure_link()
         for key in cfg.pinned_keys():
             slot = self.state.pin(key, now=-1)
             self._slot_of[key[0]][key[1]] = slot
@@ -101,21 +116,31 @@ class ExpertCache(ExpertStore):
         st, counters = self.state, self.layers[l]
         st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
         st.mark_needed(keys)
-        stall, streamed = 0.0, []
+        stall, streamed, missed = 0.0, [], []
         for key in keys:
             result = st.access(key, now)
-            if result != "miss":
-                counters.hits += 1
-                counters.prefetch_hits += result == "prefetch_hit"
-                ticket = self._tickets.get(key)
-                if ticket is not None:  # a prefetch of this expert is still landing
-                    t0 = time.perf_counter()
-                    if self.transfer.cancel(ticket):  # not started: load it now, not after the queue
-                        self.transfer.load_now(key, ticket.w13, ticket.w2)
-                    self._finish(key, ticket)
-                    stall += time.perf_counter() - t0
+            if result == "miss":
+                missed.append(key)
                 continue
-            counters.misses += 1
+            counters.hits += 1
+            counters.prefetch_hits += result == "prefetch_hit"
+            ticket = self._tickets.get(key)
+            if ticket is not None:  # a prefetch of this expert is still landing
+                t0 = time.perf_counter()
+                if self.transfer.cancel(ticket):  # not started: load it now, not after the queue
+                    self.transfer.load_now(key, ticket.w13, ticket.w2)
+                self._finish(key, ticket)
+                stall += time.perf_counter() - t0
+        counters.misses += len(missed)
+        host = self._host_experts(l, topk_ids, missed)
+        if host:
+            # Invariant: a host expert stays non-resident (slot_of -1) for this layer, so the
+            # device backend skips exactly the choices host_compute adds.
+            counters.host_computed += len(host)
+            self.host_computed += len(host)
+            missed = [k for k in missed if k[1] not in host]
+            keys = [k for k in keys if k[1] not in host]
+        for key in missed:
             t0 = time.perf_counter()
             slot = self._make_room(key, now)
             if slot is None:  # every slot of the pool is pinned, needed or in flight
@@ -137,10 +162,71 @@ class ExpertCache(ExpertStore):
             slot_of = self._slot_of[l]
             out = LayerExperts(self.w13[pool], self.w2[pool],
                                slot_of if self.device.type == "cpu" else slot_of.to(self.device))
+        if host:
+            out.host_compute = self._host_compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
         self._last = (l, time.perf_counter(), issued)
         return out
+
+    # -- host compute of misses --------------------------------------------------------------------
+    def _host_experts(self, l: int, topk_ids: torch.Tensor, missed: list[ExpertKey]) -> list[int]:
+        """Missed expert ids of layer l to run on the host (cost_model.choose_host_experts)."""
+        if not missed or self.host_mode is False:
+            return []
+        flat = topk_ids[topk_ids >= 0].cpu()
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        rule = HostRule(self._expert_bytes, self.link_bps.value or PCIE4_BYTES_PER_S,
+                        self._flops_per_row, self.host_row_s.value)
+        return choose_host_experts(self.host_mode, {e: counts[e] for _, e in missed},
+                                   same_device=self.device.type == "cpu", rule=rule)
+
+    def _host_compute_fn(self, l: int, host: list[int]):
+        """LayerExperts.host_compute for layer l: the weighted sum over the choices routed to the
+        `host` experts, computed with the host tier's weights (no copy of them is made)."""
+        w13, w2 = self.tier.host_layer(l)  # [E, 2I, D], [E, D, I] by logical id
+        on_host = torch.zeros(self.num_experts, dtype=torch.bool)
+        on_host[host] = True
+
+        def host_compute(hidden: torch.Tensor, topk_ids: torch.Tensor,
+                         topk_weights: torch.Tensor) -> torch.Tensor:
+            ids = topk_ids.cpu()
+            mine = (ids >= 0) & on_host[ids.clamp(min=0)]  # [T, K] choices computed here
+            rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one such choice
+            out = torch.zeros_like(hidden)
+            if rows.numel() == 0:
+                return out
+            sub_ids = torch.where(mine[rows], ids[rows], -1)  # other choices ran on the device
+            dev_rows = rows.to(hidden.device)
+            # On CUDA these copies wait for the device experts enqueued before them; only the
+            # host GEMMs are timed, so host_row_s measures the host, not that wait.
+            x = hidden.index_select(0, dev_rows).cpu()
+            w = topk_weights.index_select(0, dev_rows).cpu()
+            t0 = time.perf_counter()
+            y = loop_experts(x, w13, w2, sub_ids, w)
+            seconds = time.perf_counter() - t0
+            out.index_add_(0, dev_rows, y.to(hidden.device))
+            pairs = int(mine.sum())
+            self.host_rows += pairs
+            self.host_s += seconds
+            self.host_row_s.add(seconds / pairs)
+            return out
+
+        return host_compute
+
+    def _measure_link(self) -> None:
+        """Time one expert host -> device copy, synchronised (the transfer engine's own times do
+        not wait for the GPU copy), as the first sample of the link bandwidth."""
+        w13, w2 = self.tier.host_weights((0, 0))
+        d13, d2 = torch.empty_like(w13, device=self.device), torch.empty_like(w2, device=self.device)
+        for _ in range(2):  # the first copy pays one-off setup costs
+            torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            d13.copy_(w13, non_blocking=True)
+            d2.copy_(w2, non_blocking=True)
+            torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+        self.link_bps.add(self._expert_bytes / max(seconds, 1e-9))
 
     # -- prefetch ---------------------------------------------------------------------------------
     def start_prefetch(self, source: ForecastSource, *, depth: int | str = 1, max_depth: int = 1,
@@ -269,6 +355,12 @@ class ExpertCache(ExpertStore):
             "offload": self.tier.name, "policy": self.cfg.policy, "scope": self.cfg.scope,
             "capacity_slots": self.capacity_slots, "expert_bytes": self._expert_bytes,
             "bytes_moved_total": sum(s["bytes_moved"].values()),
+            # a host-computed miss is a fast-tier miss that copied nothing: loads are copies only
+            "loads": s["loads"] - self.host_computed,
+            "cpu_compute_on_miss": self.host_mode, "host_computed": self.host_computed,
+            "host_computed_rows": self.host_rows, "host_compute_s": self.host_s,
+            "host_bytes_not_moved": self.host_computed * self._expert_bytes,
+            "host_row_s_avg": self.host_row_s.value, "link_bytes_per_s": self.link_bps.value,
             "prefetches_cancelled": self.cancelled, "prefetches_proven_wrong": self.proven_wrong,
             "lookahead": None if p is None else p.depth,
             "transfer_s_avg": None if p is None else p.transfer_s.value,
@@ -340,12 +432,9 @@ def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torc
         raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
     spec = model.spec
     device = torch.device(device)
-    if cfg.cpu_compute_on_miss and device.type == "cpu":
-        log.info("cache: cpu_compute_on_miss does nothing here: the model computes on the CPU, "
-                 "where the weights already are, so a miss is a RAM copy either way")
-    elif cfg.cpu_compute_on_miss:
-        log.warning("cache: cpu_compute_on_miss needs the MoE block to add CPU-computed expert "
-                    "outputs, which it does not yet; misses are copied to the GPU")
+    if cfg.cpu_compute_on_miss == "auto" and device.type == "cpu":
+        log.info("cache: cpu_compute_on_miss auto never runs a miss on the host here: the model "
+                 "computes on the CPU, where the weights already are (use always to force it)")
     tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress)
     cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
     if predictor is None and cfg.policy == "predictive":

@@ -45,6 +45,11 @@ class SlowTier(ABC):
         """(w13, w2) already in host RAM (for computing the expert on the CPU), or None."""
         return None
 
+    def host_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(w13 [E, 2I, D], w2 [E, D, I]) of a whole MoE layer in host RAM, indexed by logical
+        expert id (for running experts on the host without copying them), or None."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -82,6 +87,9 @@ class HostTier(SlowTier):
     def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor]:
         l, e = key
         return self.w13[l][e], self.w2[l][e]
+
+    def host_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13[layer], self.w2[layer]
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ class ModelRunner:
         self.device = device
         a = model.spec.attention
         slots = num_blocks * block_size
-        # torch.empty: the OS backs only the pages a sequence actually writes.
+        # Zeroed, not empty: decode attention reads whole blocks (and block 0 as padding) and masks
+        # the unused slots, but a masked score still multiplies its value, so uninitialised memory
+        # holding NaN/Inf would poison the output (seen with small caches carved from reused heap).
         self.kv = [
             LayerKV(
-                torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
-                torch.empty(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
+                torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
+                torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
             )
             for _ in range(model.spec.num_layers)
         ]

@@ -54,6 +54,17 @@ def test_full_kv_cache_preempts_and_recomputes_with_identical_output(mixtral_dir
     assert small.engine.blocks.num_free == small.engine.blocks.num_blocks  # every block came back
 
 
+def test_garbage_in_unused_kv_slots_cannot_leak_into_outputs(mixtral_dir, mixtral_llm):
+    # Slots past a sequence's length and padding blocks are masked, but a masked NaN still
+    # multiplies its attention weight: the runner must never hold non-finite values there.
+    llm = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, kv_block_size=4, max_model_len=64,
+              kv_cache_memory_gb=40 * 2 * 2 * 4 * 2 * 16 * 4 / 2**30)
+    for kv in llm.engine.runner.kv:
+        assert torch.isfinite(kv.k).all() and torch.isfinite(kv.v).all()
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in mixtral_llm.generate(PROMPTS, GREEDY)]
+
+
 def test_abort_frees_blocks_and_finishes_request(mixtral_llm):
     eng = mixtral_llm.engine
     free0 = eng.blocks.num_free

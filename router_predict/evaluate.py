@@ -160,6 +160,7 @@ def plot_recall_per_layer(reports: list[PredictorReport], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     depth = max(r.depth for r in reports)
     fig, axes = plt.subplots(1, depth, figsize=(5 * depth, 3.6), squeeze=False, sharey=True)
@@ -171,10 +172,13 @@ def plot_recall_per_layer(reports: list[PredictorReport], path: str) -> None:
                 ax.plot(np.arange(len(ys)), ys, marker="o", ms=3, label=r.name)
         ax.set_title(f"look-ahead d={d}")
         ax.set_xlabel("target MoE layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("recall@k")
-    axes[0, -1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # below the panels, so it never hides a line
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     print(f"moe-rt: serving '{name}' on http://{host}:{port}/v1 (health: /health, metrics: /metrics)", flush=True)
     if args.ep > 1:
-        from parallel.serve_ep import run_group
+        from parallel.serve_ep_launch import run_group
 
         args.model, args.served_model_name = model, name
         return run_group(args, sock)

@@ -23,11 +23,10 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     back to one matmul pair per used expert where grouped_mm is missing."""
     esize = hidden.element_size()
     T, K = topk_ids.shape
-    # grouped_mm visits every slot, used or not (on CPU: one matmul call per slot), so when the
-    # batch cannot touch most slots (small decode batches) the loop over used slots is cheaper.
-    # It also wants 16-byte-aligned row strides; odd toy shapes take the loop too.
-    if (not _HAS_GROUPED_MM or T * K < w13.shape[0]
-            or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16):
+    # grouped_mm wants 16-byte-aligned row strides; odd toy shapes take the per-expert loop.
+    # (It visits every slot, used or not, yet measured no slower than the loop over used slots
+    # even at batch 1 with 16 experts, and 2.4x faster at batch 4: one kernel beats Python.)
+    if not _HAS_GROUPED_MM or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16:
         return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
     if T == 0:  # an expert-parallel rank can receive no tokens in a step
         return torch.zeros_like(hidden)

@@ -202,12 +202,13 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
+        prefill, decode = self.scheduler.schedule()
+        seqs = prefill + decode
         if not seqs:
             return []
         self.last_batch_size = len(seqs)
         self.num_steps += 1
-        logits = self.runner.run(seqs, is_prefill)
+        logits = self.runner.run(prefill, decode)
         tokens = sample(logits, seqs, self.generator)
         logprobs = token_logprobs(logits, seqs, tokens)
         return [self._postprocess(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]

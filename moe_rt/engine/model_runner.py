@@ -35,53 +35,51 @@ class ModelRunner:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _prepare_prefill(self, seqs: list[Sequence]):
-        ids, pos, slots, lens = [], [], [], []
-        for s in seqs:
+    def _prepare(self, prefill: list[Sequence], decode: list[Sequence]):
+        """Rows: every prefilled sequence's whole token list, then each decoding sequence's last token."""
+        ids, pos, slots, seq_rows = [], [], [], []
+        for s in prefill:
             n = len(s)
             ids.extend(s.token_ids)
             pos.extend(range(n))
             slots.extend(self._slot(s, p) for p in range(n))
-            lens.append(n)
-        meta = AttentionMetadata(True, lens, self._t(slots), block_size=self.block_size)
-        return self._t(ids), self._t(pos), meta
-
-    def _prepare_decode(self, seqs: list[Sequence]):
-        ids = [s.token_ids[-1] for s in seqs]
-        pos = [len(s) - 1 for s in seqs]
-        slots = [self._slot(s, len(s) - 1) for s in seqs]
-        width = max(len(s.block_table) for s in seqs)
-        # Padding entries point at block 0; the context-length mask hides them.
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        lens = [len(s) for s in seqs]
-        meta = AttentionMetadata(
-            False, lens, self._t(slots), self._t(tables), self.block_size, self._t(lens)
-        )
-        return self._t(ids), self._t(pos), meta
+            seq_rows.extend([s.seq_id] * n)
+        tables = lens = None
+        if decode:
+            ids.extend(s.token_ids[-1] for s in decode)
+            pos.extend(len(s) - 1 for s in decode)
+            slots.extend(self._slot(s, len(s) - 1) for s in decode)
+            seq_rows.extend(s.seq_id for s in decode)
+            width = max(len(s.block_table) for s in decode)
+            # Padding entries point at block 0; the context-length mask hides them.
+            tables = self._t([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
+            lens = self._t([len(s) for s in decode])
+        meta = AttentionMetadata([len(s) for s in prefill], self._t(slots), tables, self.block_size, lens)
+        return self._t(ids), self._t(pos), meta, seq_rows
 
     def _t(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64, device=self.device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Forward one step; returns logits [B, V] of each sequence's last position."""
-        ids, pos, meta = self._prepare_prefill(seqs) if is_prefill else self._prepare_decode(seqs)
+    def run(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+        """Forward one step; returns logits [B, V] of each sequence's last position, in the order
+        prefill + decode."""
+        ids, pos, meta, seq_rows = self._prepare(prefill, decode)
         hub = self.model.hub
         if hub.active:
-            seq_ids = torch.cat([torch.full((n,), s.seq_id) for s, n in zip(seqs, meta.seq_lens)]) if is_prefill \
-                else torch.tensor([s.seq_id for s in seqs])
-            hub.batch = BatchInfo(self.step_count, seq_ids, pos.cpu(), ids.cpu())
+            hub.batch = BatchInfo(self.step_count, torch.tensor(seq_rows), pos.cpu(), ids.cpu())
         self.step_count += 1
         hidden = self.model(ids, pos, meta, self.kv)
-        if is_prefill:
-            last = torch.tensor(meta.seq_lens, device=self.device).cumsum(0) - 1
-            hidden = hidden[last]
-        return self.model.compute_logits(hidden)
+        P = meta.num_prefill_tokens
+        last = torch.tensor(meta.prefill_lens, dtype=torch.int64, device=self.device).cumsum(0) - 1
+        if decode:
+            last = torch.cat([last, torch.arange(P, P + len(decode), device=self.device)])
+        return self.model.compute_logits(hidden[last])
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [n, V] of every prompt position, without touching the KV cache."""
         ids = self._t(token_ids)
-        meta = AttentionMetadata(True, [len(token_ids)])
+        meta = AttentionMetadata([len(token_ids)])
         self.model.hub.batch = None  # a scoring pass belongs to no engine step: observers must not file it under one
         return self.model.compute_logits(self.model(ids, torch.arange(len(token_ids), device=self.device), meta, None))

@@ -1,6 +1,6 @@
-"""Continuous batching: admit waiting sequences between steps, decode the running ones together,
-and preempt (free the KV, recompute later) when the cache is full. Never crashes on a full cache:
-the newest running sequence yields its blocks to the older ones."""
+"""Continuous batching: every step decodes the running sequences and, in the same forward,
+prefills waiting ones admitted between steps; when the cache is full the newest running sequence
+is preempted (its KV freed, recomputed later) so older ones go on. Never crashes on a full cache."""
 from __future__ import annotations
 
 from collections import deque
@@ -26,23 +26,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Sequences for the next step and whether it is a prefill step."""
-        batch, tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if batch and tokens + len(seq) > self.max_num_batched_tokens:
-                break
-            if not self.blocks.can_allocate(seq):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(seq)
-            seq.status = Status.RUNNING
-            batch.append(seq)
-            tokens += len(seq)
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(prefill, decode) for the next step; both run in one forward.
+
+        Running sequences come first: each gets the slot for its next token, preempting the newest
+        running sequence when the cache is full. Waiting sequences are then admitted while the
+        running set, the token budget (decode tokens count 1 each) and the free blocks allow; the
+        first admission ignores the token budget when nothing else would run, so a prompt longer
+        than the budget still gets its turn.
+        """
+        decode: list[Sequence] = []
         for seq in list(self.running):
             if seq.status != Status.RUNNING:
                 continue  # preempted below while serving an older sequence
@@ -53,8 +46,22 @@ class Scheduler:
                     break
             else:
                 self.blocks.append(seq)
-                batch.append(seq)
-        return batch, False
+                decode.append(seq)
+        prefill: list[Sequence] = []
+        tokens = len(decode)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if tokens + len(seq) > self.max_num_batched_tokens and (prefill or decode):
+                break
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            prefill.append(seq)
+            tokens += len(seq)
+        return prefill, decode
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

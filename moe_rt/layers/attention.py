@@ -1,7 +1,8 @@
 """Grouped-query attention over a paged KV cache.
 
-Tokens of a forward batch are flattened: T rows, each with its position. A prefill batch holds
-whole prompts back to back (`seq_lens`); a decode batch holds one new token per sequence.
+Tokens of a forward batch are flattened: T rows, each with its position. Whole prompts being
+prefilled come first, back to back; then one new token per decoding sequence. Mixing both in
+one forward keeps decoding going while new requests arrive (no prefill-only steps).
 The KV cache of a layer is two tensors [num_slots, KV, hd]; slot = block * block_size + offset.
 
 Shape legend: T tokens, B sequences, H query heads, KV key/value heads, hd head dim, D hidden.
@@ -22,16 +23,27 @@ from .rotary import RotaryEmbedding
 
 @dataclass
 class AttentionMetadata:
-    is_prefill: bool
-    seq_lens: list[int]  # prefill: tokens per sequence (sum = T); decode: context length incl. the new token
+    """A forward batch is a prefill part then a decode part (either may be empty):
+    rows [0, P) are whole prompts back to back (`prefill_lens`, P = their sum), rows [P, T) one
+    new token per decoding sequence (`block_tables`, `context_lens`)."""
+
+    prefill_lens: list[int]  # tokens of each prefilled sequence, in row order
     slot_mapping: torch.Tensor | None = None  # [T] int64 cache slot per row; None = no cache (scoring)
-    block_tables: torch.Tensor | None = None  # decode: [B, max_blocks] int64
+    block_tables: torch.Tensor | None = None  # decode part: [B, max_blocks] int64; None = no decode rows
     block_size: int = 16
-    context_lens: torch.Tensor | None = None  # decode: [B] int64, == seq_lens as a tensor
+    context_lens: torch.Tensor | None = None  # decode part: [B] int64 context length incl. the new token
     # Filled once per forward by the model and shared by every layer (not per layer: it is the
     # same for all of them): rotary tables of `positions`, and the decode key-position grid.
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
     key_positions: torch.Tensor | None = None  # decode: [1, max_blocks * block_size]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(self.prefill_lens)
+
+    @property
+    def has_decode(self) -> bool:
+        return self.block_tables is not None
 
 
 @dataclass
@@ -72,10 +84,13 @@ class Attention(nn.Module):
         if kv is not None and meta.slot_mapping is not None:
             kv.k.index_copy_(0, meta.slot_mapping, k)
             kv.v.index_copy_(0, meta.slot_mapping, v)
-        if meta.is_prefill:
-            o = self._prefill(q, k, v, meta.seq_lens)
-        else:
-            o = self._decode(q, kv, meta)
+        P = meta.num_prefill_tokens
+        parts = []
+        if P:
+            parts.append(self._prefill(q[:P], k[:P], v[:P], meta.prefill_lens))
+        if meta.has_decode:
+            parts.append(self._decode(q[P:], kv, meta))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.o_proj(o.reshape(T, self.q_size))
 
     def _prefill(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:

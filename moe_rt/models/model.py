@@ -65,7 +65,7 @@ class MoEForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         meta.rope = self.rope.lookup(positions, x.dtype)
-        if not meta.is_prefill and meta.block_tables is not None:
+        if meta.has_decode:
             L = meta.block_tables.shape[1] * meta.block_size
             meta.key_positions = torch.arange(L, device=x.device)[None, :]
         for i, layer in enumerate(self.layers):

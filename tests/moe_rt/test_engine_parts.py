@@ -33,23 +33,39 @@ def test_block_manager_pairs_checks_with_actions():
     assert bm.num_free == 3 and s.block_table == []
 
 
-def test_scheduler_prefills_then_decodes_and_preempts_newest():
+def test_scheduler_decodes_running_then_admits_and_preempts_newest():
     bm = BlockManager(num_blocks=4, block_size=2)
     sch = Scheduler(EngineConfig(max_num_seqs=8), bm)
     a, b = seq(0, 3), seq(1, 3)
     sch.add(a)
     sch.add(b)
-    batch, prefill = sch.schedule()
-    assert prefill and batch == [a, b] and bm.num_free == 0
-    a.token_ids.append(1)  # both now need their 3rd slot in block 1: fits
+    prefill, decode = sch.schedule()
+    assert prefill == [a, b] and decode == [] and bm.num_free == 0
+    a.token_ids.append(1)  # both now need their 4th slot in block 1: fits
     b.token_ids.append(1)
-    batch, prefill = sch.schedule()
-    assert not prefill and batch == [a, b]
+    c = seq(2, 1)
+    sch.add(c)  # no free block: c waits while a and b decode
+    prefill, decode = sch.schedule()
+    assert prefill == [] and decode == [a, b] and list(sch.waiting) == [c]
     a.token_ids.append(1)  # 5 tokens: a needs a third block, none free -> b (newest) is preempted
     b.token_ids.append(1)
-    batch, prefill = sch.schedule()
-    assert batch == [a] and b.status == Status.WAITING and list(sch.waiting) == [b]
-    assert sch.num_preemptions == 1 and b.block_table == []
+    prefill, decode = sch.schedule()
+    assert decode == [a] and b.status == Status.WAITING and list(sch.waiting) == [b, c]
+    assert prefill == [] and sch.num_preemptions == 1 and b.block_table == []
+
+
+def test_scheduler_mixes_new_prompts_into_a_decode_step():
+    bm = BlockManager(num_blocks=100, block_size=4)
+    sch = Scheduler(EngineConfig(max_num_batched_tokens=10), bm)
+    a = seq(0, 3)
+    sch.add(a)
+    assert sch.schedule() == ([a], [])
+    a.token_ids.append(1)
+    b, long = seq(1, 5), seq(2, 30)
+    sch.add(b)
+    sch.add(long)
+    prefill, decode = sch.schedule()  # budget 10: 1 decode token + 5 prompt tokens, the long one waits
+    assert decode == [a] and prefill == [b] and list(sch.waiting) == [long]
 
 
 def test_scheduler_respects_token_budget_but_admits_a_long_prompt_alone():
@@ -58,10 +74,10 @@ def test_scheduler_respects_token_budget_but_admits_a_long_prompt_alone():
     long, short = seq(0, 30), seq(1, 3)
     sch.add(long)
     sch.add(short)
-    batch, prefill = sch.schedule()
-    assert prefill and batch == [long]
-    batch, prefill = sch.schedule()
-    assert prefill and batch == [short]
+    assert sch.schedule() == ([long], [])
+    long.token_ids.append(1)
+    prefill, decode = sch.schedule()
+    assert prefill == [short] and decode == [long]
 
 
 def test_top_k_and_top_p_filters_exact():

@@ -94,7 +94,7 @@ def _disk_read_seconds(llm, drop: bool, n: int = 24) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from expert_cache.runtime import OnDemandExpertStore
+    from expert_cache.on_demand import OnDemandExpertStore
     from expert_cache.slow_tier import DiskTier
     from moe_rt import SamplingParams
     from router_predict.cli_trace import record_trace

@@ -1,7 +1,7 @@
 """The in-engine expert cache: an ExpertStore whose experts live in a bounded fast tier.
 
-`install_expert_cache(model, reader, cfg, device=, dtype=)` builds an ExpertCache and makes it the
-model's store. The cache owns the fast tier (slot buffers on the compute device, in the compute
+`expert_cache.install.install_expert_cache(model, reader, cfg, device=, dtype=)` builds an
+ExpertCache and makes it the model's store. The cache owns the fast tier (slot buffers on the compute device, in the compute
 dtype; on a CPU-only machine the "fast tier" is a RAM budget), the CacheState (the only record of
 which expert holds which slot), the slow tier (slow_tier.py) and the transfer engine
 (transfer.py). It is the executor of the pure parts: policies choose victims, the prefetcher
@@ -35,7 +35,7 @@ from expert_cache.config import CacheConfig
 from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
 from expert_cache.policies import ExpertKey, choose_victims, should_displace
 from expert_cache.prefetcher import ForecastSource, MovingAverage, Prefetcher
-from expert_cache.slow_tier import SlowTier, build_slow_tier
+from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
 from expert_cache.transfer import Ticket, TransferEngine
 from moe_rt.errors import MoeRtError
@@ -384,96 +384,3 @@ class ExpertCache(ExpertStore):
         for key, ticket in list(self._tickets.items()):
             self._finish(key, ticket)  # cancelled or completed; clears in-flight marks
         self.tier.close()
-
-
-class OnDemandExpertStore(ExpertStore):
-    """No cache at all: every prepare reads every expert the layer uses from the slow tier into
-    a staging stack (the naive baseline of `moe-rt bench offload`)."""
-
-    def __init__(self, spec, tier: SlowTier, *, device: torch.device, dtype: torch.dtype) -> None:
-        self.num_layers, self.num_experts = len(spec.moe_layer_ids), spec.num_experts
-        D, I, E = spec.hidden_size, spec.moe.intermediate_size, spec.num_experts
-        self.tier, self.device = tier, torch.device(device)
-        self.w13 = torch.empty(E, 2 * I, D, dtype=dtype, device=self.device)
-        self.w2 = torch.empty(E, D, I, dtype=dtype, device=self.device)
-        self._expert_bytes = spec.bytes_per_expert(self.w13.element_size())
-        self.loads, self.stall_s = 0, 0.0
-
-    def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
-        t0 = time.perf_counter()
-        ids = topk_ids[topk_ids >= 0].unique().tolist()
-        slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
-        for i, e in enumerate(ids):
-            self.tier.read_into((moe_index, e), self.w13[i], self.w2[i])
-            slot_of[e] = i
-        self.loads += len(ids)
-        self.stall_s += time.perf_counter() - t0
-        return LayerExperts(self.w13, self.w2, slot_of.to(self.device))
-
-    def stats(self) -> dict:
-        return {"misses": self.loads, "hits": 0, "loads": self.loads, "stall_s": self.stall_s,
-                "bytes_moved": {self.tier.name: self.loads * self._expert_bytes},
-                "bytes_moved_total": self.loads * self._expert_bytes}
-
-    def close(self) -> None:
-        self.tier.close()
-
-
-def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torch.dtype,
-                         predictor=None, progress: bool = False) -> ExpertCache:
-    """Build the cache for `model` (loaded with load_experts=False), make it the model's store.
-
-    predictor: a router_predict Predictor object to prefetch with (any policy); by default one is
-    built from cfg.predictor when the policy is predictive (gate_lookahead from the loaded model's
-    routers; learned/path from cfg.predictor_dir; frequency/coactivation fitted on the trace file
-    cfg.predictor_dir points at).
-    """
-    if cfg.offload == "none":
-        raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
-    spec = model.spec
-    device = torch.device(device)
-    if cfg.cpu_compute_on_miss == "auto" and device.type == "cpu":
-        log.info("cache: cpu_compute_on_miss auto never runs a miss on the host here: the model "
-                 "computes on the CPU, where the weights already are (use always to force it)")
-    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress)
-    cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
-    if predictor is None and cfg.policy == "predictive":
-        predictor = _build_predictor(cfg, model)
-    if predictor is not None:
-        _attach_predictor(cache, model, predictor, cfg)
-    model.moe_ctx.store = cache
-    return cache
-
-
-def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) -> None:
-    from router_predict.online import OnlinePredictor
-
-    L = cache.num_layers
-    if L < 2:
-        log.info("cache: one MoE layer, nothing to prefetch ahead")
-        return
-    trained = getattr(predictor, "max_depth", L - 1)
-    want = 4 if cfg.lookahead == "auto" else cfg.lookahead
-    depth = max(1, min(want, L - 1, trained))
-    online = OnlinePredictor(model.hub, predictor, depth=depth).start()
-    cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
-
-
-def _build_predictor(cfg: CacheConfig, model):
-    from router_predict.registry import build_predictor
-
-    name = cfg.predictor
-    if name == "gate_lookahead":
-        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
-
-        return GateLookaheadPredictor.from_model(model)
-    depth = 4 if cfg.lookahead == "auto" else cfg.lookahead
-    if name in ("frequency", "coactivation"):
-        if cfg.predictor_dir is None or not str(cfg.predictor_dir).endswith(".npz"):
-            raise MoeRtError(f"cache: predictor {name} is fitted on a trace; set predictor_dir to a "
-                             f"trace file (.npz, from moe-rt trace)")
-        from router_predict.trace import load_trace
-
-        depth = max(1, min(depth, len(model.spec.moe_layer_ids) - 1))
-        return build_predictor(name, fit_trace=load_trace(cfg.predictor_dir), depth=depth)
-    return build_predictor(name, predictor_dir=cfg.predictor_dir, depth=depth)

@@ -66,7 +66,7 @@ class LLMEngine:
         self.stat_sources: dict[str, Callable[[], dict]] = {}
         self.expert_cache = None
         if offload:
-            from expert_cache.runtime import install_expert_cache
+            from expert_cache.install import install_expert_cache
 
             cache_cfg.check_model(len(self.spec.moe_layer_ids), self.spec.num_experts)
             self.expert_cache = install_expert_cache(

@@ -1,0 +1,73 @@
+"""Installing the expert cache into a loaded model, with the predictor that drives its prefetch."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from expert_cache.config import CacheConfig
+from expert_cache.runtime import ExpertCache
+from expert_cache.slow_tier import build_slow_tier
+from moe_rt.errors import MoeRtError
+
+log = logging.getLogger(__name__)
+
+
+def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torch.dtype,
+                         predictor=None, progress: bool = False) -> ExpertCache:
+    """Build the cache for `model` (loaded with load_experts=False), make it the model's store.
+
+    predictor: a router_predict Predictor object to prefetch with (any policy); by default one is
+    built from cfg.predictor when the policy is predictive (gate_lookahead from the loaded model's
+    routers; learned/path from cfg.predictor_dir; frequency/coactivation fitted on the trace file
+    cfg.predictor_dir points at).
+    """
+    if cfg.offload == "none":
+        raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
+    spec = model.spec
+    device = torch.device(device)
+    if cfg.cpu_compute_on_miss == "auto" and device.type == "cpu":
+        log.info("cache: cpu_compute_on_miss auto never runs a miss on the host here: the model "
+                 "computes on the CPU, where the weights already are (use always to force it)")
+    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress)
+    cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
+    if predictor is None and cfg.policy == "predictive":
+        predictor = _build_predictor(cfg, model)
+    if predictor is not None:
+        _attach_predictor(cache, model, predictor, cfg)
+    model.moe_ctx.store = cache
+    return cache
+
+
+def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) -> None:
+    from router_predict.online import OnlinePredictor
+
+    L = cache.num_layers
+    if L < 2:
+        log.info("cache: one MoE layer, nothing to prefetch ahead")
+        return
+    trained = getattr(predictor, "max_depth", L - 1)
+    want = 4 if cfg.lookahead == "auto" else cfg.lookahead
+    depth = max(1, min(want, L - 1, trained))
+    online = OnlinePredictor(model.hub, predictor, depth=depth).start()
+    cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
+
+
+def _build_predictor(cfg: CacheConfig, model):
+    from router_predict.registry import build_predictor
+
+    name = cfg.predictor
+    if name == "gate_lookahead":
+        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+        return GateLookaheadPredictor.from_model(model)
+    depth = 4 if cfg.lookahead == "auto" else cfg.lookahead
+    if name in ("frequency", "coactivation"):
+        if cfg.predictor_dir is None or not str(cfg.predictor_dir).endswith(".npz"):
+            raise MoeRtError(f"cache: predictor {name} is fitted on a trace; set predictor_dir to a "
+                             f"trace file (.npz, from moe-rt trace)")
+        from router_predict.trace import load_trace
+
+        depth = max(1, min(depth, len(model.spec.moe_layer_ids) - 1))
+        return build_predictor(name, fit_trace=load_trace(cfg.predictor_dir), depth=depth)
+    return build_predictor(name, predictor_dir=cfg.predictor_dir, depth=depth)

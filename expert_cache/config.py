@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moe_rt.errors import MoeRtError
+from moe_rt.errors import MoeRtError, validation_detail
 
 GIB = 1024 ** 3
 
@@ -184,7 +184,4 @@ def load_cache_config(data: Any, where: str = "cache") -> CacheConfig:
     try:
         return CacheConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise MoeRtError(f"{where}{'.' + loc if loc else ''}: {msg}") from None
+        raise MoeRtError(f"{where}: {validation_detail(e)}") from None

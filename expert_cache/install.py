@@ -54,20 +54,7 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
 
 
 def _build_predictor(cfg: CacheConfig, model):
-    from router_predict.registry import build_predictor
+    from router_predict.registry import build_predictor_for_model
 
-    name = cfg.predictor
-    if name == "gate_lookahead":
-        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
-
-        return GateLookaheadPredictor.from_model(model)
     depth = 4 if cfg.lookahead == "auto" else cfg.lookahead
-    if name in ("frequency", "coactivation"):
-        if cfg.predictor_dir is None or not str(cfg.predictor_dir).endswith(".npz"):
-            raise MoeRtError(f"cache: predictor {name} is fitted on a trace; set predictor_dir to a "
-                             f"trace file (.npz, from moe-rt trace)")
-        from router_predict.trace import load_trace
-
-        depth = max(1, min(depth, len(model.spec.moe_layer_ids) - 1))
-        return build_predictor(name, fit_trace=load_trace(cfg.predictor_dir), depth=depth)
-    return build_predictor(name, predictor_dir=cfg.predictor_dir, depth=depth)
+    return build_predictor_for_model(cfg.predictor, model, predictor_dir=cfg.predictor_dir, depth=depth)

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from expert_cache.config import CacheConfig
-from moe_rt.errors import MoeRtError
+from moe_rt.errors import MoeRtError, validation_detail
 
 
 class EngineConfig(BaseModel):
@@ -55,6 +55,4 @@ def build_config(**kwargs) -> RuntimeConfig:
     try:
         return RuntimeConfig(engine=EngineConfig(**engine), **kwargs)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise MoeRtError(f"invalid option {where}: {err['msg']}") from None
+        raise MoeRtError(f"invalid option {validation_detail(e)}") from None

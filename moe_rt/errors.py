@@ -8,3 +8,11 @@ turns it into a 4xx. Anything else is a bug and keeps its traceback.
 
 class MoeRtError(Exception):
     """A problem with the user's input, stated in one line."""
+
+
+def validation_detail(e) -> str:
+    """The first problem of a pydantic ValidationError as 'field.path: message', one line."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moe_rt.errors import MoeRtError
+from moe_rt.errors import MoeRtError, validation_detail
 
 SECTION = "expert_parallel"
 
@@ -149,10 +149,7 @@ def placement_from_section(section: Any, where: str = "expert_parallel") -> Expe
     try:
         return ExpertParallelPlacement.model_validate(section)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise MoeRtError(f"{where}: {loc + ': ' if loc else ''}{msg}") from None
+        raise MoeRtError(f"{where}: {validation_detail(e)}") from None
 
 
 def save_placement_yaml(path: str | os.PathLike, placement: ExpertParallelPlacement) -> None:

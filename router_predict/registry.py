@@ -47,6 +47,27 @@ def build_predictor(name: str, *, fit_trace: Trace | None = None, model_dir: str
     raise MoeRtError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTOR_NAMES)}")
 
 
+def build_predictor_for_model(name: str, model, *, predictor_dir: str | None, depth: int) -> Predictor:
+    """A predictor to run online inside a loaded model (engine tracking, cache prefetch).
+
+    gate_lookahead reads the model's own routers; learned/path load from predictor_dir; the
+    id-only ones (frequency, coactivation) are fitted on the trace file predictor_dir names.
+    """
+    if name == "gate_lookahead":
+        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+
+        return GateLookaheadPredictor.from_model(model)
+    if name in ("frequency", "coactivation"):
+        if predictor_dir is None or not str(predictor_dir).endswith(".npz"):
+            raise MoeRtError(f"predictor {name} is fitted on a trace: set predictor_dir to a trace file "
+                             "(.npz, from moe-rt trace)")
+        from router_predict.trace import load_trace
+
+        depth = max(1, min(depth, len(model.spec.moe_layer_ids) - 1))
+        return build_predictor(name, fit_trace=load_trace(predictor_dir), depth=depth)
+    return build_predictor(name, predictor_dir=predictor_dir, depth=depth)
+
+
 def check_trace_fits(predictor: Predictor, trace: Trace) -> None:
     """The trace must carry what the predictor reads, and match its layer and expert counts."""
     if predictor.needs_hidden and trace.hidden is None:

@@ -153,17 +153,10 @@ class LLMEngine:
 
     def _start_predictor(self, cfg: RuntimeConfig):
         from router_predict.online import OnlinePredictor
-        from router_predict.registry import build_predictor
-        from router_predict.trace import load_trace
+        from router_predict.registry import build_predictor_for_model
 
-        fit = None
-        if cfg.predictor in ("frequency", "coactivation"):
-            if not cfg.predictor_dir or not cfg.predictor_dir.endswith(".npz"):
-                raise MoeRtError(f"predictor {cfg.predictor} is fitted on a trace: pass predictor_dir=TRACE.npz")
-            fit = load_trace(cfg.predictor_dir)
-        pdir = None if fit is not None else cfg.predictor_dir
-        predictor = build_predictor(cfg.predictor, fit_trace=fit, model_dir=cfg.model, predictor_dir=pdir,
-                                    depth=cfg.predictor_depth)
+        predictor = build_predictor_for_model(cfg.predictor, self.model, predictor_dir=cfg.predictor_dir,
+                                              depth=cfg.predictor_depth)
         online = OnlinePredictor(self.model.hub, predictor, cfg.predictor_depth).start()
         self.stat_sources["predictor"] = online.stats
         return online

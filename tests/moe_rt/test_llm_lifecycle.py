@@ -28,3 +28,12 @@ def test_online_predictor_reports_live_recall(mixtral_dir):
         assert 0.0 <= stats["recall"] <= 1.0 and stats["by_distance"][1]["rows"] > 0
         assert llm.model.hub.active
     assert not llm.model.hub.active and "predictor" not in llm.engine.moe_stats()
+
+
+def test_id_only_predictor_needs_a_fit_trace(mixtral_dir):
+    import pytest
+
+    from moe_rt import MoeRtError
+
+    with pytest.raises(MoeRtError, match="fitted on a trace"):
+        LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="coactivation")

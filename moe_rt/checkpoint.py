@@ -61,6 +61,11 @@ class CheckpointReader:
             raise MoeRtError(f"tensor '{name}' is missing from the checkpoint in {self.dir}")
         return self._handles[self.weight_map[name]].get_tensor(name)
 
+    def tensor_info(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype string such as 'BF16') without reading the data."""
+        sl = self._handles[self.weight_map[name]].get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
     def get_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = self.get(name)
         if tuple(t.shape) != tuple(shape):

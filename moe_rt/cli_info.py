@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from moe_rt.checkpoint import CheckpointReader
 from moe_rt.loader import load_spec
@@ -19,14 +20,12 @@ def model_info(model_dir: str) -> dict:
     total = expert = 0
     dtype_bytes = 2
     for name in reader.weight_map:
-        t = reader._handles[reader.weight_map[name]].get_slice(name)
-        n = 1
-        for d in t.get_shape():
-            n *= d
+        shape, dtype = reader.tensor_info(name)
+        n = math.prod(shape)
         total += n
         if ".experts." in name:
             expert += n
-        dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2}.get(t.get_dtype(), dtype_bytes)
+        dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2}.get(dtype, dtype_bytes)
     L, E, K = len(spec.moe_layer_ids), spec.num_experts, spec.top_k
     per_expert = 3 * spec.hidden_size * spec.moe.intermediate_size
     active = total - expert + L * K * per_expert

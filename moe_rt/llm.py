@@ -98,8 +98,7 @@ class LLM:
                 if not self.engine.has_unfinished():
                     return
         finally:
-            self.engine.abort(rid)
-            self.engine.requests.pop(rid, None)
+            self.engine.forget(rid)
 
     def chat(
         self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None

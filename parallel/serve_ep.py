@@ -91,9 +91,7 @@ def apply_calls(engine, calls: tuple[tuple, ...]) -> None:
             _, rid, ids, params = call
             engine.add_request(ids, params, rid)  # an error here means the ranks diverged: fail loudly
         elif call[0] == "abort":
-            if call[1] in engine.requests:
-                engine.abort(call[1])
-                engine.requests.pop(call[1], None)
+            engine.forget(call[1])
         else:
             raise MoeRtError(f"unknown EP engine call {call[0]!r}")
 
@@ -128,6 +126,10 @@ class EPEngineDriver:
             return False
         self._calls.append(("abort", request_id))
         return self.engine.abort(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self.abort(request_id)  # mirrored; followers forget it when they replay the abort
+        self.engine.requests.pop(request_id, None)
 
     def step(self):
         self._send("step")

@@ -118,8 +118,7 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
     finally:
         recorder.stop()
         for rid in ids:  # on an exception, leave no request behind in the engine
-            engine.abort(rid)
-            engine.requests.pop(rid, None)
+            engine.forget(rid)
     return recorder.to_trace(trace_meta(llm, num_prompts=len(prompts), prompt_tokens=prompt_tokens,
                                         generated_tokens=generated, max_tokens=plist[0].max_tokens,
                                         temperature=plist[0].temperature))

@@ -350,8 +350,7 @@ class AsyncEngine:
         finally:
             try:
                 for rid in list(engine.requests):  # free every KV block still held
-                    engine.abort(rid)
-                    engine.requests.pop(rid, None)
+                    engine.forget(rid)
             except Exception:  # after a crash the engine state may be broken; nothing more to free
                 log.exception("could not abort the remaining requests")
             self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
@@ -387,8 +386,7 @@ class AsyncEngine:
                         errors[rid] = e
                 elif cmd[0] == "abort" and cmd[1] in engine.requests:
                     aborted += not engine.output(cmd[1]).finished
-                    engine.abort(cmd[1])  # frees the KV blocks
-                    engine.requests.pop(cmd[1], None)
+                    engine.forget(cmd[1])  # frees the KV blocks
                 elif cmd[0] == "moe_stats":
                     fut = cmd[1]
                     try:

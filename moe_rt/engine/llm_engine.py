@@ -176,6 +176,11 @@ class LLMEngine:
         """MoE figures of every registered source (cache, predictor, expert parallelism)."""
         return {name: fn() for name, fn in self.stat_sources.items()}
 
+    def forget(self, request_id: str) -> None:
+        """Abort the request if it still runs (freeing its KV blocks) and drop its record."""
+        self.abort(request_id)
+        self.requests.pop(request_id, None)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

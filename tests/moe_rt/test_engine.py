@@ -76,6 +76,10 @@ def test_abort_frees_blocks_and_finishes_request(mixtral_llm):
     assert not eng.has_unfinished()
     assert eng.release(rid).finish_reason == "abort"
     assert not eng.abort("no-such-request")
+    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    eng.step()
+    eng.forget(rid)  # abort and drop the record in one call
+    assert rid not in eng.requests and eng.blocks.num_free == free0 and not eng.has_unfinished()
 
 
 def test_max_tokens_stop_token_ids_and_eos(mixtral_llm):

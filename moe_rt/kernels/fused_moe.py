@@ -6,7 +6,7 @@ Shape legend (see moe_rt/layers/moe/reference.py and moe_rt/kernels/align.py):
     L  padded length of the slot-sorted pair list, M/N/BK the BLOCK_SIZE_M/N/K of a launch
 
 Pipeline of fused_experts:
-    align:    sort pairs by slot, pad each slot's group to a multiple of M      (align.py, torch)
+    align:    sort pairs by slot, pad each slot's group to a multiple of M      (align_triton.py)
     gate_up:  inter[p] = silu(x[t] @ w13[s, :I].T) * (x[t] @ w13[s, I:].T)     [P, I]
     down:     partial[p] = topk_weights[p] * (inter[p] @ w2[s].T)               [P, D] fp32
     combine:  out[t] = sum_k partial[t*K + k]                                   [T, D] (torch)
@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_rt.kernels.align import AlignedRouting, align_block_size
+from moe_rt.kernels.align import AlignedRouting
+from moe_rt.kernels.align_triton import align_block_size_triton
 from moe_rt.kernels.tuning import TuningTables, default_config, device_name, dtype_name
 
 
@@ -188,7 +189,8 @@ def fused_experts(
     # fp32 operands must not be silently rounded to tf32; other dtypes take the target's default.
     precision = "ieee" if hidden.dtype == torch.float32 else None
 
-    routing: AlignedRouting = align_block_size(topk_ids, block_m, S)
+    # One Triton launch (align_triton.py); align.align_block_size is its torch reference.
+    routing: AlignedRouting = align_block_size_triton(topk_ids, block_m, S)
     L = routing.sorted_pair_ids.numel()
     P = T * K
     weights = topk_weights.reshape(-1).contiguous()

@@ -6,6 +6,9 @@ For each layer shape and batch size T it reports, all measured in the same run o
     floor_ms             bytes of the experts actually hit (w13 + w2) / measured copy bandwidth;
                          no implementation can read those weights faster
     floor_frac           floor_ms / fused_ms (1.0 would be at the bandwidth floor)
+    graph_ms             fused_experts captured in a CUDA graph and replayed, as a serving engine
+                         runs decode steps: the host's launch overhead drops out
+    graph_floor_frac     floor_ms / graph_ms
 Shapes (E experts, D hidden, I intermediate, K top-k): Mixtral-8x7B (8, 4096, 14336, 2) and
 Qwen1.5-MoE-A2.7B (60, 2048, 1408, 4). Without CUDA there is nothing to time: it says so and exits
 2, unless --interpret-smoke, which runs tiny shapes in Triton's CPU interpreter to prove the path
@@ -45,7 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
     parser.add_argument("--iters", type=int, default=20, help="timed calls (median reported)")
+    parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json-out", default=None, metavar="PATH",
+                        help="also write the JSON object to PATH (the table is still printed)")
     parser.add_argument("--interpret-smoke", action="store_true",
                         help="without a GPU: run tiny shapes in the Triton CPU interpreter (no timings)")
 
@@ -72,24 +78,30 @@ def run(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         raise MoeRtError(f"bench kernel: bad --shapes/--batch-sizes ({exc}); shapes are {sorted(SHAPES)}") from None
     rows, bandwidth = _bench_cuda(shapes, batch_sizes, DTYPES[args.dtype], args)
+    report = json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype,
+                         "torch": torch.__version__, "bandwidth_gbs": bandwidth, "rows": rows}, indent=2)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(report + "\n")
     if args.json:
-        print(json.dumps({"device": torch.cuda.get_device_name(), "dtype": args.dtype,
-                          "bandwidth_gbs": bandwidth, "rows": rows}, indent=2))
+        print(report)
     else:
         _print_table(rows, bandwidth, args.dtype)
     return 0
 
 
 def _bench_cuda(shapes, batch_sizes, dtype, args, *, device: str = "cuda", timer=None,
-                bandwidth: float | None = None) -> tuple[list[dict], float]:
+                graph_timer=None, bandwidth: float | None = None) -> tuple[list[dict], float]:
     """Rows of measurements; device/timer/bandwidth are parameters only so tests can drive the
     bookkeeping on CPU with a stub timer (no figures from such a run are ever reported)."""
     from moe_rt.kernels.fused_moe import fused_experts
     from moe_rt.kernels.loop import loop_experts
-    from moe_rt.kernels.timing import cuda_time_ms, measure_bandwidth_gbs, random_expert_weights, random_routing
+    from moe_rt.kernels.timing import (cuda_graph_time_ms, cuda_time_ms, measure_bandwidth_gbs,
+                                       random_expert_weights, random_routing)
     from moe_rt.kernels.tuning import TuningTables, device_name, dtype_name
 
     timer = timer or cuda_time_ms
+    graph_timer = None if getattr(args, "no_graph", False) else (graph_timer or cuda_graph_time_ms)
     bandwidth = bandwidth or measure_bandwidth_gbs()
     tables = TuningTables()
     dev = device_name(torch.device(device))
@@ -104,6 +116,10 @@ def _bench_cuda(shapes, batch_sizes, dtype, args, *, device: str = "cuda", timer
             step = (hidden, w13, w2, ids, weights)
             fused_ms = timer(lambda: fused_experts(*step, tables=tables), warmup=args.warmup, iters=args.iters)
             loop_ms = timer(lambda: loop_experts(*step), warmup=args.warmup, iters=args.iters)
+            # The loop syncs with the host (it must learn which experts were hit), so it cannot be
+            # captured; only the fused step gets the graph column.
+            graph_ms = (graph_timer(lambda: fused_experts(*step, tables=tables), warmup=args.warmup,
+                                    iters=args.iters) if graph_timer else None)
             hit = int(torch.unique(ids).numel())
             # Only the experts some token chose must be read; each is its w13 and w2 slices.
             weight_bytes = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size()
@@ -111,7 +127,8 @@ def _bench_cuda(shapes, batch_sizes, dtype, args, *, device: str = "cuda", timer
             rows.append({**asdict(shape), "batch": t, "experts_hit": hit, "weight_bytes": weight_bytes,
                          "tuned_config": tuned, "fused_ms": fused_ms, "loop_ms": loop_ms,
                          "speedup": loop_ms / fused_ms, "floor_ms": floor_ms,
-                         "floor_frac": floor_ms / fused_ms})
+                         "floor_frac": floor_ms / fused_ms, "graph_ms": graph_ms,
+                         "graph_floor_frac": floor_ms / graph_ms if graph_ms else None})
         del w13, w2
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -122,11 +139,13 @@ def _print_table(rows: list[dict], bandwidth: float, dtype: str) -> None:
     print(f"device {torch.cuda.get_device_name()}, {dtype}, copy bandwidth {bandwidth:.0f} GB/s "
           "(measured this run)")
     print(f"{'shape':<20}{'T':>5}{'hit':>5}{'fused ms':>10}{'loop ms':>10}{'speedup':>9}"
-          f"{'floor ms':>10}{'of floor':>10}  config")
+          f"{'floor ms':>10}{'of floor':>10}{'graph ms':>10}{'of floor':>10}  config")
     for r in rows:
+        graph = (f"{r['graph_ms']:>10.3f}{r['graph_floor_frac']:>10.2f}" if r["graph_ms"]
+                 else f"{'-':>10}{'-':>10}")
         print(f"{r['name']:<20}{r['batch']:>5}{r['experts_hit']:>5}{r['fused_ms']:>10.3f}"
               f"{r['loop_ms']:>10.3f}{r['speedup']:>8.2f}x{r['floor_ms']:>10.3f}"
-              f"{r['floor_frac']:>10.2f}  {'tuned' if r['tuned_config'] else 'default'}")
+              f"{r['floor_frac']:>10.2f}{graph}  {'tuned' if r['tuned_config'] else 'default'}")
 
 
 def _is_interpreted(kernel) -> bool:

@@ -38,6 +38,26 @@ def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20,
     return statistics.median(times)
 
 
+def cuda_graph_time_ms(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20,
+                       flush_l2: bool = True) -> float:
+    """As cuda_time_ms, but fn is captured once in a CUDA graph and each timed call is a replay.
+
+    This is how a serving engine runs a decode step (vLLM and SGLang capture the forward), so the
+    host's per-launch overhead drops out and what is left is the GPU's own time. fn must be
+    capturable: no host syncs, no allocations that change between calls.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up off the default stream, as capture wants
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time_ms(graph.replay, warmup=warmup, iters=iters, flush_l2=flush_l2)
+
+
 def measure_bandwidth_gbs(nbytes: int = 2**30) -> float:
     """Device memory bandwidth in GB/s from a large device-to-device copy (read + write bytes)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")

@@ -24,12 +24,24 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def candidate_configs(num_tokens: int, top_k: int, num_experts: int) -> list[dict]:
-    """The search space, pruned: BLOCK_SIZE_M above ~2x the mean rows per expert is pure padding."""
+    """The search space, pruned so that one shape tunes in minutes (each config is a compile).
+
+    - BLOCK_SIZE_M above ~2x the mean rows per expert is pure padding.
+    - GROUP_SIZE_M only reorders programs across row blocks; with one block per expert (decode)
+      it cannot matter, so it is searched only when an expert has several row blocks.
+    - BLOCK_SIZE_K = 256 pays off only for short row blocks (decode: few rows, long weight rows).
+    - fp16/bf16 tiles below 64 columns starve the tensor cores; 32 is left out.
+    """
     rows = num_tokens * top_k / num_experts
     block_ms = [m for m in (16, 32, 64, 128) if m == 16 or m <= 2 * rows]
-    space = itertools.product(block_ms, (32, 64, 128), (32, 64, 128), (1, 16), (4, 8), (2, 3, 4))
-    return [{"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": g,
-             "num_warps": w, "num_stages": s} for m, n, k, g, w, s in space]
+    groups = (1, 16) if rows > 16 else (1,)
+    out = []
+    for m in block_ms:
+        block_ks = (64, 128, 256) if m == 16 else (64, 128)
+        for n, k, g, w, s in itertools.product((64, 128), block_ks, groups, (4, 8), (3, 4)):
+            out.append({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": g,
+                        "num_warps": w, "num_stages": s})
+    return out
 
 
 def tune_batch(num_tokens: int, args: argparse.Namespace, w13: torch.Tensor, w2: torch.Tensor) -> tuple[dict, float]:
@@ -40,8 +52,11 @@ def tune_batch(num_tokens: int, args: argparse.Namespace, w13: torch.Tensor, w2:
     gen = torch.Generator().manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, args.hidden, generator=gen).to(w13)
     ids, weights = random_routing(num_tokens, args.experts, args.topk, "cuda", gen)
+    from tqdm import tqdm
+
     best, best_ms = None, float("inf")
-    for cfg in candidate_configs(num_tokens, args.topk, args.experts):
+    candidates = candidate_configs(num_tokens, args.topk, args.experts)
+    for cfg in tqdm(candidates, desc=f"tune T={num_tokens}", unit="cfg", file=sys.stderr):
         try:
             ms = cuda_time_ms(lambda: fused_experts(hidden, w13, w2, ids, weights, config=cfg),
                               warmup=2, iters=args.iters)

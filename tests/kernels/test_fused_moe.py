@@ -160,3 +160,23 @@ def test_fused_matches_reference_cuda(case, dtype, seed):
     ref = reference_experts(*args)
     assert_matches(fused_experts(*args), ref, dtype, seed)
     assert_matches(fused_experts(*args, config=SMALL), ref, dtype, seed)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or interpret_mode(), reason="needs a CUDA GPU")
+def test_fused_step_replays_in_a_cuda_graph(seed):
+    # The alignment has no host sync, so a decode step can be captured; replays must track new
+    # inputs written into the captured buffers, as a serving engine's graph runner does.
+    hidden, w13, w2, ids, weights = make_inputs(4, 256, 512, 8, 2, None, 0.0, torch.bfloat16, "cuda")
+    weights = weights.cuda()
+    fused_experts(hidden, w13, w2, ids, weights)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(hidden, w13, w2, ids, weights)
+    for _ in range(3):
+        hidden.copy_(torch.randn_like(hidden))
+        ids.copy_(torch.stack([torch.randperm(8)[:2] for _ in range(4)]).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(out.clone(), reference_experts(hidden, w13, w2, ids, weights), torch.bfloat16, seed)

@@ -4,8 +4,8 @@
 # in moe_rt/kernels/configs/ (copy them back into the repo and commit them).
 #
 #   scripts/gpu_kernel_check.sh tests          # pytest -m cuda tests/kernels (correctness first)
-#   scripts/gpu_kernel_check.sh tune-mixtral   # E=8,  I=14336, D=4096, K=2, bf16  (~5 min)
-#   scripts/gpu_kernel_check.sh tune-qwen      # E=60, I=1408,  D=2048, K=4, bf16  (~3 min)
+#   scripts/gpu_kernel_check.sh tune-mixtral   # E=8,  I=14336, D=4096, K=2, bf16  (168 compiles)
+#   scripts/gpu_kernel_check.sh tune-qwen      # E=60, I=1408,  D=2048, K=4, bf16  (104 compiles)
 #   scripts/gpu_kernel_check.sh bench          # moe-rt bench kernel, table and JSON
 #   scripts/gpu_kernel_check.sh all            # all four, in that order
 #

@@ -29,16 +29,18 @@ def candidate_configs(num_tokens: int, top_k: int, num_experts: int) -> list[dic
     - BLOCK_SIZE_M above ~2x the mean rows per expert is pure padding.
     - GROUP_SIZE_M only reorders programs across row blocks; with one block per expert (decode)
       it cannot matter, so it is searched only when an expert has several row blocks.
-    - BLOCK_SIZE_K = 256 pays off only for short row blocks (decode: few rows, long weight rows).
-    - fp16/bf16 tiles below 64 columns starve the tensor cores; 32 is left out.
+    - BLOCK_SIZE_K = 256 and BLOCK_SIZE_N = 32 are tried only for 16-row blocks. At decode sizes
+      the step is a weight stream and what matters is enough programs in flight: Mixtral's down
+      projection at T=1 has only 2 experts x D/N column blocks (128 programs for N=64 on a
+      132-SM H100). For taller blocks N=32 starves the tensor cores.
     """
     rows = num_tokens * top_k / num_experts
     block_ms = [m for m in (16, 32, 64, 128) if m == 16 or m <= 2 * rows]
     groups = (1, 16) if rows > 16 else (1,)
     out = []
     for m in block_ms:
-        block_ks = (64, 128, 256) if m == 16 else (64, 128)
-        for n, k, g, w, s in itertools.product((64, 128), block_ks, groups, (4, 8), (3, 4)):
+        block_ns, block_ks = ((32, 64, 128), (64, 128, 256)) if m == 16 else ((64, 128), (64, 128))
+        for n, k, g, w, s in itertools.product(block_ns, block_ks, groups, (4, 8), (3, 4)):
             out.append({"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": n, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": g,
                         "num_warps": w, "num_stages": s})
     return out

@@ -49,7 +49,7 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
     trained = getattr(predictor, "max_depth", L - 1)
     want = 4 if cfg.lookahead == "auto" else cfg.lookahead
     depth = max(1, min(want, L - 1, trained))
-    online = OnlinePredictor(model.hub, predictor, depth=depth).start()
+    online = OnlinePredictor(model.hub, predictor, depth=depth, model=model).start()
     cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
 
 

@@ -79,6 +79,9 @@ def predict_schedule(trace: Trace, predictor, depth: int, progress: bool = True)
     if getattr(predictor, "needs_hidden", False) and trace.hidden is None:
         raise MoeRtError(f"predictor {predictor.name} needs router inputs, but the trace has no "
                          f"`hidden` array; use an id-only predictor (frequency, coactivation)")
+    if getattr(predictor, "needs_layer_output", False) and trace.layer_output is None:
+        raise MoeRtError(f"predictor {predictor.name} needs layer outputs, but the trace has no "
+                         f"`layer_output` array (record it with moe-rt trace --with-layer-output)")
     num_layers, num_experts = trace.num_layers, trace.num_experts
     out = []
     bounds = step_bounds(trace.steps)
@@ -90,11 +93,12 @@ def predict_schedule(trace: Trace, predictor, depth: int, progress: bool = True)
                 per_layer.append({})
                 continue
             hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden[a:b, l]).float()
+            output = None if trace.layer_output is None else torch.from_numpy(trace.layer_output[a:b, l]).float()
             obs = LayerObservation(
                 moe_index=l, topk_ids=torch.from_numpy(trace.topk_ids[a:b, l]).long(),
                 topk_weights=torch.from_numpy(trace.topk_weights[a:b, l]), hidden=hidden,
                 token_ids=None if trace.token_ids is None else torch.from_numpy(trace.token_ids[a:b]),
-                positions=torch.from_numpy(trace.positions[a:b]))
+                positions=torch.from_numpy(trace.positions[a:b]), layer_output=output)
             with torch.no_grad():
                 scores = predictor.predict(obs, depth)
             if tuple(scores.shape) != (d, b - a, num_experts):

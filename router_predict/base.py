@@ -1,8 +1,9 @@
 """The one interface every routing predictor implements.
 
 A predictor forecasts which experts coming MoE layers will use, before their routers run.
-Online, the engine feeds it a LayerObservation right after MoE layer l routed; offline, trace
-replay builds the same observations from a recorded trace (docs/traces.md).
+Online, the engine feeds it a LayerObservation right after MoE layer l routed (or, for predictors
+that read the layer's output, right after layer l's decoder layer finished); offline, trace replay
+builds the same observations from a recorded trace (docs/traces.md).
 
 Shape legend: T tokens, K experts per token, E routed experts per layer, H router input size,
 L MoE layers, d look-ahead distance (1..depth).
@@ -26,6 +27,7 @@ class LayerObservation:
     token_ids: torch.Tensor | None = None  # [T] int64
     positions: torch.Tensor | None = None  # [T] int64
     prev_token_ids: torch.Tensor | None = None  # [T] int64 previous token of the row's sequence, -1 at its start
+    layer_output: torch.Tensor | None = None  # [T, H] residual stream leaving layer l's decoder layer (after its MoE)
 
 
 class Predictor(ABC):
@@ -33,6 +35,7 @@ class Predictor(ABC):
 
     name: str = "predictor"
     needs_hidden: bool = False  # True: cannot run on traces without `hidden`
+    needs_layer_output: bool = False  # True: reads obs.layer_output, only known once layer l's decoder layer ran
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
         self.num_layers = num_layers

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated predictor names: {', '.join(PREDICTOR_NAMES)}")
     parser.add_argument("--depth", type=int, default=1, help="look-ahead distances 1..D to score")
     parser.add_argument("--fit-on", help="trace to fit/train predictors on (default: 80%% of --trace's sequences)")
-    parser.add_argument("--model", help="Hugging Face model folder (gate_lookahead reads its router weights)")
+    parser.add_argument("--model", help="Hugging Face model folder (gate_lookahead, gate_lookahead_output read its routers)")
     parser.add_argument("--predictor-dir", help="folder of a trained learned/path predictor")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", help="write a PNG of recall per layer per predictor")
@@ -55,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
 
 def format_table(reports: list[PredictorReport], k: int) -> str:
     fmt = (lambda v: "   -  " if v is None or math.isnan(v) else f"{v:6.3f}")
-    lines = [f"{'predictor':<16} {'d':>4} {'recall@k':>8} {'prec@2k':>8} {'exact':>8} {'us/token':>9}"]
+    w = max([16] + [len(r.name) for r in reports])
+    lines = [f"{'predictor':<{w}} {'d':>4} {'recall@k':>8} {'prec@2k':>8} {'exact':>8} {'us/token':>9}"]
     for r in reports:
         rows = [(str(d), m) for d, m in r.by_distance.items()]
         if r.path is not None:
             rows.append(("path", r.path))
         for label, m in rows:
-            lines.append(f"{r.name:<16} {label:>4} {fmt(m['recall']):>8} {fmt(m['precision_2k']):>8} "
+            lines.append(f"{r.name:<{w}} {label:>4} {fmt(m['recall']):>8} {fmt(m['precision_2k']):>8} "
                          f"{fmt(m['exact']):>8} {r.cost_us_per_token:9.2f}")
     return "\n".join(lines)

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt at most")
     p.add_argument("--with-hidden", action="store_true",
                    help="also store each MoE layer's router input (float16; needed by gate_lookahead/learned)")
+    p.add_argument("--with-layer-output", action="store_true",
+                   help="also store the residual stream leaving each MoE layer's decoder layer "
+                        "(float16; needed by gate_lookahead_output)")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most (engine default if unset)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
@@ -86,7 +89,7 @@ def trace_meta(llm, **extra) -> TraceMeta:
 
 
 def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool = False,
-                 progress: bool = False) -> Trace:
+                 progress: bool = False, with_layer_output: bool = False) -> Trace:
     """Run `prompts` with continuous batching while a TraceRecorder listens; return the trace.
 
     params: one SamplingParams or one per prompt. Requests other callers already queued in the
@@ -98,7 +101,8 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
     if len(plist) != len(prompts):
         raise MoeRtError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
     engine = llm.engine
-    recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden)
+    recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden, model=llm.model,
+                             with_layer_output=with_layer_output)
     ids: list[str] = []
     prompt_tokens = generated = 0
     recorder.start()
@@ -140,11 +144,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_num_seqs is not None:
         opts["max_num_seqs"] = args.max_num_seqs
     llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
-    trace = record_trace(llm, prompts, params, with_hidden=args.with_hidden, progress=True)
+    trace = record_trace(llm, prompts, params, with_hidden=args.with_hidden, progress=True,
+                         with_layer_output=args.with_layer_output)
     save_trace(args.out, trace)
     seqs = len(set(trace.seq_ids.tolist()))
     steps = len(set(trace.steps.tolist()))
     print(f"wrote {args.out}: {trace.num_rows} rows from {seqs} sequences in {steps} forward steps, "
           f"{trace.num_layers} MoE layers x {trace.num_experts} experts (top-{trace.top_k})"
-          f"{', with hidden' if trace.hidden is not None else ''}")
+          f"{', with hidden' if trace.hidden is not None else ''}"
+          f"{', with layer output' if trace.layer_output is not None else ''}")
     return 0

@@ -117,6 +117,7 @@ def replay(trace: Trace, predictor: Predictor, depth: int, progress: bool = True
     for _, rows in tqdm(list(iter_steps(trace)), desc=f"replay {predictor.name}", disable=not progress):
         ids = ids_all[rows]
         hidden = None if trace.hidden is None else torch.from_numpy(trace.hidden[rows]).float()
+        outputs = None if trace.layer_output is None else torch.from_numpy(trace.layer_output[rows]).float()
         token_ids = None if trace.token_ids is None else torch.from_numpy(trace.token_ids[rows])
         prev = None if prev_all is None else torch.from_numpy(prev_all[rows])
         positions = torch.from_numpy(trace.positions[rows])
@@ -127,7 +128,8 @@ def replay(trace: Trace, predictor: Predictor, depth: int, progress: bool = True
                 path_cells[t].add(path[t], ids[:, t])
         for layer in range(num_layers - 1):
             obs = LayerObservation(layer, ids[:, layer], torch.from_numpy(trace.topk_weights[rows, layer]),
-                                   None if hidden is None else hidden[:, layer], token_ids, positions, prev)
+                                   None if hidden is None else hidden[:, layer], token_ids, positions, prev,
+                                   None if outputs is None else outputs[:, layer])
             start = time.perf_counter_ns()
             scores = predictor.predict(obs, depth)  # [d, T, E]
             spent_ns += time.perf_counter_ns() - start

@@ -7,6 +7,11 @@ per-token forecast into one expert score vector for the batch: how many of the b
 expert e in their predicted top-k. That vector is what a prefetcher needs (which experts, how
 many tokens want each), so it is kept as `latest(target)` and pushed to `on_forecast` callbacks.
 
+Predictors that read a layer's output (needs_layer_output, e.g. gate_lookahead_output) forecast
+later: the router event of layer l only scores what was forecast for l, and the forecast from l is
+made when layer l's decoder layer finishes, from its output, caught by a forward hook (installed
+only between start() and stop(); pass the model). The same forecasts and scoring rules apply.
+
 When layer l+d then routes, the per-token forecasts made for it are scored against what it chose
 (recall@k, the same rule as offline replay in router_predict.evaluate), so `stats()` is the
 predictor's live hit rate. A forecast is only ever scored against the same forward batch: forecasts
@@ -31,6 +36,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
 from router_predict.evaluate import ranked_experts
+from router_predict.layer_output import hook_layer_outputs
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
 ForecastFn = Callable[[int, torch.Tensor, int], None]  # (target moe_index, expert scores [E], distance d)
@@ -49,20 +55,27 @@ class OnlinePredictor:
     """Forecasts of later MoE layers' experts, made while the model runs, and their live recall."""
 
     def __init__(self, hub: RoutingHub, predictor: Predictor, depth: int = 1, *, device: str = "cpu",
-                 max_tracked_seqs: int = 65536) -> None:
+                 max_tracked_seqs: int = 65536, model=None) -> None:
         """device: where observations are moved before predict() (where the predictor's weights live).
 
         max_tracked_seqs: sequences whose last token is remembered for prev_token_ids (oldest dropped).
+        model: the loaded model behind `hub`; needed by predictors that read layer outputs.
         """
         if depth < 1:
             raise MoeRtError(f"online predictor depth must be >= 1, got {depth}")
+        if getattr(predictor, "needs_layer_output", False) and model is None:
+            raise MoeRtError(f"predictor {predictor.name} reads each MoE layer's output: give "
+                             "OnlinePredictor the model (model=...)")
         max_depth = getattr(predictor, "max_depth", depth)
         if depth > max_depth:
             raise MoeRtError(f"predictor {predictor.name} was trained for depth {max_depth}, asked {depth}")
         self.hub, self.predictor, self.depth = hub, predictor, depth
         self.device = torch.device(device)
         self.max_tracked_seqs = max_tracked_seqs
+        self.model = model
         self._unsubscribe: Callable[[], None] | None = None
+        self._unhook: Callable[[], None] | None = None
+        self._awaiting: dict[int, RouterEvent] = {}  # moe_index -> its event, until its output is known
         self._callbacks: list[ForecastFn] = []
         self._latest: dict[int, torch.Tensor] = {}  # target moe_index -> [E] latest batch forecast
         self._last_token: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq id -> (position, token)
@@ -78,14 +91,20 @@ class OnlinePredictor:
     def start(self) -> "OnlinePredictor":
         if self._unsubscribe is None:
             self._unsubscribe = self.hub.subscribe(self._on_event)
+        if getattr(self.predictor, "needs_layer_output", False) and self._unhook is None:
+            self._unhook = hook_layer_outputs(self.model, self._on_layer_output)
         return self
 
     def stop(self) -> None:
-        """Unsubscribe; stats and latest forecasts stay readable."""
+        """Unsubscribe (and unhook); stats and latest forecasts stay readable."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
         self._pending.clear()
+        self._awaiting.clear()
         self._forward = _FRESH
 
     def __enter__(self) -> "OnlinePredictor":
@@ -141,6 +160,16 @@ class OnlinePredictor:
         self._observe(event)
         self._spent_ns += time.perf_counter_ns() - start
 
+    def _on_layer_output(self, moe_index: int, output: torch.Tensor) -> None:
+        start = time.perf_counter_ns()
+        event = self._awaiting.pop(moe_index, None)
+        if event is not None:
+            if output.shape[0] != event.topk_ids.shape[0]:
+                raise MoeRtError(f"output of MoE layer {moe_index} has {output.shape[0]} rows, its router "
+                                 f"event {event.topk_ids.shape[0]}")
+            self._forecast(event, output.detach().to(self.device, torch.float32))
+        self._spent_ns += time.perf_counter_ns() - start
+
     def _observe(self, event: RouterEvent) -> None:
         l, num_layers = event.moe_index, self.predictor.num_layers
         if not 0 <= l < num_layers:
@@ -163,12 +192,20 @@ class OnlinePredictor:
                 tally.hits += int((picked[:, :, None] == true_ids[:, None, :]).any(1).sum())
         if self.predictor.lookahead(l, self.depth) == 0:
             return
+        if getattr(self.predictor, "needs_layer_output", False):
+            self._awaiting[l] = event  # forecast from l once its decoder layer's output exists
+            return
+        self._forecast(event, None)
+
+    def _forecast(self, event: RouterEvent, layer_output: torch.Tensor | None) -> None:
+        """Predict layers l+1..l+D from layer l's event (and output), keep and hand out the forecasts."""
+        l = event.moe_index
         token_ids, positions, prev = self._batch_cols or (None, None, None)
         dev = self.device
         obs = LayerObservation(
             l, event.topk_ids.detach().to(dev, torch.long), event.topk_weights.detach().to(dev, torch.float32),
             event.hidden.detach().to(dev, torch.float32) if self.predictor.needs_hidden else None,
-            token_ids, positions, prev)
+            token_ids, positions, prev, layer_output)
         with torch.no_grad():
             scores = self.predictor.predict(obs, self.depth).float().cpu()  # [d, T, E]
         d_max, t, e = scores.shape
@@ -186,6 +223,7 @@ class OnlinePredictor:
     def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
         self._forward = forward
         self._pending.clear()
+        self._awaiting.clear()
         self._tokens += event.topk_ids.shape[0]
         if batch is None:
             self._batch_cols = None

@@ -9,7 +9,16 @@ from moe_rt.errors import MoeRtError
 from router_predict.base import Predictor
 from router_predict.trace import Trace
 
-PREDICTOR_NAMES = ("frequency", "coactivation", "gate_lookahead", "learned", "path")
+PREDICTOR_NAMES = ("frequency", "coactivation", "gate_lookahead", "gate_lookahead_output", "learned", "path")
+ROUTER_LOOKAHEADS = ("gate_lookahead", "gate_lookahead_output")  # training-free: the model's own routers
+
+
+def _router_lookahead_class(name: str):
+    if name == "gate_lookahead":
+        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+        return GateLookaheadPredictor
+    from router_predict.predictors.gate_lookahead_output import GateLookaheadOutputPredictor
+    return GateLookaheadOutputPredictor
 
 
 def build_predictor(name: str, *, fit_trace: Trace | None = None, model_dir: str | None = None,
@@ -23,11 +32,10 @@ def build_predictor(name: str, *, fit_trace: Trace | None = None, model_dir: str
     if name == "coactivation":
         from router_predict.predictors.coactivation import CoactivationPredictor
         return CoactivationPredictor.fit(_need_trace(name, fit_trace), depth)
-    if name == "gate_lookahead":
+    if name in ROUTER_LOOKAHEADS:
         if model_dir is None:
-            raise MoeRtError("predictor gate_lookahead needs the model's router weights: pass --model DIR")
-        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
-        return GateLookaheadPredictor.from_checkpoint(model_dir)
+            raise MoeRtError(f"predictor {name} needs the model's router weights: pass --model DIR")
+        return _router_lookahead_class(name).from_checkpoint(model_dir)
     if name == "learned":
         if predictor_dir is None and (fit_trace is None or fit_trace.hidden is None):
             raise MoeRtError("predictor learned needs a trained folder (--predictor-dir) or a fit trace "
@@ -50,13 +58,11 @@ def build_predictor(name: str, *, fit_trace: Trace | None = None, model_dir: str
 def build_predictor_for_model(name: str, model, *, predictor_dir: str | None, depth: int) -> Predictor:
     """A predictor to run online inside a loaded model (engine tracking, cache prefetch).
 
-    gate_lookahead reads the model's own routers; learned/path load from predictor_dir; the
-    id-only ones (frequency, coactivation) are fitted on the trace file predictor_dir names.
+    gate_lookahead(_output) reads the model's own routers; learned/path load from predictor_dir;
+    the id-only ones (frequency, coactivation) are fitted on the trace file predictor_dir names.
     """
-    if name == "gate_lookahead":
-        from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
-
-        return GateLookaheadPredictor.from_model(model)
+    if name in ROUTER_LOOKAHEADS:
+        return _router_lookahead_class(name).from_model(model)
     if name in ("frequency", "coactivation"):
         if predictor_dir is None or not str(predictor_dir).endswith(".npz"):
             raise MoeRtError(f"predictor {name} is fitted on a trace: set predictor_dir to a trace file "
@@ -73,6 +79,9 @@ def check_trace_fits(predictor: Predictor, trace: Trace) -> None:
     if predictor.needs_hidden and trace.hidden is None:
         raise MoeRtError(f"predictor {predictor.name} needs hidden states but the trace has none "
                          "(record it with hidden capture)")
+    if getattr(predictor, "needs_layer_output", False) and trace.layer_output is None:
+        raise MoeRtError(f"predictor {predictor.name} needs layer outputs but the trace has none "
+                         "(record it with moe-rt trace --with-layer-output)")
     if getattr(predictor, "needs_token_ids", False) and trace.token_ids is None:
         raise MoeRtError(f"predictor {predictor.name} needs token_ids but the trace has none")
     if (predictor.num_layers, predictor.num_experts) != (trace.num_layers, trace.num_experts):

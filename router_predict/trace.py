@@ -4,8 +4,8 @@ A trace is one `.npz` file. Rows are tokens in execution order; rows sharing a `
 computed in the same forward batch, and replay treats them as one batch. Outside tools can write
 traces with plain numpy, so `load_trace` checks everything and names the first problem in one line.
 
-Shape legend: N rows (tokens), L MoE layers, k experts per token, H router input size,
-E routed experts per layer.
+Shape legend: N rows (tokens), L MoE layers, k experts per token, H router input size (= hidden
+size), E routed experts per layer.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from moe_rt.errors import MoeRtError
 
 REQUIRED_ARRAYS = ("topk_ids", "topk_weights", "seq_ids", "positions", "steps", "meta")
-OPTIONAL_ARRAYS = ("hidden", "token_ids")
+OPTIONAL_ARRAYS = ("hidden", "token_ids", "layer_output")
 REQUIRED_META = ("num_experts", "top_k", "layer_ids", "model")
 
 
@@ -85,6 +85,7 @@ class Trace:
     meta: TraceMeta
     hidden: np.ndarray | None = None  # [N, L, H] float16 router input entering each MoE layer
     token_ids: np.ndarray | None = None  # [N] int64 input token of each row
+    layer_output: np.ndarray | None = None  # [N, L, H] float16 residual stream leaving each MoE layer's decoder layer
 
     @property
     def num_rows(self) -> int:
@@ -107,7 +108,7 @@ class Trace:
         pick = (lambda a: None if a is None else a[rows])
         return Trace(self.topk_ids[rows], self.topk_weights[rows], self.seq_ids[rows],
                      self.positions[rows], self.steps[rows], self.meta,
-                     pick(self.hidden), pick(self.token_ids))
+                     pick(self.hidden), pick(self.token_ids), pick(self.layer_output))
 
 
 def _check_array(where: str, name: str, a: np.ndarray, dtype: np.dtype, shape: tuple,
@@ -134,9 +135,15 @@ def validate_trace(trace: Trace, where: str = "trace") -> None:
         _check_array(where, "token_ids", trace.token_ids, np.dtype(np.int64), (n,), f"[N] = ({n},)")
         if (trace.token_ids < 0).any():
             raise MoeRtError(f"{where}: token_ids has negative values")
-    if trace.hidden is not None:
-        _check_array(where, "hidden", trace.hidden, np.dtype(np.float16), (n, num_layers, None),
-                     f"[N, L, H] with N, L = {n}, {num_layers}")
+    for name in ("hidden", "layer_output"):
+        a = getattr(trace, name)
+        if a is not None:
+            _check_array(where, name, a, np.dtype(np.float16), (n, num_layers, None),
+                         f"[N, L, H] with N, L = {n}, {num_layers}")
+    if (trace.hidden is not None and trace.layer_output is not None
+            and trace.hidden.shape[2] != trace.layer_output.shape[2]):
+        raise MoeRtError(f"{where}: layer_output has H = {trace.layer_output.shape[2]} but hidden has "
+                         f"H = {trace.hidden.shape[2]}")
     meta = trace.meta
     if meta.top_k != k:
         raise MoeRtError(f"{where}: meta top_k is {meta.top_k} but topk_ids has k = {k}")
@@ -169,10 +176,9 @@ def save_trace(path: str | os.PathLike, trace: Trace) -> None:
         "seq_ids": trace.seq_ids, "positions": trace.positions, "steps": trace.steps,
         "meta": np.array(trace.meta.to_json()),
     }
-    if trace.hidden is not None:
-        arrays["hidden"] = trace.hidden
-    if trace.token_ids is not None:
-        arrays["token_ids"] = trace.token_ids
+    for name in OPTIONAL_ARRAYS:
+        if getattr(trace, name) is not None:
+            arrays[name] = getattr(trace, name)
     np.savez(path, **arrays)
 
 
@@ -198,7 +204,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     text = text.decode("utf-8") if isinstance(text, bytes) else text
     trace = Trace(arrays["topk_ids"], arrays["topk_weights"], arrays["seq_ids"],
                   arrays["positions"], arrays["steps"], TraceMeta.from_json(text, where),
-                  arrays.get("hidden"), arrays.get("token_ids"))
+                  arrays.get("hidden"), arrays.get("token_ids"), arrays.get("layer_output"))
     validate_trace(trace, where)
     return trace
 

@@ -77,8 +77,8 @@ class LLMEngine:
         self.model.moe_ctx.compute = get_expert_compute(cfg.engine.expert_compute)
         self.eos_ids = self._eos_ids(cfg.model)
         ec = cfg.engine
-        a = self.spec.attention
-        bytes_per_block = 2 * self.spec.num_layers * ec.kv_block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only
+        bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
         num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
         capacity = num_blocks * ec.kv_block_size
         max_len = ec.max_model_len or min(self.spec.max_position_embeddings, capacity)
@@ -157,7 +157,7 @@ class LLMEngine:
 
         predictor = build_predictor_for_model(cfg.predictor, self.model, predictor_dir=cfg.predictor_dir,
                                               depth=cfg.predictor_depth)
-        online = OnlinePredictor(self.model.hub, predictor, cfg.predictor_depth).start()
+        online = OnlinePredictor(self.model.hub, predictor, cfg.predictor_depth, model=self.model).start()
         self.stat_sources["predictor"] = online.stats
         return online
 

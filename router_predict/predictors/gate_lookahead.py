@@ -26,72 +26,68 @@ BIAS_NAME = "model.layers.{i}.mlp.gate.e_score_correction_bias"
 NORM_NAME = "model.layers.{i}.post_attention_layernorm.weight"  # the router's input norm, all families
 
 
-class GateLookaheadPredictor(Predictor):
-    name = "gate_lookahead"
-    needs_hidden = True
+class RouterLookahead(Predictor):
+    """The later routers (and their input norms and correction biases) of a model, as a predictor base.
+
+    Shared by gate_lookahead (reads layer l's router input) and gate_lookahead_output (reads layer
+    l's output): both only differ in what they feed the routers of layers l+1..l+d.
+    """
 
     def __init__(self, gate_weights: list[torch.Tensor], top_k: int,
                  biases: list[torch.Tensor] | None = None, layer_ids: list[int] | None = None,
-                 norm_weights: list[torch.Tensor] | None = None) -> None:
+                 norm_weights: list[torch.Tensor] | None = None, eps: float = 1e-6) -> None:
         """gate_weights: per MoE layer [E, H]; biases: per MoE layer [E] correction bias, or None;
-        norm_weights: per MoE layer [H] weight of the RMSNorm in front of its router, or None."""
+        norm_weights: per MoE layer [H] weight of the RMSNorm in front of its router, or None;
+        eps: that RMSNorm's epsilon (the model's rms_norm_eps)."""
+        name = self.name
         if not gate_weights:
-            raise MoeRtError("gate_lookahead needs at least one router weight")
+            raise MoeRtError(f"{name} needs at least one router weight")
         shapes = {tuple(w.shape) for w in gate_weights}
         if len(shapes) != 1:
-            raise MoeRtError(f"gate_lookahead: router weights differ in shape: {sorted(shapes)}")
+            raise MoeRtError(f"{name}: router weights differ in shape: {sorted(shapes)}")
         super().__init__(len(gate_weights), gate_weights[0].shape[0], top_k)
         self.weights = torch.stack([w.float() for w in gate_weights])  # [L, E, H]
         self.biases = None if biases is None else torch.stack([b.float() for b in biases])  # [L, E]
         self.layer_ids = layer_ids if layer_ids is not None else list(range(len(gate_weights)))
+        self.eps = float(eps)
         self.norms = None  # [L, H]
         if norm_weights is not None:
             if len(norm_weights) != len(gate_weights):
-                raise MoeRtError(f"gate_lookahead: {len(norm_weights)} norm weights for {len(gate_weights)} routers")
+                raise MoeRtError(f"{name}: {len(norm_weights)} norm weights for {len(gate_weights)} routers")
             self.norms = torch.stack([n.float() for n in norm_weights])
             if self.norms.shape[1] != self.weights.shape[2]:
-                raise MoeRtError(f"gate_lookahead: norm weights have size {self.norms.shape[1]}, routers "
+                raise MoeRtError(f"{name}: norm weights have size {self.norms.shape[1]}, routers "
                                  f"read {self.weights.shape[2]}")
 
-    def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
-        if obs.hidden is None:
-            raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
-        d = self.lookahead(obs.moe_index, depth)
-        l = obs.moe_index
-        w = self.weights[l + 1: l + 1 + d]  # [d, E, H]
-        if self.norms is not None:
-            # hidden / g_l * g_t is the router input layer t would see for the same residual stream
-            # (RMSNorm's 1/rms factor is common to both). A zero g_l entry carries nothing: drop it.
-            src = self.norms[l]
-            inv = torch.where(src.abs() > 1e-8, 1.0 / src, torch.zeros_like(src))
-            w = w * (self.norms[l + 1: l + 1 + d] * inv)[:, None, :]
-        logits = torch.einsum("th,deh->dte", obs.hidden.float(), w)
+    def _ranking_scores(self, logits: torch.Tensor, l: int, d: int) -> torch.Tensor:
+        """logits [d, T, E] of layers l+1..l+d -> scores ranked like the model's own selection."""
         if self.biases is None:
             return logits
         b = self.biases[l + 1: l + 1 + d]  # [d, E]
         return torch.sigmoid(logits) + b[:, None, :]
 
     @classmethod
-    def from_model(cls, model) -> "GateLookaheadPredictor":
+    def from_model(cls, model) -> "RouterLookahead":
         """From a loaded MoEForCausalLM (anything with moe_blocks() and spec.top_k): no file reads.
 
         Weights are copied to fp32 CPU tensors, so later edits to the model do not leak in.
         """
         blocks = model.moe_blocks()
         if not blocks:
-            raise MoeRtError("gate_lookahead.from_model: the model has no MoE blocks")
+            raise MoeRtError(f"{cls.name}.from_model: the model has no MoE blocks")
         weights = [b.gate.weight.detach().float().cpu().clone() for b in blocks]
         has_bias = [getattr(b, "e_score_correction_bias", None) is not None for b in blocks]
         if any(has_bias) and not all(has_bias):
-            raise MoeRtError("gate_lookahead.from_model: e_score_correction_bias on some MoE layers only")
+            raise MoeRtError(f"{cls.name}.from_model: e_score_correction_bias on some MoE layers only")
         biases = [b.e_score_correction_bias.detach().float().cpu().clone() for b in blocks] if all(has_bias) else None
         norms = [getattr(getattr(model.layers[b.layer_id], "post_attention_layernorm", None), "weight", None)
                  for b in blocks] if hasattr(model, "layers") else [None]
         norms = [n.detach().float().cpu().clone() for n in norms] if all(n is not None for n in norms) else None
-        return cls(weights, model.spec.top_k, biases, [b.layer_id for b in blocks], norms)
+        eps = getattr(model.spec, "rms_norm_eps", 1e-6)
+        return cls(weights, model.spec.top_k, biases, [b.layer_id for b in blocks], norms, eps)
 
     @classmethod
-    def from_checkpoint(cls, model_dir: str) -> "GateLookaheadPredictor":
+    def from_checkpoint(cls, model_dir: str) -> "RouterLookahead":
         """Read only the router weights from a Hugging Face folder (single or sharded safetensors)."""
         config = _read_config(model_dir)
         layer_ids = moe_layer_ids(config)
@@ -119,7 +115,28 @@ class GateLookaheadPredictor(Predictor):
         if expected is not None and weights[0].shape[0] != expected:
             raise MoeRtError(f"{model_dir}: router weight has {weights[0].shape[0]} experts but config "
                              f"says {expected}")
-        return cls(weights, top_k, biases or None, layer_ids, norms)
+        eps = config.get("rms_norm_eps", 1e-6)  # the default moe_rt.models.common uses too
+        return cls(weights, top_k, biases or None, layer_ids, norms, eps)
+
+
+class GateLookaheadPredictor(RouterLookahead):
+    name = "gate_lookahead"
+    needs_hidden = True
+
+    def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
+        if obs.hidden is None:
+            raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
+        d = self.lookahead(obs.moe_index, depth)
+        l = obs.moe_index
+        w = self.weights[l + 1: l + 1 + d]  # [d, E, H]
+        if self.norms is not None:
+            # hidden / g_l * g_t is the router input layer t would see for the same residual stream
+            # (RMSNorm's 1/rms factor is common to both). A zero g_l entry carries nothing: drop it.
+            src = self.norms[l]
+            inv = torch.where(src.abs() > 1e-8, 1.0 / src, torch.zeros_like(src))
+            w = w * (self.norms[l + 1: l + 1 + d] * inv)[:, None, :]
+        logits = torch.einsum("th,deh->dte", obs.hidden.float(), w)
+        return self._ranking_scores(logits, l, d)
 
 
 def moe_layer_ids(config: dict) -> list[int]:

@@ -20,7 +20,6 @@ Shape legend: T tokens, H hidden size, E routed experts, d look-ahead distance.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_rt.errors import MoeRtError
 from router_predict.base import LayerObservation
@@ -36,6 +35,9 @@ class GateLookaheadOutputPredictor(RouterLookahead):
         if self.norms is None:
             raise MoeRtError(f"{self.name} needs each router's input-norm weight "
                              "(post_attention_layernorm.weight) next to the router weights")
+        # router_t(RMSNorm_t(x)) = (x / rms(x)) @ (W_t * g_t).T: fold each norm weight into its router
+        # once (the model rounds in another order: only exact ties can rank differently).
+        self.scaled = self.weights * self.norms[:, None, :]  # [L, E, H]
 
     def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
         if obs.layer_output is None:
@@ -43,9 +45,6 @@ class GateLookaheadOutputPredictor(RouterLookahead):
         d = self.lookahead(obs.moe_index, depth)
         l = obs.moe_index
         x = obs.layer_output.float()  # [T, H]
-        h = x.shape[-1]
-        # The same ops as the model (fp32 RMSNorm, then the router's linear map), one target at a time.
-        logits = [F.linear(F.rms_norm(x, (h,), self.norms[t], self.eps), self.weights[t])
-                  for t in range(l + 1, l + 1 + d)]
-        logits = torch.stack(logits) if logits else x.new_zeros(0, x.shape[0], self.num_experts)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)  # RMSNorm without its weight
+        logits = torch.einsum("th,deh->dte", x, self.scaled[l + 1: l + 1 + d])
         return self._ranking_scores(logits, l, d)

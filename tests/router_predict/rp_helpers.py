@@ -7,7 +7,8 @@ from router_predict.trace import Trace, TraceMeta
 
 
 def make_trace(topk_ids: np.ndarray, num_experts: int, *, seq_ids=None, steps=None, positions=None,
-               hidden: np.ndarray | None = None, token_ids=None, weights=None) -> Trace:
+               hidden: np.ndarray | None = None, token_ids=None, weights=None,
+               layer_output: np.ndarray | None = None) -> Trace:
     """topk_ids: [N, L, k]. Defaults: one sequence, one row per step, positions 0..N-1."""
     ids = np.asarray(topk_ids, dtype=np.int32)
     n, num_layers, k = ids.shape
@@ -21,6 +22,7 @@ def make_trace(topk_ids: np.ndarray, num_experts: int, *, seq_ids=None, steps=No
                        model="synthetic"),
         hidden=None if hidden is None else np.asarray(hidden, np.float16),
         token_ids=None if token_ids is None else np.asarray(token_ids, np.int64),
+        layer_output=None if layer_output is None else np.asarray(layer_output, np.float16),
     )
 
 
@@ -37,3 +39,26 @@ def perm_chain_trace(n: int, num_layers: int, num_experts: int, k: int, seed: in
     seq = np.arange(n) % num_seqs
     return make_trace(ids, num_experts, seq_ids=seq, steps=np.arange(n) // num_seqs,
                       positions=np.arange(n) // num_seqs), perm
+
+
+def zero_residual_checkpoint(folder, zero=("o_proj.weight", ".w2.weight"), shared_router=True):
+    """A tiny 3-layer Mixtral (tests/checkpoints.py) with the weights whose names end in `zero`
+    zeroed: by default attention and experts add nothing, so the residual stream is the same at
+    every layer. shared_router: layers 1, 2 get layer 0's router. The router norms keep their own
+    random weights, so layers route differently even with one router."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from checkpoints import write_checkpoint
+
+    write_checkpoint(folder, "mixtral", num_hidden_layers=3)
+    path = folder / "model.safetensors"
+    w = load_file(str(path))
+    for name in list(w):
+        if name.endswith(tuple(zero)):
+            w[name] = torch.zeros_like(w[name])
+    if shared_router:
+        for i in (1, 2):
+            w[f"model.layers.{i}.block_sparse_moe.gate.weight"] = w["model.layers.0.block_sparse_moe.gate.weight"].clone()
+    save_file(w, str(path), metadata={"format": "pt"})
+    return folder

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import BatchInfo, RouterEvent, RoutingHub
@@ -14,8 +13,10 @@ from router_predict.online import OnlinePredictor
 from router_predict.predictors.coactivation import CoactivationPredictor
 from router_predict.predictors.common import prev_tokens
 from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
+from router_predict.predictors.gate_lookahead_output import GateLookaheadOutputPredictor
 from router_predict.predictors.path import train_path
 from router_predict.predictors.training import TrainConfig
+from rp_helpers import zero_residual_checkpoint
 
 PROMPTS = ["In the beginning God created", "And God said", "Hello world, the quick brown fox"]
 PARAMS = SamplingParams(max_tokens=4, temperature=0)
@@ -105,11 +106,11 @@ def test_from_model_equals_from_checkpoint(mixtral_llm, mixtral_dir):
 
 
 def run_online_and_record(llm, predictor, depth):
-    online = OnlinePredictor(llm.model.hub, predictor, depth)
+    online = OnlinePredictor(llm.model.hub, predictor, depth, model=llm.model)
     calls = []
     online.on_forecast(lambda target, scores, d: calls.append((target, d, float(scores.sum()))))
     with online:
-        trace = record_trace(llm, PROMPTS, PARAMS, with_hidden=True)
+        trace = record_trace(llm, PROMPTS, PARAMS, with_hidden=True, with_layer_output=True)
     return online, trace, calls
 
 
@@ -135,22 +136,26 @@ def test_online_recall_equals_offline_replay(mixtral_llm):
     assert online.stats()["recall"] == replay(trace3, path, 1, progress=False).by_distance[1]["recall"]
 
 
-def zero_residual_checkpoint(folder):
-    """3 MoE layers whose attention and experts add nothing and whose routers are equal. The router
-    norms keep their own random weights, so layers route differently, yet look-ahead that rescales
-    by the norm weights must be exact: the residual stream is the same at every layer."""
-    from checkpoints import write_checkpoint
+def test_output_lookahead_online_recall_equals_offline_replay(mixtral_llm):
+    """gate_lookahead_output forecasts from the decoder layer's forward hook, not the router event;
+    live recall still equals replay of the trace recorded in the same run (float16 layer_output)."""
+    model = mixtral_llm.model
+    pred = GateLookaheadOutputPredictor.from_model(model)
+    online, trace, calls = run_online_and_record(mixtral_llm, pred, 1)
+    offline = replay(trace, pred, 1, progress=False)
+    s = online.stats()
+    assert s["tokens"] == trace.num_rows == s["by_distance"][1]["rows"]
+    assert s["by_distance"][1]["recall"] == offline.by_distance[1]["recall"]
+    assert 0 < s["recall"] < 1 and s["cost_us_per_token"] > 0
+    assert {c[:2] for c in calls} == {(1, 1)} and sum(c[2] for c in calls) == 2 * trace.num_rows
+    # Hooks and subscription exist only while running.
+    assert not model.hub.active and not any(layer._forward_hooks for layer in model.layers)
 
-    write_checkpoint(folder, "mixtral", num_hidden_layers=3)
-    path = folder / "model.safetensors"
-    w = load_file(str(path))
-    for name in list(w):
-        if name.endswith("o_proj.weight") or name.endswith(".w2.weight"):
-            w[name] = torch.zeros_like(w[name])
-    for i in (1, 2):
-        w[f"model.layers.{i}.block_sparse_moe.gate.weight"] = w["model.layers.0.block_sparse_moe.gate.weight"].clone()
-    save_file(w, str(path), metadata={"format": "pt"})
-    return folder
+
+def test_output_lookahead_needs_the_model():
+    pred = GateLookaheadOutputPredictor([torch.randn(4, 3)] * 2, 2, norm_weights=[torch.ones(3)] * 2)
+    with pytest.raises(MoeRtError, match="reads each MoE layer's output: give OnlinePredictor the model"):
+        OnlinePredictor(RoutingHub(), pred)
 
 
 def test_gate_lookahead_exact_when_routers_identical_and_residual_zero(tmp_path):

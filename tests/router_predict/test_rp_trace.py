@@ -16,11 +16,12 @@ def small_trace(**kw) -> Trace:
 
 def test_round_trip_with_optional_arrays(tmp_path):
     hidden = np.arange(3 * 2 * 5).reshape(3, 2, 5) / 10
-    t = small_trace(hidden=hidden, token_ids=[5, 6, 9])
+    t = small_trace(hidden=hidden, token_ids=[5, 6, 9], layer_output=-hidden)
     t = Trace(**{**t.__dict__, "meta": TraceMeta(4, 2, (1, 3), "m", {"note": "x"})})
     save_trace(tmp_path / "t.npz", t)
     u = load_trace(tmp_path / "t.npz")
-    for name in ("topk_ids", "topk_weights", "seq_ids", "positions", "steps", "hidden", "token_ids"):
+    for name in ("topk_ids", "topk_weights", "seq_ids", "positions", "steps", "hidden", "token_ids",
+                 "layer_output"):
         a, b = getattr(t, name), getattr(u, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert u.meta == TraceMeta(4, 2, (1, 3), "m", {"note": "x"})
@@ -30,7 +31,12 @@ def test_round_trip_with_optional_arrays(tmp_path):
 def test_round_trip_without_optional_arrays(tmp_path):
     save_trace(tmp_path / "t.npz", small_trace())
     u = load_trace(tmp_path / "t.npz")
-    assert u.hidden is None and u.token_ids is None
+    assert u.hidden is None and u.token_ids is None and u.layer_output is None
+
+
+def test_take_keeps_layer_output():
+    t = small_trace(layer_output=np.arange(3 * 2 * 4).reshape(3, 2, 4))
+    assert t.take(np.array([0, 2])).layer_output[:, 1, 0].tolist() == [4.0, 20.0]
 
 
 def write_raw(path, **over):
@@ -66,6 +72,13 @@ BAD = {
     "pos_dtype": ({"positions": np.zeros(3, np.int32)}, "positions has dtype int32 but must be int64"),
     "hidden_dtype": ({"hidden": np.zeros((3, 2, 4), np.float32)}, "hidden has dtype float32 but must be float16"),
     "hidden_shape": ({"hidden": np.zeros((3, 1, 4), np.float16)}, "hidden has shape (3, 1, 4)"),
+    "out_dtype": ({"layer_output": np.zeros((3, 2, 4), np.float32)},
+                  "layer_output has dtype float32 but must be float16"),
+    "out_shape": ({"layer_output": np.zeros((3, 1, 4), np.float16)},
+                  "layer_output has shape (3, 1, 4) but must be [N, L, H] with N, L = 3, 2"),
+    "out_rows": ({"layer_output": np.zeros((2, 2, 4), np.float16)}, "layer_output has shape (2, 2, 4)"),
+    "out_size": ({"layer_output": np.zeros((3, 2, 5), np.float16)},
+                 "layer_output has H = 5 but hidden has H = 4"),
     "token_dtype": ({"token_ids": np.zeros(3, np.int32)}, "token_ids has dtype int32"),
     "id_range": ({"topk_ids": np.full((3, 2, 2), [0, 4], np.int32)}, "contains expert 4, outside [0, 4)"),
     "id_negative": ({"topk_ids": np.full((3, 2, 2), [-1, 0], np.int32)}, "contains expert -1"),

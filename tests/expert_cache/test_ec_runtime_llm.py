@@ -45,6 +45,7 @@ CONFIGS = [
     dict(offload="disk", capacity_slots=8, policy="lru"),  # everything fits
     dict(offload="cpu", capacity_slots=3, pinned={0: [1, 2], 3: [0]}, **GATE),
     dict(offload="disk", capacity_gb=0.0008, policy="lru"),  # 11 experts: 2 per layer
+    dict(offload="disk", capacity_slots=2, lookahead=2, policy="predictive", predictor="gate_lookahead_output"),
 ]
 
 
@@ -59,11 +60,13 @@ def test_cached_greedy_output_equals_all_resident(model4, reference, cache):
     assert stats["bytes_moved_total"] == (stats["loads"] + pinned) * stats["expert_bytes"]
 
 
-def test_predictive_cache_gets_prefetch_hits(model4, reference):
-    out, stats = run(model4, dict(offload="cpu", capacity_slots=4, lookahead=2, **GATE))
+@pytest.mark.parametrize("predictor", ["gate_lookahead", "gate_lookahead_output"])
+def test_predictive_cache_gets_prefetch_hits(model4, reference, predictor):
+    out, stats = run(model4, dict(offload="cpu", capacity_slots=4, lookahead=2, policy="predictive",
+                                  predictor=predictor))
     assert out == reference
     assert stats["prefetches_issued"] > 0 and stats["prefetch_hits"] > 0
-    assert stats["lookahead"] == 2 and stats["predictor"]["predictor"] == "gate_lookahead"
+    assert stats["lookahead"] == 2 and stats["predictor"]["predictor"] == predictor
 
 
 def test_accesses_equal_distinct_experts_the_model_used(model4):

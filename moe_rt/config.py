@@ -39,7 +39,8 @@ class RuntimeConfig(BaseModel):
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     predictor: str | None = Field(
-        None, description="routing predictor run online to report its live recall (gate_lookahead, learned, path, "
+        None, description="routing predictor run online to report its live recall (gate_lookahead, "
+                          "gate_lookahead_output, learned, path, "
                           "frequency, coactivation); the expert cache runs its own for prefetch"
     )
     predictor_dir: str | None = Field(

@@ -14,14 +14,19 @@ def need(hf: dict, key: str) -> Any:
     return hf[key]
 
 
+def rope_parameters(hf: dict, default_theta: float = 10000.0) -> tuple[str, float, dict]:
+    """(rope type, theta, all rope settings). transformers v5 writes rope_parameters; v4 and hub
+    checkpoints write rope_theta/rope_scaling (with 'type' or 'rope_type')."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    return rope_type, float(params.get("rope_theta", hf.get("rope_theta", default_theta))), params
+
+
 def rope_theta(hf: dict, default: float = 10000.0) -> float:
-    """transformers v5 writes rope_parameters; v4 and hub checkpoints write rope_theta/rope_scaling."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type, theta, _ = rope_parameters(hf, default)
     if rope_type != "default":
         raise MoeRtError(f"rope type '{rope_type}' is not supported yet (only default RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
+    return theta
 
 
 def attention(hf: dict, **kw) -> AttentionSpec:

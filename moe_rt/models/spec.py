@@ -45,20 +45,89 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class YarnSpec:
+    """YaRN rotary scaling (rope_type "yarn"), field for field as in transformers' _compute_yarn_parameters."""
+
+    factor: float  # context extension factor s
+    original_max_position_embeddings: int  # the pretraining context the correction range is measured on
+    beta_fast: float = 32.0  # rotations above which a frequency is kept (extrapolated)
+    beta_slow: float = 1.0  # rotations below which a frequency is divided by `factor` (interpolated)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None  # DeepSeek: also scales the softmax by mscale(factor, this)**2
+    attention_factor: float | None = None  # explicit cos/sin scale; None = derived from the mscales
+    truncate: bool = True  # round the correction range outwards to whole dimensions
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0 or self.original_max_position_embeddings <= 0:
+            raise MoeRtError(f"yarn rope_scaling needs factor > 0 and original_max_position_embeddings > 0, got "
+                             f"{self.factor} and {self.original_max_position_embeddings}")
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head Latent Attention (DeepSeek-V2/V3). Keys and values of all heads are rebuilt from
+    one per-token latent c [R] (kv_b_proj); the rotary part of the key, k_pe [dr], is shared by all
+    heads. Only [c | k_pe] is cached."""
+
+    kv_lora_rank: int  # R
+    qk_nope_head_dim: int  # dn: per-head key/query part without rotary
+    qk_rope_head_dim: int  # dr: rotary part (shared key, per-head query)
+    v_head_dim: int  # dv
+    softmax_scale: float  # qk_head_dim**-0.5, times YaRN mscale(factor, mscale_all_dim)**2 when set
+    q_lora_rank: int | None = None  # None: q_proj; else q_a_proj -> q_a_layernorm -> q_b_proj (V2-Lite has None)
+    rope_interleave: bool = True  # rotary pairs are (x0, x1), (x2, x3)... (V2 always; V3 per config)
+    attention_bias: bool = False  # bias on q_a_proj, kv_a_proj_with_mqa and o_proj
+
+    def __post_init__(self) -> None:
+        dims = (self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+        if min(dims) <= 0 or (self.q_lora_rank is not None and self.q_lora_rank <= 0):
+            raise MoeRtError(f"MLA dimensions must be positive: kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, "
+                             f"v_head_dim = {dims}, q_lora_rank = {self.q_lora_rank}")
+        if self.qk_rope_head_dim % 2:
+            raise MoeRtError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotary pairs)")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
     num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_kv_heads: int  # MLA: 1, the single latent row each token caches
+    head_dim: int  # MLA: qk_head_dim (query/key width per head)
     qkv_bias: bool = False
     qk_norm: Literal["none", "head", "full"] = "none"  # head: Qwen3 (per head), full: OLMoE (whole projection)
     clip_qkv: float | None = None  # OLMoE
     rope_theta: float = 10000.0
+    yarn: YarnSpec | None = None  # None = plain RoPE
+    mla: MLASpec | None = None  # None = standard (grouped-query) attention
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise MoeRtError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
+        if self.mla is not None and (self.num_kv_heads != 1 or self.head_dim != self.mla.qk_head_dim):
+            raise MoeRtError("an MLA attention spec has num_kv_heads=1 and head_dim=qk_nope_head_dim+qk_rope_head_dim")
+
+    @property
+    def rope_dim(self) -> int:
+        """Width the rotary tables are built for: MLA rotates only the qk_rope_head_dim part."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
+
+    @property
+    def cache_row(self) -> tuple[int, int]:
+        """(heads, width) of one token's cache entry in one layer. Standard attention stores a K and a
+        V row of this shape; MLA stores one row [latent | k_pe] that serves as both."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return self.num_kv_heads, self.head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes one token takes in one layer (what the cache budget is divided by)."""
+        heads, width = self.cache_row
+        return (1 if self.mla is not None else 2) * heads * width * dtype_bytes
 
 
 @dataclass(frozen=True)

@@ -75,15 +75,11 @@ def _load_layer(model: MoEForCausalLM, spec: ModelSpec, reader: CheckpointReader
     _copy(layer.post_attention_layernorm.weight, reader, f"{p}.post_attention_layernorm.weight")
     attn = layer.self_attn
     a = spec.attention
-    sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
-    for part in ("weight", "bias") if a.qkv_bias else ("weight",):
-        chunks = getattr(attn.qkv_proj, part).split(sizes, dim=0)
-        for chunk, name in zip(chunks, ("q_proj", "k_proj", "v_proj")):
-            _copy(chunk, reader, f"{p}.self_attn.{name}.{part}")
-    _copy(attn.o_proj.weight, reader, f"{p}.self_attn.o_proj.weight")
-    if a.qk_norm != "none":
-        _copy(attn.q_norm.weight, reader, f"{p}.self_attn.q_norm.weight")
-        _copy(attn.k_norm.weight, reader, f"{p}.self_attn.k_norm.weight")
+    if a.mla is not None:  # MLAttention names its parameters after the HF tensors
+        for name, param in attn.named_parameters():
+            _copy(param, reader, f"{p}.self_attn.{name}")
+    else:
+        _load_attention(attn, a, reader, p)
     mlp = layer.mlp
     if isinstance(mlp, MoEBlock):
         mp = f"{p}.{spec.moe_weight_prefix}"
@@ -97,6 +93,19 @@ def _load_layer(model: MoEForCausalLM, spec: ModelSpec, reader: CheckpointReader
                 _copy(mlp.shared_expert_gate.weight, reader, f"{mp}.shared_expert_gate.weight")
     else:
         _load_dense(mlp, reader, f"{p}.mlp")
+
+
+def _load_attention(attn, a, reader: CheckpointReader, p: str) -> None:
+    """Standard attention: q/k/v fused into qkv_proj."""
+    sizes = [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim]
+    for part in ("weight", "bias") if a.qkv_bias else ("weight",):
+        chunks = getattr(attn.qkv_proj, part).split(sizes, dim=0)
+        for chunk, name in zip(chunks, ("q_proj", "k_proj", "v_proj")):
+            _copy(chunk, reader, f"{p}.self_attn.{name}.{part}")
+    _copy(attn.o_proj.weight, reader, f"{p}.self_attn.o_proj.weight")
+    if a.qk_norm != "none":
+        _copy(attn.q_norm.weight, reader, f"{p}.self_attn.q_norm.weight")
+        _copy(attn.k_norm.weight, reader, f"{p}.self_attn.k_norm.weight")
 
 
 def _load_dense(mlp, reader: CheckpointReader, prefix: str) -> None:

@@ -18,18 +18,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        a = model.spec.attention
         slots = num_blocks * block_size
-        # Zeroed, not empty: decode attention reads whole blocks (and block 0 as padding) and masks
-        # the unused slots, but a masked score still multiplies its value, so uninitialised memory
-        # holding NaN/Inf would poison the output (seen with small caches carved from reused heap).
-        self.kv = [
-            LayerKV(
-                torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
-                torch.zeros(slots, a.num_kv_heads, a.head_dim, dtype=dtype, device=device),
-            )
-            for _ in range(model.spec.num_layers)
-        ]
+        self.kv = [LayerKV.allocate(model.spec.attention, slots, dtype, device) for _ in range(model.spec.num_layers)]
         self.step_count = 0
 
     def _slot(self, seq: Sequence, pos: int) -> int:

@@ -48,8 +48,19 @@ class AttentionMetadata:
 
 @dataclass
 class LayerKV:
-    k: torch.Tensor  # [num_slots, KV, hd]
-    v: torch.Tensor  # [num_slots, KV, hd]
+    k: torch.Tensor  # [num_slots, KV, hd]; MLA: [num_slots, 1, R + dr], rows [latent | roped k_pe]
+    v: torch.Tensor  # [num_slots, KV, hd]; MLA: the view k[..., :R] (values are rebuilt from the latent)
+
+    @classmethod
+    def allocate(cls, spec: AttentionSpec, num_slots: int, dtype: torch.dtype, device) -> "LayerKV":
+        # Zeroed, not empty: decode attention reads whole blocks (and block 0 as padding) and masks
+        # the unused slots, but a masked score still multiplies its value, so uninitialised memory
+        # holding NaN/Inf would poison the output (seen with small caches carved from reused heap).
+        heads, width = spec.cache_row
+        k = torch.zeros(num_slots, heads, width, dtype=dtype, device=device)
+        if spec.mla is not None:
+            return cls(k, k[..., : spec.mla.kv_lora_rank])
+        return cls(k, torch.zeros_like(k))
 
 
 class Attention(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_rt.layers.attention import Attention, AttentionMetadata, LayerKV
+from moe_rt.layers.mla import MLAttention
 from moe_rt.layers.mlp import DenseMLP
 from moe_rt.layers.moe.block import MoEBlock, MoEContext
 from moe_rt.layers.norm import RMSNorm
@@ -21,7 +22,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         D = spec.hidden_size
         window = spec.sliding_windows[layer_id] if spec.sliding_windows else None
-        self.self_attn = Attention(spec.attention, D, spec.rms_norm_eps, rope, window)
+        if spec.attention.mla is not None:
+            self.self_attn = MLAttention(spec.attention, D, rope)
+        else:
+            self.self_attn = Attention(spec.attention, D, spec.rms_norm_eps, rope, window)
         self.input_layernorm = RMSNorm(D, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(D, spec.rms_norm_eps)
         if spec.layer_kinds[layer_id] == "moe":
@@ -41,7 +45,7 @@ class MoEForCausalLM(nn.Module):
         self.spec = spec
         self.moe_ctx = ctx or MoEContext()
         a = spec.attention
-        rope = self.rope = RotaryEmbedding(a.head_dim, spec.max_position_embeddings, a.rope_theta)
+        rope = self.rope = RotaryEmbedding(a.rope_dim, spec.max_position_embeddings, a.rope_theta, a.yarn)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rope, self.moe_ctx) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)

@@ -110,9 +110,14 @@ def run_ep(args, params) -> int:
 
     if args.offload or args.expert_cache_slots or args.expert_cache_gb:
         raise MoeRtError("--ep does not combine with expert offloading yet")
+    from moe_rt.loader import load_spec
+    from parallel.tp import check_attention_tp
+
+    model = args.model or default_model_dir()
+    check_attention_tp(load_spec(model).attention, args.ep)  # refuse in one line before any rank starts
     options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
     llm_options = dict(dtype=args.dtype, expert_compute=args.expert_compute)
-    texts = launch(args.ep, _ep_generate, (args.model or default_model_dir(), args.prompt, params, options, llm_options))
+    texts = launch(args.ep, _ep_generate, (model, args.prompt, params, options, llm_options))
     print(texts[0])
     return 0
 

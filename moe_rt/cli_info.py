@@ -34,8 +34,7 @@ def model_info(model_dir: str) -> dict:
         "layers": spec.num_layers,
         "moe_layers": L,
         "hidden_size": spec.hidden_size,
-        "heads": spec.attention.num_heads,
-        "kv_heads": spec.attention.num_kv_heads,
+        **attention_info(spec, dtype_bytes),
         "vocab_size": spec.vocab_size,
         "experts_per_layer": E,
         "experts_per_token": K,
@@ -47,6 +46,27 @@ def model_info(model_dir: str) -> dict:
         "bytes_per_expert": per_expert * dtype_bytes,
         "max_position_embeddings": spec.max_position_embeddings,
     }
+
+
+def attention_info(spec, dtype_bytes: int) -> dict:
+    """Attention kind, heads and what one token costs in the KV cache (all layers, checkpoint dtype)."""
+    a = spec.attention
+    out = {"attention": "MLA" if a.mla is not None else "GQA", "heads": a.num_heads}
+    if a.mla is None:
+        out["kv_heads"] = a.num_kv_heads
+        out["head_dim"] = a.head_dim
+    else:
+        m = a.mla
+        out.update({
+            "q_lora_rank": m.q_lora_rank if m.q_lora_rank is not None else "none (q_proj)",
+            "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim,
+            "qk_rope_head_dim": m.qk_rope_head_dim,
+            "v_head_dim": m.v_head_dim,
+        })
+    out["rope"] = f"yarn x{a.yarn.factor:g} from {a.yarn.original_max_position_embeddings}" if a.yarn else "default"
+    out["kv_cache_bytes_per_token"] = spec.num_layers * a.kv_bytes_per_token(dtype_bytes)
+    return out
 
 
 def run(args) -> int:

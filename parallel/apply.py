@@ -32,7 +32,7 @@ from parallel.dispatchers.comm import Comm, pack_rows, unpack_rows
 from parallel.groups import EPGroup
 from parallel.placement import ExpertParallelPlacement
 from parallel.stats import EPStats
-from parallel.tp import check_tp, shard_attention
+from parallel.tp import check_attention_tp, shard_attention
 
 
 class EPExpertStore(ExpertStore):
@@ -154,7 +154,7 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
         raise MoeRtError(f"the placement is for {placement.ranks} ranks but the group has {N}")
     placement.validate_against(L, E)
     a = spec.attention
-    check_tp(a.num_heads, a.num_kv_heads, a.qk_norm, N)
+    check_attention_tp(a, N)
     if predictor == "residual_gate":
         from parallel.dispatchers.speculative import ResidualGate
 

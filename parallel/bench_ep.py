@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_rt.loader import load_spec
     from parallel.launch import launch_commands
     from parallel.placement import load_placement_yaml, save_placement_yaml
-    from parallel.tp import check_tp
+    from parallel.tp import check_attention_tp
 
     if args.ranks < 2:
         raise MoeRtError("bench ep needs at least 2 ranks")
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model or str(write_synthetic(work / "model", args.synthetic_size, args.seed))
     spec = load_spec(model_dir)
     # Heads must split over the ranks: refuse here, in one line, before any rank starts.
-    check_tp(spec.attention.num_heads, spec.attention.num_kv_heads, spec.attention.qk_norm, args.ranks)
+    check_attention_tp(spec.attention, args.ranks)
     prompts = make_prompts(spec.vocab_size, args.prompts, args.prompt_len, args.seed + 1)
     if args.placement:
         placement_path = args.placement

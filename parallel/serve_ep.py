@@ -246,11 +246,11 @@ def check_group(model_dir: str, args) -> None:
     run in the parent before any port or rank exists, so a bad flag is one line and exit 2."""
     from moe_rt.loader import load_spec
     from parallel.runtime import resolve_placement
-    from parallel.tp import check_tp
+    from parallel.tp import check_attention_tp
 
     spec = load_spec(model_dir)
     a = spec.attention
-    check_tp(a.num_heads, a.num_kv_heads, a.qk_norm, args.ep)
+    check_attention_tp(a, args.ep)
     L, E = len(spec.moe_layer_ids), spec.num_experts
     placement = resolve_placement(args.placement, L, E, args.ep)
     if placement.ranks != args.ep:

@@ -19,6 +19,7 @@ from torch import nn
 
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.attention import Attention, LayerKV
+from moe_rt.models.spec import AttentionSpec
 
 
 def check_tp(num_heads: int, num_kv_heads: int, qk_norm: str, world: int) -> None:
@@ -28,6 +29,15 @@ def check_tp(num_heads: int, num_kv_heads: int, qk_norm: str, world: int) -> Non
     if qk_norm == "full" and world > 1:
         raise MoeRtError("attention tensor parallelism does not support a q/k norm over the whole "
                          "projection (OLMoE); it would need an all-reduce inside attention")
+
+
+def check_attention_tp(a: AttentionSpec, world: int) -> None:
+    """check_tp for a model's attention; MLA is refused: its cache is one latent row shared by all
+    heads and its heads are rebuilt from it by kv_b_proj, which this head-row slicing does not handle."""
+    if a.mla is not None and world > 1:
+        raise MoeRtError("expert parallelism (--ep) shards attention heads, which MLA attention "
+                         "(DeepSeek-V2/V3) does not support yet; run without --ep")
+    check_tp(a.num_heads, a.num_kv_heads, a.qk_norm, world)
 
 
 @torch.no_grad()

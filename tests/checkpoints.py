@@ -1,5 +1,6 @@
 """Tiny random Hugging Face checkpoints written with transformers' own save_pretrained, plus a
-small byte-level BPE tokenizer, so every test runs on real files on disk."""
+small byte-level BPE tokenizer, so every test runs on real files on disk; and hf_greedy, the
+transformers continuation the parity tests compare against."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,16 @@ def hf_config(family: str, vocab: int, **over):
         return tf.Qwen3MoeConfig(**{**base, "num_experts": 8, "moe_intermediate_size": 48, "head_dim": 24, **over})
     if family == "olmoe":
         return tf.OlmoeConfig(**{**base, "num_experts": 8, **over})
+    if family in ("deepseek_v2", "deepseek_v3"):
+        # MLA (every head keeps its own K/V: num_key_value_heads = heads), layer 0 dense, then MoE
+        # with grouped routing and one shared expert. V2 defaults to q_proj (V2-Lite), V3 to q_lora.
+        mla = dict(num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8,
+                   n_shared_experts=1, moe_intermediate_size=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                   qk_rope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2)
+        if family == "deepseek_v2":
+            return tf.DeepseekV2Config(**{**base, **mla, "q_lora_rank": None, "topk_method": "group_limited_greedy",
+                                          "routed_scaling_factor": 1.5, **over})
+        return tf.DeepseekV3Config(**{**base, **mla, "q_lora_rank": 48, "routed_scaling_factor": 2.5, **over})
     raise ValueError(family)
 
 
@@ -79,7 +90,22 @@ def write_checkpoint(folder: Path, family: str = "mixtral", seed: int = 0, shard
                 p.uniform_(0.8, 1.2)
             else:
                 p.normal_(0, 0.05)
+        for name, b in model.named_buffers():  # DeepSeek-V3's routing bias is a buffer, zero by default
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(folder, **kwargs)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return folder
+
+
+def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with transformers' own KV cache, ignoring EOS (so both run all n steps)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), use_cache=True)
+        toks = []
+        for _ in range(n):
+            t = int(out.logits[0, -1].argmax())
+            toks.append(t)
+            out = hf(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+    return toks

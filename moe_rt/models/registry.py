@@ -5,7 +5,7 @@ from typing import Callable
 
 from moe_rt.errors import MoeRtError
 
-from . import mixtral, olmoe, qwen_moe
+from . import deepseek, mixtral, olmoe, qwen_moe
 from .spec import ModelSpec
 
 PARSERS: dict[str, Callable[[dict], ModelSpec]] = {
@@ -13,11 +13,8 @@ PARSERS: dict[str, Callable[[dict], ModelSpec]] = {
     "Qwen2MoeForCausalLM": qwen_moe.parse_qwen2,
     "Qwen3MoeForCausalLM": qwen_moe.parse_qwen3,
     "OlmoeForCausalLM": olmoe.parse,
-}
-
-_LATER = {
-    "DeepseekV2ForCausalLM": "DeepSeek-V2 MLA attention is not supported yet (its MoE block is)",
-    "DeepseekV3ForCausalLM": "DeepSeek-V3 MLA attention is not supported yet (its MoE block is)",
+    "DeepseekV2ForCausalLM": deepseek.parse_v2,
+    "DeepseekV3ForCausalLM": deepseek.parse_v3,
 }
 
 
@@ -26,10 +23,13 @@ def parse_config(hf: dict) -> ModelSpec:
     if not archs:
         raise MoeRtError("config.json has no 'architectures' entry")
     arch = archs[0]
-    if arch in _LATER:
-        raise MoeRtError(f"architecture {arch}: {_LATER[arch]}")
     if arch not in PARSERS:
         raise MoeRtError(f"unsupported architecture {arch} (supported: {', '.join(sorted(PARSERS))})")
+    if hf.get("quantization_config"):
+        # The loader copies tensors into float parameters; FP8 blocks (e.g. DeepSeek-V3's released
+        # weights) need their weight_scale_inv applied first, or the model would be silently wrong.
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise MoeRtError(f"quantized checkpoints ({method}) are not supported; use a bf16/fp16/fp32 copy")
     if hf.get("hidden_act", "silu") != "silu":
         raise MoeRtError(f"hidden_act '{hf['hidden_act']}' is not supported (only silu)")
     return PARSERS[arch](hf)

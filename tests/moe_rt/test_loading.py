@@ -25,11 +25,11 @@ def test_unsupported_architecture(copy_dir):
         load_model(copy_dir)
 
 
-def test_deepseek_whole_model_refused_clearly(copy_dir):
+def test_deepseek_config_without_mla_fields_refused_clearly(copy_dir):
     cfg = json.loads((copy_dir / "config.json").read_text())
     cfg["architectures"] = ["DeepseekV3ForCausalLM"]
     (copy_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MoeRtError, match="MLA attention is not supported"):
+    with pytest.raises(MoeRtError, match="^config.json of DeepseekV3ForCausalLM lacks 'qk_nope_head_dim'$"):
         load_model(copy_dir)
 
 

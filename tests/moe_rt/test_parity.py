@@ -3,7 +3,7 @@ prompt logits within 1e-4 and identical 32-token greedy continuations, batched a
 import pytest
 import torch
 
-from checkpoints import write_checkpoint
+from checkpoints import hf_greedy, write_checkpoint
 
 CASES = {
     "mixtral-top2": ("mixtral", {}, None),
@@ -32,18 +32,6 @@ def case(request, tmp_path_factory):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     llm = LLM(folder, dtype="float32", device="cpu", progress=False)
     return request.param, folder, hf, llm
-
-
-def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with transformers' own KV cache, ignoring EOS (so both run all n steps)."""
-    with torch.no_grad():
-        out = hf(torch.tensor([ids]), use_cache=True)
-        toks = []
-        for _ in range(n):
-            t = int(out.logits[0, -1].argmax())
-            toks.append(t)
-            out = hf(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
-    return toks
 
 
 def test_sharded_case_really_sharded(case):

@@ -5,7 +5,8 @@ router input)? Prefill tokens of the first 32 held-out prompts, demo model, reca
     .venv/bin/python scripts/probe_layer_output_lookahead.py
 
 This variant predicts later (after layer l's experts ran, so a prefetch only overlaps layer l+1's
-attention); it is measured here to decide whether to add it as a predictor.
+attention). The probe led to the `gate_lookahead_output` predictor (router_predict/predictors/
+gate_lookahead_output.py), measured with the full eval in docs/benchmarks-router-predict.md.
 """
 import torch
 

@@ -15,7 +15,7 @@ YARN_UNEQUAL = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embed
                 "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
 CASES = {
     "v2-lite-q_proj": ("deepseek_v2", {}),
-    "v2-q_lora": ("deepseek_v2", {"q_lora_rank": 24}),
+    "v2-q_lora-bias": ("deepseek_v2", {"q_lora_rank": 24, "attention_bias": True}),
     "v2-lite-yarn": ("deepseek_v2", {"rope_scaling": YARN_V2_LITE}),
     "v3": ("deepseek_v3", {}),
     "v3-yarn-halves": ("deepseek_v3", {"rope_scaling": YARN_UNEQUAL, "rope_interleave": False}),

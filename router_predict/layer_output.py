@@ -35,3 +35,17 @@ def hook_layer_outputs(model, fn: LayerOutputFn) -> Callable[[], None]:
         while handles:
             handles.pop().remove()
     return remove
+
+
+def attach_observer(hub, on_event: Callable, model=None,
+                    on_layer_output: LayerOutputFn | None = None) -> Callable[[], None]:
+    """Subscribe on_event to the model's router events and, when on_layer_output is given, hook the
+    MoE layers' outputs too; returns one detach function for both (idempotent)."""
+    removers = [hub.subscribe(on_event)]
+    if on_layer_output is not None:
+        removers.append(hook_layer_outputs(model, on_layer_output))
+
+    def detach() -> None:
+        while removers:
+            removers.pop()()
+    return detach

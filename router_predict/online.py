@@ -36,7 +36,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
 from router_predict.evaluate import ranked_experts
-from router_predict.layer_output import hook_layer_outputs
+from router_predict.layer_output import attach_observer
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
 ForecastFn = Callable[[int, torch.Tensor, int], None]  # (target moe_index, expert scores [E], distance d)
@@ -73,8 +73,7 @@ class OnlinePredictor:
         self.device = torch.device(device)
         self.max_tracked_seqs = max_tracked_seqs
         self.model = model
-        self._unsubscribe: Callable[[], None] | None = None
-        self._unhook: Callable[[], None] | None = None
+        self._detach: Callable[[], None] | None = None
         self._awaiting: dict[int, RouterEvent] = {}  # moe_index -> its event, until its output is known
         self._callbacks: list[ForecastFn] = []
         self._latest: dict[int, torch.Tensor] = {}  # target moe_index -> [E] latest batch forecast
@@ -89,20 +88,17 @@ class OnlinePredictor:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> "OnlinePredictor":
-        if self._unsubscribe is None:
-            self._unsubscribe = self.hub.subscribe(self._on_event)
-        if getattr(self.predictor, "needs_layer_output", False) and self._unhook is None:
-            self._unhook = hook_layer_outputs(self.model, self._on_layer_output)
+        if self._detach is None:
+            wants_output = getattr(self.predictor, "needs_layer_output", False)
+            self._detach = attach_observer(self.hub, self._on_event, self.model,
+                                           self._on_layer_output if wants_output else None)
         return self
 
     def stop(self) -> None:
         """Unsubscribe (and unhook); stats and latest forecasts stay readable."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self._unhook is not None:
-            self._unhook()
-            self._unhook = None
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
         self._pending.clear()
         self._awaiting.clear()
         self._forward = _FRESH

@@ -17,7 +17,7 @@ import torch
 
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import RouterEvent, RoutingHub
-from router_predict.layer_output import hook_layer_outputs
+from router_predict.layer_output import attach_observer
 from router_predict.trace import Trace, TraceMeta, validate_trace
 
 
@@ -31,8 +31,7 @@ class TraceRecorder:
         self.num_layers = num_layers
         self.with_hidden = with_hidden
         self.model, self.with_layer_output = model, with_layer_output
-        self._unsubscribe: Callable[[], None] | None = None
-        self._unhook: Callable[[], None] | None = None
+        self._detach: Callable[[], None] | None = None
         self._outputs: dict[int, torch.Tensor] = {}  # moe_index -> [T, H] float16 output of the current step
         self._step: int | None = None
         self._pending: dict[int, RouterEvent] = {}  # moe_index -> event of the current step
@@ -40,19 +39,15 @@ class TraceRecorder:
         self.layer_ids: list[int | None] = [None] * num_layers
 
     def start(self) -> None:
-        if self._unsubscribe is None:
-            self._unsubscribe = self.hub.subscribe(self._on_event)
-        if self.with_layer_output and self._unhook is None:
-            self._unhook = hook_layer_outputs(self.model, self._on_layer_output)
+        if self._detach is None:
+            self._detach = attach_observer(self.hub, self._on_event, self.model,
+                                           self._on_layer_output if self.with_layer_output else None)
 
     def stop(self) -> None:
         """Unsubscribe and close the step in progress (its rows become part of the trace)."""
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        if self._unhook is not None:
-            self._unhook()
-            self._unhook = None
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
         self._flush()
 
     def _on_event(self, event: RouterEvent) -> None:

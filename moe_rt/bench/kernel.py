@@ -101,7 +101,7 @@ def _bench_cuda(shapes, batch_sizes, dtype, args, *, device: str = "cuda", timer
     from moe_rt.kernels.tuning import TuningTables, device_name, dtype_name
 
     timer = timer or cuda_time_ms
-    graph_timer = None if getattr(args, "no_graph", False) else (graph_timer or cuda_graph_time_ms)
+    graph_timer = None if args.no_graph else (graph_timer or cuda_graph_time_ms)
     bandwidth = bandwidth or measure_bandwidth_gbs()
     tables = TuningTables()
     dev = device_name(torch.device(device))

@@ -79,6 +79,16 @@ def _align_kernel(
     tl.store(num_padded_ptr, num_padded)
 
 
+def launch_params(num_pairs: int, num_slots: int, num_blocks: int) -> dict:
+    """The kernel's tile constexprs and warps for a problem size (also used by aot_check)."""
+    s_pad = triton.next_power_of_2(max(num_slots, 2))
+    cap = min(1024, _TILE_ELEMS // s_pad)
+    return {"S_PAD": s_pad,
+            "BLOCK_P": max(16, min(cap, triton.next_power_of_2(max(num_pairs, 1)))),
+            "BLOCK_B": max(16, min(cap, triton.next_power_of_2(num_blocks))),
+            "num_warps": 8}
+
+
 def align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_slots: int) -> AlignedRouting:
     """align.align_block_size in one Triton program; equal outputs (tested in the interpreter).
 
@@ -93,13 +103,10 @@ def align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_slots: int
     sorted_ids = torch.full((length,), num_pairs, dtype=torch.int32, device=device)
     block_slot = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    s_pad = triton.next_power_of_2(max(num_slots, 2))
-    block_p = max(16, min(1024, _TILE_ELEMS // s_pad, triton.next_power_of_2(max(num_pairs, 1))))
-    block_b = max(16, min(1024, _TILE_ELEMS // s_pad, triton.next_power_of_2(num_blocks)))
     _align_kernel[(1,)](
         flat, sorted_ids, block_slot, num_padded,
         num_pairs, num_slots, num_blocks,
-        BLOCK_M=block_m, S_PAD=s_pad, BLOCK_P=block_p, BLOCK_B=block_b, num_warps=8,
+        BLOCK_M=block_m, **launch_params(num_pairs, num_slots, num_blocks),
     )
     return AlignedRouting(sorted_pair_ids=sorted_ids, block_slot_ids=block_slot,
                           num_padded=num_padded, block_m=block_m, num_pairs=num_pairs)

@@ -29,6 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moe_rt.kernels import align_triton, fused_moe
+from moe_rt.kernels.align import max_padded_len
 from moe_rt.kernels.tune import candidate_configs
 from moe_rt.kernels.tuning import default_config
 
@@ -96,7 +97,7 @@ def check(kernel: str, dtype: str, config: dict, arch: int) -> Result:
                       "BLOCK_K": config["BLOCK_SIZE_K"], "GROUP_M": config["GROUP_SIZE_M"],
                       "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else None}
             if kernel == "gate_up":
-                consts["TOP_K"] = config.get("top_k", 2)
+                consts["TOP_K"] = 2  # only divides pair ids into token ids: no effect on tiles or resources
             k = _compile(fn, _gemm_signature(kernel, TRITON_DTYPES[dtype]), consts, launch, arch)
     except Exception as exc:  # noqa: BLE001 - any compile failure is the finding we report
         return Result(kernel, dtype, config, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -125,13 +126,13 @@ def configs_for(space: str) -> list[dict]:
 
 
 def align_configs() -> list[dict]:
-    """The align kernel's constexprs for the benchmarked shapes (as align_block_size_triton picks)."""
+    """The align kernel's launch for each benchmarked shape at its largest batch, as the launcher picks it."""
     out = []
     for experts, _, top_k in SHAPES.values():
-        s_pad = triton.next_power_of_2(experts)
-        block_p = max(16, min(1024, align_triton._TILE_ELEMS // s_pad))
-        out.append({"num_warps": 8, "num_stages": 3, "constexprs": {
-            "BLOCK_M": 16, "S_PAD": s_pad, "BLOCK_P": block_p, "BLOCK_B": block_p}})
+        pairs = max(BATCHES) * top_k
+        params = align_triton.launch_params(pairs, experts, max_padded_len(pairs, experts, 16) // 16)
+        warps = params.pop("num_warps")
+        out.append({"num_warps": warps, "num_stages": 3, "constexprs": {"BLOCK_M": 16, **params}})
     return out
 
 

@@ -63,6 +63,25 @@ class LayerKV:
         return cls(k, torch.zeros_like(k))
 
 
+def prefill_attention(q, k, v, seq_lens: list[int], *, window: int | None = None,
+                      scale: float | None = None) -> torch.Tensor:
+    """Causal attention of whole prompts laid back to back: q [P, H, hd], k [P, KV, hd],
+    v [P, KV, hdv] -> [P, H, hdv]. Prompts never share a cache prefix, so each attends only to its
+    own new keys; `window` limits how far back a query looks (sliding-window layers)."""
+    outs, start = [], 0
+    for n in seq_lens:
+        qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
+        if window is not None and n > window:
+            i = torch.arange(n, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: AttentionSpec, hidden: int, eps: float, rope: RotaryEmbedding, window: int | None):
         super().__init__()
@@ -105,19 +124,7 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, self.q_size))
 
     def _prefill(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:
-        # Prompts never share a cache prefix, so each attends only to its own new keys.
-        outs, start = [], 0
-        for n in seq_lens:
-            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
-            if self.window is not None and n > self.window:
-                i = torch.arange(n, device=q.device)
-                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
-            else:
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1))
-            start += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return prefill_attention(q, k, v, seq_lens, window=self.window)
 
     def _decode(self, q, kv: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         B, nblk = meta.block_tables.shape

@@ -24,7 +24,7 @@ from torch import nn
 
 from moe_rt.models.spec import AttentionSpec
 
-from .attention import AttentionMetadata, LayerKV
+from .attention import AttentionMetadata, LayerKV, prefill_attention
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
@@ -85,13 +85,7 @@ class MLAttention(nn.Module):
         k_nope, v = self.kv_b_proj(latent).view(P, H, -1).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(P, H, m.qk_rope_head_dim)], dim=-1)
-        outs, start = [], 0
-        for n in seq_lens:  # prompts never share a cache prefix: each attends to its own keys only
-            qi, ki, vi = (t[start : start + n].transpose(0, 1)[None] for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=m.softmax_scale)
-            outs.append(o[0].transpose(0, 1))
-            start += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return prefill_attention(q, k, v, seq_lens, scale=m.softmax_scale)
 
     def _decode(self, q_nope, q_pe, kv: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
         """Absorbed attention of one new token per sequence over its cached rows -> [B, H, dv]."""

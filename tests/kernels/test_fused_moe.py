@@ -168,7 +168,6 @@ def test_fused_step_replays_in_a_cuda_graph(seed):
     # The alignment has no host sync, so a decode step can be captured; replays must track new
     # inputs written into the captured buffers, as a serving engine's graph runner does.
     hidden, w13, w2, ids, weights = make_inputs(4, 256, 512, 8, 2, None, 0.0, torch.bfloat16, "cuda")
-    weights = weights.cuda()
     fused_experts(hidden, w13, w2, ids, weights)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from expert_cache import cost_model as cm
-from moe_rt.bench.common import add_model_choice, emit, parse_ints, resolve_model
+from moe_rt.bench.common import (Repeats, add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
+                                 repeat_stats, resolve_model)
 from moe_rt.errors import MoeRtError
 
 ID_ONLY = ("frequency", "coactivation")
@@ -41,13 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predictors to prefetch with (policy predictive); empty for none")
     p.add_argument("--lookahead", default="1", help="prefetch depth: an integer or auto")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--fit-prompts", type=int, default=16, help="prompts traced to fit id-only predictors")
     p.add_argument("--keep-page-cache", action="store_true",
                    help="do not drop read pages from the page cache (RAM then backs the 'disk' tier)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration; the best is kept")
+    add_repeats(p, 2)
+    add_torch_threads(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -56,15 +58,14 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=g).tolist()
 
 
-def _decode_seconds(llm, prompts, new_tokens: int) -> float:
+def _decode_seconds(llm, prompts, max_tokens: int) -> float:
     from moe_rt.bench.decode import time_moe_rt
 
-    return time_moe_rt(llm, prompts, new_tokens)
+    return time_moe_rt(llm, prompts, max_tokens)
 
 
-def _best_seconds(llm, prompts, new_tokens: int, repeats: int) -> float:
-    """Best of `repeats` decode runs: the machine is shared, the minimum is the least disturbed."""
-    return min(_decode_seconds(llm, prompts, new_tokens) for _ in range(max(1, repeats)))
+def _timed_seconds(llm, prompts, max_tokens: int, repeats: int) -> Repeats:
+    return repeat_stats([_decode_seconds(llm, prompts, max_tokens) for _ in range(repeats)])
 
 
 def _llm(model: str, cache=None):
@@ -107,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     predictors = [p for p in args.predictors.split(",") if p]
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
     progress = not args.no_progress
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
     resident = _llm(model)
     spec = resident.model.spec
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args.batch, args.prompt_len, spec.vocab_size, seed=1)
     fit_prompts = _prompts(args.fit_prompts, args.prompt_len, spec.vocab_size, seed=2)
     _decode_seconds(resident, prompts, 2)  # warm-up
-    t_res = _best_seconds(resident, prompts, args.new_tokens, args.repeats)
+    t_res = _timed_seconds(resident, prompts, args.max_tokens, args.repeats)
     eval_trace = record_trace(resident, prompts, params, with_hidden=True)
     fit_trace = record_trace(resident, fit_prompts, params)
     tmp = tempfile.TemporaryDirectory()
@@ -135,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
             if name in ID_ONLY:
                 cfg["predictor_dir"] = fit_path
             configs.append((f"pred+{name}", pct, cfg))
-    tokens = args.batch * args.new_tokens
-    rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res, vs_resident=1.0)]
+    tokens = args.batch * args.max_tokens
+    rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res.median, tok_s_best=tokens / t_res.best)]
     for label, pct, cfg in tqdm(configs, desc="offload configs", disable=not progress):
         if cfg is None:
             llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru"))
@@ -150,30 +153,32 @@ def run(args: argparse.Namespace) -> int:
             store = llm.engine.expert_cache
         _decode_seconds(llm, prompts, 1)  # prefill path and predictor warm, cache not reset
         before = store.stats()
-        dt = _best_seconds(llm, prompts, args.new_tokens, args.repeats)
+        dt = _timed_seconds(llm, prompts, args.max_tokens, args.repeats)
         s = store.stats()
         store.close()
         # counters cover every timed repeat: report them per run
-        r = max(1, args.repeats)
+        r = args.repeats
         loads = (s["loads"] - before["loads"]) / r
-        row = dict(config=label, capacity=f"{pct}%" if pct else "0", tok_s=tokens / dt,
-                   vs_resident=t_res / dt,
+        row = dict(config=label, capacity=f"{pct}%" if pct else "0", tok_s=tokens / dt.median,
+                   tok_s_best=tokens / dt.best,
                    hit_rate=None if cfg is None else _delta_rate(before, s),
                    prefetch_hits=None if cfg is None else (s["prefetch_hits"] - before["prefetch_hits"]) / r,
                    loads=loads, gb_moved=(s["bytes_moved_total"] - before["bytes_moved_total"]) / 1e9 / r,
                    stall_s=(s["stall_s"] - before["stall_s"]) / r)
-        row["predicted_tok_s"] = _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace)
+        row["predicted_tok_s"] = _predict(row, cfg, eval_trace, args, t_res.median, t_read, L, fit_trace)
         rows.append(row)
-    naive = next(r["tok_s"] for r in rows if r["config"] == "naive")
-    for r in rows:
-        r["vs_naive"] = r["tok_s"] / naive
-    extra = {"model": model, "batch": args.batch, "new_tokens": args.new_tokens,
+    resident_row, naive = rows[0], next(r for r in rows if r["config"] == "naive")
+    for r in rows:  # ratios of medians, and of the fastest runs
+        for base, name in ((resident_row, "vs_resident"), (naive, "vs_naive")):
+            r[name], r[name + "_best"] = r["tok_s"] / base["tok_s"], r["tok_s_best"] / base["tok_s_best"]
+    extra = {"model": model, "batch": args.batch, "max_tokens": args.max_tokens, "repeats": args.repeats,
              "disk_read_ms_per_expert": round(t_read * 1e3, 3),
              "page_cache_read_ms_per_expert": round(t_read_warm * 1e3, 3),
              "page_cache": "kept" if args.keep_page_cache else "dropped after each read",
              "mixtral_8x7b_24gb_pcie4": _mixtral_table()}
-    emit(rows, args, ["config", "capacity", "tok_s", "vs_resident", "vs_naive", "hit_rate",
-                      "prefetch_hits", "loads", "gb_moved", "stall_s", "predicted_tok_s"], extra)
+    emit(rows, args, ["config", "capacity", "tok_s", "vs_resident", "vs_naive", "tok_s_best", "vs_resident_best",
+                      "vs_naive_best", "hit_rate", "prefetch_hits", "loads", "gb_moved", "stall_s", "predicted_tok_s"],
+         extra)
     if args.plot:
         _plot(eval_trace, args.plot, E, predictors, progress)
     tmp.cleanup()
@@ -206,7 +211,7 @@ def _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace) -> float:
                                         depth, progress=False)
         res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"]), schedule)
         misses, prefetches = cm.rates_from_replay(res.stats.as_dict(), visits)
-    layer_s = t_res / args.new_tokens / L
+    layer_s = t_res / args.max_tokens / L
     expert_bytes = 1.0  # t_x is measured per expert: express the link in experts per second
     c = cm.CostInputs(L, layer_s, 0.0, 1, expert_bytes / t_read, misses, prefetches, args.batch)
     return cm.tokens_per_s(c)

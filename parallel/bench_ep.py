@@ -4,7 +4,8 @@ Starts N ranks itself (subprocesses, torch.distributed on loopback, or inside ne
 joined by rate-limited veth links with --slow-link), runs the same greedy prompts under every
 scheme and reports, per generated or prompt token: bytes sent by all collectives and by the
 all-to-alls alone, the share of token-expert pairs served locally, the predictor hit rate, the
-mean engine-step latency, and whether every scheme produced identical tokens (lossless).
+mean engine-step latency (median and fastest of --repeats runs), and whether every scheme
+produced identical tokens (lossless).
 
 s-EG needs a placement: --placement FILE, or one planned here (parallel/grouping.py) from
 routing recorded on calibration prompts that are not the benchmark prompts (or --trace FILE).
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from moe_rt.bench.common import add_model_choice, add_repeats, add_torch_threads, repeat_stats, resolve_model
 from moe_rt.errors import MoeRtError
 
 SCHEMES = {  # name -> (dispatcher, uses the s-EG placement)
@@ -30,10 +32,8 @@ SCHEMES = {  # name -> (dispatcher, uses the s-EG placement)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Hugging Face model folder")
-    src.add_argument("--synthetic", action="store_true", help="build a random Mixtral-shaped checkpoint")
-    p.add_argument("--ranks", type=int, default=4, help="expert-parallel ranks N (default 4)")
+    add_model_choice(p)  # synthetic mixtral-ep-tiny / mixtral-ep-small shard their heads over 2 and 4 ranks
+    p.add_argument("--ranks", type=int, default=2, help="expert-parallel ranks N (default 2)")
     p.add_argument("--placement", help="s-EG placement YAML (default: plan one from calibration routing)")
     p.add_argument("--trace", help="routing trace (.npz) to plan the s-EG placement from")
     p.add_argument("--prompts", type=int, default=8, help="benchmark prompts (default 8)")
@@ -42,24 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="gate_lookahead", help="s-TS predictor (router_predict name)")
     p.add_argument("--slow-link", type=float, metavar="GBIT",
                    help="run ranks in network namespaces with links limited to GBIT Gbit/s (needs root)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per scheme (median reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    add_repeats(p, 3)
+    add_torch_threads(p, 1, where=" per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schemes", default=",".join(SCHEMES),
                    help=f"comma-separated subset/order of {', '.join(SCHEMES)} (baseline is always run)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--synthetic-size", default="small", choices=list(SYNTHETIC_SIZES),
-                   help="shape of the --synthetic model")
-
-
-SYNTHETIC_SIZES = ("tiny", "small")  # moe_rt/bench/synthetic.py shapes mixtral-ep-tiny / mixtral-ep-small
-
-
-def write_synthetic(folder: Path, size: str, seed: int) -> Path:
-    """A random Mixtral-shaped checkpoint (8 experts, top-2) whose heads shard over 2 and 4 ranks."""
-    from moe_rt.bench.synthetic import build_synthetic
-
-    return build_synthetic(f"mixtral-ep-{size}", folder, seed=seed)
 
 
 def make_prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
@@ -123,7 +110,7 @@ def worker(job_path: str) -> None:
             llms[name].generate(job["warmup"], _params(2))  # first-call costs out of the timing
             llms[name].stats.reset()
         # Schemes take turns, repeat after repeat, so that load from other processes on the
-        # machine hits them alike; the median wall time is reported.
+        # machine hits them alike; the median and the fastest wall time are reported.
         walls: dict[str, list[float]] = {name: [] for name in llms}
         tokens = {}
         for _ in range(job["repeats"]):
@@ -139,8 +126,7 @@ def worker(job_path: str) -> None:
         results = {}
         for name, llm in llms.items():
             stats = llm.moe_stats(group_view=True)  # a collective: every rank calls it
-            results[name] = {"tokens": tokens[name], "wall_s": sorted(walls[name])[len(walls[name]) // 2],
-                             "repeats": job["repeats"], "stats": stats}
+            results[name] = {"tokens": tokens[name], "walls_s": walls[name], "stats": stats}
         if ep.is_main:
             Path(job["out"]).write_text(json.dumps(results))
     finally:
@@ -218,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ranks < 2:
         raise MoeRtError("bench ep needs at least 2 ranks")
     work = Path(tempfile.mkdtemp(prefix="moe-rt-bench-ep-"))
-    model_dir = args.model or str(write_synthetic(work / "model", args.synthetic_size, args.seed))
+    model_dir = resolve_model(args)
     spec = load_spec(model_dir)
     # Heads must split over the ranks: refuse here, in one line, before any rank starts.
     check_attention_tp(spec.attention, args.ranks)
@@ -237,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         schemes.insert(0, "baseline")
     job = {"model": model_dir, "schemes": schemes, "placement": placement_path,
            "predictor": args.predictor, "prompts": prompts, "max_tokens": args.max_tokens,
-           "warmup": make_prompts(spec.vocab_size, 2, 8, args.seed + 2), "threads": args.threads, "repeats": max(1, args.repeats),
+           "warmup": make_prompts(spec.vocab_size, 2, 8, args.seed + 2), "threads": args.torch_threads, "repeats": args.repeats,
            "timeout_s": 300, "out": str(work / "results.json")}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job))
@@ -289,20 +275,21 @@ def summarize(results: dict, args, model_dir: str, placement: str) -> dict:
     base = results["baseline"]
     rows = {}
     for name, r in results.items():
-        s = r["stats"]
+        s, wall = r["stats"], repeat_stats(r["walls_s"])
         steps = s["steps"]
         rows[name] = {
             "all_bytes_per_token": s["all_bytes_per_token"], "a2a_bytes_per_token": s["a2a_bytes_per_token"],
             "bytes_by_collective": s["bytes_by_collective"], "local_share": s["local_share"],
             "predictor_hit_rate": s["predictor_hit_rate"], "steps": steps, "tokens": s["tokens"],
-            # stats cover every repeat; wall_s is one repeat's (median) time
-            "step_ms": 1e3 * r["wall_s"] * r["repeats"] / steps if steps else None,
+            # stats (and steps) cover every repeat; a wall time is one repeat's
+            "step_ms": 1e3 * wall.median * len(r["walls_s"]) / steps if steps else None,
+            "step_ms_best": 1e3 * wall.best * len(r["walls_s"]) / steps if steps else None,
             "a2a_vs_baseline": s["a2a_bytes_per_token"] / base["stats"]["a2a_bytes_per_token"],
             "same_tokens_as_baseline": r["tokens"] == base["tokens"],
         }
     return {"model": model_dir, "ranks": args.ranks, "slow_link_gbit": args.slow_link,
             "placement": placement, "predictor": args.predictor, "prompts": args.prompts,
-            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "lossless": all(r["same_tokens_as_baseline"] for r in rows.values()), "schemes": rows}
 
 
@@ -311,11 +298,11 @@ def format_report(rep: dict) -> str:
     lines = [f"expert parallel over {rep['ranks']} ranks{link}; {rep['prompts']} prompts x "
              f"{rep['prompt_len']} tokens, {rep['max_tokens']} generated",
              f"{'scheme':<11} {'all B/tok':>10} {'a2a B/tok':>10} {'a2a vs base':>11} {'local':>6} "
-             f"{'hit':>5} {'step ms':>8}"]
+             f"{'hit':>5} {'step ms':>8} {'best':>8}"]
     for name, r in rep["schemes"].items():
         hit = f"{r['predictor_hit_rate']:.2f}" if r["predictor_hit_rate"] is not None else "-"
         lines.append(f"{name:<11} {r['all_bytes_per_token']:>10.0f} {r['a2a_bytes_per_token']:>10.0f} "
-                     f"{r['a2a_vs_baseline']:>11.2f} {r['local_share']:>6.2f} {hit:>5} {r['step_ms']:>8.2f}")
+                     f"{r['a2a_vs_baseline']:>11.2f} {r['local_share']:>6.2f} {hit:>5} {r['step_ms']:>8.2f} {r['step_ms_best']:>8.2f}")
     lines.append("lossless: greedy tokens identical in every scheme" if rep["lossless"]
                  else "NOT LOSSLESS: some scheme produced different tokens")
     return "\n".join(lines)

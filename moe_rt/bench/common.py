@@ -1,9 +1,13 @@
-"""Shared benchmark plumbing: model selection, memory bandwidth, result printing."""
+"""Shared benchmark plumbing: the flags every `moe-rt bench` spells the same way, the one rule for
+repeated timed runs, memory bandwidth, result printing."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,11 +16,50 @@ from moe_rt.errors import MoeRtError
 
 
 def add_model_choice(p) -> None:
-    p.add_argument("--model", help="Hugging Face model folder")
-    p.add_argument("--synthetic", help="build a random Mixtral-shaped model: mixtral-56m, mixtral-offload, mixtral-tiny")
+    """--model / --synthetic NAME / --cache-dir, and --json: the model flags of every bench."""
+    from .synthetic import SHAPES
+
+    p.add_argument("--model", help="Hugging Face model folder (default: the shipped demo model)")
+    p.add_argument("--synthetic", metavar="NAME",
+                   help=f"build (once) and use a random Mixtral-shaped model: {', '.join(SHAPES)}")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/moe-rt/synthetic"),
                    help="where synthetic models are written (once)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def add_torch_threads(p, default: int | None = None, where: str = "") -> None:
+    shown = default if default else "torch's own"
+    p.add_argument("--torch-threads", type=_positive_int, default=default,
+                   help=f"torch CPU intra-op threads{where} (default: {shown})")
+
+
+def add_repeats(p, default: int) -> None:
+    p.add_argument("--repeats", type=_positive_int, default=default,
+                   help=f"timed runs per setting; the median and the fastest are reported (default {default})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """The one rule for repeated timed runs in every bench: the median of N runs is the figure;
+    the fastest run (`*_best` in the output) is beside it, as the least-disturbed run on a
+    shared machine."""
+    median: float
+    best: float
+
+
+def repeat_stats(times: list[float]) -> Repeats:
+    """Median and fastest of N timed runs (times in any unit; N >= 1, --repeats is checked)."""
+    return Repeats(statistics.median(times), min(times))
 
 
 def resolve_model(args) -> str:

@@ -11,19 +11,20 @@ from tqdm import tqdm
 
 from moe_rt.errors import MoeRtError
 
-from .common import add_model_choice, emit, measure_bandwidth, parse_ints, resolve_model
+from .common import (add_model_choice, add_repeats, add_torch_threads, emit, measure_bandwidth, parse_ints,
+                     repeat_stats, resolve_model)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_choice(p)
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated decode batch sizes")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per sequence (>= 2)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting; the best is kept")
+    add_repeats(p, 3)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's)")
+    add_torch_threads(p, where=", both sides")
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -31,12 +32,12 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def time_moe_rt(llm, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds spent in decode steps (prefill excluded) to generate new_tokens for every prompt."""
+def time_moe_rt(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    """Seconds spent in decode steps (prefill excluded) to generate max_tokens for every prompt."""
     from moe_rt import SamplingParams
 
     eng = llm.engine
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     rids = [eng.add_request(p, params) for p in prompts]
     while any(len(s) == s.num_prompt_tokens for r in rids for s in eng.requests[r]):
         eng.step()  # prefill(s)
@@ -49,9 +50,9 @@ def time_moe_rt(llm, prompts: list[list[int]], new_tokens: int) -> float:
     return dt
 
 
-def time_transformers(hf, prompts: list[list[int]], new_tokens: int) -> float:
+def time_transformers(hf, prompts: list[list[int]], max_tokens: int) -> float:
     """Seconds of transformers' generate between the first and the last sampled token: the
-    new_tokens-1 decode forwards, prefill excluded (stamped by a logits processor per step)."""
+    max_tokens-1 decode forwards, prefill excluded (stamped by a logits processor per step)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     stamps: list[float] = []
@@ -64,9 +65,9 @@ def time_transformers(hf, prompts: list[list[int]], new_tokens: int) -> float:
     ids = torch.tensor(prompts)
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                           logits_processor=LogitsProcessorList([Stamp()]))
-    assert out.shape[1] == ids.shape[1] + new_tokens and len(stamps) == new_tokens
+    assert out.shape[1] == ids.shape[1] + max_tokens and len(stamps) == max_tokens
     return stamps[-1] - stamps[0]
 
 
@@ -101,10 +102,10 @@ def run(args) -> int:
     from moe_rt.llm import LLM
 
     batches = parse_ints(args.batch_sizes, "--batch-sizes")
-    if args.new_tokens < 2 or args.prompt_len < 1:
-        raise MoeRtError("--new-tokens must be >= 2 and --prompt-len >= 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.max_tokens < 2 or args.prompt_len < 1:
+        raise MoeRtError("--max-tokens must be >= 2 and --prompt-len >= 1")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     device, dtype = llm.engine.device, llm.engine.dtype
@@ -123,25 +124,31 @@ def run(args) -> int:
         time_moe_rt(llm, prompts, 4)  # warm-up
         if hf is not None:
             time_transformers(hf, prompts, 4)
-        # Interleaved and best-of-N, so both sides see the same machine conditions.
+        # Interleaved, so both sides see the same machine conditions.
         ours, theirs = [], []
         for _ in range(args.repeats):
-            ours.append(time_moe_rt(llm, prompts, args.new_tokens))
+            ours.append(time_moe_rt(llm, prompts, args.max_tokens))
             if hf is not None:
-                theirs.append(time_transformers(hf, prompts, args.new_tokens))
-        tokens = B * (args.new_tokens - 1)
-        row = {"batch": B, "moe_rt_tok_s": tokens / min(ours), "moe_rt_step_ms": 1e3 * min(ours) / (args.new_tokens - 1)}
+                theirs.append(time_transformers(hf, prompts, args.max_tokens))
+        steps = args.max_tokens - 1
+        tokens = B * steps
+        t = repeat_stats(ours)
+        row = {"batch": B, "moe_rt_tok_s": tokens / t.median, "moe_rt_tok_s_best": tokens / t.best,
+               "moe_rt_step_ms": 1e3 * t.median / steps}
         if hf is not None:
-            row["hf_tok_s"] = tokens / min(theirs)
+            h = repeat_stats(theirs)
+            row["hf_tok_s"], row["hf_tok_s_best"] = tokens / h.median, tokens / h.best
             row["ratio"] = row["moe_rt_tok_s"] / row["hf_tok_s"]
+            row["ratio_best"] = row["moe_rt_tok_s_best"] / row["hf_tok_s_best"]
         floor_ms = 1e3 * step_weight_bytes(llm, prompts) / bandwidth
         row["floor_ms"] = floor_ms
         row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
         rows.append(row)
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-        "threads": torch.get_num_threads(), "bandwidth_GBps": round(bandwidth / 1e9, 2),
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "torch_threads": torch.get_num_threads(), "bandwidth_GBps": round(bandwidth / 1e9, 2),
+        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "repeats": args.repeats,
     }
-    emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
+    emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_tok_s_best", "hf_tok_s_best", "ratio_best",
+                      "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
     return 0

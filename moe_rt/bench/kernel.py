@@ -1,7 +1,8 @@
 """`moe-rt bench kernel`: the Triton fused MoE step against the torch loop and the bandwidth floor.
 
 For each layer shape and batch size T it reports, all measured in the same run on one GPU:
-    fused_ms, loop_ms    median step time of fused_experts and of the per-expert torch loop
+    fused_ms, loop_ms    median step time of fused_experts and of the per-expert torch loop over
+                         --repeats timed calls (the fastest call beside each: *_best)
     speedup              loop_ms / fused_ms
     floor_ms             bytes of the experts actually hit (w13 + w2) / measured copy bandwidth;
                          no implementation can read those weights faster
@@ -23,6 +24,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .common import add_repeats, repeat_stats
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated token counts T")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls (median reported)")
+    add_repeats(parser, 20)
     parser.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--json-out", default=None, metavar="PATH",
@@ -114,18 +117,21 @@ def _bench_cuda(shapes, batch_sizes, dtype, args, *, device: str = "cuda", timer
             hidden = torch.randn(t, shape.hidden, generator=gen).to(dtype=dtype, device=device)
             ids, weights = random_routing(t, shape.experts, shape.top_k, device, gen)
             step = (hidden, w13, w2, ids, weights)
-            fused_ms = timer(lambda: fused_experts(*step, tables=tables), warmup=args.warmup, iters=args.iters)
-            loop_ms = timer(lambda: loop_experts(*step), warmup=args.warmup, iters=args.iters)
+            times = dict(warmup=args.warmup, iters=args.repeats, reduce=repeat_stats)
+            fused = timer(lambda: fused_experts(*step, tables=tables), **times)
+            loop = timer(lambda: loop_experts(*step), **times)
             # The loop syncs with the host (it must learn which experts were hit), so it cannot be
             # captured; only the fused step gets the graph column.
-            graph_ms = (graph_timer(lambda: fused_experts(*step, tables=tables), warmup=args.warmup,
-                                    iters=args.iters) if graph_timer else None)
+            graph = graph_timer(lambda: fused_experts(*step, tables=tables), **times) if graph_timer else None
+            fused_ms, loop_ms, graph_ms = fused.median, loop.median, graph.median if graph else None
             hit = int(torch.unique(ids).numel())
             # Only the experts some token chose must be read; each is its w13 and w2 slices.
             weight_bytes = hit * (w13[0].numel() + w2[0].numel()) * w13.element_size()
             floor_ms = weight_bytes / (bandwidth * 1e9) * 1e3
             rows.append({**asdict(shape), "batch": t, "experts_hit": hit, "weight_bytes": weight_bytes,
                          "tuned_config": tuned, "fused_ms": fused_ms, "loop_ms": loop_ms,
+                         "fused_ms_best": fused.best, "loop_ms_best": loop.best,
+                         "graph_ms_best": graph.best if graph else None,
                          "speedup": loop_ms / fused_ms, "floor_ms": floor_ms,
                          "floor_frac": floor_ms / fused_ms, "graph_ms": graph_ms,
                          "graph_floor_frac": floor_ms / graph_ms if graph_ms else None})

@@ -30,7 +30,7 @@ import numpy as np
 
 from moe_rt.errors import MoeRtError
 
-from .common import add_model_choice, resolve_model
+from .common import add_model_choice, add_torch_threads, resolve_model
 
 MODEL_NAME = "bench"
 
@@ -46,8 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine batch cap, served and offline (default: clients)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU intra-op threads for the server and the offline run (default: torch's own)")
+    add_torch_threads(p, where=" for the server and the offline run")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds the server may take to load")
     p.add_argument("--soak", action="store_true", help="also sample the server's RSS during the load")

@@ -51,26 +51,27 @@ def test_tuner_candidates_respect_padding_bound():
 def test_bench_rows_bookkeeping_with_stub_timer():
     calls = []
 
-    def stub_timer(fn, *, warmup, iters):  # runs the step once; the figure is a placeholder
+    def stub_timer(fn, *, warmup, iters, reduce):  # runs the step once; the figures are placeholders
         fn()
         calls.append(1)
-        return 2.0 if len(calls) % 2 else 6.0  # fused, then loop
+        return reduce([2.0, 1.5, 3.0] if len(calls) % 2 else [6.0])  # fused, then loop
 
-    def stub_graph_timer(fn, *, warmup, iters):
+    def stub_graph_timer(fn, *, warmup, iters, reduce):
         fn()
-        return 1.0
+        return reduce([1.0])
 
     shape = bench_kernel.LayerShape("tiny", 4, 32, 16, 2)
-    rows, bw = bench_kernel._bench_cuda([shape], [1, 3], torch.float32, parse("--iters", "1"),
+    rows, bw = bench_kernel._bench_cuda([shape], [1, 3], torch.float32, parse("--repeats", "1"),
                                         device="cpu", timer=stub_timer, graph_timer=stub_graph_timer,
                                         bandwidth=1.0)
     assert bw == 1.0 and [r["batch"] for r in rows] == [1, 3]
     for r in rows:
         assert 1 <= r["experts_hit"] <= min(4, r["batch"] * 2)
         assert r["weight_bytes"] == r["experts_hit"] * (2 * 16 * 32 + 32 * 16) * 4
-        assert r["speedup"] == 3.0
+        assert r["speedup"] == 3.0  # of the medians
+        assert r["fused_ms_best"] == 1.5 and r["loop_ms_best"] == 6.0
         assert r["floor_frac"] == pytest.approx(r["weight_bytes"] / 1e9 * 1e3 / 2.0)
         assert r["graph_ms"] == 1.0 and r["graph_floor_frac"] == pytest.approx(2 * r["floor_frac"])
-    rows, _ = bench_kernel._bench_cuda([shape], [2], torch.float32, parse("--iters", "1", "--no-graph"),
+    rows, _ = bench_kernel._bench_cuda([shape], [2], torch.float32, parse("--repeats", "1", "--no-graph"),
                                        device="cpu", timer=stub_timer, bandwidth=1.0)
-    assert rows[0]["graph_ms"] is None and rows[0]["graph_floor_frac"] is None
+    assert rows[0]["graph_ms"] is None and rows[0]["graph_floor_frac"] is None and rows[0]["graph_ms_best"] is None

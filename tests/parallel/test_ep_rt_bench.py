@@ -6,7 +6,7 @@ from moe_rt.cli import main
 
 def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["bench", "ep", "--synthetic", "--synthetic-size", "tiny", "--ranks", "2", "--repeats", "1",
+    argv = ["bench", "ep", "--synthetic", "mixtral-ep-tiny", "--cache-dir", str(tmp_path), "--ranks", "2", "--repeats", "2",
             "--prompts", "2", "--prompt-len", "8", "--max-tokens", "3", "--schemes", "baseline,s-TS+s-EG", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -18,6 +18,7 @@ def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
     assert base["a2a_vs_baseline"] == 1.0
     for r in rows.values():
         assert r["same_tokens_as_baseline"]
+        assert 0 < r["step_ms_best"] <= r["step_ms"]
         assert 0 < r["a2a_bytes_per_token"] <= r["all_bytes_per_token"]
         moved = sum(r["bytes_by_collective"].values())
         assert abs(moved / r["tokens"] - r["all_bytes_per_token"]) < 0.1

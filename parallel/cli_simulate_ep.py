@@ -30,11 +30,16 @@ def _rank_list(text: str) -> list[int]:
     return ranks
 
 
+def default_rank_counts(num_experts: int) -> list[int]:
+    """Powers of two from 2 to 64 that divide the experts (every rank holds E/N of them)."""
+    return [n for n in (2, 4, 8, 16, 32, 64) if num_experts % n == 0] or [1]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, metavar="T.npz", help="routing trace (.npz)")
-    parser.add_argument("--ranks", type=_rank_list, default=[8, 16, 32, 64], metavar="N,N,...",
+    parser.add_argument("--ranks", type=_rank_list, default=None, metavar="N,N,...",
                         help="rank counts to simulate; each must divide the number of experts "
-                             "(default 8,16,32,64)")
+                             "(default: the powers of two from 2 to 64 that divide it)")
     parser.add_argument("--eval-split", type=float, default=0.5, metavar="F",
                         help="share of sequences held out for counting; the planner sees the "
                              "rest. 0 = in-sample (default 0.5)")
@@ -79,18 +84,21 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.eval_split < 1.0:
         raise MoeRtError(f"--eval-split must be in [0, 1), got {args.eval_split}")
     plan_on, count_on = (trace, trace) if args.eval_split == 0 else split_by_seq(trace, args.eval_split)
-    bad = [n for n in args.ranks if trace.num_experts % n]
-    if bad:
-        raise MoeRtError(f"--ranks {bad[0]} does not divide the trace's {trace.num_experts} experts")
+    E = trace.num_experts
+    ranks = args.ranks or default_rank_counts(E)
+    bad = [n for n in ranks if E % n]
+    if bad:  # every rank holds E/N experts of each layer
+        raise MoeRtError(f"--ranks {bad[0]} does not divide the trace's {E} experts; each rank count must "
+                         f"divide {E} (e.g. {','.join(map(str, default_rank_counts(E)))})")
     hidden = hidden_size(args, trace)
     opts = TrafficOptions(hidden=hidden or 1, dtype_bytes=args.dtype_bytes if hidden else 1,
                           token_cap_slack=args.token_cap_slack)
     unit = "bytes" if hidden else "rows"
     predicted = count_on.topk_ids if args.predictor == "oracle" else None
     results: dict[int, dict[str, TrafficReport]] = {}
-    for n in args.ranks:
-        grouped = plan_expert_groups(plan_on.topk_ids, trace.num_experts, grouping_options(args, n))
-        default = default_placement(trace.num_layers, trace.num_experts, n)
+    for n in ranks:
+        grouped = plan_expert_groups(plan_on.topk_ids, E, grouping_options(args, n))
+        default = default_placement(trace.num_layers, E, n)
         results[n] = compare_schemes(count_on.topk_ids, default, grouped, opts,
                                      predicted_ids=predicted, batch_ids=count_on.steps)
     if args.plot:
@@ -101,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             "eval_split": args.eval_split, "planned_on_tokens": plan_on.num_rows,
             "counted_on_tokens": count_on.num_rows,
             "results": [{"ranks": n, "schemes": {s: r.to_dict() for s, r in results[n].items()}}
-                        for n in args.ranks]}))
+                        for n in ranks]}))
         return 0
     where = ("in-sample" if args.eval_split == 0 else
              f"planned on {plan_on.num_rows} tokens, counted on {count_on.num_rows} held-out tokens")
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
           f"top-{trace.top_k}; {where}; s-TS predictor {args.predictor}")
     print(f"{'ranks':>5}  {'scheme':<10} {'a2a ' + unit + '/tok':>16} {'vs base':>8} "
           f"{'local':>6} {'all coll/tok':>14}")
-    for n in args.ranks:
+    for n in ranks:
         base = results[n]["baseline"].a2a_bytes_per_token
         for scheme, r in results[n].items():
             print(f"{n:>5}  {scheme:<10} {r.a2a_bytes_per_token:>16.1f} "

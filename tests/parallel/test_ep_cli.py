@@ -79,12 +79,22 @@ def test_bad_trace_and_flags_exit_2(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_default_ranks_divide_the_experts(tmp_path, capsys):
+    assert cli_simulate_ep.default_rank_counts(16) == [2, 4, 8, 16]
+    assert cli_simulate_ep.default_rank_counts(60) == [2, 4]
+    assert cli_simulate_ep.default_rank_counts(256) == [2, 4, 8, 16, 32, 64]
+    trace = write_trace(tmp_path / "t.npz", planted_ids(), 8)
+    assert cli_simulate_ep.main(["--trace", trace, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert [r["ranks"] for r in json.loads(out[out.index("{"):])["results"]] == [2, 4, 8]
+
+
 def test_add_arguments_registers_on_a_subparser():
     parser = argparse.ArgumentParser(prog="moe-rt")
     sub = parser.add_subparsers(dest="command")
     cli_plan.add_arguments(sub.add_parser("plan-placement"))
     cli_simulate_ep.add_arguments(sub.add_parser("simulate-ep"))
     args = parser.parse_args(["simulate-ep", "--trace", "t.npz"])
-    assert args.ranks == [8, 16, 32, 64] and args.eval_split == 0.5 and args.predictor == "prev-layer"
+    assert args.ranks is None and args.eval_split == 0.5 and args.predictor == "prev-layer"
     args = parser.parse_args(["plan-placement", "--trace", "t.npz", "--ranks", "8", "--out", "p.yaml"])
     assert args.replicas == 0 and args.load_tolerance == 0.1

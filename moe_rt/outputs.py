@@ -15,8 +15,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (eos, stop token or string), "length", "abort"
+    finish_reason: str | None  # "stop" (eos, stop token or string), "length", "abort", "error"
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # with finish_reason "error": what went wrong for this request
 
 
 @dataclass
@@ -36,6 +37,11 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+    @property
+    def error(self) -> str | None:
+        """The first completion's error, if the request failed (all its completions then end in "error")."""
+        return next((o.error for o in self.outputs if o.error is not None), None)
 
     @property
     def finished(self) -> bool:

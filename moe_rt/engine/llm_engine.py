@@ -43,7 +43,8 @@ class StepOutput:
     index: int
     new_token_ids: list[int]
     new_text: str
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # with finish_reason "error": the message for this request's client
 
 
 class LLMEngine:
@@ -130,11 +131,19 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._req_counter)}"
         if rid in self.requests:
             raise MoeRtError(f"request id {rid} is already in use")
+        bad = [t for t in params.logit_bias if t >= self.spec.vocab_size]
+        if bad:
+            raise MoeRtError(f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {self.spec.vocab_size})")
         seqs = []
         for i in range(params.n):
+            # SamplingParams keeps seed + n - 1 within int64, which torch generators accept.
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
             seq = Sequence(next(self._seq_counter), rid, i, ids, params, gen)
             seq.detok = IncrementalDetokenizer(self.tokenizer)
+            if params.response_format == "json_object":
+                from .json_guide import JsonObjectGuide
+
+                seq.guide = JsonObjectGuide(self.tokenizer, self.eos_ids)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[rid] = seqs
@@ -189,7 +198,7 @@ class LLMEngine:
         return RequestOutput(
             request_id,
             seqs[0].prompt_token_ids,
-            [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.logprobs) for s in seqs],
+            [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.logprobs, s.error) for s in seqs],
         )
 
     def release(self, request_id: str) -> RequestOutput:
@@ -206,10 +215,36 @@ class LLMEngine:
             return []
         self.last_batch_size = len(seqs)
         self.num_steps += 1
+        # A failing forward is the whole batch's, not one request's: it propagates (engine failure).
         logits = self.runner.run(prefill, decode)
-        tokens = sample(logits, seqs, self.generator)
+        # From here on work is per sequence: one that fails ends its request with finish_reason
+        # "error" and the rest of the batch goes on.
+        tokens = sample(logits, seqs, self.generator, self.eos_ids)
         logprobs = token_logprobs(logits, seqs, tokens)
-        return [self._postprocess(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
+        outs: dict[Sequence, StepOutput] = {}
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            if seq.finished:
+                continue  # a sibling failed earlier in this step
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                outs[seq] = self._postprocess(seq, token, lp)
+            except Exception as e:
+                self._fail_request(seq, e, outs)
+        return list(outs.values())
+
+    def _fail_request(self, seq: Sequence, exc: Exception, outs: dict[Sequence, StepOutput]) -> None:
+        """End `seq` and its request's other unfinished sequences with finish_reason "error", freeing
+        their KV blocks; their step outputs (new or already made this step) carry the message."""
+        log.error("request %s failed; ending it with an error", seq.request_id, exc_info=exc)
+        msg = str(exc) if isinstance(exc, MoeRtError) else f"{type(exc).__name__}: {exc}"
+        for s in self.requests[seq.request_id]:
+            if s.finished and s is not seq:
+                continue  # it ended before, normally
+            s.finish_reason, s.error = "error", msg
+            self.scheduler.finish(s)
+            out = outs.setdefault(s, StepOutput(s.request_id, s.index, [], "", None))
+            out.finish_reason, out.error = "error", msg
 
     def _postprocess(self, seq: Sequence, token: int, logprob) -> StepOutput:
         p = seq.params
@@ -218,7 +253,8 @@ class LLMEngine:
             seq.logprobs.append(logprob)
         out = seq.output_token_ids
         reason = None
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        # A guided (JSON) output cannot go on past EOS, so ignore_eos does not apply to it.
+        if (token in self.eos_ids and (not p.ignore_eos or seq.guide is not None)) or token in p.stop_token_ids:
             reason = "stop"
         if reason is None:
             seq.text += seq.detok.step(out)

@@ -32,6 +32,8 @@ class Sequence:
     emitted: int = 0  # characters of text already streamed
     logprobs: list[TokenLogprob] | None = None
     detok: object = None  # IncrementalDetokenizer
+    guide: object = None  # JsonObjectGuide when response_format is "json_object"; the sampler advances it
+    error: str | None = None  # why the sequence finished with finish_reason "error"
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

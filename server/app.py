@@ -1,94 +1,54 @@
 """The HTTP adapter: build_app(async_engine, ...) -> FastAPI. No module state; everything an app
 needs (engine, metrics registry, serving logic) hangs off the closure built here.
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/moe/stats,
-GET /health, GET /metrics. The app's lifespan starts and stops the AsyncEngine's thread.
-Every error is an OpenAI-style body; bad input is a 4xx, never a 500.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id},
+GET /v1/moe/stats, POST /tokenize, POST /detokenize, GET /version, GET /health, GET /metrics,
+and (unless docs=False) GET /openapi.json and /docs. The app's lifespan starts and stops the
+AsyncEngine's thread and the periodic stats log. Every error is an OpenAI-style body; bad input
+is a 4xx, never a 500.
 """
 from __future__ import annotations
 
-import hmac
-import json
+import asyncio
+import contextlib
+import importlib.metadata
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moe_rt.errors import MoeRtError
-
-from .async_engine import AsyncEngine, EngineUnavailable, Overloaded
-from .errors import ApiError, validation_error
+from . import openapi
+from .async_engine import AsyncEngine
+from .errors import ApiError, model_not_found, validation_error
+from .gate import Gate, error_response
+from .json_body import load_json_object
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, VersionResponse,
+)
 from .serving import ClientGone, OpenAIServing
+from .serving_tokens import TokenServing
+from .stats_log import log_stats_forever
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/moe/stats", "/health", "/metrics"}
+DEFAULT_STATS_INTERVAL_S = 10.0
 
 
-def _error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("moe-rt")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        import moe_rt
 
-
-class _Gate:
-    """Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and disconnects pass untouched):
-    counts every response by endpoint and status, checks the bearer key on /v1/*, and reads at
-    most max_bytes of a request body (413 beyond, chunked uploads included) before replaying it
-    to the app, so the app never sees more."""
-
-    def __init__(self, app, *, metrics: ServerMetrics, api_key: str | None, max_bytes: int) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.api_key = api_key
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in _ENDPOINTS else "other"
-
-        async def counted_send(msg):
-            if msg["type"] == "http.response.start":
-                self.metrics.requests.labels(endpoint, str(msg["status"])).inc()
-            await send(msg)
-
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and path.startswith("/v1/"):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
-                e = ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
-                return await _error_response(e)(scope, receive, counted_send)
-        too_big = ApiError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _error_response(too_big)(scope, receive, counted_send)
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            more = msg.get("more_body", False)
-            if size > self.max_bytes:
-                return await _error_response(too_big)(scope, receive, counted_send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: waits for http.disconnect
-
-        return await self.app(scope, replay, counted_send)
+        return getattr(moe_rt, "__version__", "unknown")
 
 
 def build_app(
@@ -97,58 +57,62 @@ def build_app(
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    docs: bool = True,
+    access_log: bool = True,
+    stats_interval_s: float = DEFAULT_STATS_INTERVAL_S,
+    on_engine_death: Callable[[], None] | None = None,
 ) -> FastAPI:
+    """docs: serve /openapi.json and /docs. access_log: one INFO line per request on the
+    `server.access` logger. stats_interval_s: the throughput line on `server.stats` every so many
+    seconds (0: never). on_engine_death: called on the event loop once the engine is dead for good
+    (model load failed or the engine loop crashed), after in-flight requests got their error; the
+    CLI stops the server so that a supervisor restarts it."""
     metrics = ServerMetrics(async_engine)
     serving = OpenAIServing(async_engine, model_name, metrics)
+    tokens = TokenServing(async_engine, model_name)
     created = int(time.time())
+
+    def engine_died() -> None:
+        log.error("the engine is dead (%s)%s", async_engine.error,
+                  "; stopping the server" if on_engine_death is not None else "; every request gets 503 from now on")
+        if on_engine_death is not None:
+            on_engine_death()
+
+    async_engine.on_death(engine_died)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await async_engine.start()
+        stats_task = asyncio.create_task(log_stats_forever(async_engine, stats_interval_s)) if stats_interval_s > 0 else None
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stats_task
             await async_engine.shutdown()
 
-    app = FastAPI(title="moe-rt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moe-rt", version=server_version(), lifespan=lifespan,
+                  description="OpenAI-compatible serving of Mixture-of-Experts models (docs/server.md)",
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    openapi.install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest])
 
-    # -- errors ---------------------------------------------------------------------------------
+    # -- errors (an exception nothing here handles becomes a counted 500 in the Gate) -------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return _error_response(ApiError(e.status_code, str(e.detail), "invalid_request_error"))
+        return error_response(ApiError(e.status_code, str(e.detail), "invalid_request_error", headers=e.headers))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):
-        log.exception("unhandled error in %s", request.url.path)
-        return _error_response(ApiError(500, "internal server error", "server_error"))
-
-    def to_api_error(e: Exception) -> ApiError:
-        if isinstance(e, ApiError):
-            return e
-        if isinstance(e, MoeRtError):
-            return ApiError(400, str(e))
-        if isinstance(e, Overloaded):
-            return ApiError(429, str(e), "server_overloaded", code="queue_full", headers={"Retry-After": str(e.retry_after)})
-        if isinstance(e, EngineUnavailable):
-            return ApiError(503, str(e), "server_error", code="engine_unavailable")
-        raise e
-
-    app.add_middleware(_Gate, metrics=metrics, api_key=api_key, max_bytes=max_body_bytes)
+    app.add_middleware(Gate, metrics=metrics, api_key=api_key, max_bytes=max_body_bytes, access_log=access_log)
 
     async def parse(request: Request, model):
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        data = load_json_object(await request.body())
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -166,33 +130,67 @@ def build_app(
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(result.model_dump())
 
+    async def generate(request: Request, model, run):
+        req = await parse(request, model)
+        try:
+            return await respond(await run(req, disconnect_waiter(request)))
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as e:
+            raise serving.fail(e) from None
+
+    async def answer(request: Request, model, run):
+        req = await parse(request, model)
+        try:
+            return JSONResponse((await run(req)).model_dump())
+        except Exception as e:
+            raise serving.fail(e) from None
+
     # -- routes ---------------------------------------------------------------------------------
-    @app.post("/v1/completions")
+    generation_errors = openapi.errors(400, 401, 404, 413, 429, 500, 503)
+
+    @app.post("/v1/completions", openapi_extra=openapi.json_body(CompletionRequest), responses={
+        200: {"model": CompletionResponse, "content": openapi.sse("stream=true: CompletionResponse chunks, then [DONE]")},
+        **generation_errors})
     async def completions(request: Request):
-        req = await parse(request, CompletionRequest)
-        try:
-            return await respond(await serving.completions(req, disconnect_waiter(request)))
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as e:
-            raise to_api_error(e) from None
+        return await generate(request, CompletionRequest, serving.completions)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.json_body(ChatCompletionRequest), responses={
+        200: {"model": ChatCompletionResponse, "content": openapi.sse("stream=true: chat.completion.chunk events, then [DONE]")},
+        **generation_errors})
     async def chat_completions(request: Request):
-        req = await parse(request, ChatCompletionRequest)
-        try:
-            return await respond(await serving.chat(req, disconnect_waiter(request)))
-        except ClientGone:
-            return Response(status_code=499)
-        except Exception as e:
-            raise to_api_error(e) from None
+        return await generate(request, ChatCompletionRequest, serving.chat)
 
-    @app.get("/v1/models")
-    async def models():
+    def model_card() -> ModelCard:
         ctx = async_engine.engine.max_model_len if async_engine.ready else None
-        return JSONResponse(ModelList(data=[ModelCard(id=model_name, created=created, max_model_len=ctx)]).model_dump())
+        return ModelCard(id=model_name, created=created, max_model_len=ctx)
 
-    @app.get("/v1/moe/stats")
+    @app.get("/v1/models", response_model=ModelList, responses=openapi.errors(401))
+    async def models():
+        return JSONResponse(ModelList(data=[model_card()]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=openapi.errors(401, 404), openapi_extra={
+        "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]})
+    async def model(request: Request):
+        if request.path_params["model_id"] != model_name:
+            raise model_not_found(request.path_params["model_id"], model_name)
+        return JSONResponse(model_card().model_dump())
+
+    @app.post("/tokenize", response_model=TokenizeResponse, openapi_extra=openapi.json_body(TokenizeRequest),
+              responses=openapi.errors(400, 401, 404, 413, 503))
+    async def tokenize(request: Request):
+        return await answer(request, TokenizeRequest, tokens.tokenize)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, openapi_extra=openapi.json_body(DetokenizeRequest),
+              responses=openapi.errors(400, 401, 404, 413, 503))
+    async def detokenize(request: Request):
+        return await answer(request, DetokenizeRequest, tokens.detokenize)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version():
+        return JSONResponse(VersionResponse(version=app.version).model_dump())
+
+    @app.get("/v1/moe/stats", responses=openapi.errors(401))
     async def moe_stats():
         stats = await async_engine.moe_stats()
         if not stats:
@@ -200,14 +198,16 @@ def build_app(
                                          "expert parallelism registered a source)"})
         return JSONResponse(stats)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.errors(503))
     async def health():
         if async_engine.ready:
             return JSONResponse({"status": "ok"})
         reason = async_engine.error or "the model is loading"
-        return _error_response(ApiError(503, reason, "server_error", code="engine_unavailable"))
+        return error_response(ApiError(503, reason, "server_error", code="engine_unavailable"))
 
-    @app.get("/metrics")
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # probes that send HEAD
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
     async def prometheus():
         metrics.moe_stats = await async_engine.moe_stats()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -15,6 +15,15 @@ Threading discipline (the engine is not thread-safe):
     iteration; metrics read it and tests wait on it with `wait_for` (bounded, no sleeps).
   * Tokenizing a prompt runs in a worker thread (asyncio.to_thread): the tokenizer is read-only
     after load, so it is safe beside the engine thread, and the loop never blocks on it.
+
+Failures:
+  * One request: a request the engine refuses (MoeRtError from add_request) or fails
+    (finish_reason "error" from step, its sampling or postprocessing raised) ends alone, with an
+    exception in its stream; the rest of the batch goes on.
+  * The engine: if the model does not load, or step() itself raises (the forward pass, the
+    scheduler), the engine is dead for good. Every open stream ends with EngineUnavailable and
+    then the `on_death` callbacks run on the event loop, so the server can exit and a supervisor
+    restart it rather than answer 503 forever.
 """
 from __future__ import annotations
 
@@ -32,9 +41,9 @@ from moe_rt.errors import MoeRtError
 from moe_rt.outputs import RequestOutput
 from moe_rt.sampling_params import SamplingParams
 
-from .streams import Delta, EngineStats, EngineUnavailable, Overloaded, RequestStream
+from .streams import Delta, EngineStats, EngineUnavailable, Overloaded, RequestFailed, RequestStream
 
-__all__ = ["AsyncEngine", "Delta", "EngineStats", "EngineUnavailable", "Overloaded", "RequestStream"]
+__all__ = ["AsyncEngine", "Delta", "EngineStats", "EngineUnavailable", "Overloaded", "RequestFailed", "RequestStream"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # event loop only
         self._queued = 0  # event loop only: submitted requests without a first token yet
         self._ids = itertools.count()
+        self._death_callbacks: list[Callable[[], None]] = []
 
     # -- lifecycle (event loop) -----------------------------------------------------------------
     async def start(self) -> None:
@@ -86,6 +96,18 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
         self._fail_streams(EngineUnavailable("the server is shutting down"))
+
+    def on_death(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` on the event loop once the engine is dead for good (the model failed to
+        load or the engine loop crashed), after every open stream has been failed."""
+        self._death_callbacks.append(callback)
+
+    def _died(self) -> None:
+        for callback in self._death_callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("an engine-death callback failed")
 
     @property
     def ready(self) -> bool:
@@ -230,10 +252,12 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             engine = self._engine if self._engine is not None else self._factory()
-        except Exception as e:  # a bad model folder or a bug: report it on /health, keep serving 503
+        except Exception as e:  # a bad model folder or a bug: /health says why until the server exits
             log.exception("model failed to load")
             self.error = f"the model failed to load: {e}"
             self._post(self._fail_streams, EngineUnavailable(self.error))
+            self._post(self._died)
+            self._answer_pending_commands()
             return
         self._engine = engine
         self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
@@ -246,7 +270,9 @@ class AsyncEngine:
             log.exception("the engine loop crashed")
             self.error = f"the engine failed: {e}"
             self._post(self._fail_streams, EngineUnavailable(self.error))
+            self._post(self._died)
         finally:
+            self._answer_pending_commands()
             try:
                 for rid in list(engine.requests):  # free every KV block still held
                     engine.forget(rid)
@@ -261,6 +287,15 @@ class AsyncEngine:
                     close()
                 except Exception:
                     log.exception("closing the engine failed")
+
+    def _answer_pending_commands(self) -> None:
+        """After the loop ends no command will run: answer the moe_stats reads still queued, so no
+        handler waits forever (adds need nothing: their streams are failed)."""
+        with self._cond:
+            cmds, self._cmds = self._cmds, collections.deque()
+        for cmd in cmds:
+            if cmd[0] == "moe_stats":
+                self._post(_set_result, cmd[1], None)
 
     def _loop_forever(self, engine: LLMEngine) -> None:
         while True:
@@ -281,8 +316,11 @@ class AsyncEngine:
                     try:
                         engine.add_request(ids, params, rid)
                         prompt_tokens += len(ids)
-                    except MoeRtError as e:
+                    except MoeRtError as e:  # bad input the server's checks let through: a 400
                         errors[rid] = e
+                    except Exception as e:  # a bug, but this request's alone
+                        log.exception("adding request %s failed", rid)
+                        errors[rid] = RequestFailed(f"the request could not be added: {e}")
                 elif cmd[0] == "abort" and cmd[1] in engine.requests:
                     aborted += not engine.output(cmd[1]).finished
                     engine.forget(cmd[1])  # frees the KV blocks
@@ -297,13 +335,21 @@ class AsyncEngine:
             if not paused and engine.has_unfinished():
                 ended: dict[str, None] = {}  # ordered set: a request's n sequences may end in one step
                 for out in engine.step():
-                    seq = engine.requests[out.request_id][out.index]
+                    seqs = engine.requests.get(out.request_id)
+                    if seqs is None or out.request_id in errors:
+                        continue  # not ours (an add that failed half-way) or already failed
+                    if out.finish_reason == "error":  # this request alone failed; the batch goes on
+                        errors[out.request_id] = RequestFailed(out.error or "sampling failed")
+                        continue
+                    seq = seqs[out.index]
                     lps = seq.logprobs[-len(out.new_token_ids):] if seq.logprobs is not None else None
                     deltas.append(Delta(out.request_id, out.index, out.new_token_ids, out.new_text, out.finish_reason, lps))
                     tokens += len(out.new_token_ids)
                     if out.finish_reason is not None:
                         ended[out.request_id] = None
-                finals = [engine.release(rid) for rid in ended if engine.output(rid).finished]
+                for rid in errors:
+                    engine.forget(rid)  # frees the failed request's KV blocks (its other sequences too)
+                finals = [engine.release(rid) for rid in ended if rid not in errors and engine.output(rid).finished]
             # Stats first: anything a client sees after this step must already be counted there.
             self._publish(engine, aborted=aborted, finished=len(finals), tokens=tokens, prompt_tokens=prompt_tokens)
             if deltas or finals or errors:

@@ -96,6 +96,8 @@ class ServerMetrics:
         self.moe_stats: dict | None = None  # refreshed by the /metrics handler before a scrape
         r = self.registry
         self.requests = Counter("moe_rt_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.request_failures = Counter("moe_rt_request_failures", "requests that ended in a server-side error "
+                                        "(a 500, or an error event in a started stream)", registry=r)
         self.ttft = Histogram("moe_rt_time_to_first_token_seconds", "request arrival to its first output token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("moe_rt_time_per_output_token_seconds", "(end-to-end - TTFT) / (output tokens - 1)",

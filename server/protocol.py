@@ -1,52 +1,89 @@
-"""OpenAI-shaped request and response schemas for /v1/completions, /v1/chat/completions and
-/v1/models, plus the error body. Requests are strict: unknown fields and wrong types are rejected
-(400). A few OpenAI fields we do not implement are accepted only at their no-op values (penalties 0,
-empty logit_bias, best_of == n, no suffix), so stock clients that always send them keep working.
-`top_k` and `ignore_eos` are vLLM-style extensions."""
+"""OpenAI-shaped request and response schemas for /v1/completions, /v1/chat/completions,
+/v1/models, /tokenize, /detokenize and /version, plus the error body.
+
+Requests are strict: unknown fields, wrong types, NaN/infinite numbers and values outside the
+ranges below are rejected (400) before anything reaches the engine, so no request can make
+sampling raise. `best_of` and `suffix` are accepted only at their no-op values (best_of == n, no
+suffix), so stock clients that always send them keep working. `top_k`, `min_p`,
+`repetition_penalty` and `ignore_eos` are vLLM-style extensions. Token ids in `logit_bias` are
+checked against the vocabulary by the serving layer, which knows it."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_N = 16  # completions per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 4  # stop strings (as OpenAI)
+MAX_TOKENS = 2**31 - 1  # any larger max_tokens is an error, not a wrap-around; the context bounds it further
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: torch generators take 64-bit integers
+_TOKEN_KEY = re.compile(r"-?[0-9]{1,19}")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: bool = False  # one last chunk with `usage` and no choices
 
 
+class ResponseFormat(_Request):
+    """{"type": "text"} or {"type": "json_object"} (the output is one JSON object). "json_schema"
+    is recognised only to be refused with a clear message."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.type == "json_schema":
+            raise ValueError("response_format type 'json_schema' is not supported (use 'json_object' or 'text')")
+        if self.json_schema is not None:
+            raise ValueError("response_format.json_schema is only meaningful with type 'json_schema', which is not supported")
+        return self
+
+
 class _SamplingRequest(_Request):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (so is any value too small to divide logits by)")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS, description="0 or -1 = no top-k cut")
+    min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="the n completions use seed, seed+1, ...")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100, description="1 = off")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None):
+        if bias and len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed")
+        for key, value in (bias or {}).items():
+            if not _TOKEN_KEY.fullmatch(key):
+                raise ValueError(f"key '{key[:40]}' is not an integer token id")
+            if not -100 <= value <= 100:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {value}")
+        return bias
 
     @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ValueError(f"{name} is not supported (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported (only empty)")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+    def _ranges(self):
+        if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
+            raise ValueError(f"seed + n - 1 must be at most {INT64_MAX} (completion i uses seed + i)")
+        stops = self.stop_list
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         if any(not s for s in stops):
@@ -63,12 +100,17 @@ class _SamplingRequest(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        """OpenAI sends token ids as JSON object keys (strings); read as ints (checked above)."""
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -112,7 +154,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -215,6 +257,42 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages "
+                                                              "(the chat template writes them)")
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 class ModelCard(BaseModel):

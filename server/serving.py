@@ -3,22 +3,27 @@ requests (one per prompt, each with n completions), and the response or its SSE 
 
 Choice indices follow OpenAI: prompt p's completion i is choice p * n + i. Usage counts each
 prompt's tokens once (not once per n) and every choice's output tokens.
+
+A failure while a request runs ends that HTTP request only: before the response starts it is an
+error body (errors.to_api_error decides the status), after a stream has started one
+`data: {"error": ...}` event and then `data: [DONE]`. Server-side failures (500) are logged and
+counted in moe_rt_request_failures_total.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from moe_rt.errors import MoeRtError
 from moe_rt.outputs import TokenLogprob
 from moe_rt.sampling_params import SamplingParams
 
-from .async_engine import AsyncEngine, Delta, EngineUnavailable, Overloaded, RequestStream
-from .errors import ApiError
+from .async_engine import AsyncEngine, Delta, Overloaded, RequestStream
+from .errors import ApiError, model_not_found, to_api_error
 from .metrics import ServerMetrics
 from .protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
@@ -29,6 +34,8 @@ from .protocol import (
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 WaitDisconnect = Callable[[], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
@@ -105,8 +112,27 @@ class OpenAIServing:
     # -- shared steps ---------------------------------------------------------------------------
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise model_not_found(name, self.model_name)
+
+    def fail(self, e: Exception) -> ApiError:
+        """The client's view of an exception raised while serving; server-side failures are logged
+        and counted here, once for both the JSON and the streaming path."""
+        err = to_api_error(e)
+        if err.status == 500:
+            self.metrics.request_failures.inc()
+            if err.code == "request_failed":
+                log.error("request failed in the engine: %s", e)
+            else:
+                log.error("unhandled error while serving a request", exc_info=e)
+        return err
+
+    def _logit_bias(self, req) -> dict[int, float]:
+        bias = req.logit_bias_ids
+        vocab = self.engine.engine.spec.vocab_size
+        for tok in bias:
+            if not 0 <= tok < vocab:
+                raise ApiError(400, f"logit_bias: key '{tok}' is not a token id in [0, {vocab})", param="logit_bias")
+        return bias
 
     def _params(self, req, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         ctx = self.engine.engine.max_model_len
@@ -126,6 +152,12 @@ class OpenAIServing:
             n=req.n,
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(req),
+            response_format=req.response_format.type if req.response_format is not None else "text",
         )
 
     async def _submit(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Run:
@@ -233,8 +265,8 @@ class OpenAIServing:
             self._finish_metrics(run)
             if include_usage:
                 yield _sse(CompletionResponse(**head, choices=[], usage=run.usage()))
-        except (MoeRtError, EngineUnavailable) as e:
-            yield _sse(ApiError(503 if isinstance(e, EngineUnavailable) else 400, str(e), "server_error").body())
+        except Exception as e:
+            yield _sse(self.fail(e).body())
         finally:
             run.abort()  # no-op when finished; frees the KV when the client left mid-stream
         yield "data: [DONE]\n\n"
@@ -298,8 +330,8 @@ class OpenAIServing:
             self._finish_metrics(run)
             if include_usage:
                 yield _sse(ChatCompletionChunk(**head, choices=[], usage=run.usage()))
-        except (MoeRtError, EngineUnavailable) as e:
-            yield _sse(ApiError(503 if isinstance(e, EngineUnavailable) else 400, str(e), "server_error").body())
+        except Exception as e:
+            yield _sse(self.fail(e).body())
         finally:
             run.abort()
         yield "data: [DONE]\n\n"

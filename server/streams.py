@@ -1,5 +1,6 @@
 """What the AsyncEngine hands to the event loop: per-request streams of Deltas, the engine-stats
-snapshot, and the two refusals (429 Overloaded, 503 EngineUnavailable).
+snapshot, the two refusals (429 Overloaded, 503 EngineUnavailable) and the per-request failure
+(RequestFailed).
 
 Everything here lives on the event loop's side of the thread boundary described in
 async_engine.py: a RequestStream is filled by the loop (from the engine thread's one
@@ -28,6 +29,11 @@ class Overloaded(Exception):
 
 class EngineUnavailable(Exception):
     """The engine is not loaded yet, failed, or is shutting down (503)."""
+
+
+class RequestFailed(Exception):
+    """The engine could not serve this one request (its sampling or postprocessing raised); the
+    rest of the batch goes on. A server bug, not bad input: the client gets a 500 or an error event."""
 
 
 @dataclass

@@ -120,6 +120,12 @@ def test_api_key(guarded):
     assert guarded.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == MODEL
     assert guarded.get("/health").status_code == 200  # probes need no key
     assert guarded.get("/metrics").status_code == 200
+    for path in ("/tokenize", "/detokenize", "/v1/models/" + MODEL, "/v1/moe/stats"):  # the model's endpoints need it
+        r = guarded.post(path, {"prompt": "a"}) if "tokenize" in path else guarded.get(path)
+        assert_error(r, 401, "api key")
+    assert guarded.post("/tokenize", {"prompt": "a"}, headers=AUTH).status_code == 200
+    for path in ("/version", "/openapi.json", "/docs"):  # discovery stays open
+        assert guarded.get(path).status_code == 200, path
 
 
 def test_queue_full_is_429_with_retry_after(guarded):

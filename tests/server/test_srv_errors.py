@@ -23,7 +23,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
     ({**C, "stop": ["a", ""]}, "stop"),
     ({**C, "stop": 5}, "stop must be"),
     ({**C, "frobnicate": 1}, "unknown field 'frobnicate'"),
-    ({**C, "frequency_penalty": 0.5}, "frequency_penalty is not supported"),
+    ({**C, "frequency_penalty": 2.5}, "frequency_penalty"),
     ({**C, "echo": True, "logprobs": 1}, "echo together with logprobs"),
     ({**C, "stream_options": {"include_usage": True}}, "stream_options"),
     ({**C, "prompt": [1] * 300}, "maximum context length"),

@@ -53,18 +53,27 @@ class ServeProcess:
 
     def wait_line(self, pattern: str) -> re.Match:
         """The first later stdout line matching pattern (bounded; fails if the process ends first)."""
-        while True:
+        return self.wait_lines(pattern)[0]
+
+    def wait_lines(self, *patterns: str) -> list[re.Match]:
+        """One later stdout line matching each pattern, in any order (bounded; fails if the process
+        ends first)."""
+        found: dict[str, re.Match] = {}
+        while len(found) < len(patterns):
+            missing = [p for p in patterns if p not in found]
             try:
                 line = self.lines.get(timeout=WAIT)
             except queue.Empty:
-                pytest.fail(f"no line matching {pattern!r} within {WAIT} s; stderr: {''.join(self.err)[-2000:]}")
+                pytest.fail(f"no line matching {missing!r} within {WAIT} s; stderr: {''.join(self.err)[-2000:]}")
             if line is None:
                 self.proc.wait(WAIT)
                 for t in self._readers:
                     t.join(WAIT)
-                pytest.fail(f"the server exited ({self.proc.returncode}) before {pattern!r}; stderr: {''.join(self.err)[-2000:]}")
-            if m := re.search(pattern, line):
-                return m
+                pytest.fail(f"the server exited ({self.proc.returncode}) before {missing!r}; stderr: {''.join(self.err)[-2000:]}")
+            for p in missing:
+                if m := re.search(p, line):
+                    found[p] = m
+        return [found[p] for p in patterns]
 
     def stop(self) -> int:
         """SIGTERM, as a supervisor would; returns the exit code (bounded)."""
@@ -92,8 +101,8 @@ def ep_server(mixtral_dir):
                        "--device", "cpu", "--max-num-seqs", "8", "--log-level", "warning", "--served-model-name", "m"])
     pids: list[int] = []
     try:
-        url = sp.wait_line(r"on (http://\S+)/v1 ").group(1)
-        pids = [int(p) for p in sp.wait_line(r"started 2 ranks \(pids (\d+) (\d+)\)").groups()]
+        served, started = sp.wait_lines(r"on (http://\S+)/v1 ", r"started 2 ranks \(pids (\d+) (\d+)\)")
+        url, pids = served.group(1), [int(p) for p in started.groups()]
         sp.wait_line(r"moe-rt: ready \(2 expert-parallel ranks\)")
         yield url, sp, pids
     finally:

@@ -1,0 +1,23 @@
+"""bench offload on a tiny synthetic model: every configuration measured, ratios against resident
+and naive from the same run, medians and fastest runs both reported."""
+import json
+
+from moe_rt.cli import main
+
+
+def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
+    argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "50",
+            "--predictors", "frequency", "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "2",
+            "--torch-threads", "1", "--no-progress", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    rows = {r["config"]: r for r in res["results"]}
+    assert list(rows) == ["resident", "naive", "lru", "pred+frequency"]
+    assert res["max_tokens"] == 3 and res["repeats"] == 2
+    for r in rows.values():
+        assert 0 < r["tok_s"] <= r["tok_s_best"]
+        assert abs(r["vs_resident"] - r["tok_s"] / rows["resident"]["tok_s"]) < 1e-9
+        assert abs(r["vs_naive_best"] - r["tok_s_best"] / rows["naive"]["tok_s_best"]) < 1e-9
+    assert rows["resident"]["vs_resident"] == 1.0 and rows["naive"]["vs_naive"] == 1.0
+    assert 0 <= rows["lru"]["hit_rate"] <= 1 and rows["lru"]["loads"] > 0

@@ -208,6 +208,11 @@ def cases(model: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_key: 
         Case("chat: no messages", "POST", chat, {**CH, "messages": []}, expect=bad400),
         Case("chat: unknown role", "POST", chat, {**CH, "messages": [{"role": "wizard", "content": "x"}]}, expect=bad400),
         Case("chat: image part", "POST", chat, {**CH, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, expect=bad400),
+        Case("chat: every role", "POST", chat, {**CH, "messages": [
+            {"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "tool", "user")]}),
+        Case("chat: only an assistant message", "POST", chat, {**CH, "messages": [{"role": "assistant", "content": "x"}]}),
+        Case("chat: content parts, one empty", "POST", chat, {**CH, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": ""}]}]}, expect=ok),
         Case("chat: content null", "POST", chat, {**CH, "messages": [{"role": "user", "content": None}]}),
         Case("chat: content a number", "POST", chat, {**CH, "messages": [{"role": "user", "content": 5}]}, expect=bad400),
         Case("chat: message not an object", "POST", chat, {**CH, "messages": ["hi"]}, expect=bad400),

@@ -284,9 +284,13 @@ def summarize(results: dict, args, model_dir: str, placement: str) -> dict:
             # stats (and steps) cover every repeat; a wall time is one repeat's
             "step_ms": 1e3 * wall.median * len(r["walls_s"]) / steps if steps else None,
             "step_ms_best": 1e3 * wall.best * len(r["walls_s"]) / steps if steps else None,
-            "a2a_vs_baseline": s["a2a_bytes_per_token"] / base["stats"]["a2a_bytes_per_token"],
             "same_tokens_as_baseline": r["tokens"] == base["tokens"],
         }
+    first = rows["baseline"]
+    for row in rows.values():  # every figure beside the baseline's
+        for key in ("all_bytes_per_token", "a2a_bytes_per_token", "step_ms", "step_ms_best"):
+            ratio_key = key.replace("_bytes_per_token", "") + "_vs_baseline"
+            row[ratio_key] = row[key] / first[key] if row[key] and first[key] else None
     return {"model": model_dir, "ranks": args.ranks, "slow_link_gbit": args.slow_link,
             "placement": placement, "predictor": args.predictor, "prompts": args.prompts,
             "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "repeats": args.repeats,
@@ -297,12 +301,14 @@ def format_report(rep: dict) -> str:
     link = f", links {rep['slow_link_gbit']} Gbit/s" if rep["slow_link_gbit"] else ", loopback"
     lines = [f"expert parallel over {rep['ranks']} ranks{link}; {rep['prompts']} prompts x "
              f"{rep['prompt_len']} tokens, {rep['max_tokens']} generated",
-             f"{'scheme':<11} {'all B/tok':>10} {'a2a B/tok':>10} {'a2a vs base':>11} {'local':>6} "
-             f"{'hit':>5} {'step ms':>8} {'best':>8}"]
+             f"{'scheme':<11} {'all B/tok':>10} {'vs base':>7} {'a2a B/tok':>10} {'vs base':>7} {'local':>6} "
+             f"{'hit':>5} {'step ms':>8} {'vs base':>7} {'best':>8} {'vs base':>7}"]
     for name, r in rep["schemes"].items():
         hit = f"{r['predictor_hit_rate']:.2f}" if r["predictor_hit_rate"] is not None else "-"
-        lines.append(f"{name:<11} {r['all_bytes_per_token']:>10.0f} {r['a2a_bytes_per_token']:>10.0f} "
-                     f"{r['a2a_vs_baseline']:>11.2f} {r['local_share']:>6.2f} {hit:>5} {r['step_ms']:>8.2f} {r['step_ms_best']:>8.2f}")
+        lines.append(f"{name:<11} {r['all_bytes_per_token']:>10.0f} {r['all_vs_baseline']:>7.3f} "
+                     f"{r['a2a_bytes_per_token']:>10.0f} {r['a2a_vs_baseline']:>7.3f} {r['local_share']:>6.2f} "
+                     f"{hit:>5} {r['step_ms']:>8.2f} {r['step_ms_vs_baseline']:>7.3f} {r['step_ms_best']:>8.2f} "
+                     f"{r['step_ms_best_vs_baseline']:>7.3f}")
     lines.append("lossless: greedy tokens identical in every scheme" if rep["lossless"]
                  else "NOT LOSSLESS: some scheme produced different tokens")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 import json
 
 from moe_rt.cli import main
+from parallel.bench_ep import format_report
 
 
 def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
@@ -15,7 +16,8 @@ def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):
     rows = rep["schemes"]
     assert set(rows) == {"baseline", "s-TS+s-EG"}
     base = rows["baseline"]
-    assert base["a2a_vs_baseline"] == 1.0
+    assert base["a2a_vs_baseline"] == base["all_vs_baseline"] == base["step_ms_vs_baseline"] == 1.0
+    assert "NOT LOSSLESS" not in format_report(rep) and "vs base" in format_report(rep)
     for r in rows.values():
         assert r["same_tokens_as_baseline"]
         assert 0 < r["step_ms_best"] <= r["step_ms"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from moe_rt.errors import MoeRtError
 
 SHAPES: dict[str, dict] = {
-    # the decode-benchmark model: ~56M parameters
+    # the decode benchmark's model: ~56M parameters
     "mixtral-56m": dict(num_hidden_layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                         num_key_value_heads=4, num_local_experts=16, num_experts_per_tok=2, vocab_size=8192),
     # experts large enough that a disk/RAM tier matters on CPU: ~0.9 GB of experts in fp32

@@ -23,10 +23,20 @@ def read_config(model_dir: str | Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise MoeRtError(f"{model_dir} has no config.json (not a Hugging Face model folder)")
+    return read_json(cfg)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file of the checkpoint; any problem is a one-line MoeRtError."""
     try:
-        return json.loads(cfg.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MoeRtError(f"{cfg} is not valid JSON: {e}") from None
+        raise MoeRtError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoeRtError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(data, dict):
+        raise MoeRtError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 class CheckpointReader:
@@ -34,7 +44,9 @@ class CheckpointReader:
         self.dir = Path(model_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise MoeRtError(f"{index} has no 'weight_map' of tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
@@ -59,11 +71,17 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise MoeRtError(f"tensor '{name}' is missing from the checkpoint in {self.dir}")
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        try:
+            return self._handles[self.weight_map[name]].get_tensor(name)
+        except Exception as e:  # safetensors' own errors: a name the index lists but the file lacks, bad data
+            raise MoeRtError(f"cannot read tensor '{name}' from {self.dir / self.weight_map[name]}: {e}") from None
 
     def tensor_info(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, safetensors dtype string such as 'BF16') without reading the data."""
-        sl = self._handles[self.weight_map[name]].get_slice(name)
+        try:
+            sl = self._handles[self.weight_map[name]].get_slice(name)
+        except Exception as e:
+            raise MoeRtError(f"cannot read tensor '{name}' from {self.dir / self.weight_map[name]}: {e}") from None
         return tuple(sl.get_shape()), sl.get_dtype()
 
     def get_shaped(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:

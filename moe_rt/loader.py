@@ -18,7 +18,13 @@ from .models.spec import ModelSpec
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
-    return parse_config(read_config(model_dir))
+    hf = read_config(model_dir)
+    try:
+        return parse_config(hf)
+    except MoeRtError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field of the wrong kind
+        raise MoeRtError(f"{Path(model_dir) / 'config.json'} is malformed: {type(e).__name__}: {e}") from None
 
 
 def load_model(
@@ -36,8 +42,12 @@ def load_model(
     """
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)
-    with torch.device("meta"):
-        model = MoEForCausalLM(spec, MoEContext())
+    try:
+        with torch.device("meta"):
+            model = MoEForCausalLM(spec, MoEContext())
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. config.json sizes of the wrong type
+        raise MoeRtError(f"cannot build the model that {Path(model_dir) / 'config.json'} describes: "
+                         f"{type(e).__name__}: {e}") from None
     model.to_empty(device=device)
     model.to(dtype)
     if spec.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 import torch
 from tqdm import tqdm
@@ -81,8 +81,9 @@ class LLM:
                 self.engine.abort(rid)
         return [self.engine.release(rid) for rid in ids]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text pieces of one completion as they are generated (n must be 1)."""
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Generator[str, None, RequestOutput]:
+        """Yield text pieces of one completion as they are generated (n must be 1). The generator
+        returns the finished RequestOutput (StopIteration.value, or `out = yield from ...`)."""
         params = params or SamplingParams()
         if params.n != 1:
             raise MoeRtError("stream() takes n=1")
@@ -94,16 +95,17 @@ class LLM:
                         if out.new_text:
                             yield out.new_text
                         if out.finish_reason is not None:
-                            return
+                            return self.engine.output(rid)
                 if not self.engine.has_unfinished():
-                    return
+                    return self.engine.output(rid)
         finally:
             self.engine.forget(rid)
 
     def chat(
         self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None
     ) -> RequestOutput | list[RequestOutput]:
-        """Apply the model's chat template (with the assistant prompt) and generate."""
+        """Apply the model's chat template (with the assistant prompt) and generate. The prompt
+        starts with BOS exactly when `generate` would add one (Tokenizer.encode_chat)."""
         many = bool(messages) and isinstance(messages[0], list)
         convs = messages if many else [messages]
         outs = self.generate([self.tokenizer.encode_chat(c) for c in convs], params)

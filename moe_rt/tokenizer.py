@@ -2,13 +2,13 @@
 rendered with jinja2 in a sandbox, and incremental detokenization for streaming."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from moe_rt.checkpoint import read_json
 from moe_rt.errors import MoeRtError
 
 
@@ -21,8 +21,11 @@ class Tokenizer:
         d = Path(model_dir)
         if not (d / "tokenizer.json").is_file():
             raise MoeRtError(f"{model_dir} has no tokenizer.json")
-        self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
-        cfg = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").is_file() else {}
+        try:
+            self._tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a corrupt or unknown file
+            raise MoeRtError(f"{d / 'tokenizer.json'} is not a readable tokenizer: {e}") from None
+        cfg = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
@@ -34,6 +37,10 @@ class Tokenizer:
             template = (d / "chat_template.jinja").read_text()
         self.chat_template: str | None = template
         self.vocab_size = self._tok.get_vocab_size()
+        # Whether encode() puts BOS first (the tokenizer's post-processor decides), so a chat
+        # prompt can start the way a plain prompt does.
+        self.adds_bos = (self.bos_token_id is not None and self.encode("a")[:1] == [self.bos_token_id]
+                         and self.encode("a", add_special_tokens=False)[:1] != [self.bos_token_id])
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -69,8 +76,13 @@ class Tokenizer:
             raise MoeRtError(f"chat template failed: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The template writes BOS itself where the model wants it, as in transformers.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        """Token ids of the rendered chat. They start with BOS exactly when encode() would start
+        a plain prompt with it: a template that writes BOS itself ({{ bos_token }}) is encoded
+        without special tokens, so BOS never appears twice; one that does not gets it added."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        if self.adds_bos and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        return ids
 
 
 class IncrementalDetokenizer:

@@ -11,6 +11,7 @@ import json
 import sys
 
 from expert_cache.plots import check_plot_path
+from moe_rt.cli_args import int_in, output_file, positive_int
 from moe_rt.errors import MoeRtError
 
 ORACLE = "oracle"  # built-in perfect predictor: forecasts from the replayed trace itself
@@ -36,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace to fit the predictor on; use other sequences than --trace")
     parser.add_argument("--predictor-dir", default=None, help="folder of a trained predictor")
     parser.add_argument("--model", default=None, help="model folder (predictor gate_lookahead)")
-    parser.add_argument("--depth", type=int, default=1,
+    parser.add_argument("--depth", type=positive_int, default=1,
                         help="look-ahead: MoE layers predicted and prefetched ahead (default 1)")
-    parser.add_argument("--prefetch-queue", type=int, default=8,
+    parser.add_argument("--prefetch-queue", type=int_in(0), default=8,
                         help="most prefetches issued after one layer (default 8)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--plot", default=None, metavar="FILE.png",
+    parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                         help="also sweep capacity 1..E per layer and write hit rate vs capacity")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -92,10 +93,6 @@ def run(args: argparse.Namespace) -> int:
     from router_predict.trace import load_trace
 
     policies = _policies(args)
-    if args.depth < 1:
-        raise MoeRtError(f"--depth must be >= 1, got {args.depth}")
-    if args.prefetch_queue < 0:
-        raise MoeRtError(f"--prefetch-queue must be >= 0, got {args.prefetch_queue}")
     if args.plot:
         check_plot_path(args.plot)  # fail before a long sweep, not after
     trace = load_trace(args.trace)

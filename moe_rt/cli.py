@@ -1,12 +1,20 @@
 """`moe-rt` command line. Each subcommand lives in its own module exposing
 `add_arguments(parser)` and `run(args) -> int`; only the chosen one is imported, so a command
-never pays for another's imports. User errors print one line on stderr and exit 2."""
+never pays for another's imports.
+
+Exit codes and stderr: a user error (a bad flag, a bad model folder: MoeRtError) prints one line
+`moe-rt: error: ...` and exits 2; anything else is a bug and prints one line with a hint (exit 1),
+or its traceback when MOE_RT_DEBUG=1. A closed stdout (`moe-rt info | head -1`) ends quietly.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 
+from moe_rt.cli_args import make_output_folders
 from moe_rt.errors import MoeRtError
 
 # name -> (module, one-line help)
@@ -32,10 +40,30 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_ENV = "MOE_RT_DEBUG"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse would add a usage block)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        # "argument --port: must be in 0..65535, got 70000" -> "--port must be in 0..65535, got 70000"
+        message = re.sub(r"^argument (?:\S+/)?(\S+): ", r"\1 ", message)
+        print(f"moe-rt: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("moe-rt")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def one_line(message: str) -> str:
+    """Errors are one line: a multi-line message (some libraries write those) is joined."""
+    return " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
 def _load(spec: str):
@@ -52,12 +80,17 @@ def _load(spec: str):
 def _usage(table: dict, prog: str) -> str:
     lines = [f"usage: {prog} COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<16} {help_}" for name, (_, help_) in table.items()]
+    if table is COMMANDS:
+        lines += ["", f"  {'--version':<16} print the version of moe-rt"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog, table = "moe-rt", COMMANDS
+    if argv[:1] in (["--version"], ["-V"], ["version"]):
+        print(f"moe-rt {version()}")
+        return 0
     if argv and argv[0] == "bench":
         prog, table, argv = "moe-rt bench", BENCHES, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
@@ -65,19 +98,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in table:
-        print(f"{prog}: error: unknown command '{name}' (choose from {', '.join(table)})", file=sys.stderr)
+        print(f"moe-rt: error: unknown command '{name}' (choose from {', '.join(table)})", file=sys.stderr)
         return 2
     try:
         add_arguments, run = _load(table[name][0])
         parser = _Parser(prog=f"{prog} {name}", description=table[name][1])
         add_arguments(parser)
-        args = parser.parse_args(rest)
-        return int(run(args) or 0)
+        try:
+            args = parser.parse_args(rest)
+        except SystemExit as e:  # --help (0), or a usage error already printed (2)
+            return e.code if isinstance(e.code, int) else 2
+        make_output_folders(parser, args)
+        code = int(run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
+        print(f"moe-rt: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Python flushes stdout again at exit,
+        # so point it at /dev/null first (the recipe of the `signal` module's documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # a bug, not a user error: one line unless asked for the traceback
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"moe-rt: error: {type(e).__name__}: {one_line(e)} (unexpected; rerun with {DEBUG_ENV}=1 "
+              f"for the traceback)", file=sys.stderr)
+        return 1
 
 
 def standalone(command: str, argv: list[str] | None = None) -> int:

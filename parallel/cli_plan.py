@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from moe_rt.errors import MoeRtError
+from moe_rt.cli_args import float_in, int_in, output_file, positive_int
 from parallel.grouping import GroupingOptions, plan_expert_groups
 from parallel.placement import default_placement, save_placement_yaml
 from parallel.traffic import TrafficOptions, compare_schemes, ratio
@@ -19,26 +19,26 @@ from router_predict.trace import Trace, load_trace
 
 def add_grouping_arguments(parser: argparse.ArgumentParser) -> None:
     """Planner and size flags shared with simulate-ep."""
-    parser.add_argument("--replicas", type=int, default=0, metavar="R",
+    parser.add_argument("--replicas", type=int_in(0), default=0, metavar="R",
                         help="extra copy of each layer's R hottest experts (default 0)")
-    parser.add_argument("--load-tolerance", type=float, default=0.1, metavar="F",
+    parser.add_argument("--load-tolerance", type=float_in(), default=0.1, metavar="F",
                         help="a rank may carry at most (1+F) x the mean token load; negative "
                              "means count balance only (default 0.1)")
-    parser.add_argument("--cross-layer-weight", type=float, default=1.0, metavar="W",
+    parser.add_argument("--cross-layer-weight", type=float_in(0), default=1.0, metavar="W",
                         help="weight of keeping experts on the rank of the previous layer's "
                              "experts, relative to grouping one layer's experts (default 1.0)")
-    parser.add_argument("--hidden", type=int, default=None, metavar="H",
+    parser.add_argument("--hidden", type=positive_int, default=None, metavar="H",
                         help="model hidden size for byte counts (default: from the trace's "
                              "hidden states, else rows only)")
-    parser.add_argument("--dtype-bytes", type=int, default=2, metavar="B",
+    parser.add_argument("--dtype-bytes", type=positive_int, default=2, metavar="B",
                         help="bytes per activation element (default 2, bf16)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, metavar="T.npz", help="routing trace (.npz)")
-    parser.add_argument("--ranks", required=True, type=int, metavar="N",
+    parser.add_argument("--ranks", required=True, type=positive_int, metavar="N",
                         help="expert-parallel ranks; must divide the number of experts")
-    parser.add_argument("--out", required=True, metavar="placement.yaml",
+    parser.add_argument("--out", required=True, type=output_file, metavar="placement.yaml",
                         help="where to write the expert_parallel: section")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_grouping_arguments(parser)
@@ -53,8 +53,6 @@ def grouping_options(args: argparse.Namespace, ranks: int) -> GroupingOptions:
 def hidden_size(args: argparse.Namespace, trace: Trace) -> int | None:
     """--hidden, else the width of the trace's recorded router inputs, else None."""
     if args.hidden is not None:
-        if args.hidden < 1:
-            raise MoeRtError(f"--hidden must be >= 1, got {args.hidden}")
         return args.hidden
     return int(trace.hidden.shape[-1]) if trace.hidden is not None else None
 

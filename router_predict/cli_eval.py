@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 
+from moe_rt.cli_args import output_file, positive_int
 from moe_rt.errors import MoeRtError
 from router_predict.evaluate import PredictorReport, plot_recall_per_layer, replay
 from router_predict.registry import PREDICTOR_NAMES, build_predictor
@@ -19,12 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="routing trace .npz to evaluate on (docs/traces.md)")
     parser.add_argument("--predictor", required=True,
                         help=f"comma-separated predictor names: {', '.join(PREDICTOR_NAMES)}")
-    parser.add_argument("--depth", type=int, default=1, help="look-ahead distances 1..D to score")
+    parser.add_argument("--depth", type=positive_int, default=1, help="look-ahead distances 1..D to score")
     parser.add_argument("--fit-on", help="trace to fit/train predictors on (default: 80%% of --trace's sequences)")
     parser.add_argument("--model", help="Hugging Face model folder (gate_lookahead, gate_lookahead_output read its routers)")
     parser.add_argument("--predictor-dir", help="folder of a trained learned/path predictor")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--plot", help="write a PNG of recall per layer per predictor")
+    parser.add_argument("--plot", type=output_file, help="write a PNG of recall per layer per predictor")
 
 
 def run(args: argparse.Namespace) -> int:

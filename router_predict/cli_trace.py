@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from tqdm import tqdm
 
+from moe_rt.cli_args import float_in, output_file, positive_int, seed
 from moe_rt.errors import MoeRtError
 from router_predict.recorder import TraceRecorder
 from router_predict.trace import Trace, TraceMeta, save_trace
@@ -34,16 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True,
                    help="prompt file: one prompt per line, or JSONL (.jsonl, or every line a JSON object) "
                         "with a 'prompt' field")
-    p.add_argument("--out", required=True, help="trace file to write (.npz, docs/traces.md)")
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt at most")
+    p.add_argument("--out", required=True, type=output_file, help="trace file to write (.npz, docs/traces.md)")
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="new tokens per prompt at most")
     p.add_argument("--with-hidden", action="store_true",
                    help="also store each MoE layer's router input (float16; needed by gate_lookahead/learned)")
     p.add_argument("--with-layer-output", action="store_true",
                    help="also store the residual stream leaving each MoE layer's decoder layer "
                         "(float16; needed by gate_lookahead_output)")
-    p.add_argument("--max-num-seqs", type=int, help="sequences decoded together at most (engine default if unset)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    p.add_argument("--max-num-seqs", type=positive_int, help="sequences decoded together at most (engine default if unset)")
+    p.add_argument("--temperature", type=float_in(0, 2), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed (prompt i uses seed + i)")
     add_model_arguments(p)
 
 
@@ -129,21 +129,13 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_rt.llm import LLM
+    from moe_rt.cli_generate import build_llm
     from moe_rt.sampling_params import SamplingParams
 
-    if args.max_tokens < 1:
-        raise MoeRtError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     prompts = read_prompts(args.prompts)  # before loading the model: bad input fails fast
-    base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    params = [SamplingParams(max_tokens=base.max_tokens, temperature=base.temperature, seed=args.seed + i)
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + i)
               for i in range(len(prompts))]
-    opts = dict(dtype=args.dtype, device=args.device, expert_compute=args.expert_compute)
-    if args.placement:
-        opts["placement"] = args.placement
-    if args.max_num_seqs is not None:
-        opts["max_num_seqs"] = args.max_num_seqs
-    llm = LLM(args.model, progress=sys.stderr.isatty(), **opts)
+    llm = build_llm(args)
     trace = record_trace(llm, prompts, params, with_hidden=args.with_hidden, progress=True,
                          with_layer_output=args.with_layer_output)
     save_trace(args.out, trace)

@@ -3,26 +3,24 @@ from __future__ import annotations
 
 import argparse
 
-from moe_rt.errors import MoeRtError
+from moe_rt.cli_args import int_in, output_dir, positive_float, positive_int
 from router_predict.predictors.training import TrainConfig
 from router_predict.trace import load_trace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="routing trace .npz to train on (docs/traces.md)")
-    parser.add_argument("--out", required=True, help="folder to write the trained predictor to")
+    parser.add_argument("--out", required=True, type=output_dir, help="folder to write the trained predictor to")
     parser.add_argument("--kind", choices=("learned", "path"), default="learned",
                         help="learned: pre-gate on hidden states (trace needs hidden); "
                              "path: from token ids (trace needs token_ids)")
-    parser.add_argument("--depth", type=int, default=1, help="layers ahead the learned pre-gate predicts")
-    parser.add_argument("--epochs", type=int, default=20, help="passes over the training rows")
-    parser.add_argument("--mlp-hidden", type=int, default=0, help="learned: MLP width (0 = linear)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    parser.add_argument("--depth", type=positive_int, default=1, help="layers ahead the learned pre-gate predicts")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="passes over the training rows")
+    parser.add_argument("--mlp-hidden", type=int_in(0), default=0, help="learned: MLP width (0 = linear)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.epochs < 1 or args.depth < 1:
-        raise MoeRtError("--epochs and --depth must be >= 1")
     trace = load_trace(args.trace)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr)
     if args.kind == "learned":

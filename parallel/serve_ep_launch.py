@@ -1,5 +1,11 @@
-"""Process side of `moe-rt serve --ep N`: each rank's entry and the parent that starts,
-watches and stops the group (parallel/serve_ep.py holds the protocol, driver and follower).
+"""Process side of `moe-rt serve --ep N`: the parent that checks, starts, watches and stops the
+group, and each rank's entry (parallel/serve_ep.py holds the protocol, driver and follower).
+
+Start-up: the parent checks everything cheap (serve_ep.check_group) and reserves the port before
+any rank exists. Every rank then builds its model in its main thread and waits at a barrier;
+only when all ranks got there does rank 0 listen, print "moe-rt: serving ..." and run uvicorn.
+A rank failing before the barrier is a start-up failure: the parent stops the others and ends
+with its one line and exit 2. After it, a failing rank is a crash (exit 1, traceback in its log).
 
 Invariant: if any rank dies, every other rank is stopped: a group with a missing rank would
 hang in its next collective.
@@ -14,67 +20,71 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from moe_rt.errors import MoeRtError
 from parallel.serve_ep import FOLLOWER_EXIT_S, ControlChannel, EPEngineDriver, follower_loop
 
 log = logging.getLogger(__name__)
 
+# What a rank reports to the parent when it fails (with one line): a user error (MoeRtError), any
+# other failure before the group serves, or a crash while serving.
+USAGE, STARTUP, CRASH = "usage", "startup", "crash"
+
 
 # -- one rank ------------------------------------------------------------------------------------
 def _build(ep, args):
+    from moe_rt.cli_generate import ENGINE_FLAGS
     from parallel.runtime import EPOptions, build_ep_llm
 
     options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
-    llm_options = {"dtype": args.dtype}
+    llm_options = {"dtype": args.dtype, "expert_compute": args.expert_compute}
     if args.device != "auto":
         llm_options["device"] = args.device  # build_ep_llm checks it against the group's device
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_gb"):
-        if getattr(args, name) is not None:
+    for name in ENGINE_FLAGS:
+        if getattr(args, name, None) is not None:
             llm_options[name] = getattr(args, name)
     return build_ep_llm(args.model, ep, options, **llm_options)
 
 
-def serve_ep_main(ep, args, sock=None) -> int:
-    """The per-rank entry: rank 0 serves HTTP on `sock` (already listening), the others follow."""
+def serve_ep_main(ep, args, sock=None, on_serving=lambda: None) -> int:
+    """The per-rank entry: rank 0 serves HTTP on `sock` (bound by the parent), the others follow.
+    `on_serving` is called once every rank has its model (start-up is over)."""
+    import torch.distributed as dist
+
     control = ControlChannel.create(ep.world)  # every rank, before anything else that may fail
+    ep_llm = _build(ep, args)
+    # No rank serves or follows until every rank has its model: a rank that failed to load never
+    # gets here, the parent sees it exit and stops the group (this barrier does not return).
+    dist.barrier(group=control.group)
+    on_serving()
     if ep.rank != 0:
-        follower_loop(control, _build(ep, args))
+        follower_loop(control, ep_llm)
         return 0
 
-    from server.app import build_app
     from server.async_engine import AsyncEngine
-    from server.cli_serve import announce_ready, make_server
+    from server.cli_serve import serve, serving_line
 
-    server = None
-
-    def stop_http() -> None:  # the engine thread ended (cleanly or not): stop serving too
-        if server is not None:
-            server.should_exit = True
-
-    def factory() -> EPEngineDriver:  # runs on the engine thread: /health says 503 meanwhile
-        try:
-            return EPEngineDriver(_build(ep, args), control, on_close=stop_http)
-        except BaseException:
-            stop_http()  # a group whose model did not load cannot serve; the parent reports why
-            raise
-
-    engine = AsyncEngine(factory, max_queue=args.max_queue)
-    app = build_app(engine, model_name=args.served_model_name, api_key=args.api_key,
-                    max_body_bytes=args.max_body_bytes)
-    server = make_server(app, args)
-    announce_ready(engine, f" ({ep.world} expert-parallel ranks)")
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGTERM/SIGINT it handled, after a clean stop
-        pass
-    if engine.error:
-        raise MoeRtError(engine.error)
+    driver = EPEngineDriver(ep_llm, control)
+    # Given as a factory, the driver belongs to the AsyncEngine: its engine thread closes it when
+    # it ends, which sends "shutdown" to the followers (only that thread may talk to the group).
+    engine = AsyncEngine(lambda: driver, max_queue=args.max_queue)
+    sock.listen(2048)
+    print(serving_line(args.served_model_name, sock, docs=not args.disable_docs), flush=True)
+    if serve(engine, args, sock, f" ({ep.world} expert-parallel ranks)") != 0:
+        raise EngineDied(engine.error or "the engine failed")
     return 0
 
 
+class EngineDied(Exception):
+    """Rank 0's engine thread ended with an error while serving (its traceback is logged already)."""
+
+
 def _one_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    from moe_rt.cli import one_line
+
+    text = one_line(str(e)) or type(e).__name__
+    return text if isinstance(e, MoeRtError) else f"{type(e).__name__}: {text}"
 
 
 def _exit_with_parent() -> None:
@@ -94,6 +104,7 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
     """Process body of one rank (module level: spawn pickles it)."""
     import torch
 
+    from moe_rt.cli import DEBUG_ENV
     from parallel.groups import destroy_ep, init_ep
     from parallel.launch import rank_env
 
@@ -106,31 +117,52 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
     logging.basicConfig(level=args.log_level.upper(), format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ.update(rank_env(rank, world, "127.0.0.1", master_port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    phase = [STARTUP]
+
+    def serving() -> None:
+        phase[0] = CRASH
+
     code = 0
     try:
         ep = init_ep()
         try:
-            code = serve_ep_main(ep, args, sock)
+            code = serve_ep_main(ep, args, sock, on_serving=serving)
         finally:
             destroy_ep(ep)
     except KeyboardInterrupt:
         code = 0  # stopped while loading
     except BaseException as e:
-        if not isinstance(e, MoeRtError):
+        kind = USAGE if isinstance(e, MoeRtError) else phase[0]
+        # A crash while serving keeps its traceback in the log; a start-up failure is one line
+        # (the parent prints it) unless MOE_RT_DEBUG asks for more.
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        if (kind == CRASH and not isinstance(e, EngineDied)) or (kind == STARTUP and debug):
             traceback.print_exc()
-        report.send((isinstance(e, MoeRtError), _one_line(e)))
-        code = 2 if isinstance(e, MoeRtError) else 1
+        report.send((kind, _one_line(e)))
+        code = 2 if kind != CRASH else 1
     sys.stdout.flush()
     sys.exit(code)
 
 
 # -- the parent --------------------------------------------------------------------------------
+def serve_group(args) -> int:
+    """`moe-rt serve --ep N`: check, reserve the port, then start and supervise the ranks."""
+    from moe_rt.llm import default_model_dir
+    from parallel.serve_ep import check_group
+    from server.cli_serve import reserve
+
+    args.model = args.model if args.model is not None else default_model_dir()
+    check_group(args)
+    args.served_model_name = args.served_model_name or Path(args.model).resolve().name
+    return run_group(args, reserve(args.host, args.port))
+
+
 def run_group(args, sock) -> int:
     """Spawn args.ep ranks (rank 0 gets the listening socket), supervise them, return the exit code.
 
     SIGINT/SIGTERM to the parent: SIGTERM to rank 0, whose graceful stop ends the followers.
-    Any rank failing: every other rank is stopped and its one-line reason is printed (a rank's
-    MoeRtError is raised, exit 2).
+    Any rank failing: every other rank is stopped and its one-line reason is printed (a user
+    error or a start-up failure is raised as MoeRtError, exit 2; a crash while serving exits 1).
     """
     from parallel.launch import free_port
 
@@ -198,9 +230,10 @@ def _fail(procs, reports, rank: int) -> int:
     """Stop the group after rank `rank` failed; report the most telling reason."""
     _reap(procs)
     got = [(r, *msg) for r, c in enumerate(reports) if (msg := _report_of(c)) is not None]
-    # A usage error (MoeRtError) on any rank explains the others' broken collectives.
-    for r, usage, msg in sorted(got, key=lambda g: (not g[1], g[0] != rank)):
-        if usage:
+    # A usage error (MoeRtError) on any rank explains the others' broken collectives; then the
+    # reason of the rank that failed first.
+    for r, kind, msg in sorted(got, key=lambda g: (g[1] != USAGE, g[0] != rank)):
+        if kind != CRASH:
             raise MoeRtError(f"rank {r}: {msg}")
         print(f"moe-rt: error: rank {r} failed: {msg}", file=sys.stderr)
         return 1
@@ -208,8 +241,8 @@ def _fail(procs, reports, rank: int) -> int:
     return 1
 
 
-def _report_of(conn) -> tuple[bool, str] | None:
-    """(usage error?, one line) a rank sent before it exited, or None (killed, or it sent nothing)."""
+def _report_of(conn) -> tuple[str, str] | None:
+    """(USAGE | STARTUP | CRASH, one line) a rank sent before it exited, or None (killed, or it sent nothing)."""
     try:
         return conn.recv() if conn.poll() else None
     except (EOFError, OSError):  # the pipe closed with nothing in it

@@ -1,9 +1,18 @@
 """`moe-rt serve`: the OpenAI-compatible HTTP server (docs/server.md).
 
-The socket is bound first and the model loads on the engine thread, so /health answers 503 while
-the model loads and 200 once it serves. Also runnable as `python -m server.cli_serve ...`.
-With `--ep N` (N > 1) the model runs expert-parallel on N local ranks; rank 0 serves HTTP
-(parallel/serve_ep.py, docs/server.md "Expert-parallel serving").
+Start-up fails fast: anything wrong with the flags, the model folder (config, weights,
+tokenizer), the placement, dtype or device ends the command with one line on stderr and exit 2,
+before the "serving" line and before anything listens. The order:
+  1. flags are parsed and range-checked (moe_rt/cli_args.py);
+  2. the port is reserved: bound but not listening, so a port in use fails before the model loads;
+  3. the LLMEngine is built in this thread (a progress bar on a terminal);
+  4. the socket listens, "moe-rt: serving ... on URL" is printed and uvicorn serves the built
+     engine; "moe-rt: ready" follows once the engine loop runs.
+If the engine thread dies while serving, uvicorn is stopped and the command exits with 1.
+
+Also runnable as `python -m server.cli_serve ...`. With `--ep N` (N > 1) the model runs
+expert-parallel on N local ranks; rank 0 serves HTTP (parallel/serve_ep_launch.py, docs/server.md
+"Expert-parallel serving").
 """
 from __future__ import annotations
 
@@ -14,60 +23,62 @@ import sys
 import threading
 from pathlib import Path
 
+from moe_rt.cli_args import int_in, non_negative_float, port, positive_float, positive_int
 from moe_rt.errors import MoeRtError
 
 
+def api_key(text: str) -> str:
+    if not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError("must be a non-empty key without spaces or control characters")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the shipped demo model)")
+    from moe_rt.cli_generate import add_ep_arguments, add_model_arguments
+
+    add_model_arguments(parser)  # --model, --dtype, --device, --placement, --expert-compute, offload
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
-    parser.add_argument("--placement", default=None, help="expert-placement YAML file (docs/placement.md)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: a free one, printed at start)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait for a first token; more get 429")
-    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="memory for the paged KV cache")
-    from moe_rt.cli_generate import add_offload_arguments
-
-    add_offload_arguments(parser)
+    parser.add_argument("--port", type=port, default=8000, help="TCP port (0: a free one, printed at start)")
+    parser.add_argument("--api-key", type=api_key, default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--max-queue", type=positive_int, default=256,
+                        help="requests allowed to wait for a first token; more get 429")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, help="largest request body (413 beyond)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences decoded together at most")
+    parser.add_argument("--max-model-len", type=int_in(2), default=None, help="context length (prompt + output)")
+    parser.add_argument("--kv-cache-memory-gb", type=positive_float, default=None, help="memory for the paged KV cache")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    g = parser.add_argument_group("expert parallelism (CPU: gloo on loopback; CUDA: nccl)")
-    g.add_argument("--ep", type=int, default=1, help="run on N local ranks: rank 0 serves HTTP, every rank computes")
-    g.add_argument("--ep-dispatcher", choices=["alltoall", "speculative"], default="alltoall",
-                   help="alltoall: DeepSpeed-MoE's scheme; speculative: s-TS token shuffling")
-    g.add_argument("--ep-predictor", default="residual_gate", help="s-TS predictor (residual_gate, gate_lookahead, ...)")
+    parser.add_argument("--disable-docs", action="store_true", help="serve no OpenAPI schema and no /docs page")
+    parser.add_argument("--disable-access-log", action="store_true", help="log no line per request")
+    parser.add_argument("--log-stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
+                        help="log a throughput line this often (0: never)")
+    add_ep_arguments(parser, "run on N local ranks: rank 0 serves HTTP, every rank computes")
 
 
-def _engine_options(args: argparse.Namespace) -> dict:
-    opts = {"dtype": args.dtype, "device": args.device, "placement": args.placement}
-    for name in ("max_num_seqs", "max_model_len", "kv_cache_memory_gb"):
-        if getattr(args, name) is not None:
-            opts[name] = getattr(args, name)
-    if args.track_predictor:
-        opts["predictor"], opts["predictor_dir"] = args.track_predictor, args.predictor_dir
-    from moe_rt.cli_generate import cache_options
-
-    cache = cache_options(args)
-    if cache is not None:
-        opts["cache"] = cache
-    return opts
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before the model loads so /health answers at once."""
+def reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port but not listening yet: the port is ours (a second server fails
+    here at once), while clients get 'connection refused' until the model is loaded."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as e:
+    except OSError as e:  # in use, no such address, a privileged port
         sock.close()
-        raise MoeRtError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
+        raise MoeRtError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def serving_line(name: str, sock: socket.socket, docs: bool) -> str:
+    host, port_ = sock.getsockname()[:2]
+    extra = ", docs: /docs" if docs else ""
+    return f"moe-rt: serving '{name}' on http://{host}:{port_}/v1 (health: /health, metrics: /metrics{extra})"
+
+
+def app_options(args: argparse.Namespace, on_engine_death) -> dict:
+    """build_app keyword options from the flags (shared with rank 0 of `serve --ep`)."""
+    return dict(model_name=args.served_model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                docs=not args.disable_docs, access_log=not args.disable_access_log,
+                stats_interval_s=args.log_stats_interval, on_engine_death=on_engine_death)
 
 
 def make_server(app, args: argparse.Namespace):
@@ -78,10 +89,10 @@ def make_server(app, args: argparse.Namespace):
 
 def announce_ready(engine, what: str = "") -> threading.Thread:
     """Print one 'ready' line once the engine serves (scripts and tests wait for it instead of
-    polling /health). Gives up silently if the model fails to load (a daemon: it never holds the
+    polling /health). Gives up silently if the engine fails first (a daemon: it never holds the
     process up)."""
     def watch() -> None:
-        while not engine.wait_for(lambda s: s.ready, 1.0):  # the load failure path does not notify
+        while not engine.wait_for(lambda s: s.ready, 1.0):  # the failure path does not notify
             if engine.error is not None:
                 return
         print(f"moe-rt: ready{what}", flush=True)
@@ -91,55 +102,61 @@ def announce_ready(engine, what: str = "") -> threading.Thread:
     return t
 
 
-def run(args: argparse.Namespace) -> int:
-    from moe_rt.config import build_config
-    from moe_rt.engine.llm_engine import LLMEngine
-    from moe_rt.llm import default_model_dir
-
+def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str = "") -> int:
+    """Run uvicorn on the listening `sock` until a signal (0), or until the engine thread dies
+    (1; async_engine.error says why)."""
     from .app import build_app
+
+    server = None
+
+    def on_engine_death() -> None:  # the engine thread's last act: nothing can be served any more
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(async_engine, **app_options(args, on_engine_death))
+    server = make_server(app, args)
+    announce_ready(async_engine, what)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C/SIGTERM it handled, after a clean stop
+        pass
+    return 1 if async_engine.error else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.ep > 1:
+        from parallel.serve_ep_launch import serve_group
+
+        return serve_group(args)
+    from moe_rt.cli_generate import build_llm
+
     from .async_engine import AsyncEngine
 
-    # Check everything cheap before binding the port: a bad flag fails fast with one line.
-    if args.ep < 1:
-        raise MoeRtError(f"--ep must be >= 1, got {args.ep}")
-    model = args.model if args.model is not None else default_model_dir()
-    if not (Path(model) / "config.json").is_file():
-        raise MoeRtError(f"{model} is not a model folder (no config.json)")
-    cfg = build_config(model=model, **_engine_options(args))
-    name = args.served_model_name or Path(model).resolve().name
-    if args.ep > 1:
-        from parallel.serve_ep import check_group
+    sock = reserve(args.host, args.port)
+    try:
+        llm = build_llm(args)  # model, tokenizer, placement, dtype, device: any problem is one line
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    with llm, sock:
+        args.served_model_name = args.served_model_name or Path(llm.config.model).resolve().name
+        print(serving_line(args.served_model_name, sock, docs=not args.disable_docs), flush=True)
+        engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
+        if serve(engine, args, sock) == 0:
+            return 0
+    from moe_rt.cli import one_line
 
-        if cfg.cache is not None or cfg.predictor:
-            raise MoeRtError("--ep does not combine with expert offloading or --track-predictor yet")
-        check_group(model, args)
-    sock = bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    print(f"moe-rt: serving '{name}' on http://{host}:{port}/v1 (health: /health, metrics: /metrics)", flush=True)
-    if args.ep > 1:
-        from parallel.serve_ep_launch import run_group
-
-        args.model, args.served_model_name = model, name
-        return run_group(args, sock)
-    engine = AsyncEngine(lambda: LLMEngine(cfg, progress=False), max_queue=args.max_queue)
-    app = build_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-    announce_ready(engine)
-    make_server(app, args).run(sockets=[sock])
-    return 1 if engine.error else 0
+    print(f"moe-rt: error: {one_line(engine.error)}", file=sys.stderr)  # the traceback is in the log
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-rt serve", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after a clean shutdown
-        return 0
-    except MoeRtError as e:
-        print(f"moe-rt: error: {e}", file=sys.stderr)
-        return 2
+    """`python -m server.cli_serve ARGS` == `moe-rt serve ARGS`."""
+    from moe_rt.cli import standalone
+
+    return standalone("serve", argv)
 
 
 if __name__ == "__main__":

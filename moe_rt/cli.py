@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate-cache": ("expert_cache.cli_simulate", "replay a trace through expert-cache policies"),
     "plan-placement": ("parallel.cli_plan", "plan expert-to-rank placement from a trace (s-EG)"),
     "simulate-ep": ("parallel.cli_simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
+    "version": ("moe_rt.cli:version", "print the version of moe-rt (also: moe-rt --version)"),
     "bench": ("", "benchmarks: " + ", ".join(["decode", "kernel", "serve", "offload", "ep"])),
 }
 BENCHES: dict[str, tuple[str, str]] = {
@@ -61,6 +62,15 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def version_add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def version_run(args: argparse.Namespace) -> int:
+    print(f"moe-rt {version()}")
+    return 0
+
+
 def one_line(message: str) -> str:
     """Errors are one line: a multi-line message (some libraries write those) is joined."""
     return " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
@@ -80,17 +90,14 @@ def _load(spec: str):
 def _usage(table: dict, prog: str) -> str:
     lines = [f"usage: {prog} COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<16} {help_}" for name, (_, help_) in table.items()]
-    if table is COMMANDS:
-        lines += ["", f"  {'--version':<16} print the version of moe-rt"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog, table = "moe-rt", COMMANDS
-    if argv[:1] in (["--version"], ["-V"], ["version"]):
-        print(f"moe-rt {version()}")
-        return 0
+    if argv[:1] in (["--version"], ["-V"]):
+        argv = ["version"]
     if argv and argv[0] == "bench":
         prog, table, argv = "moe-rt bench", BENCHES, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):

@@ -76,7 +76,7 @@ def test_cli_generate_info_and_errors(mixtral_dir, capsys):
     assert info["experts_per_layer"] == 8 and info["bytes_per_expert"] == 3 * 64 * 96 * 4
     for argv, msg in [
         (["generate", "--model", "/no/such/dir", "--prompt", "x"], "does not exist"),
-        (["generate", "--model", str(mixtral_dir), "--prompt", "x", "--top-p", "2"], "top_p"),
+        (["generate", "--model", str(mixtral_dir), "--prompt", "x", "--top-p", "2"], "--top-p"),
         (["generate", "--model", str(mixtral_dir), "--prompt", "x", "--device", "tpu"], "device"),
         (["frobnicate"], "unknown command"),
     ]:

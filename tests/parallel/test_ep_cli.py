@@ -56,7 +56,7 @@ def test_simulate_ep_json_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("module, extra, msg", [
     (cli_plan, ["--ranks", "3", "--out", "{tmp}/p.yaml"], "3 ranks do not divide 8 experts"),
-    (cli_plan, ["--ranks", "4", "--out", "{tmp}/no/such/dir/p.yaml"], "cannot write"),
+    (cli_plan, ["--ranks", "4", "--out", "{tmp}/t.npz/p.yaml"], "--out cannot write"),  # under a file
     (cli_plan, ["--ranks", "4", "--out", "{tmp}/p.yaml", "--replicas", "-1"], "replicas must be"),
     (cli_simulate_ep, ["--ranks", "4,3"], "--ranks 3 does not divide"),
     (cli_simulate_ep, ["--ranks", "4", "--eval-split", "1.5"], "--eval-split must be in"),

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from moe_rt.checkpoint import read_config
+from moe_rt.checkpoint import read_config, read_json
 from moe_rt.config import RuntimeConfig
 from moe_rt.device import resolve_device, resolve_dtype
 from moe_rt.errors import MoeRtError
@@ -82,6 +82,11 @@ class LLMEngine:
         bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
         num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
         capacity = num_blocks * ec.kv_block_size
+        if capacity < 2:  # a prompt token and one generated token at least
+            raise MoeRtError(
+                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens "
+                f"({bytes_per_block} bytes per block of {ec.kv_block_size}); raise kv_cache_memory_gb"
+            )
         max_len = ec.max_model_len or min(self.spec.max_position_embeddings, capacity)
         if max_len > self.spec.max_position_embeddings:
             raise MoeRtError(f"max_model_len={max_len} exceeds the model's {self.spec.max_position_embeddings} positions")
@@ -105,7 +110,7 @@ class LLMEngine:
         ids = set(self.spec.eos_token_ids)
         gen = Path(model_dir) / "generation_config.json"
         if gen.is_file():
-            eos = read_config_json(gen).get("eos_token_id")
+            eos = read_json(gen).get("eos_token_id")
             ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
@@ -277,12 +282,3 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
         return StepOutput(seq.request_id, seq.index, [token], delta, reason)
-
-
-def read_config_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoeRtError(f"{path} is not valid JSON: {e}") from None

@@ -177,3 +177,10 @@ def test_bad_requests_leave_no_state(mixtral_llm):
 def test_unknown_engine_option_is_a_clear_error(mixtral_dir):
     with pytest.raises(MoeRtError, match="max_num_seqz"):
         LLM(mixtral_dir, max_num_seqz=3, progress=False)
+
+
+def test_kv_budget_below_one_block_is_refused(mixtral_dir):
+    # A budget that buys no block used to build an engine with a zero-token context that served
+    # every request an error; it must be refused at construction, naming the option.
+    with pytest.raises(MoeRtError, match="kv_cache_memory_gb"):
+        LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, kv_cache_memory_gb=1e-7)

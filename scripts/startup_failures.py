@@ -201,6 +201,9 @@ def run_case(case: Case, model: Path, work: Path, busy_port: int, timeout: float
     cmd = [sys.executable, "-m", "moe_rt.cli", "serve", "--port", "0", "--dtype", "float32", *argv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("MOE_RT_DEBUG", None)
+    # The cases describe a plain CPU machine: under the Triton interpreter (which the kernel tests
+    # switch on for the whole test process) `--expert-compute triton` would legitimately start.
+    env.pop("TRITON_INTERPRET", None)
     start = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=work)

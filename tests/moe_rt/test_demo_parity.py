@@ -35,4 +35,4 @@ def test_console_script_generates_from_the_demo_model():
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip()) > 0
     r = subprocess.run(exe + ["generate", "--prompt", "x", "--max-tokens", "0"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "max_tokens" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--max-tokens" in r.stderr

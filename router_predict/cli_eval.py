@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from moe_rt.cli_args import output_file, positive_int
 from moe_rt.errors import MoeRtError
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated predictor names: {', '.join(PREDICTOR_NAMES)}")
     parser.add_argument("--depth", type=positive_int, default=1, help="look-ahead distances 1..D to score")
     parser.add_argument("--fit-on", help="trace to fit/train predictors on (default: 80%% of --trace's sequences)")
-    parser.add_argument("--model", help="Hugging Face model folder (gate_lookahead, gate_lookahead_output read its routers)")
+    parser.add_argument("--model", help="Hugging Face model folder (gate_lookahead, gate_lookahead_output read its "
+                                        "routers; default: the folder the trace was recorded from, if it exists)")
     parser.add_argument("--predictor-dir", help="folder of a trained learned/path predictor")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", type=output_file, help="write a PNG of recall per layer per predictor")
@@ -38,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         fit, test = split_by_seq(trace)
         note = "fitted on 80% of sequences, scored on the other 20%"
+    model_dir = args.model or recorded_model_dir(test)
     reports = []
     for name in names:
-        predictor = build_predictor(name, fit_trace=fit, model_dir=args.model,
+        predictor = build_predictor(name, fit_trace=fit, model_dir=model_dir,
                                     predictor_dir=args.predictor_dir, depth=args.depth)
         reports.append(replay(test, predictor, args.depth, progress=not args.json))
     if args.plot:
@@ -52,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(reports, test.top_k))
         print(f"({note}; {test.num_rows} rows; k={test.top_k})")
     return 0
+
+
+def recorded_model_dir(trace) -> str | None:
+    """The model folder a trace names in its meta, when that folder is still there (a trace
+    recorded by `moe-rt trace` names the folder it ran)."""
+    model = trace.meta.model
+    return model if (Path(model) / "config.json").is_file() else None
 
 
 def format_table(reports: list[PredictorReport], k: int) -> str:

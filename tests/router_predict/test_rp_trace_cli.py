@@ -134,3 +134,16 @@ def test_record_trace_leaves_engine_clean(mixtral_llm):
     assert len(set(trace.seq_ids.tolist())) == 2 and trace.hidden is None
     with pytest.raises(MoeRtError, match="at least one prompt"):
         cli_trace.record_trace(mixtral_llm, [], SamplingParams())
+
+
+def test_eval_predictor_reads_routers_from_the_folder_the_trace_names(cli_trace_file, mixtral_dir, capsys):
+    # gate_lookahead needs router weights; a trace recorded by `moe-rt trace` names its model
+    # folder, so --model may be left out and gives the same figures as passing that folder.
+    base = ["eval-predictor", "--trace", str(cli_trace_file), "--predictor", "gate_lookahead", "--json"]
+    assert main(base) == 0
+    implicit = json.loads(capsys.readouterr().out)
+    assert main(base + ["--model", str(mixtral_dir)]) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    scores = [{k: v for k, v in p.items() if k != "cost_us_per_token"} for p in (implicit["predictors"][0], explicit["predictors"][0])]
+    assert scores[0] == scores[1]
+    assert implicit["predictors"][0]["by_distance"]["1"]["recall"] > 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8 on a GPU machine: CUDA kernel tests, tuning tables, and `bench kernel`, in stages that
+# On a GPU machine: the fused-MoE CUDA kernel tests, tuning tables, and `bench kernel`, in stages that
 # each fit one 10-minute device call. Results land in $OUT (default runs/gpu/), tuned tables also
 # in moe_rt/kernels/configs/ (copy them back into the repo and commit them).
 #

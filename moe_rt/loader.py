@@ -50,6 +50,7 @@ def load_model(
                          f"{type(e).__name__}: {e}") from None
     model.to_empty(device=device)
     model.to(dtype)
+    _keep_routers_fp32(model)
     if spec.tie_word_embeddings:  # to_empty gives every parameter its own storage: tie again
         model.lm_head.weight = model.embed_tokens.weight
     for m in model.modules():
@@ -72,6 +73,17 @@ def load_model(
             model.moe_ctx.store = ResidentExpertStore(w13, w2)
     model.eval()
     return model, reader
+
+
+def _keep_routers_fp32(model: MoEForCausalLM) -> None:
+    """Routers whose spec scores in float32 (DeepSeek) also store their gate weight and correction
+    bias in float32 whatever the model dtype, as transformers does: rounding either to bf16 flips
+    near-tied expert choices. Done before loading so the checkpoint's values arrive unrounded."""
+    for m in model.modules():
+        if isinstance(m, MoEBlock) and m.spec.routing.logits_fp32:
+            m.gate.float()
+            if m.e_score_correction_bias is not None:
+                m.e_score_correction_bias = m.e_score_correction_bias.float()
 
 
 def _copy(param: torch.Tensor, reader: CheckpointReader, name: str) -> None:

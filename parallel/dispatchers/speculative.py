@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moe_rt.layers.moe.dispatch import DispatchOutput
 from router_predict.base import LayerObservation, Predictor
@@ -70,7 +71,9 @@ class ResidualGate:
         self.norms, self.gates = norms, gates  # per MoE layer: post-attention RMSNorm, router Linear
 
     def __call__(self, next_moe_index: int, layer_out: torch.Tensor) -> torch.Tensor:
-        return self.gates[next_moe_index](self.norms[next_moe_index](layer_out)).float()
+        # At the router's own precision: DeepSeek keeps its router in float32 under a bf16 model.
+        w = self.gates[next_moe_index].weight
+        return F.linear(self.norms[next_moe_index](layer_out).to(w.dtype), w).float()
 
 
 class SpeculativeDispatcher(AllToAllDispatcher):

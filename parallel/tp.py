@@ -75,6 +75,8 @@ def shard_kv_cache(kv: list[LayerKV], world: int) -> list[LayerKV]:
         if heads % world:
             raise MoeRtError(f"KV cache with {heads} heads cannot be split over {world} ranks")
         shape = (slots, heads // world, hd)
-        out.append(LayerKV(torch.empty(shape, dtype=layer.k.dtype, device=layer.k.device),
-                           torch.empty(shape, dtype=layer.v.dtype, device=layer.v.device)))
+        # Zeroed, as LayerKV.allocate: decode masks unused slots, but a masked NaN still poisons
+        # the output, and uninitialised memory may hold NaN.
+        out.append(LayerKV(torch.zeros(shape, dtype=layer.k.dtype, device=layer.k.device),
+                           torch.zeros(shape, dtype=layer.v.dtype, device=layer.v.device)))
     return out

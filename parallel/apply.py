@@ -162,7 +162,7 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
         predictor = ResidualGate([b.post_attention_layernorm for b in blocks], [b.mlp.gate for b in blocks])
     stats = EPStats(group.rank, N, L, spec.num_layers)
     comm = Comm(group, stats)
-    dispatcher = build_dispatcher(dispatcher_kind, comm, placement, predictor, slack)
+    dispatcher = build_dispatcher(dispatcher_kind, comm, placement, predictor, slack, device=group.device)
     runtime = EPRuntime(group, placement, dispatcher, comm, stats)
     model.moe_ctx.store = build_ep_store(model, placement, group.rank, reader)
     model.moe_ctx.dispatcher = dispatcher

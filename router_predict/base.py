@@ -50,6 +50,20 @@ class Predictor(ABC):
         """d = min(depth, L-1-moe_index): how many later layers exist to predict (0 at the last layer)."""
         return max(0, min(depth, self.num_layers - 1 - moe_index))
 
+    def to(self, device: torch.device | str) -> "Predictor":
+        """Move every tensor and module this predictor holds to `device`, in place; returns self.
+
+        A predictor fed a model's hidden states must sit on their device: a CPU-resident one
+        fails on CUDA inputs (or, made to work, copies the hidden state back every layer).
+        """
+        device = torch.device(device)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.nn.Module):
+                value.to(device)
+            elif isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     def predict_path(self, token_ids: torch.Tensor, positions: torch.Tensor,
                      prev_token_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Scores [L, T, E] for every MoE layer before the forward pass starts, or None if unsupported.

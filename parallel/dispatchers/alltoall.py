@@ -26,8 +26,11 @@ class AllToAllDispatcher:
     def __init__(self, comm: Comm, placement: ExpertParallelPlacement, device=None) -> None:
         self.comm = comm
         self.stats = comm.stats
-        self.holder = torch.as_tensor(placement.holder_mask(), device=device)  # [L, E, N] bool
-        self.primary = torch.as_tensor(placement.primary_table(), device=device)  # [L, E] int64
+        # The tables are indexed by the router's ids on every layer: they live where it computes
+        # (the group's device unless told otherwise), or CUDA ids would index CPU tables.
+        self.device = torch.device(device) if device is not None else comm.ep.device
+        self.holder = torch.as_tensor(placement.holder_mask(), device=self.device)  # [L, E, N] bool
+        self.primary = torch.as_tensor(placement.primary_table(), device=self.device)  # [L, E] int64
 
     # -- token split (see base.py) ------------------------------------------------------------
     def token_split(self, moe_index: int | None, T: int, device=None) -> TokenSplit:

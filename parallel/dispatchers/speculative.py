@@ -82,7 +82,8 @@ class SpeculativeDispatcher(AllToAllDispatcher):
     def __init__(self, comm, placement, predictor: "Predictor | ResidualGate", slack: float = 0.25,
                  device=None) -> None:
         super().__init__(comm, placement, device)
-        self.predictor = predictor
+        # A router_predict predictor reads this rank's hidden states: it computes beside them.
+        self.predictor = predictor.to(self.device) if isinstance(predictor, Predictor) else predictor
         self.slack = slack
         self.num_moe_layers = self.holder.shape[0]
         self.top_k = 0  # K, learnt from the first dispatch (guesses have K ids)
@@ -122,7 +123,8 @@ class SpeculativeDispatcher(AllToAllDispatcher):
             obs = LayerObservation(moe_index, topk_ids, topk_weights, hidden=hidden)
             scores = self.predictor.predict(obs, 1)[0]  # [T_r, E] for layer moe_index + 1
             K = topk_ids.shape[1]
-            self._side = scores.topk(K, dim=-1).indices.to(torch.int32)
+            # rides on the all-gather with the hidden states: same device whatever the predictor returns
+            self._side = scores.topk(K, dim=-1).indices.to(device=hidden.device, dtype=torch.int32)
         return super().dispatch(moe_index, hidden, topk_ids, topk_weights)
 
     def side_columns(self, moe_index: int, layer_out: torch.Tensor) -> torch.Tensor | None:

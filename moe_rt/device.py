@@ -1,6 +1,8 @@
 """The one place where device and dtype names are resolved."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from moe_rt.errors import MoeRtError
@@ -36,3 +38,13 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     if name not in _DTYPES:
         raise MoeRtError(f"unknown dtype '{name}' (use float32, bfloat16 or float16)")
     return _DTYPES[name]
+
+
+def launch_device(t: torch.Tensor):
+    """Context making t's CUDA device the thread's current one (a no-op for other devices).
+
+    Triton launches on the calling thread's current device and stream, not on its arguments':
+    without this a kernel for cuda:1 tensors runs on cuda:0, as does one launched from a thread
+    that never chose a device (the server's engine thread). Cheap: a device swap, no sync.
+    """
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_rt.device import launch_device
 from moe_rt.kernels.align import AlignedRouting, max_padded_len
 
 # Register budget: the one-hot tile is BLOCK_P x S_PAD int32 spread over the program's threads.
@@ -103,10 +104,11 @@ def align_block_size_triton(topk_ids: torch.Tensor, block_m: int, num_slots: int
     sorted_ids = torch.full((length,), num_pairs, dtype=torch.int32, device=device)
     block_slot = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    _align_kernel[(1,)](
-        flat, sorted_ids, block_slot, num_padded,
-        num_pairs, num_slots, num_blocks,
-        BLOCK_M=block_m, **launch_params(num_pairs, num_slots, num_blocks),
-    )
+    with launch_device(flat):  # Triton launches on the current device, not the tensors'
+        _align_kernel[(1,)](
+            flat, sorted_ids, block_slot, num_padded,
+            num_pairs, num_slots, num_blocks,
+            BLOCK_M=block_m, **launch_params(num_pairs, num_slots, num_blocks),
+        )
     return AlignedRouting(sorted_pair_ids=sorted_ids, block_slot_ids=block_slot,
                           num_padded=num_padded, block_m=block_m, num_pairs=num_pairs)

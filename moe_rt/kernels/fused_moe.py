@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_rt.device import launch_device
 from moe_rt.kernels.align import AlignedRouting
 from moe_rt.kernels.align_triton import align_block_size_triton
 from moe_rt.kernels.tuning import TuningTables, default_config, device_name, dtype_name
@@ -198,22 +199,24 @@ def fused_experts(
     # Zeroed because rows of dropped (-1) pairs are never written yet are summed in the combine.
     partial = torch.zeros((P, D), dtype=torch.float32, device=hidden.device)
 
-    grid = (triton.cdiv(L, block_m) * triton.cdiv(I, block_n),)
-    _gate_up_kernel[grid](
-        hidden, w13, inter, routing.sorted_pair_ids, routing.block_slot_ids,
-        P, L, D, I,
-        hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-        inter.stride(0), inter.stride(1),
-        TOP_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
-    )
-    grid = (triton.cdiv(L, block_m) * triton.cdiv(D, block_n),)
-    _down_kernel[grid](
-        inter, w2, partial, weights, routing.sorted_pair_ids, routing.block_slot_ids,
-        P, L, D, I,
-        inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
-        partial.stride(0), partial.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
-    )
+    # Triton launches on the thread's current device, not the tensors': make theirs current.
+    with launch_device(hidden):
+        grid = (triton.cdiv(L, block_m) * triton.cdiv(I, block_n),)
+        _gate_up_kernel[grid](
+            hidden, w13, inter, routing.sorted_pair_ids, routing.block_slot_ids,
+            P, L, D, I,
+            hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+            inter.stride(0), inter.stride(1),
+            TOP_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
+        )
+        grid = (triton.cdiv(L, block_m) * triton.cdiv(D, block_n),)
+        _down_kernel[grid](
+            inter, w2, partial, weights, routing.sorted_pair_ids, routing.block_slot_ids,
+            P, L, D, I,
+            inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+            partial.stride(0), partial.stride(1),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
+        )
     return partial.view(T, K, D).sum(dim=1).to(hidden.dtype)

@@ -1,6 +1,7 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
-(bytes of weights the step must read / bandwidth measured in this run)."""
+(bytes of weights the step must read / bandwidth measured in this run). With --profile, instead:
+what a decode step costs in aten ops and host reads, per layer (bench/profile.py)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_repeats(p, 3)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     add_torch_threads(p, where=", both sides")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
+                        "and per step, top ops by self time (see moe_rt/bench/profile.py)")
+    p.add_argument("--profile-steps", type=int, default=16, help="decode steps recorded per batch size with --profile")
 
 
 def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -109,6 +114,12 @@ def run(args) -> int:
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     device, dtype = llm.engine.device, llm.engine.dtype
+    extra = {
+        "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
+        "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+    }
+    if args.profile:
+        return _run_profile(llm, batches, args, extra)
     hf = None
     if not args.no_transformers:
         try:
@@ -144,11 +155,25 @@ def run(args) -> int:
         row["floor_ms"] = floor_ms
         row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
         rows.append(row)
-    extra = {
-        "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-        "torch_threads": torch.get_num_threads(), "bandwidth_GBps": round(bandwidth / 1e9, 2),
-        "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "repeats": args.repeats,
-    }
+    extra.update(bandwidth_GBps=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens, repeats=args.repeats)
     emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_tok_s_best", "hf_tok_s_best", "ratio_best",
                       "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
+    return 0
+
+
+def _run_profile(llm, batches: list[int], args, extra: dict) -> int:
+    from .profile import print_profile, profile_decode
+
+    if args.profile_steps < 1:
+        raise MoeRtError("--profile-steps must be >= 1")
+    vocab = llm.model.spec.vocab_size
+    rows = [profile_decode(llm, _prompts(B, args.prompt_len, vocab, seed=B), args.profile_steps) for B in batches]
+    extra["num_layers"] = llm.model.spec.num_layers
+    if args.json:
+        emit(rows, args, [], extra)
+        return 0
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    for r in rows:
+        print_profile(r)
     return 0

@@ -38,3 +38,54 @@ def test_bench_decode_bad_arguments(capsys):
 def test_repeat_rule_is_median_and_fastest():
     assert repeat_stats([3.0, 1.0, 2.0, 10.0]) == Repeats(median=2.5, best=1.0)
     assert repeat_stats([4.0]) == Repeats(4.0, 4.0)
+
+
+# aten ops (nested ones included) per decoder layer per batch-1 decode step on the tiny Mixtral
+# checkpoint: a generous bound over the ~650 counted when it was set, so an op crept into every
+# layer's decode path shows here; not a timing.
+MAX_ATEN_OPS_PER_LAYER = 1000
+
+
+def test_bench_decode_profile_counts_ops_per_layer(mixtral_dir, capsys):
+    argv = ["bench", "decode", "--profile", "--model", str(mixtral_dir), "--batch-sizes", "1,3",
+            "--profile-steps", "3", "--prompt-len", "5", "--torch-threads", "1", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    one, three = res["results"]
+    assert (one["batch"], three["batch"], one["steps"]) == (1, 3, 3)
+    assert 0 < one["aten_ops_layer"] <= MAX_ATEN_OPS_PER_LAYER, one["aten_ops_layer"]
+    for r in (one, three):
+        assert r["attention_ops_layer"] + r["mlp_ops_layer"] < r["aten_ops_layer"]  # norms, residual adds
+        assert r["top_level_ops_layer"] < r["aten_ops_layer"]
+        assert r["aten_ops_step"] >= r["aten_ops_layer"] * res["num_layers"] + r["outside_ops_step"] - 1e-6
+        assert abs(r["aten_ops_layer_token"] * r["batch"] - r["aten_ops_layer"]) < 1e-6
+        assert r["top_ops"] and all(t["op"].startswith("aten::") and t["calls_step"] > 0 for t in r["top_ops"])
+        assert r["host_reads_step"] == sum(r["host_reads_by_op"].values())
+        assert r["host_reads_by_op"].get("moe_rt::tolist", 0) >= 1  # the sampler reads the chosen tokens
+
+
+def test_profile_counts_host_reads_and_regions():
+    """The counting rules of bench/profile.py on a hand-made forward: every kind of host read
+    counts once, a read nested in another does not count again, ranges attribute ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from moe_rt.bench.profile import ATTN, LAYER, MLP, _MarkHostReads, summarise
+
+    x = torch.arange(6.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _MarkHostReads():
+        with record_function(LAYER):
+            with record_function(ATTN):
+                y = x * x
+            with record_function(MLP):
+                x.tolist()
+                int(x[0])
+                x[x > 2]  # boolean mask: a nonzero inside the index op
+            z = y + 1
+        z.sum().item()
+    res = summarise(prof.events(), steps=1, num_layers=1, batch=1)
+    assert res["host_reads_by_op"] == {"aten::_local_scalar_dense": 2, "aten::nonzero": 1, "moe_rt::tolist": 1}
+    assert res["moe_host_reads_step"] == 3
+    assert res["attention_ops_layer"] == 1  # one aten::mul (a Python scalar operand would add a conversion)
+    assert res["outside_ops_step"] >= 3  # sum, item, _local_scalar_dense

@@ -84,3 +84,50 @@ def test_hub_sees_every_moe_layer_with_batch_info(mixtral_llm):
     assert first.batch.positions.tolist() == list(range(first.hidden.shape[0]))
     assert events[-1].batch.step == events[0].batch.step + 2
     assert not mixtral_llm.model.hub.active
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,K", [(1, 2), (1, 4), (5, 2), (16, 2), (40, 3)])
+def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
+    """The CPU used-slot loops and grouped_mm do the same matmuls and additions: equal, not close."""
+    from moe_rt.layers.moe.compute import _grouped, _one_token, _used_slots
+
+    S, D, I = 8, 32, 48
+    g = torch.Generator().manual_seed(T * 10 + K)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w13 = (torch.randn(S, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    w2 = (torch.randn(S, D, I, generator=g) / I**0.5).to(dtype)
+    ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    for case in (ids, torch.where(torch.rand(T, K, generator=g) < 0.3, -1, ids)):  # with choices computed elsewhere
+        ref = _grouped(x, w13, w2, case, w)
+        assert torch.equal(_used_slots(x, w13, w2, case, w), ref)
+        if T == 1:
+            assert torch.equal(_one_token(x, w13, w2, case, w), ref)
+        assert torch.equal(torch_experts(x, w13, w2, case, w), ref)
+    for fn in (_grouped, _used_slots) + ((_one_token,) if T == 1 else ()):
+        assert fn(x, w13, w2, torch.full_like(ids, -1), w).abs().max() == 0
+
+
+def test_grouped_path_reads_nothing_back():
+    """The GPU path (grouped_mm) never reads routing results on the host; on a CPU, grouped_mm's own
+    fallback reads its group ends, which are not the backend's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_rt.bench.profile import SYNC_OPS, _MarkHostReads
+    from moe_rt.layers.moe.compute import _grouped
+
+    g = torch.Generator().manual_seed(0)
+    x, w13, w2 = torch.randn(6, 32, generator=g), torch.randn(8, 96, 32, generator=g), torch.randn(8, 32, 48, generator=g)
+    ids = torch.tensor([[0, 3], [3, -1], [7, 1], [-1, -1], [2, 0], [5, 6]])
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _MarkHostReads():
+        _grouped(x, w13, w2, ids, torch.rand(6, 2, generator=g))
+
+    def in_grouped_mm(ev):
+        while ev is not None:
+            if ev.name == "aten::_grouped_mm":
+                return True
+            ev = ev.cpu_parent
+        return False
+
+    assert [e.name for e in prof.events() if e.name in SYNC_OPS and not in_grouped_mm(e)] == []

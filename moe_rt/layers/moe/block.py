@@ -50,7 +50,7 @@ class MoEBlock(nn.Module):
         ctx = self.ctx
         r = self.spec.routing
         w = self.gate.weight
-        logits = F.linear(x.float(), w.float()) if r.logits_fp32 else F.linear(x, w)
+        logits = F.linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else F.linear(x, w)
         weights, ids = route(logits, r, self.e_score_correction_bias)
         if ctx.hub.active:
             ctx.hub.emit(RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch))

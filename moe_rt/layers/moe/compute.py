@@ -17,33 +17,104 @@ from moe_rt.errors import MoeRtError
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# A CPU step with at most this many (token, choice) pairs runs one matmul pair per expert it uses,
+# looping in Python; above it, one grouped_mm per projection. (grouped_mm on CPU is itself a loop
+# over every slot, used or not, with one host read of each group's end.) Chosen by measurement,
+# scripts/expert_loop_crossover.py; see docs/benchmarks.md ("Decode overhead").
+CPU_LOOP_MAX_PAIRS = 8
+
+
 def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
-    """Sort (token, choice) pairs by slot and run every expert's rows in one grouped GEMM per
-    projection (torch.nn.functional.grouped_mm), the way fused MoE kernels do on GPUs. Falls
-    back to one matmul pair per used expert where grouped_mm is missing."""
-    esize = hidden.element_size()
+    """Group (token, choice) pairs by slot and run each group's rows through its expert, in the
+    weights' dtype, adding the weighted results in slot order. On a GPU: one grouped GEMM per
+    projection (torch.nn.functional.grouped_mm) and no host read of the routing. On a CPU, where
+    reading a tensor waits for nothing: a loop over the slots that have rows (small batches), or
+    grouped_mm (large ones). Every path does the same matmuls and additions, so they agree bit
+    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py."""
     T, K = topk_ids.shape
-    # grouped_mm wants 16-byte-aligned row strides; odd toy shapes take the per-expert loop.
-    # (It visits every slot, used or not, yet measured no slower than the loop over used slots
-    # even at batch 1 with 16 experts, and 2.4x faster at batch 4: one kernel beats Python.)
-    if not _HAS_GROUPED_MM or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16:
-        return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
     if T == 0:  # an expert-parallel rank can receive no tokens in a step
         return torch.zeros_like(hidden)
+    cpu = hidden.device.type == "cpu"
+    esize = hidden.element_size()
+    # grouped_mm wants 16-byte-aligned row strides; odd toy shapes take the per-expert loop.
+    if not _HAS_GROUPED_MM or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16:
+        return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
+    if cpu and T == 1:
+        return _one_token(hidden, w13, w2, topk_ids, topk_weights)
+    if cpu and T * K <= CPU_LOOP_MAX_PAIRS:
+        return _used_slots(hidden, w13, w2, topk_ids, topk_weights)
+    return _grouped(hidden, w13, w2, topk_ids, topk_weights)
+
+
+def _grouped(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """One grouped_mm per projection over every slot. Nothing is read back to the host: pairs
+    marked -1 (computed elsewhere) sort after every group, so grouped_mm ignores them, and their
+    rows are zeroed before the combine."""
+    T, K = topk_ids.shape
+    S = w13.shape[0]
     flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    sorted_slots = flat[order]
-    if sorted_slots[0] < 0:  # -1 (computed elsewhere) pairs sort first: drop them
-        keep = int((sorted_slots >= 0).sum())
-        order, sorted_slots = order[order.numel() - keep :], sorted_slots[sorted_slots.numel() - keep :]
+    key = torch.where(flat >= 0, flat, S)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
     # offs[s] = end row of slot s in the sorted rows; slots without rows give empty groups.
-    offs = torch.bincount(sorted_slots, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    offs = torch.searchsorted(sorted_key, torch.arange(S, device=flat.device), right=True).to(torch.int32)
     tokens = order // K
     gate, up = F.grouped_mm(hidden[tokens], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = torch.where((sorted_key < S)[:, None], y * topk_weights.reshape(-1)[order, None], 0)
     out = torch.zeros_like(hidden)
-    out.index_add_(0, tokens, (y * topk_weights.reshape(-1)[order, None]).to(out.dtype))
+    out.index_add_(0, tokens, y.to(out.dtype))
     return out
+
+
+def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """_grouped's arithmetic with one matmul pair per slot that has rows, none for the others."""
+    T, K = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # -1 pairs first
+    slots = flat[order].tolist()
+    first = next((i for i, s in enumerate(slots) if s >= 0), len(slots))
+    if first == len(slots):
+        return torch.zeros_like(hidden)
+    order = order[first:]
+    tokens = order // K
+    x = hidden[tokens]
+    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+    I = w2.shape[2]
+    ys, start = [], first
+    for end in range(first + 1, len(slots) + 1):
+        if end < len(slots) and slots[end] == slots[start]:
+            continue
+        s = slots[start]
+        h = torch.mm(x[start - first : end - first], w13t[s])
+        ys.append(torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]))
+        start = end
+    y = torch.cat(ys) * topk_weights.reshape(-1)[order, None]
+    out = torch.zeros_like(hidden)
+    out.index_add_(0, tokens, y.to(out.dtype))
+    return out
+
+
+def _one_token(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
+    """T == 1 (batch-1 decode): _grouped's arithmetic on the token's own row, without index
+    tensors. index_add_ into zeros adds the weighted outputs in slot order, accumulating bf16 and
+    fp16 in float32 and rounding once; a plain sum in that order, in that precision, is the same."""
+    I = w2.shape[2]
+    dtype = hidden.dtype
+    acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+    ids, weights = topk_ids[0].tolist(), topk_weights[0]
+    out = None
+    for s, k in sorted((s, k) for k, s in enumerate(ids) if s >= 0):
+        h = torch.mm(hidden, w13t[s])
+        # weights[k : k + 1], not weights[k]: a 0-d weight would not promote bf16 rows to float32
+        y = torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]) * weights[k : k + 1]
+        if y.dtype != dtype:
+            y = y.to(dtype).to(acc)
+        out = y if out is None else out + y
+    if out is None:
+        return torch.zeros_like(hidden)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")

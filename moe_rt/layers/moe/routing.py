@@ -9,7 +9,8 @@ from moe_rt.models.spec import RoutingSpec
 def route(
     logits: torch.Tensor, spec: RoutingSpec, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
     # The bias (DeepSeek-V3's load balancer) steers which experts are chosen, never their weights.
     choice = scores + correction_bias if correction_bias is not None else scores
@@ -24,10 +25,13 @@ def route(
         keep.scatter_(1, group_scores.topk(spec.topk_group, dim=-1).indices, True)
         fill = float("-inf") if correction_bias is not None else 0.0
         choice = choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape(T, E), fill)
-    ids = choice.topk(spec.top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
+    top = choice.topk(spec.top_k, dim=-1)
+    ids = top.indices
+    # choice is scores itself unless a bias or a group mask changed it: then gather the scores
+    weights = top.values if choice is scores else scores.gather(1, ids)
     if spec.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + 1e-20 if spec.scoring == "sigmoid" else total)
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor
     return weights, ids

@@ -26,7 +26,9 @@ class ModelRunner:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _prepare(self, prefill: list[Sequence], decode: list[Sequence]):
-        """Rows: every prefilled sequence's whole token list, then each decoding sequence's last token."""
+        """Rows: every prefilled sequence's whole token list, then each decoding sequence's last token.
+        Every integer the step needs (ids, positions, slots, context lengths, block tables) goes to
+        the device as one tensor; the parts are views of it."""
         ids, pos, slots, seq_rows = [], [], [], []
         for s in prefill:
             n = len(s)
@@ -34,18 +36,28 @@ class ModelRunner:
             pos.extend(range(n))
             slots.extend(self._slot(s, p) for p in range(n))
             seq_rows.extend([s.seq_id] * n)
-        tables = lens = None
+        lens, tables, width = [], [], 0
         if decode:
-            ids.extend(s.token_ids[-1] for s in decode)
-            pos.extend(len(s) - 1 for s in decode)
-            slots.extend(self._slot(s, len(s) - 1) for s in decode)
-            seq_rows.extend(s.seq_id for s in decode)
+            bs = self.block_size
+            for s in decode:
+                n = len(s)
+                ids.append(s.token_ids[-1])
+                pos.append(n - 1)
+                slots.append(s.block_table[(n - 1) // bs] * bs + (n - 1) % bs)
+                seq_rows.append(s.seq_id)
+                lens.append(n)
             width = max(len(s.block_table) for s in decode)
             # Padding entries point at block 0; the context-length mask hides them.
-            tables = self._t([s.block_table + [0] * (width - len(s.block_table)) for s in decode])
-            lens = self._t([len(s) for s in decode])
-        meta = AttentionMetadata([len(s) for s in prefill], self._t(slots), tables, self.block_size, lens)
-        return self._t(ids), self._t(pos), meta, seq_rows
+            for s in decode:
+                tables.extend(s.block_table)
+                tables.extend([0] * (width - len(s.block_table)))
+        T, B = len(ids), len(decode)
+        buf = self._t(ids + pos + slots + lens + tables)
+        meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=buf[2 * T : 3 * T], block_size=self.block_size)
+        if decode:
+            meta.context_lens = buf[3 * T : 3 * T + B]
+            meta.block_tables = buf[3 * T + B :].view(B, width)
+        return buf[:T], buf[T : 2 * T], meta, seq_rows
 
     def _t(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64, device=self.device)
@@ -60,6 +72,8 @@ class ModelRunner:
             hub.batch = BatchInfo(self.step_count, torch.tensor(seq_rows), pos.cpu(), ids.cpu())
         self.step_count += 1
         hidden = self.model(ids, pos, meta, self.kv)
+        if not prefill:  # every row is a decoding sequence's last token
+            return self.model.compute_logits(hidden)
         P = meta.num_prefill_tokens
         last = torch.tensor(meta.prefill_lens, dtype=torch.int64, device=self.device).cumsum(0) - 1
         if decode:

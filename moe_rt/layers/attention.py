@@ -9,7 +9,7 @@ Shape legend: T tokens, B sequences, H query heads, KV key/value heads, hd head 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,10 @@ class AttentionMetadata:
     block_size: int = 16
     context_lens: torch.Tensor | None = None  # decode part: [B] int64 context length incl. the new token
     # Filled once per forward by the model and shared by every layer (not per layer: it is the
-    # same for all of them): rotary tables of `positions`, and the decode key-position grid.
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    key_positions: torch.Tensor | None = None  # decode: [1, max_blocks * block_size]
+    # same for all of them): (cos, sin, rot_sin) [T, 1, hd] rotary tables of the rows' positions.
+    rope: tuple[torch.Tensor, ...] | None = None
+    # Built by the first layer that asks and reused by the others: decode key slots, decode masks.
+    _shared: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -44,6 +45,30 @@ class AttentionMetadata:
     @property
     def has_decode(self) -> bool:
         return self.block_tables is not None
+
+    def key_slots(self) -> torch.Tensor:
+        """Decode: [B, L] cache slot of every key position of each sequence, L = max_blocks *
+        block_size (padding blocks point at block 0; decode_mask hides them). Once per forward."""
+        slots = self._shared.get("slots")
+        if slots is None:
+            bs = self.block_size
+            offsets = torch.arange(bs, device=self.block_tables.device)
+            slots = self._shared["slots"] = (self.block_tables[:, :, None] * bs + offsets).flatten(1)
+        return slots
+
+    def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """Decode: additive mask [B, 1, 1, L] (0 where a key is visible, -inf elsewhere), the float
+        form scaled_dot_product_attention makes of a boolean mask, built once per forward for each
+        window and dtype instead of by every layer."""
+        key = ("mask", window, dtype)
+        mask = self._shared.get(key)
+        if mask is None:
+            pos = torch.arange(self.key_slots().shape[1], device=self.block_tables.device)[None, :]
+            ctx = self.context_lens[:, None]
+            hidden = pos >= ctx if window is None else (pos >= ctx) | (pos < ctx - window)
+            mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+            mask = self._shared[key] = mask[:, None, None, :]
+        return mask
 
 
 @dataclass
@@ -99,45 +124,46 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: LayerKV | None):
         s = self.spec
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if s.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if s.clip_qkv is not None:
-            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
-        q = q.reshape(T, s.num_heads, s.head_dim)
-        k = k.reshape(T, s.num_kv_heads, s.head_dim)
-        v = v.reshape(T, s.num_kv_heads, s.head_dim)
-        if s.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope.apply(meta.rope, q, k) if meta.rope is not None else self.rope(positions, q, k)
+        T, H, KV, hd = x.shape[0], s.num_heads, s.num_kv_heads, s.head_dim
+        qkv = self.qkv_proj(x)
+        cs = meta.rope if meta.rope is not None else self.rope.lookup(positions, x.dtype)
+        qk_end = self.q_size + self.kv_size
+        if s.qk_norm is None:
+            if s.clip_qkv is not None:
+                qkv = qkv.clamp(-s.clip_qkv, s.clip_qkv)
+            # q and k are adjacent columns of qkv: one rotation turns both
+            qk = self.rope.rotate(cs, qkv[:, :qk_end].view(T, H + KV, hd))
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, qk_end:].view(T, KV, hd)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            if s.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            if s.clip_qkv is not None:  # after the full-width norms, as OLMoE does
+                q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+            q, k, v = q.reshape(T, H, hd), k.reshape(T, KV, hd), v.reshape(T, KV, hd)
+            if s.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rope.apply(cs, q, k)
         if kv is not None and meta.slot_mapping is not None:
             kv.k.index_copy_(0, meta.slot_mapping, k)
             kv.v.index_copy_(0, meta.slot_mapping, v)
         P = meta.num_prefill_tokens
-        parts = []
-        if P:
-            parts.append(self._prefill(q[:P], k[:P], v[:P], meta.prefill_lens))
-        if meta.has_decode:
-            parts.append(self._decode(q[P:], kv, meta))
-        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if not P:
+            o = self._decode(q, kv, meta)
+        elif not meta.has_decode:
+            o = self._prefill(q, k, v, meta.prefill_lens)
+        else:
+            o = torch.cat([self._prefill(q[:P], k[:P], v[:P], meta.prefill_lens), self._decode(q[P:], kv, meta)])
         return self.o_proj(o.reshape(T, self.q_size))
 
     def _prefill(self, q, k, v, seq_lens: list[int]) -> torch.Tensor:
         return prefill_attention(q, k, v, seq_lens, window=self.window)
 
     def _decode(self, q, kv: LayerKV, meta: AttentionMetadata) -> torch.Tensor:
-        B, nblk = meta.block_tables.shape
-        L = nblk * meta.block_size
-        s = self.spec
-        k = kv.k.view(-1, meta.block_size, s.num_kv_heads, s.head_dim)[meta.block_tables]
-        v = kv.v.view(-1, meta.block_size, s.num_kv_heads, s.head_dim)[meta.block_tables]
-        k = k.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = v.reshape(B, L, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        pos = meta.key_positions if meta.key_positions is not None else torch.arange(L, device=q.device)[None, :]
-        ctx = meta.context_lens[:, None]
-        mask = pos < ctx
-        if self.window is not None:
-            mask = mask & (pos >= ctx - self.window)
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], enable_gqa=True)
+        """One new token per sequence over its cached keys: q [B, H, hd] -> [B, H, hd]."""
+        slots = meta.key_slots()
+        k, v = kv.k[slots].transpose(1, 2), kv.v[slots].transpose(1, 2)  # [B, KV, L, hd]
+        mask = meta.decode_mask(self.window, q.dtype)
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)
         return o[:, :, 0, :]

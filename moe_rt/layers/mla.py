@@ -94,9 +94,8 @@ class MLAttention(nn.Module):
         L = nblk * meta.block_size
         w_uk, w_uv = self._w_kv()
         q = torch.cat([torch.einsum("bhd,hdr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, R + dr]
-        rows = kv.k.view(-1, meta.block_size, kv.k.shape[-1])[meta.block_tables].reshape(B, 1, L, -1)
-        pos = meta.key_positions if meta.key_positions is not None else torch.arange(L, device=q.device)[None, :]
-        mask = (pos < meta.context_lens[:, None])[:, None, None, :]
+        rows = kv.k[meta.key_slots()].view(B, 1, L, -1)
+        mask = meta.decode_mask(None, q.dtype)
         # All H query heads share the one latent head (enable_gqa); values are the latent itself.
         o = F.scaled_dot_product_attention(
             q[:, :, None, :], rows, rows[..., : m.kv_lora_rank], attn_mask=mask, scale=m.softmax_scale, enable_gqa=True

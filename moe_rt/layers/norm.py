@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,10 +9,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._consts: tuple[torch.Tensor, torch.Tensor] | None = None  # (dim, eps) as float32 0-d tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; same math when no cast is involved
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:
+            # F.rms_norm's own arithmetic on CPU (x * rsqrt(sum(x * x) / dim + eps) * weight, the
+            # sum being the one mean takes) in 9 aten ops instead of its 24: dim and eps as float32
+            # tensors spare the conversion of a Python scalar on every call; same values, same result.
+            c = self._consts
+            if c is None or c[0].device != x.device:
+                c = self._consts = (torch.tensor(float(x.shape[-1]), device=x.device),
+                                    torch.tensor(self.eps, dtype=torch.float32, device=x.device))
+            return x * torch.rsqrt((x * x).sum(-1, keepdim=True) / c[0] + c[1]) * self.weight
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

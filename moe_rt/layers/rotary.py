@@ -12,9 +12,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, yarn: YarnSpec | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.yarn = head_dim, max_positions, theta, yarn
-        self.register_buffer("cos", torch.empty(0), persistent=False)
-        self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.reset(torch.device("cpu") if self.cos.is_meta else self.cos.device)
+        # [P, 3 * hd]: cos | sin | rot_sin per position, so one index per forward looks all three up
+        self.register_buffer("table", torch.empty(0), persistent=False)
+        self.reset(torch.device("cpu") if self.table.is_meta else self.table.device)
 
     def reset(self, device: torch.device) -> None:
         """(Re)build the tables in float32 on `device`; called again after the model is cast or moved,
@@ -28,19 +28,35 @@ class RotaryEmbedding(nn.Module):
             scale = yarn_math.attention_factor(self.yarn)
         freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
-        self.cos, self.sin = emb.cos() * scale, emb.sin() * scale
+        cos, sin = emb.cos() * scale, emb.sin() * scale
+        half = hd // 2
+        # rot_sin = [-sin | sin] by halves: rotate_half(x) * sin == halves_swapped(x) * rot_sin exactly
+        self.table = torch.cat((cos, sin, -sin[:, :half], sin[:, half:]), dim=-1)
 
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [T, 1, hd] of `positions`, cast to the compute dtype; done once per forward."""
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.table[:, : self.head_dim]
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, sin, rot_sin) [T, 1, hd] of `positions`, cast to the compute dtype; done once per forward."""
+        hd = self.head_dim
+        t = self.table[positions].to(dtype)[:, None, :]
+        return t[..., :hd], t[..., hd : 2 * hd], t[..., 2 * hd :]
 
     @staticmethod
-    def apply(cs: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        cos, sin = cs
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def rotate(cs: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """x [T, N, hd] turned by the rotate-half rule, x * cos + rotate_half(x) * sin, written with
+        the halves swapped by one flip and the sign folded into rot_sin (same products, same sums)."""
+        T, N, hd = x.shape
+        swapped = x.view(T, N, 2, hd // 2).flip(2).view(T, N, hd)
+        return x * cs[0] + swapped * cs[2]
+
+    @classmethod
+    def apply(cls, cs: tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor):
+        return cls.rotate(cs, q), cls.rotate(cs, k)
 
     @staticmethod
-    def apply_interleaved(cs: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+    def apply_interleaved(cs: tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor):
         """Pairs (x0, x1), (x2, x3), ... each turned by one frequency (DeepSeek). The result is laid
         out de-interleaved, [even outputs | odd outputs], as transformers' DeepSeek-V3 does: a fixed
         permutation applied to q and k alike leaves every q.k product, hence attention, unchanged."""
@@ -54,8 +70,3 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, hd], k [T, KV, hd], positions [T] -> rotated q, k."""
         return self.apply(self.lookup(positions, q.dtype), q, k)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)

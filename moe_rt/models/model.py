@@ -69,9 +69,6 @@ class MoEForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         meta.rope = self.rope.lookup(positions, x.dtype)
-        if meta.has_decode:
-            L = meta.block_tables.shape[1] * meta.block_size
-            meta.key_positions = torch.arange(L, device=x.device)[None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta, kv_caches[i] if kv_caches is not None else None)
         return self.norm(x)

@@ -41,9 +41,9 @@ def test_repeat_rule_is_median_and_fastest():
 
 
 # aten ops (nested ones included) per decoder layer per batch-1 decode step on the tiny Mixtral
-# checkpoint: a generous bound over the ~650 counted when it was set, so an op crept into every
-# layer's decode path shows here; not a timing.
-MAX_ATEN_OPS_PER_LAYER = 1000
+# checkpoint: 1.5x the 184.5 counted when this bound was set (467 before the decode-overhead work,
+# docs/benchmarks.md), so an op crept into every layer's decode path shows here; not a timing.
+MAX_ATEN_OPS_PER_LAYER = 275
 
 
 def test_bench_decode_profile_counts_ops_per_layer(mixtral_dir, capsys):
@@ -62,7 +62,10 @@ def test_bench_decode_profile_counts_ops_per_layer(mixtral_dir, capsys):
         assert abs(r["aten_ops_layer_token"] * r["batch"] - r["aten_ops_layer"]) < 1e-6
         assert r["top_ops"] and all(t["op"].startswith("aten::") and t["calls_step"] > 0 for t in r["top_ops"])
         assert r["host_reads_step"] == sum(r["host_reads_by_op"].values())
-        assert r["host_reads_by_op"].get("moe_rt::tolist", 0) >= 1  # the sampler reads the chosen tokens
+        # the sampler reads the chosen tokens (one list per step); the MoE blocks read at most their
+        # routing (one list per layer, on a CPU only: see compute.py)
+        assert r["host_reads_by_op"].get("moe_rt::tolist", 0) >= 1
+        assert r["moe_host_reads_step"] <= res["num_layers"]
 
 
 def test_profile_counts_host_reads_and_regions():

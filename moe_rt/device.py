@@ -25,6 +25,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise MoeRtError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MoeRtError(f"device '{name}' requested but no CUDA GPU is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        # checked here, before any load: torch would only fail at the first allocation on it
+        raise MoeRtError(f"device '{name}' does not exist: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     if dev.type not in ("cpu", "cuda"):
         raise MoeRtError(f"device type '{dev.type}' is not supported (use cpu or cuda)")
     return dev

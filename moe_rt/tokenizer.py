@@ -74,6 +74,11 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise MoeRtError(f"chat template failed: {e}") from None
+        except MoeRtError:
+            raise
+        except Exception as e:  # a template's own bug on this conversation (e.g. arithmetic on a
+            # field it did not expect): the request cannot be rendered, which is not a server fault
+            raise MoeRtError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat. They start with BOS exactly when encode() would start

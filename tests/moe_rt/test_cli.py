@@ -11,6 +11,7 @@ import pytest
 
 from moe_rt import cli
 from moe_rt.cli import main
+from moe_rt.errors import MoeRtError
 from moe_rt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,3 +214,11 @@ def test_llm_chat_uses_the_same_bos(tmp_path):
     bos = llm.tokenizer.bos_token_id
     assert out.prompt_token_ids[0] == bos != out.prompt_token_ids[1]
     assert llm.generate("Hello", SamplingParams(max_tokens=1))[0].prompt_token_ids[0] == bos
+
+
+def test_a_template_that_raises_on_a_conversation_is_a_one_line_error(mixtral_dir, tmp_path):
+    # jinja raises plain Python errors (here ZeroDivisionError) from a template's own arithmetic;
+    # they must reach callers as MoeRtError (HTTP 400, CLI exit 2), not as a server bug.
+    tok = tokenizer_copy(mixtral_dir, tmp_path / "tok", "{{ (messages | length) // 0 }}")
+    with pytest.raises(MoeRtError, match="chat template failed on these messages: ZeroDivisionError"):
+        tok.encode_chat(CHAT)

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Callable
 
-INT64 = (-(2**63), 2**63 - 1)
+from moe_rt.sampling_params import SEED_MAX, SEED_MIN
 
 
 def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
@@ -67,7 +67,7 @@ def _interval(lo, hi, lo_open: bool, hi_open: bool) -> str:
 
 port = int_in(0, 65535)
 positive_int = int_in(1)
-seed = int_in(*INT64)
+seed = int_in(SEED_MIN, SEED_MAX)
 positive_float = float_in(0, lo_open=True)
 non_negative_float = float_in(0)
 

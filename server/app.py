@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -21,6 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moe_rt.cli import version as package_version
 
 from . import openapi
 from .async_engine import AsyncEngine
@@ -40,15 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_STATS_INTERVAL_S = 10.0
-
-
-def server_version() -> str:
-    try:
-        return importlib.metadata.version("moe-rt")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        import moe_rt
-
-        return getattr(moe_rt, "__version__", "unknown")
 
 
 def build_app(
@@ -93,7 +85,7 @@ def build_app(
                     await stats_task
             await async_engine.shutdown()
 
-    app = FastAPI(title="moe-rt", version=server_version(), lifespan=lifespan,
+    app = FastAPI(title="moe-rt", version=package_version(), lifespan=lifespan,
                   description="OpenAI-compatible serving of Mixture-of-Experts models (docs/server.md)",
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.async_engine = async_engine

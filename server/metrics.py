@@ -53,7 +53,7 @@ class _EngineCollector:
         yield GaugeMetricFamily("moe_rt_generation_tokens_per_second", "output tokens/s over the last 10 s",
                                 value=self.engine.tokens_per_second(10.0))
         yield GaugeMetricFamily("moe_rt_kv_cache_usage", "fraction of KV blocks in use",
-                                value=1 - s.kv_blocks_free / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+                                value=s.kv_cache_usage)
         yield GaugeMetricFamily("moe_rt_engine_ready", "1 once the model is loaded and the engine loop runs",
                                 value=float(self.engine.ready))
         yield from self._moe(self.metrics.moe_stats)

@@ -14,12 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from moe_rt.sampling_params import SEED_MAX, SEED_MIN  # torch generators take 64-bit seeds
+
 MAX_N = 16  # completions per prompt
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 4  # stop strings (as OpenAI)
 MAX_TOKENS = 2**31 - 1  # any larger max_tokens is an error, not a wrap-around; the context bounds it further
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: torch generators take 64-bit integers
 _TOKEN_KEY = re.compile(r"-?[0-9]{1,19}")
 
 
@@ -56,7 +57,7 @@ class _SamplingRequest(_Request):
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX, description="the n completions use seed, seed+1, ...")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="the n completions use seed, seed+1, ...")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -81,8 +82,8 @@ class _SamplingRequest(_Request):
 
     @model_validator(mode="after")
     def _ranges(self):
-        if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
-            raise ValueError(f"seed + n - 1 must be at most {INT64_MAX} (completion i uses seed + i)")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            raise ValueError(f"seed + n - 1 must be at most {SEED_MAX} (completion i uses seed + i)")
         stops = self.stop_list
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")

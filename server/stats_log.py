@@ -27,10 +27,9 @@ def stats_line(prev: EngineStats, cur: EngineStats, elapsed_s: float, queued: in
     if not (prompt or generated or cur.running_seqs or cur.waiting_seqs or queued):
         return None
     dt = max(elapsed_s, 1e-9)
-    kv = 1 - cur.kv_blocks_free / cur.kv_blocks_total if cur.kv_blocks_total else 0.0
     return (f"Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: {generated / dt:.1f} tokens/s, "
             f"Running: {cur.running_seqs} seqs, Waiting: {cur.waiting_seqs} seqs, Queue: {queued} reqs, "
-            f"KV cache usage: {kv * 100:.1f}%")
+            f"KV cache usage: {cur.kv_cache_usage * 100:.1f}%")
 
 
 async def log_stats_forever(engine: AsyncEngine, interval_s: float) -> None:

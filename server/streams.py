@@ -68,6 +68,11 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0  # equals kv_blocks_total when no request holds KV
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use (0 before the engine reports any)."""
+        return 1 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
 
 class RequestStream:
     """Async iterator of Deltas of one request; `final` holds the RequestOutput once it ends.

@@ -2,7 +2,6 @@
 repeated timed runs, memory bandwidth, result printing."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from moe_rt.cli_args import positive_int
 from moe_rt.errors import MoeRtError
 
 
@@ -29,23 +29,13 @@ def add_model_choice(p) -> None:
 
 def add_torch_threads(p, default: int | None = None, where: str = "") -> None:
     shown = default if default else "torch's own"
-    p.add_argument("--torch-threads", type=_positive_int, default=default,
+    p.add_argument("--torch-threads", type=positive_int, default=default,
                    help=f"torch CPU intra-op threads{where} (default: {shown})")
 
 
 def add_repeats(p, default: int) -> None:
-    p.add_argument("--repeats", type=_positive_int, default=default,
+    p.add_argument("--repeats", type=positive_int, default=default,
                    help=f"timed runs per setting; the median and the fastest are reported (default {default})")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 @dataclass(frozen=True)

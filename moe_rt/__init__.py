@@ -1,14 +1,10 @@
-"""moe-rt: a serving runtime for Mixture-of-Experts language models."""
+"""moe-rt's core: config, models, layers, engine, kernels and the checkpoint loader.
+
+It imports nothing built on it (expert_cache, router_predict, parallel, server, moe_rt_app);
+tests/test_layering.py keeps it so. The Python API (`LLM`) and the CLI live in moe_rt_app,
+which assembles the core with the expert cache, routing predictors and expert parallelism.
+"""
 from moe_rt.errors import MoeRtError
 from moe_rt.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "MoeRtError"]
-
-
-def __getattr__(name):
-    # LLM pulls in torch and the engine; import it on first use so `moe-rt --help` stays fast.
-    if name == "LLM":
-        from moe_rt.llm import LLM
-
-        return LLM
-    raise AttributeError(name)
+__all__ = ["SamplingParams", "MoeRtError"]

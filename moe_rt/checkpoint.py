@@ -103,3 +103,13 @@ class CheckpointReader:
         w3 = self.get_shaped(f"{base}.{expert}.{u}.weight", (I, D))
         w2 = self.get_shaped(f"{base}.{expert}.{d}.weight", (D, I))
         return torch.cat([w1, w3], dim=0), w2
+
+
+DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+
+
+def default_model_dir() -> str:
+    """The shipped demo model's folder: what every command and `LLM()` load without a model."""
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        raise MoeRtError(f"no model given and the demo model is not installed at {DEMO_MODEL_DIR}")
+    return str(DEMO_MODEL_DIR)

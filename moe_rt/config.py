@@ -1,16 +1,16 @@
-"""The typed configuration tree, validated once at start-up.
+"""The core's sections of the config tree: which model to run, and how the engine batches it.
 
-Values discovered at start-up (KV blocks, max_model_len after the budget) live in the engine's
-runtime state, never written back here.
+The whole tree (these plus the cache, predictor, expert-parallel and server sections of the
+packages built on the core) is composed in moe_rt_app/config.py. Values discovered at start-up
+(KV blocks, max_model_len after the budget) live in the engine's runtime state, never written
+back here.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from expert_cache.config import CacheConfig
-from moe_rt.errors import MoeRtError, validation_detail
 
 
 class EngineConfig(BaseModel):
@@ -25,35 +25,11 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="seed of the sampler for requests without their own seed")
 
 
-class RuntimeConfig(BaseModel):
-    """Everything `LLM(...)` and `moe-rt` need: model, numerics, engine, placement."""
+class ModelConfig(BaseModel):
+    """Which checkpoint to run, in which numerics, where."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: str = Field(description="Hugging Face checkpoint folder")
     dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
-    placement: str | None = Field(None, description="expert-placement YAML file (docs/placement.md)")
-    cache: CacheConfig | None = Field(
-        None, description="expert-cache settings; override the placement file's cache section (docs/placement.md)"
-    )
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    predictor: str | None = Field(
-        None, description="routing predictor run online to report its live recall (gate_lookahead, "
-                          "gate_lookahead_output, learned, path, "
-                          "frequency, coactivation); the expert cache runs its own for prefetch"
-    )
-    predictor_dir: str | None = Field(
-        None, description="trained predictor folder (learned, path) or a fit trace .npz (frequency, coactivation)"
-    )
-    predictor_depth: int = Field(1, ge=1, description="MoE layers ahead the online predictor forecasts")
-
-
-def build_config(**kwargs) -> RuntimeConfig:
-    """RuntimeConfig from flat keyword options: engine fields are matched by name."""
-    engine_keys = set(EngineConfig.model_fields)
-    engine = {k: kwargs.pop(k) for k in list(kwargs) if k in engine_keys}
-    try:
-        return RuntimeConfig(engine=EngineConfig(**engine), **kwargs)
-    except ValidationError as e:
-        raise MoeRtError(f"invalid option {validation_detail(e)}") from None

@@ -22,7 +22,7 @@ Protocol: one `Batch` per broadcast (pickled by broadcast_object_list):
 Rank 0 broadcasts only when it is about to step, read group stats or stop: an idle server sends
 nothing, and followers block in the receive without spinning.
 
-Starting, supervising and stopping the rank processes: parallel/serve_ep_launch.py.
+Starting, supervising and stopping the rank processes: moe_rt_app/cli/serve_ep.py.
 """
 from __future__ import annotations
 
@@ -239,39 +239,3 @@ def follower_loop(control: ControlChannel, ep_llm) -> int:
             ep_llm.moe_stats(group_view=True)
         else:  # shutdown
             return steps
-
-
-def check_group(args) -> None:
-    """The cheap checks of `serve --ep N`, run in the parent before any port or rank exists, so a
-    bad flag or model folder is one line and exit 2: flags the ranks cannot honour, dtype and
-    device against the group's, the model folder (config, weight headers, tokenizer), heads and
-    experts split over N ranks, and the placement."""
-    import torch
-
-    from moe_rt.checkpoint import CheckpointReader
-    from moe_rt.cli_generate import cache_options, check_expert_compute
-    from moe_rt.device import resolve_device, resolve_dtype
-    from moe_rt.loader import load_spec
-    from moe_rt.tokenizer import Tokenizer
-    from parallel.runtime import resolve_placement
-    from parallel.tp import check_attention_tp
-
-    if cache_options(args) is not None or args.track_predictor:
-        raise MoeRtError("--ep does not combine with expert offloading or --track-predictor yet")
-    # The group's device is chosen as parallel.groups.init_ep does: nccl on CUDA when there is a GPU.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device != "auto" and resolve_device(args.device).type != device.type:
-        raise MoeRtError(f"--device {args.device}: the --ep ranks run on {device.type} on this machine")
-    if device.type == "cuda" and torch.cuda.device_count() < args.ep:
-        raise MoeRtError(f"--ep {args.ep} needs {args.ep} GPUs; this machine has {torch.cuda.device_count()}")
-    resolve_dtype(args.dtype, device)
-    check_expert_compute(args.expert_compute, device.type)
-    spec = load_spec(args.model)
-    CheckpointReader(args.model)  # opens every weight file's header
-    Tokenizer(args.model)
-    check_attention_tp(spec.attention, args.ep)
-    L, E = len(spec.moe_layer_ids), spec.num_experts
-    placement = resolve_placement(args.placement, L, E, args.ep)
-    if placement.ranks != args.ep:
-        raise MoeRtError(f"the placement is for {placement.ranks} ranks but --ep is {args.ep}")
-    placement.validate_against(L, E)

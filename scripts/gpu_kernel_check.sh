@@ -29,7 +29,7 @@ tune() {  # experts inter hidden topk
     cp moe_rt/kernels/configs/E="$1",N="$2",*.json "$OUT/" 2>/dev/null || true
 }
 stage_bench() {
-    $PY -m moe_rt.bench.kernel --json-out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.txt"
+    $PY -m moe_rt_app.bench.kernel --json-out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.txt"
 }
 
 case "${1:-all}" in

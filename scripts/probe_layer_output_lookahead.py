@@ -10,7 +10,7 @@ gate_lookahead_output.py), measured with the full eval in docs/benchmarks-router
 """
 import torch
 
-from moe_rt import LLM
+from moe_rt_app import LLM
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Each case copies the model folder (or not), breaks one thing (a truncated weights file, a
 corrupt tokenizer, a port already in use, a flag out of range, ...) and runs
-`python -m moe_rt.cli serve ...` as a subprocess with a timeout. A case passes when the process
+`python -m moe_rt_app.cli.main serve ...` as a subprocess with a timeout. A case passes when the process
   * exits with code 2 before the timeout,
   * wrote exactly one non-empty line on stderr, and no "Traceback",
   * never printed the "moe-rt: serving" line (nothing was listening on a broken start).
@@ -198,7 +198,7 @@ def run_case(case: Case, model: Path, work: Path, busy_port: int, timeout: float
     model_dir = prepare(case, model, work)
     fill = {"model": str(model_dir), "dir": str(work), "busy_port": str(busy_port)}
     argv = (["--model", str(model_dir)] if case.model else []) + [f.format(**fill) for f in case.flags]
-    cmd = [sys.executable, "-m", "moe_rt.cli", "serve", "--port", "0", "--dtype", "float32", *argv]
+    cmd = [sys.executable, "-m", "moe_rt_app.cli.main", "serve", "--port", "0", "--dtype", "float32", *argv]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("MOE_RT_DEBUG", None)
     # The cases describe a plain CPU machine: under the Triton interpreter (which the kernel tests

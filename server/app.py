@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moe_rt.cli import version as package_version
+from moe_rt.version import version as package_version
 
 from . import openapi
 from .async_engine import AsyncEngine

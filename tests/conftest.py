@@ -17,6 +17,6 @@ def mixtral_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def mixtral_llm(mixtral_dir):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     return LLM(mixtral_dir, dtype="float32", device="cpu", progress=False)

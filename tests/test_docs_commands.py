@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_rt.cli import BENCHES, COMMANDS, _load, _Parser, main
+from moe_rt_app.cli.main import BENCHES, COMMANDS, _load, _Parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -157,7 +157,7 @@ NUMBER_PLACEHOLDERS = {"N": "4", "R": "1", "D": "2", "Q": "8"}
 
 
 def parse(argv):
-    """argparse's reading of argv, with the parser moe_rt.cli.main builds for that command."""
+    """argparse's reading of argv, with the parser moe_rt_app.cli.main.main builds for that command."""
     table, name, rest = _split([NUMBER_PLACEHOLDERS.get(w, w) for w in argv])
     assert name in table, f"unknown command {name!r}"
     add_arguments, _ = _load(table[name][0])
@@ -230,7 +230,7 @@ def prepare(argv: tuple[str, ...], work: Path) -> list[str]:
 def run_command(argv: list[str], work: Path) -> tuple[int, str]:
     if argv[:2] == ["bench", "kernel"]:  # Triton picks its interpreter at import: a fresh process
         env = {**os.environ, "TRITON_INTERPRET": "1"}
-        r = subprocess.run([sys.executable, "-m", "moe_rt.cli", *argv], cwd=work, env=env,
+        r = subprocess.run([sys.executable, "-m", "moe_rt_app.cli.main", *argv], cwd=work, env=env,
                            capture_output=True, text=True, timeout=300)
         return r.returncode, r.stderr
     err, threads = io.StringIO(), torch.get_num_threads()

@@ -16,13 +16,12 @@ from typing import Callable
 import torch
 
 from moe_rt.checkpoint import read_config, read_json
-from moe_rt.config import RuntimeConfig
+from moe_rt.config import EngineConfig, ModelConfig
 from moe_rt.device import resolve_device, resolve_dtype
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
 from moe_rt.loader import load_model
 from moe_rt.outputs import CompletionOutput, RequestOutput
-from moe_rt.placement import PlacementFile, load_placement
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -48,36 +47,30 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(self, cfg: RuntimeConfig, *, progress: bool = True) -> None:
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        read_config(cfg.model)  # a missing or broken folder is reported before anything else
-        self.tokenizer = Tokenizer(cfg.model)
-        self.placement = load_placement(cfg.placement) if cfg.placement else PlacementFile()
-        cache_cfg = cfg.cache or self.placement.cache
-        offload = cache_cfg is not None and cache_cfg.offload != "none"
+    """The core engine: model, KV cache, scheduler, sampler. What is built on it (an expert cache,
+    an online predictor, expert parallelism) is installed by moe_rt_app/assemble.py after
+    construction and registered with `attach`, which exports its stats and closes it with the
+    engine."""
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, load_experts: bool = True,
+                 progress: bool = True) -> None:
+        self.model_cfg, self.engine_cfg = model, engine
+        self.device = resolve_device(model.device)
+        self.dtype = resolve_dtype(model.dtype, self.device)
+        read_config(model.model)  # a missing or broken folder is reported before anything else
+        self.tokenizer = Tokenizer(model.model)
+        # load_experts=False: routed experts stay in the checkpoint for an expert store to fetch.
         self.model, self.reader = load_model(
-            cfg.model, self.dtype, self.device, load_experts=not offload, progress=progress
+            model.model, self.dtype, self.device, load_experts=load_experts, progress=progress
         )
         self.spec = self.model.spec
-        self.placement.check_model(len(self.spec.moe_layer_ids), self.spec.num_experts)
         # name -> callable returning a JSON-able dict; the cache, predictor and expert parallelism
-        # register here and the server exports the union (GET /v1/moe/stats, /metrics).
+        # register here (attach) and the server exports the union (GET /v1/moe/stats, /metrics).
         self.stat_sources: dict[str, Callable[[], dict]] = {}
-        self.expert_cache = None
-        if offload:
-            from expert_cache.install import install_expert_cache
-
-            cache_cfg.check_model(len(self.spec.moe_layer_ids), self.spec.num_experts)
-            self.expert_cache = install_expert_cache(
-                self.model, self.reader, cache_cfg, device=self.device, dtype=self.dtype
-            )
-            self.stat_sources["cache"] = self.expert_cache.stats
-        self.online_predictor = self._start_predictor(cfg) if cfg.predictor else None
-        self.model.moe_ctx.compute = get_expert_compute(cfg.engine.expert_compute)
-        self.eos_ids = self._eos_ids(cfg.model)
-        ec = cfg.engine
+        self._closers: list[tuple[str, Callable[[], None]]] = []
+        self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute)
+        self.eos_ids = self._eos_ids(model.model)
+        ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only
         bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
         num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
@@ -105,6 +98,15 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self.last_batch_size = 0
         self.num_steps = 0
+
+    def attach(self, name: str, stats: Callable[[], dict] | None = None,
+               close: Callable[[], None] | None = None) -> None:
+        """Register a part installed on this engine: its stats join moe_stats() under `name`, and
+        close() stops it (in reverse order of attachment: the last installed stops first)."""
+        if stats is not None:
+            self.stat_sources[name] = stats
+        if close is not None:
+            self._closers.append((name, close))
 
     def _eos_ids(self, model_dir: str) -> set[int]:
         ids = set(self.spec.eos_token_ids)
@@ -165,26 +167,13 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return True
 
-    def _start_predictor(self, cfg: RuntimeConfig):
-        from router_predict.online import OnlinePredictor
-        from router_predict.registry import build_predictor_for_model
-
-        predictor = build_predictor_for_model(cfg.predictor, self.model, predictor_dir=cfg.predictor_dir,
-                                              depth=cfg.predictor_depth)
-        online = OnlinePredictor(self.model.hub, predictor, cfg.predictor_depth, model=self.model).start()
-        self.stat_sources["predictor"] = online.stats
-        return online
-
     def close(self) -> None:
-        """Stop background work (the expert cache's transfer thread and predictor subscription)."""
-        if self.online_predictor is not None:
-            self.online_predictor.stop()
-            self.online_predictor = None
-            self.stat_sources.pop("predictor", None)
-        if self.expert_cache is not None:
-            self.expert_cache.close()
-            self.expert_cache = None
-            self.stat_sources.pop("cache", None)
+        """Stop every attached part (the expert cache's transfer thread, a predictor's
+        subscription); idempotent."""
+        while self._closers:
+            name, close = self._closers.pop()
+            close()
+            self.stat_sources.pop(name, None)
 
     def moe_stats(self) -> dict:
         """MoE figures of every registered source (cache, predictor, expert parallelism)."""

@@ -2,7 +2,7 @@
 and naive from the same run, medians and fastest runs both reported."""
 import json
 
-from moe_rt.cli import main
+from moe_rt_app.cli.main import main
 
 
 def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ec_helpers import random_trace, write_npz
-from expert_cache.cli_simulate import main, sweep_capacities
+from moe_rt_app.cli.simulate_cache import main, sweep_capacities
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 
 from expert_cache.config import load_cache_config
 from expert_cache.cost_model import HostRule, choose_host_experts, host_expert_seconds
-from moe_rt import LLM, SamplingParams
+from moe_rt_app import LLM, SamplingParams
 from moe_rt.errors import MoeRtError
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 20, 30], [100, 3, 44, 55, 66, 77, 88]]
@@ -73,9 +73,9 @@ def reference(mixtral_dir):
 def run(model, cache, device="cpu"):
     llm = LLM(model, dtype="float32", device=device, progress=False, cache=cache)
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)], llm.engine.expert_cache.stats()
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)], llm.expert_cache.stats()
     finally:
-        llm.engine.expert_cache.close()
+        llm.expert_cache.close()
 
 
 BASE = dict(offload="cpu", capacity_slots=2, policy="lru")

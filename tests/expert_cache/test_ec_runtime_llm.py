@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoints import write_checkpoint
-from moe_rt import LLM, SamplingParams
+from moe_rt_app import LLM, SamplingParams
 from moe_rt.errors import MoeRtError
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 20, 30], [100, 3, 44, 55, 66, 77, 88]]
@@ -25,9 +25,9 @@ def reference(model4):
 def run(model, cache):
     llm = LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
     try:
-        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)], llm.engine.expert_cache.stats()
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)], llm.expert_cache.stats()
     finally:
-        llm.engine.expert_cache.close()
+        llm.expert_cache.close()
 
 
 GATE = dict(policy="predictive", predictor="gate_lookahead")
@@ -76,14 +76,14 @@ def test_accesses_equal_distinct_experts_the_model_used(model4):
     llm.model.hub.subscribe(lambda ev: used.append(int(ev.topk_ids.unique().numel())))
     try:
         llm.generate(PROMPTS, PARAMS)
-        s = llm.engine.expert_cache.stats()
+        s = llm.expert_cache.stats()
         assert s["accesses"] == sum(used)
         per_layer = s["per_layer"]
         assert sum(c["hits"] + c["misses"] for c in per_layer.values()) == sum(used)
         assert s["bytes_moved"] == {"disk": (s["misses"]) * s["expert_bytes"]}
         assert s["stall_s"] > 0
     finally:
-        llm.engine.expert_cache.close()
+        llm.expert_cache.close()
 
 
 def test_disk_tier_reads_the_same_bytes_as_the_reader(model4):

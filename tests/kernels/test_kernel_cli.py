@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from moe_rt.bench import kernel as bench_kernel
+from moe_rt_app.bench import kernel as bench_kernel
 from moe_rt.kernels import tune
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")

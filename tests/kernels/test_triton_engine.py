@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints import write_checkpoint
-from moe_rt import LLM, SamplingParams
+from moe_rt_app import LLM, SamplingParams
 from moe_rt.kernels.fused_moe import interpret_mode
 
 pytestmark = pytest.mark.skipif(not interpret_mode(), reason="CPU engine path needs TRITON_INTERPRET=1")
@@ -47,8 +47,8 @@ def test_triton_backend_with_expert_cache(model, torch_run, cache):
     llm = LLM(model, dtype="float32", device="cpu", progress=False, expert_compute="triton", cache=cache)
     try:
         tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
-        stats = llm.engine.expert_cache.stats()
+        stats = llm.expert_cache.stats()
     finally:
-        llm.engine.expert_cache.close()
+        llm.expert_cache.close()
     assert tokens == ref_tokens
     assert stats["misses"] > 0  # the cache really was smaller than the model

@@ -2,8 +2,8 @@
 the repeat rule every bench shares."""
 import json
 
-from moe_rt.bench.common import Repeats, repeat_stats
-from moe_rt.cli import main
+from moe_rt_app.bench.common import Repeats, repeat_stats
+from moe_rt_app.cli.main import main
 
 
 def test_bench_decode_reports_ratio_and_floor(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_profile_counts_host_reads_and_regions():
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from moe_rt.bench.profile import ATTN, LAYER, MLP, _MarkHostReads, summarise
+    from moe_rt_app.bench.profile import ATTN, LAYER, MLP, _MarkHostReads, summarise
 
     x = torch.arange(6.0)
     with profile(activities=[ProfilerActivity.CPU]) as prof, _MarkHostReads():

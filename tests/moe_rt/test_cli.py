@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_rt import cli
-from moe_rt.cli import main
+from moe_rt_app.cli import main as cli
+from moe_rt_app.cli.main import main
 from moe_rt.errors import MoeRtError
 from moe_rt.tokenizer import Tokenizer
 
@@ -84,7 +84,7 @@ def test_a_closed_stdout_ends_quietly(mixtral_dir):
     """`moe-rt info | head -1` with the reader gone before the first write: no traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(cli.DEBUG_ENV, None)
-    p = subprocess.Popen([sys.executable, "-m", "moe_rt.cli", "info", "--model", str(mixtral_dir)],
+    p = subprocess.Popen([sys.executable, "-m", "moe_rt_app.cli.main", "info", "--model", str(mixtral_dir)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     p.stdout.close()  # every write now fails with EPIPE
     err = p.stderr.read().decode()
@@ -207,7 +207,7 @@ def test_chat_prompt_has_no_bos_when_generate_adds_none(mixtral_dir, tmp_path):
 
 def test_llm_chat_uses_the_same_bos(tmp_path):
     """The shipped demo model's template writes no BOS; generate adds one, and so must chat."""
-    from moe_rt import LLM, SamplingParams
+    from moe_rt_app import LLM, SamplingParams
 
     llm = LLM(dtype="float32", device="cpu", progress=False)
     out = llm.chat(CHAT, SamplingParams(max_tokens=1, temperature=0))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoints import hf_greedy, write_checkpoint
-from moe_rt import LLM, MoeRtError, SamplingParams
+from moe_rt_app import LLM, MoeRtError, SamplingParams
 
 # V2-Lite's own rope_scaling (mscale == mscale_all_dim: cos/sin unscaled, softmax scaled by mscale^2)
 YARN_V2_LITE = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,

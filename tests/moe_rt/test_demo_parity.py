@@ -4,13 +4,13 @@ import sys
 
 import torch
 
-from moe_rt.llm import DEMO_MODEL_DIR
+from moe_rt.checkpoint import DEMO_MODEL_DIR
 
 
 def test_demo_model_is_the_default_and_matches_transformers():
     from transformers import AutoModelForCausalLM
 
-    from moe_rt import LLM, SamplingParams
+    from moe_rt_app import LLM, SamplingParams
 
     llm = LLM(dtype="float32", device="cpu", progress=False)
     assert llm.config.model == str(DEMO_MODEL_DIR)
@@ -29,7 +29,7 @@ def test_demo_model_is_the_default_and_matches_transformers():
 
 
 def test_console_script_generates_from_the_demo_model():
-    exe = [sys.executable, "-m", "moe_rt.cli"]
+    exe = [sys.executable, "-m", "moe_rt_app.cli.main"]
     r = subprocess.run(exe + ["generate", "--prompt", "In the beginning", "--max-tokens", "8", "--temperature", "0",
                               "--no-stream", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -3,7 +3,7 @@ seeds, n, logprobs and streaming, each checked against a slower obviously-right 
 import pytest
 import torch
 
-from moe_rt import LLM, MoeRtError, SamplingParams
+from moe_rt_app import LLM, MoeRtError, SamplingParams
 
 PROMPTS = ["In the beginning God", "And the earth was", "Hello world", "darkness was upon the face"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

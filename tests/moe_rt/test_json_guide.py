@@ -319,7 +319,7 @@ def test_sentencepiece_style_tokenizer(tmp_path):
 
 @pytest.mark.slow
 def test_generate_in_json_mode_gives_an_object_when_it_stops():
-    from moe_rt import LLM, SamplingParams
+    from moe_rt_app import LLM, SamplingParams
 
     engine = [p for p in (Path(moe_rt.__file__).parent / "engine").glob("*.py") if p.name != "json_guide.py"]
     if not any("JsonObjectGuide" in p.read_text() for p in engine):

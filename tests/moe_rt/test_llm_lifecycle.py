@@ -1,7 +1,7 @@
 """LLM with an expert cache: stats through engine.moe_stats(), and close() stops background work."""
 import threading
 
-from moe_rt import LLM, SamplingParams
+from moe_rt_app import LLM, SamplingParams
 
 
 def test_close_stops_the_cache_and_unregisters_its_stats(mixtral_dir, mixtral_llm):
@@ -13,7 +13,7 @@ def test_close_stops_the_cache_and_unregisters_its_stats(mixtral_dir, mixtral_ll
         stats = llm.engine.moe_stats()["cache"]
         assert stats["hits"] + stats["misses"] > 0
         assert out.token_ids == mixtral_llm.generate("In the beginning", params)[0].token_ids
-    assert llm.engine.moe_stats() == {} and llm.engine.expert_cache is None
+    assert llm.engine.moe_stats() == {} and llm.expert_cache is None
     leftover = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     for t in leftover:
         t.join(timeout=10)

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from moe_rt import LLM, MoeRtError
-from moe_rt.cli import main
+from moe_rt_app import LLM, MoeRtError
+from moe_rt_app.cli.main import main
 from moe_rt.loader import load_model
 
 

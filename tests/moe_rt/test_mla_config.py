@@ -97,21 +97,21 @@ EP_REFUSAL = ("moe-rt: error: expert parallelism (--ep) shards attention heads, 
 
 
 def test_serve_ep_refuses_mla_in_one_line(ds_dir, capsys):
-    from server import cli_serve
+    from moe_rt_app.cli import serve as cli_serve
 
     assert cli_serve.main(["--model", str(ds_dir), "--ep", "2", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip() == EP_REFUSAL
 
 
 def test_generate_ep_refuses_mla_in_one_line(ds_dir, capsys):
-    from moe_rt.cli import main
+    from moe_rt_app.cli.main import main
 
     assert main(["generate", "--model", str(ds_dir), "--prompt", "Hi", "--ep", "2"]) == 2
     assert capsys.readouterr().err.strip() == EP_REFUSAL
 
 
 def test_info_shows_mla_fields(ds_dir):
-    from moe_rt.cli_info import model_info
+    from moe_rt_app.cli.info import model_info
 
     info = model_info(str(ds_dir))
     assert info["attention"] == "MLA" and "kv_heads" not in info

@@ -114,7 +114,7 @@ def test_grouped_path_reads_nothing_back():
     fallback reads its group ends, which are not the backend's."""
     from torch.profiler import ProfilerActivity, profile
 
-    from moe_rt.bench.profile import SYNC_OPS, _MarkHostReads
+    from moe_rt_app.bench.profile import SYNC_OPS, _MarkHostReads
     from moe_rt.layers.moe.compute import _grouped
 
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ def case(request, tmp_path_factory):
     folder = write_checkpoint(tmp_path_factory.mktemp(request.param), family, seed=len(request.param), shard=shard, **over)
     from transformers import AutoModelForCausalLM
 
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     llm = LLM(folder, dtype="float32", device="cpu", progress=False)

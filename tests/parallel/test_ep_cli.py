@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ep_helpers import planted_ids, write_trace
-from parallel import cli_plan, cli_simulate_ep
+from moe_rt_app.cli import plan_placement as cli_plan, simulate_ep as cli_simulate_ep
 from parallel.placement import ExpertParallelPlacement
 
 

@@ -1,8 +1,8 @@
 """bench ep end to end on 2 ranks (subprocess ranks, the path users take): lossless and consistent."""
 import json
 
-from moe_rt.cli import main
-from parallel.bench_ep import format_report
+from moe_rt_app.cli.main import main
+from moe_rt_app.bench.ep import format_report
 
 
 def test_bench_ep_two_ranks_synthetic(tmp_path, capsys, monkeypatch):

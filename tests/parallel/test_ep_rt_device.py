@@ -80,10 +80,10 @@ def test_predictor_to_moves_its_modules_too():
 def test_ep_on_cuda_equals_single_process(model_dir, dispatcher):
     # One rank on the GPU: CPU-resident placement tables (indexed by CUDA ids) or a CPU-resident
     # gate_lookahead predictor (fed CUDA hidden states) fail at the first MoE layer.
-    from moe_rt import LLM
+    from moe_rt_app import LLM
     from moe_rt.sampling_params import SamplingParams
     from parallel.groups import single_rank
-    from parallel.runtime import EPOptions, build_ep_llm
+    from moe_rt_app.ep_llm import EPOptions, build_ep_llm
 
     prompts = [[5, 17, 42, 9, 77, 3, 12], [101, 7, 64]]
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)

@@ -31,7 +31,7 @@ class RandomPredictor(Predictor):
 
 def run_schemes(ep, model_dir, schemes):
     """On every rank: each scheme's greedy tokens, prompt logits and group stats."""
-    from parallel.runtime import EPOptions, build_ep_llm
+    from moe_rt_app.ep_llm import EPOptions, build_ep_llm
 
     out = {}
     for name, opts in schemes.items():
@@ -52,7 +52,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     llm = LLM(model_dir, dtype="float32", device="cpu", progress=False, max_num_seqs=4)
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
@@ -72,7 +72,7 @@ def check_equal(results, reference, baseline="baseline"):
 
 def test_two_ranks_all_schemes(model_dir, reference, tmp_path):
     from parallel.placement import ExpertParallelPlacement, save_placement_yaml
-    from parallel.runtime import EPOptions
+    from moe_rt_app.ep_llm import EPOptions
 
     # An uneven s-EG-style placement with replicas, read back from YAML.
     layer = {0: [0], 1: [1, 0], 2: [1], 3: [0], 4: [1], 5: [0, 1], 6: [0], 7: [1]}
@@ -103,7 +103,7 @@ def test_two_ranks_all_schemes(model_dir, reference, tmp_path):
 
 
 def test_four_ranks(model_dir, reference):
-    from parallel.runtime import EPOptions
+    from moe_rt_app.ep_llm import EPOptions
 
     # Gate look-ahead is covered on 2 ranks; 4 ranks (some with no tokens in decode steps) keep
     # the adversarial predictor, which scatters tokens the most.

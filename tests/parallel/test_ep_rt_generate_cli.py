@@ -1,5 +1,5 @@
 """`moe-rt generate --ep 2` launches two gloo ranks and prints what the single process prints."""
-from moe_rt.cli import main
+from moe_rt_app.cli.main import main
 
 
 def test_generate_ep2_equals_single_process(mixtral_dir, capsys):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moe_rt.errors import MoeRtError
-from router_predict import cli_eval, cli_train
+from moe_rt_app.cli import eval_predictor as cli_eval, train_predictor as cli_train
 from router_predict.trace import save_trace
 from rp_helpers import make_trace, perm_chain_trace
 
@@ -17,7 +17,7 @@ def parse(module, argv):
 
 
 def run_cli(module, argv):
-    """Mimics moe_rt.cli: MoeRtError -> one line on stderr, exit 2."""
+    """Mimics moe_rt_app.cli.main: MoeRtError -> one line on stderr, exit 2."""
     try:
         return module.run(parse(module, argv)), ""
     except MoeRtError as e:

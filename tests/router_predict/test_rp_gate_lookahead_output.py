@@ -9,9 +9,9 @@ import torch
 
 from moe_rt.errors import MoeRtError
 from moe_rt.sampling_params import SamplingParams
-from router_predict import cli_eval
+from moe_rt_app.cli import eval_predictor as cli_eval
 from router_predict.base import LayerObservation
-from router_predict.cli_trace import record_trace
+from moe_rt_app.cli.trace import record_trace
 from router_predict.evaluate import replay
 from router_predict.online import OnlinePredictor
 from router_predict.predictors.gate_lookahead import GateLookaheadPredictor
@@ -102,7 +102,7 @@ def run_both(llm, depth):
 def test_exact_when_attention_adds_nothing(tmp_path):
     """Attention outputs zeroed, experts and routers random: layer l's output IS layer l+1's residual
     stream before its MoE, so d = 1 is exact; gate_lookahead (before layer l's experts) is not."""
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     llm = LLM(zero_residual_checkpoint(tmp_path, zero=("o_proj.weight",), shared_router=False),
               dtype="float32", device="cpu", progress=False)
@@ -120,7 +120,7 @@ def test_exact_when_attention_adds_nothing(tmp_path):
 
 
 def test_exact_at_every_distance_when_residual_zero(tmp_path):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     llm = LLM(zero_residual_checkpoint(tmp_path), dtype="float32", device="cpu", progress=False)
     _, s, trace = run_both(llm, 2)
@@ -140,7 +140,7 @@ def test_recorder_hooks_only_while_recording(mixtral_llm):
 
 
 def test_llm_tracks_it_live(mixtral_dir):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="gate_lookahead_output") as llm:
         llm.generate(PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))

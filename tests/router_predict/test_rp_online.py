@@ -7,7 +7,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import BatchInfo, RouterEvent, RoutingHub
 from moe_rt.sampling_params import SamplingParams
 from router_predict.base import LayerObservation, Predictor
-from router_predict.cli_trace import record_trace
+from moe_rt_app.cli.trace import record_trace
 from router_predict.evaluate import replay
 from router_predict.online import OnlinePredictor
 from router_predict.predictors.coactivation import CoactivationPredictor
@@ -159,7 +159,7 @@ def test_output_lookahead_needs_the_model():
 
 
 def test_gate_lookahead_exact_when_routers_identical_and_residual_zero(tmp_path):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     llm = LLM(zero_residual_checkpoint(tmp_path), dtype="float32", device="cpu", progress=False)
     gate = GateLookaheadPredictor.from_model(llm.model)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_rt.cli import main
+from moe_rt_app.cli.main import main
 from moe_rt.errors import MoeRtError
 from moe_rt.sampling_params import SamplingParams
-from router_predict import cli_trace
+from moe_rt_app.cli import trace as cli_trace
 from router_predict.trace import load_trace
 
 PROMPTS = ["In the beginning God created", "And God said", "Hello world, the quick brown fox"]

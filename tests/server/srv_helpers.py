@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
-from moe_rt.config import build_config
+from moe_rt_app.assemble import build_engine
+from moe_rt_app.config import build_config
 from moe_rt.engine.llm_engine import LLMEngine
 from server.app import build_app
 from server.async_engine import AsyncEngine
@@ -38,7 +39,7 @@ class LiveServer:
 
 
 def make_engine(model_dir, **opts) -> LLMEngine:
-    return LLMEngine(build_config(model=str(model_dir), dtype="float32", device="cpu", **opts), progress=False)
+    return build_engine(build_config(model=str(model_dir), dtype="float32", device="cpu", **opts), progress=False).engine
 
 
 @contextmanager

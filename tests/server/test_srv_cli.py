@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from moe_rt.bench import serve as bench_serve
+from moe_rt_app.bench import serve as bench_serve
 from moe_rt.engine.llm_engine import LLMEngine
-from server import cli_serve
+from moe_rt_app.cli import serve as cli_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 120.0

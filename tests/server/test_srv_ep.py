@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from moe_rt import SamplingParams
-from server import cli_serve
+from moe_rt_app.cli import serve as cli_serve
 
 from srv_helpers import sse_events
 
@@ -33,10 +33,10 @@ MAX_TOKENS = 10
 
 
 class ServeProcess:
-    """`python -m server.cli_serve --ep 2 ...` with its output lines collected by reader threads."""
+    """`python -m moe_rt_app.cli.serve --ep 2 ...` with its output lines collected by reader threads."""
 
     def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli_serve", *argv], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "moe_rt_app.cli.serve", *argv], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: queue.Queue = queue.Queue()

@@ -13,7 +13,7 @@ import json
 import sys
 
 from moe_rt.errors import MoeRtError
-from parallel.cli_plan import add_grouping_arguments, grouping_options, hidden_size
+from moe_rt_app.cli.plan_placement import add_grouping_arguments, grouping_options, hidden_size
 from parallel.grouping import plan_expert_groups
 from parallel.placement import default_placement
 from parallel.traffic import SCHEMES, TrafficOptions, TrafficReport, compare_schemes, ratio
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m ...`), the same as `moe-rt simulate-ep`."""
-    from moe_rt.cli import standalone
+    from moe_rt_app.cli.main import standalone
 
     return standalone("simulate-ep", argv)
 

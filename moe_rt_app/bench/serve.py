@@ -1,6 +1,6 @@
 """`moe-rt bench serve`: closed-loop load on the HTTP server against offline LLM.generate.
 
-It starts `python -m server.cli_serve` as a subprocess on a free loopback port (port 0; the server
+It starts `python -m moe_rt_app.cli.serve` as a subprocess on a free loopback port (port 0; the server
 prints the port it got), then runs --clients concurrent clients, each sending streaming
 /v1/completions requests back to back until --duration ends (and at most --max-requests in all).
 Prompts are random token ids of --prompt-len (any tokenizer), decoded greedily with ignore_eos so
@@ -75,7 +75,7 @@ def _start_server(args, model_dir: str, max_num_seqs: int) -> tuple[subprocess.P
     root = Path(__file__).resolve().parents[2]  # the checkout holding server/ (when not installed)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}),
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "server.cli_serve", "--model", model_dir, "--served-model-name", MODEL_NAME,
+    cmd = [sys.executable, "-m", "moe_rt_app.cli.serve", "--model", model_dir, "--served-model-name", MODEL_NAME,
            "--host", "127.0.0.1", "--port", "0", "--dtype", args.dtype, "--device", args.device,
            "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max(256, 4 * args.clients)), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -90,7 +90,7 @@ def _start_server(args, model_dir: str, max_num_seqs: int) -> tuple[subprocess.P
                 url = line.split("http://", 1)[1].split("/v1", 1)[0]
                 return proc, f"http://{url}"
     _stop_server(proc)
-    raise MoeRtError(f"the server did not start (exit code {proc.returncode}); run `python -m server.cli_serve` to see why")
+    raise MoeRtError(f"the server did not start (exit code {proc.returncode}); run `python -m moe_rt_app.cli.serve` to see why")
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
@@ -200,7 +200,7 @@ async def _load(args, url: str, prompts: list[list[int]], pid: int) -> dict:
 def _offline(args, model_dir: str, prompts: list[list[int]], max_num_seqs: int) -> float:
     import torch
 
-    from moe_rt.llm import LLM
+    from moe_rt_app.llm import LLM
     from moe_rt.sampling_params import SamplingParams
 
     if args.torch_threads:
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m ...`), the same as `moe-rt bench serve`."""
-    from moe_rt.cli import standalone
+    from moe_rt_app.cli.main import standalone
 
     return standalone("bench serve", argv)
 

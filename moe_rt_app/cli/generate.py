@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from moe_rt.cli_args import float_in, int_in, positive_float, positive_int, seed
+from moe_rt_app.cli.args import float_in, int_in, positive_float, positive_int, seed
 from moe_rt.errors import MoeRtError
 
 
@@ -107,7 +107,7 @@ def cache_options(args):
 
     with named_flags(args):
         if args.placement:
-            from moe_rt.placement import load_placement
+            from moe_rt_app.placement_file import load_placement
 
             base = load_placement(args.placement).cache
             if base is not None:
@@ -150,7 +150,7 @@ def llm_options(args) -> dict:
 
 def build_llm(args, **extra):
     """The LLM the flags describe (a progress bar on a terminal while it loads)."""
-    from moe_rt.llm import LLM
+    from moe_rt_app.llm import LLM
 
     check_expert_compute(args.expert_compute, args.device)
     with named_flags(args):
@@ -264,7 +264,7 @@ def generate_once(llm, prompt, params, stream: bool):
 def _ep_generate(ep, model_dir, prompt, params, options, llm_options):
     """One rank of `generate --ep N` (module level: the launcher pickles it). Rank 0 returns
     (RequestOutput, seconds, merged EP stats); every rank joins the stats all-gather."""
-    from parallel.runtime import build_ep_llm
+    from moe_rt_app.ep_llm import build_ep_llm
 
     llm = build_ep_llm(model_dir, ep, options, **llm_options)
     start = time.perf_counter()
@@ -275,9 +275,9 @@ def _ep_generate(ep, model_dir, prompt, params, options, llm_options):
 
 
 def run_ep(args, params) -> int:
-    from moe_rt.llm import default_model_dir
+    from moe_rt.checkpoint import default_model_dir
     from parallel.launch import launch
-    from parallel.runtime import EPOptions
+    from moe_rt_app.ep_llm import EPOptions
 
     if args.offload or args.expert_cache_slots or args.expert_cache_gb:
         raise MoeRtError("--ep does not combine with expert offloading yet")

@@ -1,7 +1,7 @@
 """argparse `type=` helpers shared by every `moe-rt` command.
 
 A range check in `type=` fails during parsing, before any model loads, and argparse names the
-flag: `--port 70000` becomes `moe-rt: error: --port must be in 0..65535, got 70000` (moe_rt/cli.py
+flag: `--port 70000` becomes `moe-rt: error: --port must be in 0..65535, got 70000` (moe_rt_app/cli/main.py
 turns argparse's 'argument --port: ...' into that one line). Output paths are checked while
 parsing and get their folders created right after it, so `--plot new/dir/x.png` works the same
 for every command.
@@ -74,7 +74,7 @@ non_negative_float = float_in(0)
 
 def output_file(path: str) -> str:
     """A file the command will write. Parsing only checks that it can be written; the folders
-    above it are created by moe_rt.cli after parsing (make_output_folders, like `mkdir -p`)."""
+    above it are created by moe_rt_app.cli.main after parsing (make_output_folders, like `mkdir -p`)."""
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{path} is a folder, not a file")
     return _writable(path)
@@ -102,7 +102,7 @@ def _writable(path: str) -> str:
 
 def make_output_folders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Create the folders above every output path the command line gave (flags typed
-    output_file / output_dir). Run once by moe_rt.cli after parsing, so parsing has no effects."""
+    output_file / output_dir). Run once by moe_rt_app.cli.main after parsing, so parsing has no effects."""
     from moe_rt.errors import MoeRtError
 
     for action in parser._actions:

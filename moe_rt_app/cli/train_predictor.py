@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_rt.cli_args import int_in, output_dir, positive_float, positive_int
+from moe_rt_app.cli.args import int_in, output_dir, positive_float, positive_int
 from router_predict.predictors.training import TrainConfig
 from router_predict.trace import load_trace
 

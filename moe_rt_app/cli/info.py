@@ -70,7 +70,7 @@ def attention_info(spec, dtype_bytes: int) -> dict:
 
 
 def run(args) -> int:
-    from moe_rt.llm import default_model_dir
+    from moe_rt.checkpoint import default_model_dir
 
     info = model_info(args.model or default_model_dir())
     if args.json:

@@ -90,7 +90,7 @@ class EPLLM:
 def build_ep_llm(model_dir: str | Path, ep: EPGroup, options: EPOptions = EPOptions(), *,
                  progress: bool = False, **llm_options) -> EPLLM:
     """Build the LLM on this rank, then apply EP (attention TP + expert parallelism) to its model."""
-    from moe_rt.llm import LLM
+    from moe_rt_app.llm import LLM
 
     if "device" in llm_options and str(llm_options["device"]) != str(ep.device):
         raise MoeRtError(f"device {llm_options['device']} differs from the group's {ep.device}")

@@ -2,7 +2,7 @@
 
 Prints, per policy, the hit rate next to Belady's (the demand-paging bound) and their ratio; with
 --plot, also sweeps capacity from 1 to E slots per layer and writes a PNG of hit rate per policy.
-Bad input raises MoeRtError; `main` (and moe_rt.cli) print it and exit 2.
+Bad input raises MoeRtError; `main` (and moe_rt_app.cli.main) print it and exit 2.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import sys
 
 from expert_cache.plots import check_plot_path
-from moe_rt.cli_args import int_in, output_file, positive_int
+from moe_rt_app.cli.args import int_in, output_file, positive_int
 from moe_rt.errors import MoeRtError
 
 ORACLE = "oracle"  # built-in perfect predictor: forecasts from the replayed trace itself
@@ -155,7 +155,7 @@ def _print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m ...`), the same as `moe-rt simulate-cache`."""
-    from moe_rt.cli import standalone
+    from moe_rt_app.cli.main import standalone
 
     return standalone("simulate-cache", argv)
 

@@ -14,30 +14,31 @@ import os
 import re
 import sys
 
-from moe_rt.cli_args import make_output_folders
+from moe_rt_app.cli.args import make_output_folders
 from moe_rt.errors import MoeRtError
+from moe_rt.version import version
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("moe_rt.cli_generate", "generate a completion for a prompt"),
-    "chat": ("moe_rt.cli_generate:chat", "answer one chat message with the model's chat template"),
-    "info": ("moe_rt.cli_info", "architecture, parameter counts and expert sizes of a model folder"),
-    "serve": ("server.cli_serve", "start the OpenAI-compatible REST server"),
-    "trace": ("router_predict.cli_trace", "record a routing trace (.npz) by running prompts"),
-    "train-predictor": ("router_predict.cli_train", "train a learned routing predictor on a trace"),
-    "eval-predictor": ("router_predict.cli_eval", "replay a trace and score routing predictors"),
-    "simulate-cache": ("expert_cache.cli_simulate", "replay a trace through expert-cache policies"),
-    "plan-placement": ("parallel.cli_plan", "plan expert-to-rank placement from a trace (s-EG)"),
-    "simulate-ep": ("parallel.cli_simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
-    "version": ("moe_rt.cli:version", "print the version of moe-rt (also: moe-rt --version)"),
+    "generate": ("moe_rt_app.cli.generate", "generate a completion for a prompt"),
+    "chat": ("moe_rt_app.cli.generate:chat", "answer one chat message with the model's chat template"),
+    "info": ("moe_rt_app.cli.info", "architecture, parameter counts and expert sizes of a model folder"),
+    "serve": ("moe_rt_app.cli.serve", "start the OpenAI-compatible REST server"),
+    "trace": ("moe_rt_app.cli.trace", "record a routing trace (.npz) by running prompts"),
+    "train-predictor": ("moe_rt_app.cli.train_predictor", "train a learned routing predictor on a trace"),
+    "eval-predictor": ("moe_rt_app.cli.eval_predictor", "replay a trace and score routing predictors"),
+    "simulate-cache": ("moe_rt_app.cli.simulate_cache", "replay a trace through expert-cache policies"),
+    "plan-placement": ("moe_rt_app.cli.plan_placement", "plan expert-to-rank placement from a trace (s-EG)"),
+    "simulate-ep": ("moe_rt_app.cli.simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
+    "version": ("moe_rt_app.cli.main:version", "print the version of moe-rt (also: moe-rt --version)"),
     "bench": ("", "benchmarks: " + ", ".join(["decode", "kernel", "serve", "offload", "ep"])),
 }
 BENCHES: dict[str, tuple[str, str]] = {
-    "decode": ("moe_rt.bench.decode", "decode tokens/s of moe-rt vs transformers on the same weights"),
-    "kernel": ("moe_rt.bench.kernel", "fused Triton MoE vs per-expert loop vs bandwidth floor"),
-    "serve": ("moe_rt.bench.serve", "load test of the REST server vs offline throughput"),
-    "offload": ("expert_cache.bench_offload", "decode with experts offloaded: cache policies vs resident"),
-    "ep": ("parallel.bench_ep", "expert-parallel traffic and latency: baseline vs s-TS vs s-EG"),
+    "decode": ("moe_rt_app.bench.decode", "decode tokens/s of moe-rt vs transformers on the same weights"),
+    "kernel": ("moe_rt_app.bench.kernel", "fused Triton MoE vs per-expert loop vs bandwidth floor"),
+    "serve": ("moe_rt_app.bench.serve", "load test of the REST server vs offline throughput"),
+    "offload": ("moe_rt_app.bench.offload", "decode with experts offloaded: cache policies vs resident"),
+    "ep": ("moe_rt_app.bench.ep", "expert-parallel traffic and latency: baseline vs s-TS vs s-EG"),
 }
 
 
@@ -50,16 +51,6 @@ class _Parser(argparse.ArgumentParser):
         message = re.sub(r"^argument (?:\S+/)?(\S+): ", r"\1 ", message)
         print(f"moe-rt: error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("moe-rt")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
 
 
 def version_add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The Python runtime API:
 
-    from moe_rt import LLM, SamplingParams
+    from moe_rt_app import LLM, SamplingParams
     llm = LLM()                                   # the shipped demo model
     llm = LLM(model="path/to/hf-folder", dtype="float32", device="cpu", max_num_seqs=16)
     outs = llm.generate(["In the beginning"], SamplingParams(max_tokens=32, temperature=0))
@@ -14,20 +14,13 @@ from typing import Generator
 import torch
 from tqdm import tqdm
 
-from moe_rt.config import build_config
+from moe_rt.checkpoint import default_model_dir
+from moe_rt_app.assemble import build_engine
+from moe_rt_app.config import build_config
 from moe_rt.errors import MoeRtError
 from moe_rt.outputs import RequestOutput
 from moe_rt.sampling_params import SamplingParams
 
-from .engine.llm_engine import LLMEngine
-
-DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
-
-
-def default_model_dir() -> str:
-    if not (DEMO_MODEL_DIR / "config.json").is_file():
-        raise MoeRtError(f"no model given and the demo model is not installed at {DEMO_MODEL_DIR}")
-    return str(DEMO_MODEL_DIR)
 
 
 Prompt = str | list[int]
@@ -37,10 +30,13 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, progress: bool = True, **options) -> None:
         """options: dtype, device, placement, and any EngineConfig field (max_num_seqs, ...)."""
         self.config = build_config(model=str(model) if model is not None else default_model_dir(), **options)
-        self.engine = LLMEngine(self.config, progress=progress)
+        built = build_engine(self.config, progress=progress)
+        self.engine = built.engine
+        self.expert_cache, self.online_predictor = built.expert_cache, built.online_predictor
 
     def close(self) -> None:
-        self.engine.close()
+        self.engine.close()  # stops every part installed on the engine
+        self.expert_cache = self.online_predictor = None
 
     def __enter__(self) -> "LLM":
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moe_rt.cli_args import positive_int
+from moe_rt_app.cli.args import positive_int
 from moe_rt.errors import MoeRtError
 
 
@@ -61,7 +61,7 @@ def resolve_model(args) -> str:
         return str(build_synthetic(args.synthetic, args.cache_dir))
     if args.model:
         return args.model
-    from moe_rt.llm import default_model_dir
+    from moe_rt.checkpoint import default_model_dir
 
     return default_model_dir()
 

@@ -197,7 +197,7 @@ def _interpret_smoke(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-if __name__ == "__main__":  # `python -m moe_rt.bench.kernel`, same as `moe-rt bench kernel`
-    _parser = argparse.ArgumentParser(prog="python -m moe_rt.bench.kernel", description=__doc__.split("\n")[0])
+if __name__ == "__main__":  # `python -m moe_rt_app.bench.kernel`, same as `moe-rt bench kernel`
+    _parser = argparse.ArgumentParser(prog="python -m moe_rt_app.bench.kernel", description=__doc__.split("\n")[0])
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))

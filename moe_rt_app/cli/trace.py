@@ -22,14 +22,14 @@ import os
 
 from tqdm import tqdm
 
-from moe_rt.cli_args import float_in, output_file, positive_int, seed
+from moe_rt_app.cli.args import float_in, output_file, positive_int, seed
 from moe_rt.errors import MoeRtError
 from router_predict.recorder import TraceRecorder
 from router_predict.trace import Trace, TraceMeta, save_trace
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moe_rt.cli_generate import add_model_arguments
+    from moe_rt_app.cli.generate import add_model_arguments
 
     p.add_argument("--prompts", required=True,
                    help="prompt file: one prompt per line, or JSONL (.jsonl, or every line a JSON object) "
@@ -129,7 +129,7 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_rt.cli_generate import build_llm
+    from moe_rt_app.cli.generate import build_llm
     from moe_rt.sampling_params import SamplingParams
 
     prompts = read_prompts(args.prompts)  # before loading the model: bad input fails fast

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from moe_rt.cli_args import float_in, int_in, output_file, positive_int
+from moe_rt_app.cli.args import float_in, int_in, output_file, positive_int
 from parallel.grouping import GroupingOptions, plan_expert_groups
 from parallel.placement import default_placement, save_placement_yaml
 from parallel.traffic import TrafficOptions, compare_schemes, ratio
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (`python -m ...`), the same as `moe-rt plan-placement`."""
-    from moe_rt.cli import standalone
+    from moe_rt_app.cli.main import standalone
 
     return standalone("plan-placement", argv)
 

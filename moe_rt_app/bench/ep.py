@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moe_rt.bench.common import add_model_choice, add_repeats, add_torch_threads, repeat_stats, resolve_model
+from moe_rt_app.bench.common import add_model_choice, add_repeats, add_torch_threads, repeat_stats, resolve_model
 from moe_rt.errors import MoeRtError
 
 SCHEMES = {  # name -> (dispatcher, uses the s-EG placement)
@@ -60,7 +60,7 @@ def record_routing(model_dir: str, prompts, max_tokens: int):
     """[T, L, K] routing of a single-process run (the s-EG planner's input)."""
     import numpy as np
 
-    from moe_rt import LLM, SamplingParams
+    from moe_rt_app import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype="float32", device="cpu", progress=False)
     hub = llm.engine.model.hub
@@ -95,7 +95,7 @@ def worker(job_path: str) -> None:
     import torch
 
     from parallel.groups import destroy_ep, init_ep
-    from parallel.runtime import EPOptions, build_ep_llm
+    from moe_rt_app.ep_llm import EPOptions, build_ep_llm
 
     job = json.loads(Path(job_path).read_text())
     torch.set_num_threads(job["threads"])
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
            "timeout_s": 300, "out": str(work / "results.json")}
     job_path = work / "job.json"
     job_path.write_text(json.dumps(job))
-    argv = [sys.executable, "-m", "parallel.bench_ep", "--worker", str(job_path)]
+    argv = [sys.executable, "-m", "moe_rt_app.bench.ep", "--worker", str(job_path)]
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     link = None
     try:
@@ -315,13 +315,13 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m parallel.bench_ep --worker JOB` is how each rank starts (see run); any other
+    """`python -m moe_rt_app.bench.ep --worker JOB` is how each rank starts (see run); any other
     arguments behave as `moe-rt bench ep`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         worker(argv[1])
         return 0
-    from moe_rt.cli import standalone
+    from moe_rt_app.cli.main import standalone
 
     return standalone("bench ep", argv)
 

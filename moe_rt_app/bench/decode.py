@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
-                        "and per step, top ops by self time (see moe_rt/bench/profile.py)")
+                        "and per step, top ops by self time (see moe_rt_app/bench/profile.py)")
     p.add_argument("--profile-steps", type=int, default=16, help="decode steps recorded per batch size with --profile")
 
 
@@ -104,7 +104,7 @@ def step_weight_bytes(llm, prompts: list[list[int]]) -> float:
 
 
 def run(args) -> int:
-    from moe_rt.llm import LLM
+    from moe_rt_app.llm import LLM
 
     batches = parse_ints(args.batch_sizes, "--batch-sizes")
     if args.max_tokens < 2 or args.prompt_len < 1:

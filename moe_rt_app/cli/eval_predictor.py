@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from moe_rt.cli_args import output_file, positive_int
+from moe_rt_app.cli.args import output_file, positive_int
 from moe_rt.errors import MoeRtError
 from router_predict.evaluate import PredictorReport, plot_recall_per_layer, replay
 from router_predict.registry import PREDICTOR_NAMES, build_predictor

@@ -1,7 +1,7 @@
 """Process side of `moe-rt serve --ep N`: the parent that checks, starts, watches and stops the
 group, and each rank's entry (parallel/serve_ep.py holds the protocol, driver and follower).
 
-Start-up: the parent checks everything cheap (serve_ep.check_group) and reserves the port before
+Start-up: the parent checks everything cheap (check_group) and reserves the port before
 any rank exists. Every rank then builds its model in its main thread and waits at a barrier;
 only when all ranks got there does rank 0 listen, print "moe-rt: serving ..." and run uvicorn.
 A rank failing before the barrier is a start-up failure: the parent stops the others and ends
@@ -34,8 +34,8 @@ USAGE, STARTUP, CRASH = "usage", "startup", "crash"
 
 # -- one rank ------------------------------------------------------------------------------------
 def _build(ep, args):
-    from moe_rt.cli_generate import ENGINE_FLAGS
-    from parallel.runtime import EPOptions, build_ep_llm
+    from moe_rt_app.cli.generate import ENGINE_FLAGS
+    from moe_rt_app.ep_llm import EPOptions, build_ep_llm
 
     options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
     llm_options = {"dtype": args.dtype, "expert_compute": args.expert_compute}
@@ -63,7 +63,7 @@ def serve_ep_main(ep, args, sock=None, on_serving=lambda: None) -> int:
         return 0
 
     from server.async_engine import AsyncEngine
-    from server.cli_serve import serve, serving_line
+    from moe_rt_app.cli.serve import serve, serving_line
 
     driver = EPEngineDriver(ep_llm, control)
     # Given as a factory, the driver belongs to the AsyncEngine: its engine thread closes it when
@@ -81,7 +81,7 @@ class EngineDied(Exception):
 
 
 def _one_line(e: BaseException) -> str:
-    from moe_rt.cli import one_line
+    from moe_rt_app.cli.main import one_line
 
     text = one_line(str(e)) or type(e).__name__
     return text if isinstance(e, MoeRtError) else f"{type(e).__name__}: {text}"
@@ -104,7 +104,7 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
     """Process body of one rank (module level: spawn pickles it)."""
     import torch
 
-    from moe_rt.cli import DEBUG_ENV
+    from moe_rt_app.cli.main import DEBUG_ENV
     from parallel.groups import destroy_ep, init_ep
     from parallel.launch import rank_env
 
@@ -147,9 +147,8 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
 # -- the parent --------------------------------------------------------------------------------
 def serve_group(args) -> int:
     """`moe-rt serve --ep N`: check, reserve the port, then start and supervise the ranks."""
-    from moe_rt.llm import default_model_dir
-    from parallel.serve_ep import check_group
-    from server.cli_serve import reserve
+    from moe_rt.checkpoint import default_model_dir
+    from moe_rt_app.cli.serve import reserve
 
     args.model = args.model if args.model is not None else default_model_dir()
     check_group(args)
@@ -259,3 +258,39 @@ def _reap(procs, grace_s: float = 5.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(grace_s)
+
+
+def check_group(args) -> None:
+    """The cheap checks of `serve --ep N`, run in the parent before any port or rank exists, so a
+    bad flag or model folder is one line and exit 2: flags the ranks cannot honour, dtype and
+    device against the group's, the model folder (config, weight headers, tokenizer), heads and
+    experts split over N ranks, and the placement."""
+    import torch
+
+    from moe_rt.checkpoint import CheckpointReader
+    from moe_rt_app.cli.generate import cache_options, check_expert_compute
+    from moe_rt.device import resolve_device, resolve_dtype
+    from moe_rt.loader import load_spec
+    from moe_rt.tokenizer import Tokenizer
+    from moe_rt_app.ep_llm import resolve_placement
+    from parallel.tp import check_attention_tp
+
+    if cache_options(args) is not None or args.track_predictor:
+        raise MoeRtError("--ep does not combine with expert offloading or --track-predictor yet")
+    # The group's device is chosen as parallel.groups.init_ep does: nccl on CUDA when there is a GPU.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device != "auto" and resolve_device(args.device).type != device.type:
+        raise MoeRtError(f"--device {args.device}: the --ep ranks run on {device.type} on this machine")
+    if device.type == "cuda" and torch.cuda.device_count() < args.ep:
+        raise MoeRtError(f"--ep {args.ep} needs {args.ep} GPUs; this machine has {torch.cuda.device_count()}")
+    resolve_dtype(args.dtype, device)
+    check_expert_compute(args.expert_compute, device.type)
+    spec = load_spec(args.model)
+    CheckpointReader(args.model)  # opens every weight file's header
+    Tokenizer(args.model)
+    check_attention_tp(spec.attention, args.ep)
+    L, E = len(spec.moe_layer_ids), spec.num_experts
+    placement = resolve_placement(args.placement, L, E, args.ep)
+    if placement.ranks != args.ep:
+        raise MoeRtError(f"the placement is for {placement.ranks} ranks but --ep is {args.ep}")
+    placement.validate_against(L, E)

@@ -3,15 +3,15 @@
 Start-up fails fast: anything wrong with the flags, the model folder (config, weights,
 tokenizer), the placement, dtype or device ends the command with one line on stderr and exit 2,
 before the "serving" line and before anything listens. The order:
-  1. flags are parsed and range-checked (moe_rt/cli_args.py);
+  1. flags are parsed and range-checked (moe_rt_app/cli/args.py);
   2. the port is reserved: bound but not listening, so a port in use fails before the model loads;
   3. the LLMEngine is built in this thread (a progress bar on a terminal);
   4. the socket listens, "moe-rt: serving ... on URL" is printed and uvicorn serves the built
      engine; "moe-rt: ready" follows once the engine loop runs.
 If the engine thread dies while serving, uvicorn is stopped and the command exits with 1.
 
-Also runnable as `python -m server.cli_serve ...`. With `--ep N` (N > 1) the model runs
-expert-parallel on N local ranks; rank 0 serves HTTP (parallel/serve_ep_launch.py, docs/server.md
+Also runnable as `python -m moe_rt_app.cli.serve ...`. With `--ep N` (N > 1) the model runs
+expert-parallel on N local ranks; rank 0 serves HTTP (moe_rt_app/cli/serve_ep.py, docs/server.md
 "Expert-parallel serving").
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moe_rt.cli_args import int_in, non_negative_float, port, positive_float, positive_int
+from moe_rt_app.cli.args import int_in, non_negative_float, port, positive_float, positive_int
 from moe_rt.errors import MoeRtError
 
 
@@ -34,7 +34,7 @@ def api_key(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_rt.cli_generate import add_ep_arguments, add_model_arguments
+    from moe_rt_app.cli.generate import add_ep_arguments, add_model_arguments
 
     add_model_arguments(parser)  # --model, --dtype, --device, --placement, --expert-compute, offload
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
@@ -105,7 +105,7 @@ def announce_ready(engine, what: str = "") -> threading.Thread:
 def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str = "") -> int:
     """Run uvicorn on the listening `sock` until a signal (0), or until the engine thread dies
     (1; async_engine.error says why)."""
-    from .app import build_app
+    from server.app import build_app
 
     server = None
 
@@ -126,12 +126,12 @@ def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.ep > 1:
-        from parallel.serve_ep_launch import serve_group
+        from moe_rt_app.cli.serve_ep import serve_group
 
         return serve_group(args)
-    from moe_rt.cli_generate import build_llm
+    from moe_rt_app.cli.generate import build_llm
 
-    from .async_engine import AsyncEngine
+    from server.async_engine import AsyncEngine
 
     sock = reserve(args.host, args.port)
     try:
@@ -146,15 +146,15 @@ def run(args: argparse.Namespace) -> int:
         engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
         if serve(engine, args, sock) == 0:
             return 0
-    from moe_rt.cli import one_line
+    from moe_rt_app.cli.main import one_line
 
     print(f"moe-rt: error: {one_line(engine.error)}", file=sys.stderr)  # the traceback is in the log
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m server.cli_serve ARGS` == `moe-rt serve ARGS`."""
-    from moe_rt.cli import standalone
+    """`python -m moe_rt_app.cli.serve ARGS` == `moe-rt serve ARGS`."""
+    from moe_rt_app.cli.main import standalone
 
     return standalone("serve", argv)
 

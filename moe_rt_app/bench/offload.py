@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from expert_cache import cost_model as cm
-from moe_rt.bench.common import (Repeats, add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
+from moe_rt_app.bench.common import (Repeats, add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
                                  repeat_stats, resolve_model)
 from moe_rt.errors import MoeRtError
 
@@ -59,7 +59,7 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _decode_seconds(llm, prompts, max_tokens: int) -> float:
-    from moe_rt.bench.decode import time_moe_rt
+    from moe_rt_app.bench.decode import time_moe_rt
 
     return time_moe_rt(llm, prompts, max_tokens)
 
@@ -69,7 +69,7 @@ def _timed_seconds(llm, prompts, max_tokens: int, repeats: int) -> Repeats:
 
 
 def _llm(model: str, cache=None):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     return LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from expert_cache.on_demand import OnDemandExpertStore
     from expert_cache.slow_tier import DiskTier
     from moe_rt import SamplingParams
-    from router_predict.cli_trace import record_trace
+    from moe_rt_app.cli.trace import record_trace
     from router_predict.trace import save_trace
 
     model = resolve_model(args)
@@ -143,14 +143,14 @@ def run(args: argparse.Namespace) -> int:
     for label, pct, cfg in tqdm(configs, desc="offload configs", disable=not progress):
         if cfg is None:
             llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru"))
-            llm.engine.expert_cache.close()
+            llm.expert_cache.close()
             store = OnDemandExpertStore(spec, DiskTier(llm.engine.reader, spec,
                                                        drop_page_cache=not args.keep_page_cache),
                                         device=torch.device("cpu"), dtype=torch.float32)
             llm.model.moe_ctx.store = store
         else:
             llm = _llm(model, cfg)
-            store = llm.engine.expert_cache
+            store = llm.expert_cache
         _decode_seconds(llm, prompts, 1)  # prefill path and predictor warm, cache not reset
         before = store.stats()
         dt = _timed_seconds(llm, prompts, args.max_tokens, args.repeats)
@@ -241,7 +241,7 @@ def _mixtral_table() -> list[dict]:
 
 
 def _plot(trace, path: str, num_experts: int, predictors: list[str], progress: bool) -> None:
-    from expert_cache.cli_simulate import sweep_capacities
+    from moe_rt_app.cli.simulate_cache import sweep_capacities
     from expert_cache.plots import plot_hit_rate_curve
     from expert_cache.simulator import hit_rate_curve, predict_schedule
     from router_predict.predictors.gate_lookahead import GateLookaheadPredictor

@@ -39,17 +39,11 @@ class CacheConfig(BaseModel):
     policy: Literal["lru", "lfu", "predictive"] = Field(
         "lru",
         description="Eviction policy. predictive keeps experts the predictor forecasts for the "
-                    "coming layers and prefetches them; it needs `predictor`.")
+                    "coming layers and prefetches them; it needs the config's predictor section.")
     pinned: dict[int, list[int]] = Field(
         default_factory=dict,
         description="Experts that are always resident and never evicted, as {MoE layer index: "
                     "[expert ids]}. They count against the capacity.")
-    predictor: str | None = Field(
-        None,
-        description="Routing predictor name (router_predict registry), e.g. frequency, "
-                    "coactivation, or a learned one. Used only by policy predictive.")
-    predictor_dir: str | None = Field(
-        None, description="Folder with the fitted predictor's files, for predictors that need them.")
     lookahead: int | Literal["auto"] = Field(
         1,
         description="How many MoE layers ahead to predict and prefetch (>= 1), or auto: the "
@@ -103,9 +97,7 @@ class CacheConfig(BaseModel):
     def _consistent(self) -> "CacheConfig":
         given = [n for n in ("capacity_slots", "capacity_gb") if getattr(self, n) is not None]
         if self.offload == "none":
-            extra = given + [n for n in ("predictor", "predictor_dir")
-                             if getattr(self, n) is not None]
-            extra += ["pinned"] if self.pinned else []
+            extra = given + (["pinned"] if self.pinned else [])
             extra += ["cpu_compute_on_miss"] if self.cpu_compute_on_miss else []
             if extra:
                 raise ValueError(f"offload: none keeps every expert on the GPU, so "
@@ -116,13 +108,6 @@ class CacheConfig(BaseModel):
         if len(given) != 1:
             raise ValueError("give exactly one of capacity_slots and capacity_gb"
                              + (f" (both are set)" if len(given) == 2 else ""))
-        if self.policy == "predictive" and self.predictor is None:
-            raise ValueError("policy predictive needs a predictor name")
-        if self.predictor is not None and self.policy != "predictive":
-            raise ValueError(f"predictor is only used by policy predictive, not {self.policy}; "
-                             f"set policy: predictive or remove predictor")
-        if self.predictor_dir is not None and self.predictor is None:
-            raise ValueError("predictor_dir is set but predictor is not")
         if self.cpu_compute_on_miss and self.offload != "cpu":
             raise ValueError("cpu_compute_on_miss needs offload: cpu (the weights must be in RAM)")
         if self.capacity_slots is not None:

@@ -17,10 +17,8 @@ def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torc
                          predictor=None, progress: bool = False) -> ExpertCache:
     """Build the cache for `model` (loaded with load_experts=False), make it the model's store.
 
-    predictor: a router_predict Predictor object to prefetch with (any policy); by default one is
-    built from cfg.predictor when the policy is predictive (gate_lookahead from the loaded model's
-    routers; learned/path from cfg.predictor_dir; frequency/coactivation fitted on the trace file
-    cfg.predictor_dir points at).
+    predictor: a router_predict Predictor object to prefetch with (any policy; required by policy
+    predictive), built by the assembly from the config's predictor section.
     """
     if cfg.offload == "none":
         raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
@@ -32,7 +30,7 @@ def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torc
     tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress)
     cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
     if predictor is None and cfg.policy == "predictive":
-        predictor = _build_predictor(cfg, model)
+        raise MoeRtError("cache policy predictive needs a predictor to prefetch with")
     if predictor is not None:
         _attach_predictor(cache, model, predictor, cfg)
     model.moe_ctx.store = cache
@@ -52,9 +50,3 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
     online = OnlinePredictor(model.hub, predictor, depth=depth, model=model).start()
     cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
 
-
-def _build_predictor(cfg: CacheConfig, model):
-    from router_predict.registry import build_predictor_for_model
-
-    depth = 4 if cfg.lookahead == "auto" else cfg.lookahead
-    return build_predictor_for_model(cfg.predictor, model, predictor_dir=cfg.predictor_dir, depth=depth)

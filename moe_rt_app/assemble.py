@@ -2,23 +2,22 @@
 predictor and expert parallelism. `LLM`, every CLI command, the server and each expert-parallel
 rank build through `build_engine`; nothing else wires packages together.
 
-    build_engine(cfg)
-      1. read the placement file (cache and expert_parallel sections), once
-      2. LLMEngine: model (routed experts left on disk when a cache will fetch them), KV cache
-      3. placement checked against the model (every expert placed, pinned ids in range)
-      4. the expert cache, made the model's expert store, with its prefetch predictor
-      5. an online predictor tracked for its live recall (cfg.predictor)
+    build_engine(cfg)      cfg: the validated tree (moe_rt_app/config.py), file and flags merged
+      1. LLMEngine: model (routed experts left on disk when a cache will fetch them), KV cache
+      2. the tree checked against the model (pinned and placed expert ids in range)
+      3. the expert cache, made the model's expert store, prefetching with the predictor section
+      4. otherwise the predictor section runs online, tracked for its live recall
 Each installed part is attached to the engine: its stats join moe_stats() and it stops when the
 engine closes. Expert parallelism is applied to the built engine by moe_rt_app/ep_llm.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from expert_cache.install import install_expert_cache
 from moe_rt.engine.llm_engine import LLMEngine
 from moe_rt_app.config import RuntimeConfig
-from moe_rt_app.placement_file import PlacementFile, load_placement
+from router_predict.config import RESIDUAL_GATE
 
 
 @dataclass
@@ -26,27 +25,28 @@ class Assembly:
     """A built engine and the parts installed on it (None where not configured)."""
 
     engine: LLMEngine
-    placement: PlacementFile = field(default_factory=PlacementFile)
     expert_cache: object | None = None  # expert_cache.runtime.ExpertCache
     online_predictor: object | None = None  # router_predict.online.OnlinePredictor
 
 
 def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
-    placement = load_placement(cfg.placement) if cfg.placement else PlacementFile()
-    cache_cfg = cfg.cache or placement.cache
-    offload = cache_cfg is not None and cache_cfg.offload != "none"
-    engine = LLMEngine(cfg.model_section(), cfg.engine, load_experts=not offload, progress=progress)
+    engine = LLMEngine(cfg.model_section(), cfg.engine, load_experts=not cfg.offload, progress=progress)
     try:
         spec = engine.spec
-        placement.check_model(len(spec.moe_layer_ids), spec.num_experts)
-        built = Assembly(engine, placement)
-        if offload:
-            cache_cfg.check_model(len(spec.moe_layer_ids), spec.num_experts)
+        cfg.check_model(len(spec.moe_layer_ids), spec.num_experts)
+        built = Assembly(engine)
+        prefetching = cfg.offload and cfg.cache.policy == "predictive"
+        if cfg.offload:
+            predictor = None
+            if prefetching:
+                depth = 4 if cfg.cache.lookahead == "auto" else cfg.cache.lookahead
+                predictor = _predictor(engine, cfg, depth)
             built.expert_cache = install_expert_cache(
-                engine.model, engine.reader, cache_cfg, device=engine.device, dtype=engine.dtype
+                engine.model, engine.reader, cfg.cache, device=engine.device, dtype=engine.dtype,
+                predictor=predictor,
             )
             engine.attach("cache", built.expert_cache.stats, built.expert_cache.close)
-        if cfg.predictor:
+        if cfg.predictor is not None and cfg.predictor.name != RESIDUAL_GATE and not prefetching:
             built.online_predictor = _track_predictor(engine, cfg)
         return built
     except BaseException:
@@ -54,12 +54,16 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
         raise
 
 
-def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
-    from router_predict.online import OnlinePredictor
+def _predictor(engine: LLMEngine, cfg: RuntimeConfig, depth: int):
     from router_predict.registry import build_predictor_for_model
 
-    predictor = build_predictor_for_model(cfg.predictor, engine.model, predictor_dir=cfg.predictor_dir,
-                                          depth=cfg.predictor_depth)
-    online = OnlinePredictor(engine.model.hub, predictor, cfg.predictor_depth, model=engine.model).start()
+    return build_predictor_for_model(cfg.predictor.name, engine.model, predictor_dir=cfg.predictor.dir, depth=depth)
+
+
+def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
+    from router_predict.online import OnlinePredictor
+
+    depth = cfg.predictor.depth
+    online = OnlinePredictor(engine.model.hub, _predictor(engine, cfg, depth), depth, model=engine.model).start()
     engine.attach("predictor", online.stats, online.stop)
     return online

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from moe_rt.checkpoint import default_model_dir
 from moe_rt_app.assemble import build_engine
-from moe_rt_app.config import build_config
+from moe_rt_app.config import RuntimeConfig, build_config
 from moe_rt.errors import MoeRtError
 from moe_rt.outputs import RequestOutput
 from moe_rt.sampling_params import SamplingParams
@@ -28,9 +28,22 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, progress: bool = True, **options) -> None:
-        """options: dtype, device, placement, and any EngineConfig field (max_num_seqs, ...)."""
-        self.config = build_config(model=str(model) if model is not None else default_model_dir(), **options)
-        built = build_engine(self.config, progress=progress)
+        """options: dtype, device, placement (or config: a YAML file of config sections), any
+        EngineConfig field by name (max_num_seqs, ...), and sections as objects or mappings
+        (cache={...}, predictor={...} or predictor="NAME"); see moe_rt_app/config.py."""
+        config = build_config(model=str(model) if model is not None else default_model_dir(), **options)
+        self._start(config, progress)
+
+    @classmethod
+    def from_config(cls, config: RuntimeConfig, *, progress: bool = True) -> "LLM":
+        """The LLM a validated config tree describes (the CLI builds one from flags and file)."""
+        llm = cls.__new__(cls)
+        llm._start(config, progress)
+        return llm
+
+    def _start(self, config: RuntimeConfig, progress: bool) -> None:
+        self.config = config
+        built = build_engine(config, progress=progress)
         self.engine = built.engine
         self.expert_cache, self.online_predictor = built.expert_cache, built.online_predictor
 

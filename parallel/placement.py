@@ -162,17 +162,3 @@ def save_placement_yaml(path: str | os.PathLike, placement: ExpertParallelPlacem
     except OSError as e:
         raise MoeRtError(f"placement {os.fspath(path)}: cannot write ({e.strerror})") from None
 
-
-def load_placement_yaml(path: str | os.PathLike) -> ExpertParallelPlacement:
-    """Read the `expert_parallel:` section of a placement file (other sections are ignored)."""
-    where = f"placement {os.fspath(path)}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except OSError as e:
-        raise MoeRtError(f"{where}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise MoeRtError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(doc, dict) or SECTION not in doc:
-        raise MoeRtError(f"{where}: no top-level '{SECTION}:' section")
-    return placement_from_section(doc[SECTION], f"{where}: {SECTION}")

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_rt.version import version as package_version
 
+from .config import DEFAULT_MAX_BODY_BYTES, DEFAULT_STATS_INTERVAL_S, ServerConfig
 from . import openapi
 from .async_engine import AsyncEngine
 from .errors import ApiError, model_not_found, validation_error
@@ -39,8 +40,6 @@ from .stats_log import log_stats_forever
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 * 2**20
-DEFAULT_STATS_INTERVAL_S = 10.0
 
 
 def build_app(
@@ -54,7 +53,8 @@ def build_app(
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S,
     on_engine_death: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """docs: serve /openapi.json and /docs. access_log: one INFO line per request on the
+    """Options are ServerConfig's (server_options turns one into these keywords).
+    docs: serve /openapi.json and /docs. access_log: one INFO line per request on the
     `server.access` logger. stats_interval_s: the throughput line on `server.stats` every so many
     seconds (0: never). on_engine_death: called on the event loop once the engine is dead for good
     (model load failed or the engine loop crashed), after in-flight requests got their error; the
@@ -205,3 +205,10 @@ def build_app(
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def server_options(cfg: ServerConfig, on_engine_death: Callable[[], None] | None = None) -> dict:
+    """build_app keyword options from the config tree's server section."""
+    return dict(model_name=cfg.served_model_name, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                docs=cfg.docs, access_log=cfg.access_log, stats_interval_s=cfg.log_stats_interval,
+                on_engine_death=on_engine_death)

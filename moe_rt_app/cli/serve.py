@@ -34,24 +34,26 @@ def api_key(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_rt_app.cli.generate import add_ep_arguments, add_model_arguments
+    from moe_rt_app.cli.flags import add_ep_arguments, add_model_arguments
 
     add_model_arguments(parser)  # --model, --dtype, --device, --placement, --expert-compute, offload
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=port, default=8000, help="TCP port (0: a free one, printed at start)")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port, default=None, help="TCP port (default 8000; 0: a free one, printed at start)")
     parser.add_argument("--api-key", type=api_key, default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--max-queue", type=positive_int, default=256,
-                        help="requests allowed to wait for a first token; more get 429")
-    parser.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, help="largest request body (413 beyond)")
+    parser.add_argument("--max-queue", type=positive_int, default=None,
+                        help="requests allowed to wait for a first token; more get 429 (default 256)")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=None,
+                        help="largest request body (413 beyond; default 4 MiB)")
     parser.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences decoded together at most")
     parser.add_argument("--max-model-len", type=int_in(2), default=None, help="context length (prompt + output)")
     parser.add_argument("--kv-cache-memory-gb", type=positive_float, default=None, help="memory for the paged KV cache")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
+                        help="default info")
     parser.add_argument("--disable-docs", action="store_true", help="serve no OpenAPI schema and no /docs page")
     parser.add_argument("--disable-access-log", action="store_true", help="log no line per request")
-    parser.add_argument("--log-stats-interval", type=non_negative_float, default=10.0, metavar="SECONDS",
-                        help="log a throughput line this often (0: never)")
+    parser.add_argument("--log-stats-interval", type=non_negative_float, default=None, metavar="SECONDS",
+                        help="log a throughput line this often (0: never; default 10)")
     add_ep_arguments(parser, "run on N local ranks: rank 0 serves HTTP, every rank computes")
 
 
@@ -74,17 +76,11 @@ def serving_line(name: str, sock: socket.socket, docs: bool) -> str:
     return f"moe-rt: serving '{name}' on http://{host}:{port_}/v1 (health: /health, metrics: /metrics{extra})"
 
 
-def app_options(args: argparse.Namespace, on_engine_death) -> dict:
-    """build_app keyword options from the flags (shared with rank 0 of `serve --ep`)."""
-    return dict(model_name=args.served_model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                docs=not args.disable_docs, access_log=not args.disable_access_log,
-                stats_interval_s=args.log_stats_interval, on_engine_death=on_engine_death)
-
-
-def make_server(app, args: argparse.Namespace):
+def make_server(app, server_cfg):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, access_log=False))
+    return uvicorn.Server(uvicorn.Config(app, log_level=server_cfg.log_level, timeout_graceful_shutdown=5,
+                                         access_log=False))
 
 
 def announce_ready(engine, what: str = "") -> threading.Thread:
@@ -102,10 +98,10 @@ def announce_ready(engine, what: str = "") -> threading.Thread:
     return t
 
 
-def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str = "") -> int:
+def serve(async_engine, server_cfg, sock: socket.socket, what: str = "") -> int:
     """Run uvicorn on the listening `sock` until a signal (0), or until the engine thread dies
-    (1; async_engine.error says why)."""
-    from server.app import build_app
+    (1; async_engine.error says why). server_cfg: the config tree's server section."""
+    from server.app import build_app, server_options
 
     server = None
 
@@ -113,8 +109,8 @@ def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str
         if server is not None:
             server.should_exit = True
 
-    app = build_app(async_engine, **app_options(args, on_engine_death))
-    server = make_server(app, args)
+    app = build_app(async_engine, **server_options(server_cfg, on_engine_death))
+    server = make_server(app, server_cfg)
     announce_ready(async_engine, what)
     try:
         server.run(sockets=[sock])
@@ -124,27 +120,28 @@ def serve(async_engine, args: argparse.Namespace, sock: socket.socket, what: str
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.ep > 1:
-        from moe_rt_app.cli.serve_ep import serve_group
-
-        return serve_group(args)
-    from moe_rt_app.cli.generate import build_llm
-
+    from moe_rt_app.cli.flags import build_llm, config_from_args
     from server.async_engine import AsyncEngine
 
-    sock = reserve(args.host, args.port)
+    cfg = config_from_args(args)  # flags over the config file: any problem is one line
+    srv = cfg.server
+    logging.basicConfig(level=srv.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if cfg.parallel.ep > 1:
+        from moe_rt_app.cli.serve_ep import serve_group
+
+        return serve_group(args, cfg)
+    sock = reserve(srv.host, srv.port)
     try:
-        llm = build_llm(args)  # model, tokenizer, placement, dtype, device: any problem is one line
+        llm = build_llm(args, cfg)  # model, tokenizer, placement, dtype, device: any problem is one line
         sock.listen(2048)
     except BaseException:
         sock.close()
         raise
     with llm, sock:
-        args.served_model_name = args.served_model_name or Path(llm.config.model).resolve().name
-        print(serving_line(args.served_model_name, sock, docs=not args.disable_docs), flush=True)
-        engine = AsyncEngine(llm.engine, max_queue=args.max_queue)
-        if serve(engine, args, sock) == 0:
+        srv = srv.model_copy(update={"served_model_name": srv.served_model_name or Path(cfg.model).resolve().name})
+        print(serving_line(srv.served_model_name, sock, docs=srv.docs), flush=True)
+        engine = AsyncEngine(llm.engine, max_queue=srv.max_queue)
+        if serve(engine, srv, sock) == 0:
             return 0
     from moe_rt_app.cli.main import one_line
 

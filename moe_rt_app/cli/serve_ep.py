@@ -33,27 +33,15 @@ USAGE, STARTUP, CRASH = "usage", "startup", "crash"
 
 
 # -- one rank ------------------------------------------------------------------------------------
-def _build(ep, args):
-    from moe_rt_app.cli.generate import ENGINE_FLAGS
-    from moe_rt_app.ep_llm import EPOptions, build_ep_llm
-
-    options = EPOptions(dispatcher=args.ep_dispatcher, placement=args.placement, predictor=args.ep_predictor)
-    llm_options = {"dtype": args.dtype, "expert_compute": args.expert_compute}
-    if args.device != "auto":
-        llm_options["device"] = args.device  # build_ep_llm checks it against the group's device
-    for name in ENGINE_FLAGS:
-        if getattr(args, name, None) is not None:
-            llm_options[name] = getattr(args, name)
-    return build_ep_llm(args.model, ep, options, **llm_options)
-
-
-def serve_ep_main(ep, args, sock=None, on_serving=lambda: None) -> int:
+def serve_ep_main(ep, cfg, sock=None, on_serving=lambda: None) -> int:
     """The per-rank entry: rank 0 serves HTTP on `sock` (bound by the parent), the others follow.
     `on_serving` is called once every rank has its model (start-up is over)."""
     import torch.distributed as dist
 
     control = ControlChannel.create(ep.world)  # every rank, before anything else that may fail
-    ep_llm = _build(ep, args)
+    from moe_rt_app.ep_llm import ep_llm_from_config
+
+    ep_llm = ep_llm_from_config(cfg, ep)
     # No rank serves or follows until every rank has its model: a rank that failed to load never
     # gets here, the parent sees it exit and stops the group (this barrier does not return).
     dist.barrier(group=control.group)
@@ -68,10 +56,11 @@ def serve_ep_main(ep, args, sock=None, on_serving=lambda: None) -> int:
     driver = EPEngineDriver(ep_llm, control)
     # Given as a factory, the driver belongs to the AsyncEngine: its engine thread closes it when
     # it ends, which sends "shutdown" to the followers (only that thread may talk to the group).
-    engine = AsyncEngine(lambda: driver, max_queue=args.max_queue)
+    srv = cfg.server
+    engine = AsyncEngine(lambda: driver, max_queue=srv.max_queue)
     sock.listen(2048)
-    print(serving_line(args.served_model_name, sock, docs=not args.disable_docs), flush=True)
-    if serve(engine, args, sock, f" ({ep.world} expert-parallel ranks)") != 0:
+    print(serving_line(srv.served_model_name, sock, docs=srv.docs), flush=True)
+    if serve(engine, srv, sock, f" ({ep.world} expert-parallel ranks)") != 0:
         raise EngineDied(engine.error or "the engine failed")
     return 0
 
@@ -100,7 +89,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="moe-rt-parent-watch", daemon=True).start()
 
 
-def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> None:
+def _rank_entry(rank: int, world: int, master_port: int, cfg, sock, report) -> None:
     """Process body of one rank (module level: spawn pickles it)."""
     import torch
 
@@ -114,7 +103,7 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
     # installs its own handlers. Followers: only the shutdown batch or the parent's kill ends them.
     signal.signal(signal.SIGTERM, signal.default_int_handler if rank == 0 else signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler if rank == 0 else signal.SIG_IGN)
-    logging.basicConfig(level=args.log_level.upper(), format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    logging.basicConfig(level=cfg.server.log_level.upper(), format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ.update(rank_env(rank, world, "127.0.0.1", master_port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     phase = [STARTUP]
@@ -126,7 +115,7 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
     try:
         ep = init_ep()
         try:
-            code = serve_ep_main(ep, args, sock, on_serving=serving)
+            code = serve_ep_main(ep, cfg, sock, on_serving=serving)
         finally:
             destroy_ep(ep)
     except KeyboardInterrupt:
@@ -145,19 +134,18 @@ def _rank_entry(rank: int, world: int, master_port: int, args, sock, report) -> 
 
 
 # -- the parent --------------------------------------------------------------------------------
-def serve_group(args) -> int:
+def serve_group(args, cfg) -> int:
     """`moe-rt serve --ep N`: check, reserve the port, then start and supervise the ranks."""
-    from moe_rt.checkpoint import default_model_dir
     from moe_rt_app.cli.serve import reserve
 
-    args.model = args.model if args.model is not None else default_model_dir()
-    check_group(args)
-    args.served_model_name = args.served_model_name or Path(args.model).resolve().name
-    return run_group(args, reserve(args.host, args.port))
+    check_group(cfg)
+    name = cfg.server.served_model_name or Path(cfg.model).resolve().name
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"served_model_name": name})})
+    return run_group(cfg, reserve(cfg.server.host, cfg.server.port))
 
 
-def run_group(args, sock) -> int:
-    """Spawn args.ep ranks (rank 0 gets the listening socket), supervise them, return the exit code.
+def run_group(cfg, sock) -> int:
+    """Spawn cfg.parallel.ep ranks (rank 0 gets the listening socket), supervise them, return the exit code.
 
     SIGINT/SIGTERM to the parent: SIGTERM to rank 0, whose graceful stop ends the followers.
     Any rank failing: every other rank is stopped and its one-line reason is printed (a user
@@ -169,9 +157,9 @@ def run_group(args, sock) -> int:
     port = free_port()
     procs, reports = [], []
     try:
-        for r in range(args.ep):
+        for r in range(cfg.parallel.ep):
             recv, send = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_rank_entry, args=(r, args.ep, port, args, sock if r == 0 else None, send),
+            p = ctx.Process(target=_rank_entry, args=(r, cfg.parallel.ep, port, cfg, sock if r == 0 else None, send),
                             name=f"moe-rt-ep{r}")
             p.start()
             send.close()
@@ -182,7 +170,7 @@ def run_group(args, sock) -> int:
         raise
     finally:
         sock.close()  # rank 0 holds its own copy; connections must not queue here after it is gone
-    print(f"moe-rt: started {args.ep} ranks (pids {' '.join(str(p.pid) for p in procs)})", flush=True)
+    print(f"moe-rt: started {cfg.parallel.ep} ranks (pids {' '.join(str(p.pid) for p in procs)})", flush=True)
 
     stopping = []
 
@@ -260,37 +248,37 @@ def _reap(procs, grace_s: float = 5.0) -> None:
             p.join(grace_s)
 
 
-def check_group(args) -> None:
+def check_group(cfg) -> None:
     """The cheap checks of `serve --ep N`, run in the parent before any port or rank exists, so a
-    bad flag or model folder is one line and exit 2: flags the ranks cannot honour, dtype and
-    device against the group's, the model folder (config, weight headers, tokenizer), heads and
-    experts split over N ranks, and the placement."""
+    bad flag or model folder is one line and exit 2: dtype and device against the group's, the
+    model folder (config, weight headers, tokenizer), heads and experts split over N ranks, and
+    the placement. (The config tree already refused what the ranks cannot honour: an expert
+    cache, a predictor without the speculative dispatcher.)"""
     import torch
 
     from moe_rt.checkpoint import CheckpointReader
-    from moe_rt_app.cli.generate import cache_options, check_expert_compute
     from moe_rt.device import resolve_device, resolve_dtype
     from moe_rt.loader import load_spec
     from moe_rt.tokenizer import Tokenizer
+    from moe_rt_app.cli.flags import check_expert_compute
     from moe_rt_app.ep_llm import resolve_placement
     from parallel.tp import check_attention_tp
 
-    if cache_options(args) is not None or args.track_predictor:
-        raise MoeRtError("--ep does not combine with expert offloading or --track-predictor yet")
+    ranks = cfg.parallel.ep
     # The group's device is chosen as parallel.groups.init_ep does: nccl on CUDA when there is a GPU.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device != "auto" and resolve_device(args.device).type != device.type:
-        raise MoeRtError(f"--device {args.device}: the --ep ranks run on {device.type} on this machine")
-    if device.type == "cuda" and torch.cuda.device_count() < args.ep:
-        raise MoeRtError(f"--ep {args.ep} needs {args.ep} GPUs; this machine has {torch.cuda.device_count()}")
-    resolve_dtype(args.dtype, device)
-    check_expert_compute(args.expert_compute, device.type)
-    spec = load_spec(args.model)
-    CheckpointReader(args.model)  # opens every weight file's header
-    Tokenizer(args.model)
-    check_attention_tp(spec.attention, args.ep)
+    if cfg.device != "auto" and resolve_device(cfg.device).type != device.type:
+        raise MoeRtError(f"--device {cfg.device}: the --ep ranks run on {device.type} on this machine")
+    if device.type == "cuda" and torch.cuda.device_count() < ranks:
+        raise MoeRtError(f"--ep {ranks} needs {ranks} GPUs; this machine has {torch.cuda.device_count()}")
+    resolve_dtype(cfg.dtype, device)
+    check_expert_compute(cfg.engine.expert_compute, device.type)
+    spec = load_spec(cfg.model)
+    CheckpointReader(cfg.model)  # opens every weight file's header
+    Tokenizer(cfg.model)
+    check_attention_tp(spec.attention, ranks)
     L, E = len(spec.moe_layer_ids), spec.num_experts
-    placement = resolve_placement(args.placement, L, E, args.ep)
-    if placement.ranks != args.ep:
-        raise MoeRtError(f"the placement is for {placement.ranks} ranks but --ep is {args.ep}")
+    placement = resolve_placement(cfg.expert_parallel, L, E, ranks)
+    if placement.ranks != ranks:
+        raise MoeRtError(f"the placement is for {placement.ranks} ranks but --ep is {ranks}")
     placement.validate_against(L, E)

@@ -29,7 +29,7 @@ from router_predict.trace import Trace, TraceMeta, save_trace
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moe_rt_app.cli.generate import add_model_arguments
+    from moe_rt_app.cli.flags import add_model_arguments
 
     p.add_argument("--prompts", required=True,
                    help="prompt file: one prompt per line, or JSONL (.jsonl, or every line a JSON object) "
@@ -129,7 +129,7 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_rt_app.cli.generate import build_llm
+    from moe_rt_app.cli.flags import build_llm
     from moe_rt.sampling_params import SamplingParams
 
     prompts = read_prompts(args.prompts)  # before loading the model: bad input fails fast

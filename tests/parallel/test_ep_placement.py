@@ -3,8 +3,8 @@ import pytest
 import yaml
 
 from moe_rt.errors import MoeRtError
-from parallel.placement import (ExpertParallelPlacement, default_placement, load_placement_yaml,
-                                placement_from_section, save_placement_yaml)
+from moe_rt_app.config import load_expert_parallel as load_placement_yaml
+from parallel.placement import ExpertParallelPlacement, default_placement, placement_from_section, save_placement_yaml
 
 
 def test_default_placement_is_contiguous_blocks():
@@ -82,7 +82,7 @@ def test_yaml_errors(tmp_path):
     path.write_text("expert_parallel: [1, 2\n")
     with pytest.raises(MoeRtError, match="not valid YAML"):
         load_placement_yaml(path)
-    with pytest.raises(MoeRtError, match="cannot read"):
+    with pytest.raises(MoeRtError, match="does not exist"):
         load_placement_yaml(tmp_path / "missing.yaml")
 
 

@@ -108,8 +108,12 @@ SCORED = [5, 17, 42, 9, 77, 3, 12, 60, 61]
 
 def run_allgather(ep, model_dir):
     from moe_rt_app.ep_llm import EPOptions, build_ep_llm
+    from parallel.placement import ExpertParallelPlacement
 
-    llm = build_ep_llm(model_dir, ep, EPOptions(AllGatherDispatcher), dtype="float32", max_num_seqs=4)
+    # Experts 1 and 5 have a copy on both ranks: each pair must still be computed once.
+    layer = {0: [0], 1: [1, 0], 2: [1], 3: [0], 4: [1], 5: [0, 1], 6: [0], 7: [1]}
+    placement = ExpertParallelPlacement(ranks=2, layers={m: layer for m in range(2)})
+    llm = build_ep_llm(model_dir, ep, EPOptions(AllGatherDispatcher, placement), dtype="float32", max_num_seqs=4)
     rt = llm.runtime
     assert type(rt.dispatcher) is AllGatherDispatcher and llm.llm.model.moe_ctx.dispatcher is rt.dispatcher
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]

@@ -27,7 +27,7 @@ from torch import nn
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.block import MoEBlock
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
-from parallel.dispatchers import build_dispatcher
+from parallel.dispatchers import DispatcherSetup, EPDispatcher, build_dispatcher
 from parallel.dispatchers.comm import Comm, pack_rows, unpack_rows
 from parallel.groups import EPGroup
 from parallel.placement import ExpertParallelPlacement
@@ -131,7 +131,7 @@ class EPRuntime:
 
     ep: EPGroup
     placement: ExpertParallelPlacement
-    dispatcher: object
+    dispatcher: EPDispatcher
     comm: Comm
     stats: EPStats
 
@@ -141,9 +141,11 @@ class EPRuntime:
 
 
 def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacement,
-                          dispatcher_kind: str = "alltoall", predictor=None, *, reader=None,
-                          slack: float = 0.25) -> EPRuntime:
+                          dispatcher_kind: str | type[EPDispatcher] = "alltoall", predictor=None, *,
+                          reader=None, slack: float = 0.25) -> EPRuntime:
     """Shard attention heads, keep only this rank's experts and drive every layer with the EP scheme.
+
+    dispatcher_kind: a name in parallel.dispatchers.DISPATCHERS, or any class satisfying EPDispatcher.
 
     Call on every rank with the same arguments after the model is built. The caller must also give
     the engine a KV cache with this rank's heads (tp.shard_kv_cache; runtime.py does it).
@@ -162,7 +164,7 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
         predictor = ResidualGate([b.post_attention_layernorm for b in blocks], [b.mlp.gate for b in blocks])
     stats = EPStats(group.rank, N, L, spec.num_layers)
     comm = Comm(group, stats)
-    dispatcher = build_dispatcher(dispatcher_kind, comm, placement, predictor, slack, device=group.device)
+    dispatcher = build_dispatcher(dispatcher_kind, DispatcherSetup(comm, placement, group.device, predictor, slack))
     runtime = EPRuntime(group, placement, dispatcher, comm, stats)
     model.moe_ctx.store = build_ep_store(model, placement, group.rank, reader)
     model.moe_ctx.dispatcher = dispatcher

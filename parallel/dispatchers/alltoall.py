@@ -11,38 +11,34 @@ crosses the link once, not K times.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moe_rt.layers.moe.dispatch import DispatchOutput
 from parallel.placement import ExpertParallelPlacement
 
-from .base import TokenSplit, even_split
+from .base import EvenSplitDispatcher
 from .comm import Comm, pack_rows, unpack_rows
 
 
-class AllToAllDispatcher:
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """What combine needs to send results back and add them up in the source token order."""
+
+    tok: torch.Tensor  # [M] int64 source token of each sent row, rows grouped by destination rank
+    send_counts: list[int]  # [N] rows sent to each rank (sum M)
+    recv_counts: list[int]  # [N] rows received from each rank (sum M')
+    num_tokens: int  # T, the rows combine returns
+
+
+class AllToAllDispatcher(EvenSplitDispatcher):
     kind = "alltoall"
 
     def __init__(self, comm: Comm, placement: ExpertParallelPlacement, device=None) -> None:
-        self.comm = comm
-        self.stats = comm.stats
-        # The tables are indexed by the router's ids on every layer: they live where it computes
-        # (the group's device unless told otherwise), or CUDA ids would index CPU tables.
-        self.device = torch.device(device) if device is not None else comm.ep.device
+        super().__init__(comm, placement, device)
         self.holder = torch.as_tensor(placement.holder_mask(), device=self.device)  # [L, E, N] bool
         self.primary = torch.as_tensor(placement.primary_table(), device=self.device)  # [L, E] int64
-
-    # -- token split (see base.py) ------------------------------------------------------------
-    def token_split(self, moe_index: int | None, T: int, device=None) -> TokenSplit:
-        return even_split(T, self.comm.world, device)
-
-    def side_columns(self, moe_index: int, layer_out: torch.Tensor) -> torch.Tensor | None:
-        """Extra int32 columns [T_r, X] to ride on the all-gather after this layer (none for the
-        baseline); layer_out [T_r, D] is this rank's slice of the layer's output."""
-        return None
-
-    def accept_side(self, moe_index: int, columns: torch.Tensor) -> None:
-        pass
 
     # -- dispatch / combine --------------------------------------------------------------------
     def serving_rank(self, moe_index: int, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -51,7 +47,7 @@ class AllToAllDispatcher:
         return torch.where(here, torch.full_like(topk_ids, self.comm.rank), self.primary[moe_index][topk_ids])
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> DispatchOutput:
+                 topk_weights: torch.Tensor) -> DispatchOutput[AllToAllHandle]:
         comm, N = self.comm, self.comm.world
         T, K = topk_ids.shape
         dest = self.serving_rank(moe_index, topk_ids)  # [T, K]
@@ -69,14 +65,16 @@ class AllToAllDispatcher:
         got = comm.all_to_all(payload, send_counts, recv_counts,
                               {"a2a_dispatch": D * hidden.element_size(), "a2a_meta": 8 * K}, moe_index)
         h, ids_in, w_in = unpack_rows(got, [(hidden.dtype, D), (torch.int32, K), (torch.float32, K)])
-        return DispatchOutput(h, ids_in.long(), w_in, handle=(tok, send_counts, recv_counts, T))
+        return DispatchOutput(h, ids_in.long(), w_in, AllToAllHandle(tok, send_counts, recv_counts, T))
 
-    def combine(self, moe_index: int, expert_out: torch.Tensor, d: DispatchOutput) -> torch.Tensor:
-        tok, send_counts, recv_counts, T = d.handle
+    def combine(self, moe_index: int, expert_out: torch.Tensor,
+                dispatched: DispatchOutput[AllToAllHandle]) -> torch.Tensor:
+        hd = dispatched.handle
         D = expert_out.shape[1]
-        back = self.comm.all_to_all(expert_out, recv_counts, send_counts,
+        # The reverse of dispatch's exchange: rows go back to the ranks they came from.
+        back = self.comm.all_to_all(expert_out, hd.recv_counts, hd.send_counts,
                                     {"a2a_combine": D * expert_out.element_size()}, moe_index)
-        out = expert_out.new_zeros(T, D)
+        out = expert_out.new_zeros(hd.num_tokens, D)
         # index_add_ runs in row order: a token's returns are added in destination-rank order.
-        out.index_add_(0, tok, back)
+        out.index_add_(0, hd.tok, back)
         return out

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.dispatch import DispatchOutput
 from router_predict.base import LayerObservation, Predictor
 
-from .alltoall import AllToAllDispatcher
-from .base import TokenSplit, even_split
+from .alltoall import AllToAllDispatcher, AllToAllHandle
+from .base import DispatcherSetup, TokenSplit, even_split
 
 
 def balanced_assign(scores: np.ndarray, cap: int, default: np.ndarray) -> np.ndarray:
@@ -77,6 +78,8 @@ class ResidualGate:
 
 
 class SpeculativeDispatcher(AllToAllDispatcher):
+    """The baseline's dispatch/combine (same handle) after a token split chosen from guesses."""
+
     kind = "speculative"
 
     def __init__(self, comm, placement, predictor: "Predictor | ResidualGate", slack: float = 0.25,
@@ -90,6 +93,12 @@ class SpeculativeDispatcher(AllToAllDispatcher):
         self._guess_full: dict[int, torch.Tensor] = {}  # moe_index -> [T, K] guesses, all tokens
         self._guess_here: torch.Tensor | None = None  # [T_r, K] guesses for this rank's tokens now
         self._side: torch.Tensor | None = None  # [T_r, K] int32 guesses for the next MoE layer
+
+    @classmethod
+    def build(cls, setup: DispatcherSetup) -> "SpeculativeDispatcher":
+        if setup.predictor is None:
+            raise MoeRtError("the speculative dispatcher (s-TS) needs a routing predictor")
+        return cls(setup.comm, setup.placement, setup.predictor, setup.slack, setup.device)
 
     def token_split(self, moe_index: int | None, T: int, device=None) -> TokenSplit:
         N = self.comm.world
@@ -111,7 +120,7 @@ class SpeculativeDispatcher(AllToAllDispatcher):
         return split
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> DispatchOutput:
+                 topk_weights: torch.Tensor) -> DispatchOutput[AllToAllHandle]:
         if self._guess_here is not None and self._guess_here.shape[0] == topk_ids.shape[0]:
             g = self._guess_here.to(topk_ids.device)
             self.stats.pred_hits += int((topk_ids[:, :, None] == g[:, None, :]).any(-1).sum())

@@ -19,7 +19,7 @@ from moe_rt.models.spec import MoESpec
 
 from ..mlp import DenseMLP
 from .compute import ExpertCompute, torch_experts
-from .dispatch import LocalDispatcher
+from .dispatch import Dispatcher, LocalDispatcher
 from .events import RouterEvent, RoutingHub
 from .routing import route
 from .store import ExpertStore
@@ -29,7 +29,7 @@ from .store import ExpertStore
 class MoEContext:
     store: ExpertStore | None = None
     compute: ExpertCompute = torch_experts
-    dispatcher: object = field(default_factory=LocalDispatcher)
+    dispatcher: Dispatcher = field(default_factory=LocalDispatcher)
     hub: RoutingHub = field(default_factory=RoutingHub)
 
 

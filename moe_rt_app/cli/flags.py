@@ -51,7 +51,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
 def add_ep_arguments(p: argparse.ArgumentParser, ep_help: str) -> None:
     g = p.add_argument_group("expert parallelism (CPU: gloo on loopback; CUDA: nccl)")
     g.add_argument("--ep", type=positive_int, default=None, help=ep_help)
-    g.add_argument("--ep-dispatcher", choices=["alltoall", "speculative"], default=None,
+    from parallel.dispatchers import KINDS
+
+    g.add_argument("--ep-dispatcher", choices=KINDS, default=None,
                    help="alltoall: DeepSpeed-MoE's scheme (the default); speculative: s-TS token shuffling")
     g.add_argument("--ep-predictor", help="s-TS predictor (default residual_gate; or gate_lookahead, ...): "
                                           "the predictor section under --ep-dispatcher speculative")

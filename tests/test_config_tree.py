@@ -110,3 +110,15 @@ def test_errors_name_the_flag_or_the_yaml_key(tmp_path):
         config_from_args(_parse(["--model", "m", "--placement", str(path)]))
     with pytest.raises(MoeRtError, match="give exactly one of --expert-cache-slots and --expert-cache-gb"):
         config_from_args(_parse(["--model", "m", "--offload", "cpu"]))
+
+
+def test_ep_with_a_cache_section_in_the_file_is_refused_in_one_line(mixtral_dir, tmp_path, capsys):
+    from moe_rt_app.cli.main import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("cache: {offload: cpu, capacity_slots: 2}\n")
+    for command in (["serve", "--port", "0"], ["generate", "--prompt", "x"]):
+        assert main([*command, "--model", str(mixtral_dir), "--ep", "2", "--placement", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == ("moe-rt: error: expert parallelism (--ep > 1) does not combine with an expert cache yet; "
+                       "remove the cache section or run on one rank\n")

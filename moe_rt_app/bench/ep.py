@@ -198,7 +198,8 @@ class SlowLink:
 def run(args: argparse.Namespace) -> int:
     from moe_rt.loader import load_spec
     from parallel.launch import launch_commands
-    from parallel.placement import load_placement_yaml, save_placement_yaml
+    from moe_rt_app.config import load_expert_parallel
+    from parallel.placement import save_placement_yaml
     from parallel.tp import check_attention_tp
 
     if args.ranks < 2:
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = make_prompts(spec.vocab_size, args.prompts, args.prompt_len, args.seed + 1)
     if args.placement:
         placement_path = args.placement
-        load_placement_yaml(placement_path).validate_against(len(spec.moe_layer_ids), spec.num_experts)
+        load_expert_parallel(placement_path).validate_against(len(spec.moe_layer_ids), spec.num_experts)
     else:
         placement_path = str(work / "s-eg.yaml")
         save_placement_yaml(placement_path, plan_placement(args, model_dir, spec))

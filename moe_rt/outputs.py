@@ -1,3 +1,5 @@
+"""What the engine hands out: per-step deltas (StepOutput, StepResult) and final outputs
+(RequestOutput of CompletionOutputs), plain data with no engine state behind them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,3 +48,30 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+    @property
+    def failed(self) -> bool:
+        """The engine could not serve it (its sampling or postprocessing raised); not bad input."""
+        return any(o.finish_reason == "error" for o in self.outputs)
+
+
+@dataclass
+class StepOutput:
+    """What one sequence produced in one step (for streaming)."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    new_token_ids: list[int]
+    new_text: str  # stop strings held back until they cannot match
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # with finish_reason "error": the message for this request's client
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
+
+
+@dataclass
+class StepResult:
+    """One engine step: the deltas of every sequence it touched, and the final output of every
+    request whose last sequence finished in it (the engine no longer holds those)."""
+
+    outputs: list[StepOutput] = field(default_factory=list)
+    finished: list[RequestOutput] = field(default_factory=list)

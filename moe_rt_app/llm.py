@@ -78,17 +78,20 @@ class LLM:
         if isinstance(params, list) and len(params) != len(prompts):
             raise MoeRtError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids: list[str] = []
+        done: dict[str, RequestOutput] = {}
         try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.engine.add_request(p, sp))
             with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
-                while self.engine.has_unfinished():
-                    for out in self.engine.step():
-                        if out.finish_reason is not None and self.engine.output(out.request_id).finished:
-                            bar.update(1)
+                while len(done) < len(ids) and self.engine.has_unfinished():
+                    for out in self.engine.step().finished:
+                        done[out.request_id] = out
+                        bar.update(1)
         finally:
             for rid in ids:  # on an exception, leave no request behind in the engine
                 self.engine.abort(rid)
-        return [self.engine.release(rid) for rid in ids]
+        return [done[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Generator[str, None, RequestOutput]:
         """Yield text pieces of one completion as they are generated (n must be 1). The generator
@@ -98,17 +101,17 @@ class LLM:
             raise MoeRtError("stream() takes n=1")
         rid = self.engine.add_request(prompt, params)
         try:
-            while True:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        if out.new_text:
-                            yield out.new_text
-                        if out.finish_reason is not None:
-                            return self.engine.output(rid)
-                if not self.engine.has_unfinished():
-                    return self.engine.output(rid)
+            while self.engine.has_unfinished():
+                step = self.engine.step()
+                for out in step.outputs:
+                    if out.request_id == rid and out.new_text:
+                        yield out.new_text
+                for final in step.finished:
+                    if final.request_id == rid:
+                        return final
+            raise MoeRtError(f"request {rid} left the engine unfinished")  # aborted by someone else
         finally:
-            self.engine.forget(rid)
+            self.engine.abort(rid)  # a no-op once it finished
 
     def chat(
         self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None

@@ -6,17 +6,19 @@
 
 Invariant: every rank makes the same engine calls (add_request, abort, step) in the same order,
 or the collectives inside every layer hang; given that, scheduler and sampler are deterministic
-(same seeds), so every rank schedules the same batch and samples the same tokens. Rank 0 is the
-only source of calls: its AsyncEngine drives an EPEngineDriver, which applies each add/abort
-locally at once and records it; right before each step it broadcasts the recorded calls with the
-step, and the followers replay them in order.
+(same seeds), so every rank schedules the same batch and samples the same tokens, and the
+engine's own finished-request rule (a request leaves in the step its last sequence ends) drops
+the same requests on every rank. Rank 0 is the only source of calls: its AsyncEngine drives an
+EPEngineDriver (an EngineCore, moe_rt/engine/core.py), which applies each add/abort locally at
+once and records it; right before each step it broadcasts the recorded calls with the step, and
+the followers replay them in order.
 
 Protocol: one `Batch` per broadcast (pickled by broadcast_object_list):
     Batch(calls=(("add", request_id, prompt_ids, SamplingParams), ("abort", request_id), ...),
           action="step" | "stats" | "shutdown")
   calls   the adds that succeeded on rank 0 and the aborts rank 0 applied, since the last batch,
           in the order rank 0 applied them (an add rank 0 rejected is never sent).
-  step    every rank calls engine.step(), then forgets the requests that finished in it.
+  step    every rank calls engine.step() (which lets go of the requests that finished in it).
   stats   every rank joins the all-gather of its EP counters (EPLLM.moe_stats(group_view=True)).
   shutdown  followers return; rank 0 sends it once, when its engine thread ends cleanly.
 Rank 0 broadcasts only when it is about to step, read group stats or stop: an idle server sends
@@ -33,7 +35,12 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from moe_rt.engine.core import CoreStats
+from moe_rt.engine.llm_engine import LLMEngine
 from moe_rt.errors import MoeRtError
+from moe_rt.outputs import StepResult
+from moe_rt.sampling_params import SamplingParams
+from moe_rt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +98,21 @@ def apply_calls(engine, calls: tuple[tuple, ...]) -> None:
             _, rid, ids, params = call
             engine.add_request(ids, params, rid)  # an error here means the ranks diverged: fail loudly
         elif call[0] == "abort":
-            engine.forget(call[1])
+            engine.abort(call[1])
         else:
             raise MoeRtError(f"unknown EP engine call {call[0]!r}")
 
 
 class EPEngineDriver:
-    """Rank 0's engine as the AsyncEngine sees it: the LLMEngine calls it makes, plus the
-    broadcasts that keep the followers in step. Used only from the AsyncEngine's engine thread.
-
-    Mutating calls (add_request, abort, step, moe_stats, close) are mirrored to the followers;
-    everything else below is a read or rank-local bookkeeping (release only forgets a finished
-    request's record, which changes no scheduler state).
+    """Rank 0's engine as the AsyncEngine sees it: an EngineCore over rank 0's LLMEngine whose
+    state-changing calls (add_request, abort, step, moe_stats, close) are mirrored to the
+    followers. Used only from the AsyncEngine's engine thread. The reads (stats, has_unfinished,
+    the tokenizer facts) are rank 0's: every rank holds the same values.
     """
 
     def __init__(self, ep_llm, control: ControlChannel, on_close: Callable[[], None] | None = None) -> None:
         self.ep_llm = ep_llm
-        self.engine = ep_llm.llm.engine
+        self._engine: LLMEngine = ep_llm.llm.engine
         self._control = control
         self._calls: list[tuple] = []
         self._on_close = on_close
@@ -115,26 +120,23 @@ class EPEngineDriver:
         self._closed = False
 
     # -- mirrored calls -------------------------------------------------------------------------
-    def add_request(self, prompt, params=None, request_id: str | None = None) -> str:
-        ids = self.engine.encode_prompt(prompt)  # followers get ids: no tokenizing on every rank
-        rid = self.engine.add_request(ids, params, request_id)  # a rejected add raises: never sent
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        ids = self._engine.encode_prompt(prompt)  # followers get ids: no tokenizing on every rank
+        rid = self._engine.add_request(ids, params, request_id)  # a rejected add raises: never sent
         self._calls.append(("add", rid, ids, params))
         return rid
 
     def abort(self, request_id: str) -> bool:
-        if request_id not in self.engine.requests:
-            return False
+        if not self._engine.abort(request_id):
+            return False  # not held on rank 0, so on no rank: nothing to replay
         self._calls.append(("abort", request_id))
-        return self.engine.abort(request_id)
+        return True
 
-    def forget(self, request_id: str) -> None:
-        self.abort(request_id)  # mirrored; followers forget it when they replay the abort
-        self.engine.requests.pop(request_id, None)
-
-    def step(self):
+    def step(self) -> StepResult:
         self._send("step")
         try:
-            return self.engine.step()
+            return self._engine.step()
         except BaseException:
             self._broken = True  # e.g. a follower died mid-collective
             raise
@@ -147,7 +149,7 @@ class EPEngineDriver:
         except BaseException:
             self._broken = True
             raise
-        return {**self.engine.moe_stats(), "ep": group}
+        return {**self._engine.moe_stats(), "ep": group}
 
     def close(self) -> None:
         """Tell the followers to stop (unless the group is already broken), then release rank 0."""
@@ -159,8 +161,7 @@ class EPEngineDriver:
         finally:
             self._closed = True
             try:
-                if callable(getattr(self.engine, "close", None)):
-                    self.engine.close()  # rank 0's own background work (expert cache)
+                self._engine.close()  # rank 0's own background work (expert cache)
             finally:
                 if self._on_close is not None:
                     self._on_close()
@@ -175,50 +176,27 @@ class EPEngineDriver:
             self._broken = True
             raise
 
-    # -- reads and rank-local bookkeeping (same values on every rank) ---------------------------
+    # -- reads (same values on every rank) ------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.engine.has_unfinished()
+        return self._engine.has_unfinished()
 
-    def output(self, request_id: str):
-        return self.engine.output(request_id)
+    def stats(self) -> CoreStats:
+        return self._engine.stats()
 
-    def release(self, request_id: str):
-        return self.engine.release(request_id)
-
-    def encode_prompt(self, prompt):
-        return self.engine.encode_prompt(prompt)
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self._engine.encode_prompt(prompt)
 
     @property
-    def requests(self) -> dict:
-        return self.engine.requests
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def spec(self):
-        return self.engine.spec
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self._engine.max_model_len
 
     @property
-    def scheduler(self):
-        return self.engine.scheduler
-
-    @property
-    def blocks(self):
-        return self.engine.blocks
-
-    @property
-    def last_batch_size(self) -> int:
-        return self.engine.last_batch_size
-
-    @property
-    def num_steps(self) -> int:
-        return self.engine.num_steps
+    def vocab_size(self) -> int:
+        return self._engine.vocab_size
 
 
 def follower_loop(control: ControlChannel, ep_llm) -> int:
@@ -229,11 +207,7 @@ def follower_loop(control: ControlChannel, ep_llm) -> int:
         batch = control.receive()
         apply_calls(engine, batch.calls)
         if batch.action == "step":
-            # Same rule as rank 0's AsyncEngine: a request is forgotten once all its n sequences ended.
-            ended = dict.fromkeys(o.request_id for o in engine.step() if o.finish_reason is not None)
-            for rid in ended:
-                if engine.output(rid).finished:
-                    engine.release(rid)
+            engine.step()  # finished requests leave the engine in it, as on rank 0; nobody reads them here
             steps += 1
         elif batch.action == "stats":
             ep_llm.moe_stats(group_view=True)

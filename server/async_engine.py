@@ -1,16 +1,19 @@
-"""AsyncEngine: the LLMEngine driven by one background thread, fed from an asyncio event loop.
+"""AsyncEngine: an EngineCore (moe_rt/engine/core.py: an LLMEngine, or under expert parallelism
+the driver that keeps the follower ranks in step) driven by one background thread, fed from an
+asyncio event loop. It uses only the protocol: requests leave the engine by the engine's own rule
+(StepResult.finished) or by abort, never by a release here.
 
 Threading discipline (the engine is not thread-safe):
-  * Only the engine thread touches the LLMEngine's mutable state (add_request, step, abort,
-    release, moe_stats). It also builds the engine when given a factory, so the server answers
+  * Only the engine thread touches the engine's mutable state (add_request, step, abort, stats,
+    moe_stats). It also builds the engine when given a factory, so the server answers
     /health with 503 while a model loads.
   * Event-loop code talks to it through `_cmds`, a deque guarded by `_cond` (a
     threading.Condition): it appends ("add" | "abort" | "moe_stats", ...) and notifies. The engine
     thread drains all commands between two steps, so a request arriving mid-generation joins the
     running batch at the next step (continuous batching).
-  * Results go back with ONE `loop.call_soon_threadsafe` per engine iteration, which routes the
-    step's deltas into per-request asyncio queues. `_streams` and `_queued` are touched only on the
-    event loop, so they need no lock.
+  * Results go back with ONE `loop.call_soon_threadsafe` per engine iteration (`_route_results`),
+    which routes the step's deltas and final outputs into per-request asyncio queues. `_streams`
+    and `_queued` are touched only on the event loop, so they need no lock.
   * The engine thread publishes an immutable EngineStats snapshot under `_cond` after every
     iteration; metrics read it and tests wait on it with `wait_for` (bounded, no sleeps).
   * Tokenizing a prompt runs in a worker thread (asyncio.to_thread): the tokenizer is read-only
@@ -33,10 +36,10 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Callable
 
-from moe_rt.engine.llm_engine import LLMEngine
+from moe_rt.engine.core import CoreStats, EngineCore
 from moe_rt.errors import MoeRtError
 from moe_rt.outputs import RequestOutput
 from moe_rt.sampling_params import SamplingParams
@@ -51,17 +54,18 @@ log = logging.getLogger(__name__)
 class AsyncEngine:
     def __init__(
         self,
-        engine: LLMEngine | Callable[[], LLMEngine],
+        engine: EngineCore | Callable[[], EngineCore],
         *,
         max_queue: int = 256,
         retry_after_s: int = 1,
     ) -> None:
-        """engine: a built LLMEngine, or a factory the engine thread calls (the model loads there).
+        """engine: a built engine, or a factory the engine thread calls (the model loads there).
         max_queue: requests allowed to wait for their first token; one more gets Overloaded."""
         if max_queue < 1:
             raise MoeRtError(f"max_queue must be >= 1, got {max_queue}")
-        self._engine = engine if isinstance(engine, LLMEngine) else None
-        self._factory = None if isinstance(engine, LLMEngine) else engine
+        built = isinstance(engine, EngineCore)
+        self._engine: EngineCore | None = engine if built else None
+        self._factory: Callable[[], EngineCore] | None = None if built else engine
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self._cond = threading.Condition()
@@ -114,8 +118,8 @@ class AsyncEngine:
         return self.stats.ready and self.error is None and not self._stopping
 
     @property
-    def engine(self) -> LLMEngine:
-        """The loaded engine, for read-only facts (tokenizer, max_model_len, spec)."""
+    def engine(self) -> EngineCore:
+        """The loaded engine, for read-only facts (tokenizer, max_model_len, vocab_size)."""
         if self._engine is None or not self.stats.ready:
             raise EngineUnavailable(self.error or "the model is still loading")
         return self._engine
@@ -193,8 +197,8 @@ class AsyncEngine:
         return stream
 
     async def moe_stats(self) -> dict | None:
-        """engine.moe_stats() read on the engine thread, or None if the engine exposes none."""
-        if not self.ready or not callable(getattr(self._engine, "moe_stats", None)):
+        """engine.moe_stats() read on the engine thread, or None while the engine is not ready."""
+        if not self.ready:
             return None
         fut = asyncio.get_running_loop().create_future()
         self._send(("moe_stats", fut))
@@ -219,7 +223,7 @@ class AsyncEngine:
             self._queued -= 1
         self._send(("abort", rid))
 
-    def _dispatch(self, deltas: list[Delta], finals: list[RequestOutput], errors: dict[str, Exception]) -> None:
+    def _route_results(self, deltas: list[Delta], finals: list[RequestOutput], errors: dict[str, Exception]) -> None:
         """Runs on the event loop: route one engine iteration's results into request streams."""
         for d in deltas:
             stream = self._streams.get(d.request_id)
@@ -240,7 +244,7 @@ class AsyncEngine:
 
     def _fail_streams(self, exc: Exception) -> None:
         for rid in list(self._streams):
-            self._dispatch([], [], {rid: exc})
+            self._route_results([], [], {rid: exc})
 
     def _post(self, fn, *args) -> None:
         try:
@@ -260,7 +264,7 @@ class AsyncEngine:
             self._answer_pending_commands()
             return
         self._engine = engine
-        self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
+        self._publish(engine.stats(), aborted=0, finished=0, tokens=0, prompt_tokens=0)
         with self._cond:
             self._stats = replace(self._stats, ready=True)
             self._cond.notify_all()
@@ -274,17 +278,16 @@ class AsyncEngine:
         finally:
             self._answer_pending_commands()
             try:
-                for rid in list(engine.requests):  # free every KV block still held
-                    engine.forget(rid)
+                for rid in engine.stats().active_requests:  # free every KV block still held
+                    engine.abort(rid)
+                self._publish(engine.stats(), aborted=0, finished=0, tokens=0, prompt_tokens=0)
             except Exception:  # after a crash the engine state may be broken; nothing more to free
                 log.exception("could not abort the remaining requests")
-            self._publish(engine, aborted=0, finished=0, tokens=0, prompt_tokens=0)
             # An engine built by our factory is ours to close, on this thread (the only one that
             # touches it): it stops background work, and under EP it tells the follower ranks to stop.
-            close = getattr(engine, "close", None) if self._factory is not None else None
-            if callable(close):
+            if self._factory is not None:
                 try:
-                    close()
+                    engine.close()
                 except Exception:
                     log.exception("closing the engine failed")
 
@@ -297,7 +300,7 @@ class AsyncEngine:
             if cmd[0] == "moe_stats":
                 self._post(_set_result, cmd[1], None)
 
-    def _loop_forever(self, engine: LLMEngine) -> None:
+    def _loop_forever(self, engine: EngineCore) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self._cmds and (self._paused or not engine.has_unfinished()):
@@ -321,9 +324,8 @@ class AsyncEngine:
                     except Exception as e:  # a bug, but this request's alone
                         log.exception("adding request %s failed", rid)
                         errors[rid] = RequestFailed(f"the request could not be added: {e}")
-                elif cmd[0] == "abort" and cmd[1] in engine.requests:
-                    aborted += not engine.output(cmd[1]).finished
-                    engine.forget(cmd[1])  # frees the KV blocks
+                elif cmd[0] == "abort":
+                    aborted += engine.abort(cmd[1])  # frees the KV blocks; False once it finished
                 elif cmd[0] == "moe_stats":
                     fut = cmd[1]
                     try:
@@ -333,46 +335,38 @@ class AsyncEngine:
                         res = {"error": str(e)}
                     self._post(_set_result, fut, res)
             if not paused and engine.has_unfinished():
-                ended: dict[str, None] = {}  # ordered set: a request's n sequences may end in one step
-                for out in engine.step():
-                    seqs = engine.requests.get(out.request_id)
-                    if seqs is None or out.request_id in errors:
-                        continue  # not ours (an add that failed half-way) or already failed
-                    if out.finish_reason == "error":  # this request alone failed; the batch goes on
-                        errors[out.request_id] = RequestFailed(out.error or "sampling failed")
+                step = engine.step()
+                for out in step.outputs:
+                    # A failed request (finish_reason "error" on every one of its sequences) is
+                    # reported once, with its final output below; it sends no delta.
+                    if out.finish_reason == "error" or out.request_id in errors:
                         continue
-                    seq = seqs[out.index]
-                    lps = seq.logprobs[-len(out.new_token_ids):] if seq.logprobs is not None else None
-                    deltas.append(Delta(out.request_id, out.index, out.new_token_ids, out.new_text, out.finish_reason, lps))
+                    deltas.append(Delta(out.request_id, out.index, out.new_token_ids, out.new_text,
+                                        out.finish_reason, out.logprobs))
                     tokens += len(out.new_token_ids)
-                    if out.finish_reason is not None:
-                        ended[out.request_id] = None
-                for rid in errors:
-                    engine.forget(rid)  # frees the failed request's KV blocks (its other sequences too)
-                finals = [engine.release(rid) for rid in ended if rid not in errors and engine.output(rid).finished]
+                for final in step.finished:  # already out of the engine, its KV blocks free
+                    if final.failed:  # this request alone failed; the batch goes on
+                        errors[final.request_id] = RequestFailed(final.error or "sampling failed")
+                    else:
+                        finals.append(final)
             # Stats first: anything a client sees after this step must already be counted there.
-            self._publish(engine, aborted=aborted, finished=len(finals), tokens=tokens, prompt_tokens=prompt_tokens)
+            self._publish(engine.stats(), aborted=aborted, finished=len(finals), tokens=tokens,
+                          prompt_tokens=prompt_tokens)
             if deltas or finals or errors:
-                self._post(self._dispatch, deltas, finals, errors)
+                self._post(self._route_results, deltas, finals, errors)
 
-    def _publish(self, engine: LLMEngine, *, aborted: int, finished: int, tokens: int, prompt_tokens: int) -> None:
+    def _publish(self, core: CoreStats, *, aborted: int, finished: int, tokens: int, prompt_tokens: int) -> None:
+        """The engine's own snapshot plus this server's counters, as one EngineStats."""
         with self._cond:
             s = self._stats
             self._stats = replace(
                 s,
-                running_seqs=len(engine.scheduler.running),
-                waiting_seqs=len(engine.scheduler.waiting),
-                active_requests=frozenset(engine.requests),
-                last_batch_size=engine.last_batch_size,
-                max_batch_size=max(s.max_batch_size, engine.last_batch_size),
-                num_steps=engine.num_steps,
+                **{f.name: getattr(core, f.name) for f in fields(CoreStats)},
+                max_batch_size=max(s.max_batch_size, core.last_batch_size),
                 generation_tokens_total=s.generation_tokens_total + tokens,
                 prompt_tokens_total=s.prompt_tokens_total + prompt_tokens,
                 requests_finished=s.requests_finished + finished,
                 requests_aborted=s.requests_aborted + aborted,
-                num_preemptions=engine.scheduler.num_preemptions,
-                kv_blocks_total=engine.blocks.num_blocks,
-                kv_blocks_free=engine.blocks.num_free,
             )
             if tokens:
                 self._token_samples.append((time.monotonic(), self._stats.generation_tokens_total))

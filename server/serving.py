@@ -128,7 +128,7 @@ class OpenAIServing:
 
     def _logit_bias(self, req) -> dict[int, float]:
         bias = req.logit_bias_ids
-        vocab = self.engine.engine.spec.vocab_size
+        vocab = self.engine.engine.vocab_size
         for tok in bias:
             if not 0 <= tok < vocab:
                 raise ApiError(400, f"logit_bias: key '{tok}' is not a token id in [0, {vocab})", param="logit_bias")

@@ -46,7 +46,7 @@ class TokenServing:
         """Token ids -> text, special tokens included (so /tokenize's output comes back whole)."""
         self._check_model(req.model)
         engine = self.engine.engine
-        vocab = engine.spec.vocab_size
+        vocab = engine.vocab_size
         bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"tokens[{bad}] = {req.tokens[bad]} is not a token id in [0, {vocab})", param="tokens")

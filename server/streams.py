@@ -13,6 +13,7 @@ import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from moe_rt.engine.core import CoreStats
 from moe_rt.outputs import RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:  # the owner is only called back, never constructed here
@@ -49,29 +50,17 @@ class Delta:
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    """A consistent snapshot written by the engine thread after each iteration."""
+class EngineStats(CoreStats):
+    """A consistent snapshot written by the engine thread after each iteration: the engine's own
+    CoreStats (batch, queue, KV blocks, steps) plus what only the server counts."""
 
     ready: bool = False
     paused: bool = False
-    running_seqs: int = 0  # sequences in the running batch
-    waiting_seqs: int = 0  # sequences admitted to the engine but waiting for KV / a batch slot
-    active_requests: frozenset[str] = frozenset()  # request ids the engine still holds
-    last_batch_size: int = 0
     max_batch_size: int = 0  # largest batch of one step since start
-    num_steps: int = 0
     generation_tokens_total: int = 0
     prompt_tokens_total: int = 0
     requests_finished: int = 0
     requests_aborted: int = 0  # aborted while unfinished (client gone, shutdown); their KV freed
-    num_preemptions: int = 0
-    kv_blocks_total: int = 0
-    kv_blocks_free: int = 0  # equals kv_blocks_total when no request holds KV
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Fraction of KV blocks in use (0 before the engine reports any)."""
-        return 1 - self.kv_blocks_free / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 class RequestStream:

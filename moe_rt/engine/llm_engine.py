@@ -3,13 +3,14 @@
     step() = schedule -> run (model forward) -> sample -> postprocess
 
 Requests enter with add_request and leave when finished or aborted; the running batch changes
-between steps (continuous batching). step() returns what each touched request produced.
+between steps (continuous batching). step() returns what each touched sequence produced and the
+final outputs of the requests that finished in it, which leave the engine there (the one
+finished-request rule, see core.py). LLMEngine implements EngineCore.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,29 +22,18 @@ from moe_rt.device import resolve_device, resolve_dtype
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
 from moe_rt.loader import load_model
-from moe_rt.outputs import CompletionOutput, RequestOutput
+from moe_rt.outputs import CompletionOutput, RequestOutput, StepOutput, StepResult
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .block_manager import BlockManager
+from .core import CoreStats
 from .model_runner import ModelRunner
 from .sampler import sample, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepOutput:
-    """What one sequence produced in one step (for streaming)."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_text: str
-    finish_reason: str | None  # "stop", "length", "abort" or "error"
-    error: str | None = None  # with finish_reason "error": the message for this request's client
 
 
 class LLMEngine:
@@ -95,7 +85,7 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(ec.seed)
         self._seq_counter = itertools.count()
         self._req_counter = itertools.count()
-        self.requests: dict[str, list[Sequence]] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # unfinished requests only (see step)
         self.last_batch_size = 0
         self.num_steps = 0
 
@@ -141,7 +131,7 @@ class LLMEngine:
         bad = [t for t in params.logit_bias if t >= self.spec.vocab_size]
         if bad:
             raise MoeRtError(f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {self.spec.vocab_size})")
-        seqs = []
+        seqs = []  # built in full before any is queued: a failing add leaves nothing behind
         for i in range(params.n):
             # SamplingParams keeps seed + n - 1 within int64, which torch generators accept.
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
@@ -152,14 +142,16 @@ class LLMEngine:
 
                 seq.guide = JsonObjectGuide(self.tokenizer, self.eos_ids)
             seqs.append(seq)
+        for seq in seqs:
             self.scheduler.add(seq)
         self.requests[rid] = seqs
         return rid
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its KV blocks. Returns False if it is unknown or already done."""
-        seqs = self.requests.get(request_id)
-        if not seqs:
+        """End a request, free its KV blocks and forget it. False if the engine does not hold it
+        (unknown, or finished and already returned by step)."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
             return False
         for seq in seqs:
             if not seq.finished:
@@ -179,34 +171,46 @@ class LLMEngine:
         """MoE figures of every registered source (cache, predictor, expert parallelism)."""
         return {name: fn() for name, fn in self.stat_sources.items()}
 
-    def forget(self, request_id: str) -> None:
-        """Abort the request if it still runs (freeing its KV blocks) and drop its record."""
-        self.abort(request_id)
-        self.requests.pop(request_id, None)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def output(self, request_id: str) -> RequestOutput:
-        seqs = self.requests[request_id]
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    def stats(self) -> CoreStats:
+        return CoreStats(
+            running_seqs=len(self.scheduler.running),
+            waiting_seqs=len(self.scheduler.waiting),
+            active_requests=frozenset(self.requests),
+            last_batch_size=self.last_batch_size,
+            num_steps=self.num_steps,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_free=self.blocks.num_free,
+        )
+
+    def _finish_requests(self, outs: list[StepOutput]) -> StepResult:
+        """The finished-request rule (the only place it is written): a request whose every
+        sequence has finished leaves the engine, and this step's result carries its final output."""
+        ended = dict.fromkeys(o.request_id for o in outs if o.finish_reason is not None)  # ordered set
+        finished = [self._release(rid) for rid in ended if all(s.finished for s in self.requests[rid])]
+        return StepResult(outs, finished)
+
+    def _release(self, request_id: str) -> RequestOutput:
+        seqs = self.requests.pop(request_id)
         return RequestOutput(
             request_id,
             seqs[0].prompt_token_ids,
             [CompletionOutput(s.index, s.text, s.output_token_ids, s.finish_reason, s.logprobs, s.error) for s in seqs],
         )
 
-    def release(self, request_id: str) -> RequestOutput:
-        """Final output of a finished request; forgets it."""
-        out = self.output(request_id)
-        del self.requests[request_id]
-        return out
-
     # -- the loop -------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
+    def step(self) -> StepResult:
         prefill, decode = self.scheduler.schedule()
         seqs = prefill + decode
         if not seqs:
-            return []
+            return StepResult()
         self.last_batch_size = len(seqs)
         self.num_steps += 1
         # A failing forward is the whole batch's, not one request's: it propagates (engine failure).
@@ -225,7 +229,7 @@ class LLMEngine:
                 outs[seq] = self._postprocess(seq, token, lp)
             except Exception as e:
                 self._fail_request(seq, e, outs)
-        return list(outs.values())
+        return self._finish_requests(list(outs.values()))
 
     def _fail_request(self, seq: Sequence, exc: Exception, outs: dict[Sequence, StepOutput]) -> None:
         """End `seq` and its request's other unfinished sequences with finish_reason "error", freeing
@@ -270,4 +274,5 @@ class LLMEngine:
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
-        return StepOutput(seq.request_id, seq.index, [token], delta, reason)
+        return StepOutput(seq.request_id, seq.index, [token], delta, reason,
+                          logprobs=None if logprob is None else [logprob])

@@ -171,7 +171,7 @@ def profile_decode(llm, prompts: list[list[int]], steps: int) -> dict:
                 torch.cuda.synchronize()
     finally:
         for r in rids:
-            eng.forget(r)
+            eng.abort(r)
     return summarise(prof.events(), steps, llm.model.spec.num_layers, len(prompts))
 
 

@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 
-from tqdm import tqdm
-
 from moe_rt_app.cli.args import float_in, output_file, positive_int, seed
 from moe_rt.errors import MoeRtError
 from router_predict.recorder import TraceRecorder
@@ -93,39 +91,24 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
     """Run `prompts` with continuous batching while a TraceRecorder listens; return the trace.
 
     params: one SamplingParams or one per prompt. Requests other callers already queued in the
-    engine are recorded too (their rows share the batches). Nothing stays subscribed afterwards.
+    engine are recorded too (their rows share the batches; generate drives the engine, so their
+    outputs are not kept). Nothing stays subscribed afterwards.
     """
     if not prompts:
         raise MoeRtError("record_trace needs at least one prompt")
-    plist = params if isinstance(params, list) else [params] * len(prompts)
-    if len(plist) != len(prompts):
-        raise MoeRtError(f"got {len(plist)} SamplingParams for {len(prompts)} prompts")
-    engine = llm.engine
     recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden, model=llm.model,
                              with_layer_output=with_layer_output)
-    ids: list[str] = []
-    prompt_tokens = generated = 0
     recorder.start()
     try:
-        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        pending = set(ids)
-        with tqdm(total=len(ids), desc="trace", unit="req", disable=not progress) as bar:
-            while pending and engine.has_unfinished():
-                engine.step()
-                done = {rid for rid in pending if engine.output(rid).finished}
-                pending -= done
-                bar.update(len(done))
-        for rid in ids:
-            out = engine.output(rid)
-            prompt_tokens += len(out.prompt_token_ids) * len(out.outputs)
-            generated += sum(len(o.token_ids) for o in out.outputs)
+        outs = llm.generate(prompts, params, use_tqdm=progress)  # leaves no request behind, even on an error
     finally:
         recorder.stop()
-        for rid in ids:  # on an exception, leave no request behind in the engine
-            engine.forget(rid)
+    prompt_tokens = sum(len(o.prompt_token_ids) * len(o.outputs) for o in outs)
+    generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    first = params[0] if isinstance(params, list) else params
     return recorder.to_trace(trace_meta(llm, num_prompts=len(prompts), prompt_tokens=prompt_tokens,
-                                        generated_tokens=generated, max_tokens=plist[0].max_tokens,
-                                        temperature=plist[0].temperature))
+                                        generated_tokens=generated, max_tokens=first.max_tokens,
+                                        temperature=first.temperature))
 
 
 def run(args: argparse.Namespace) -> int:

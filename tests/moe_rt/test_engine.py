@@ -1,5 +1,7 @@
 """The engine on a real tiny checkpoint: continuous batching, preemption, abort, stop rules,
 seeds, n, logprobs and streaming, each checked against a slower obviously-right path."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,12 +35,12 @@ def test_requests_join_the_running_batch(mixtral_llm):
     eng.step()  # decode with batch 1
     assert eng.last_batch_size == 1
     later = [eng.add_request(p, GREEDY) for p in PROMPTS[1:]]
-    sizes = []
+    sizes, done = [], {}
     while eng.has_unfinished():
-        eng.step()
+        done.update((o.request_id, o) for o in eng.step().finished)
         sizes.append(eng.last_batch_size)
     assert max(sizes) == len(PROMPTS)  # the late requests were decoded together with the first
-    outs = [eng.release(r) for r in [first] + later]
+    outs = [done[r] for r in [first] + later]
     assert [o.token_ids for o in outs] == [o.token_ids for o in mixtral_llm.generate(PROMPTS, GREEDY)]
 
 
@@ -68,18 +70,45 @@ def test_garbage_in_unused_kv_slots_cannot_leak_into_outputs(mixtral_dir, mixtra
 def test_abort_frees_blocks_and_finishes_request(mixtral_llm):
     eng = mixtral_llm.engine
     free0 = eng.blocks.num_free
-    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, n=2))
     eng.step()
     assert eng.blocks.num_free < free0
-    assert eng.abort(rid)
+    seqs = eng.requests[rid]
+    assert eng.abort(rid)  # ends the request and forgets it in one call
     assert eng.blocks.num_free == free0
-    assert not eng.has_unfinished()
-    assert eng.release(rid).finish_reason == "abort"
+    assert not eng.has_unfinished() and rid not in eng.requests and rid not in eng.stats().active_requests
+    assert [s.finish_reason for s in seqs] == ["abort", "abort"]
+    assert not eng.abort(rid)  # already gone
     assert not eng.abort("no-such-request")
-    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-    eng.step()
-    eng.forget(rid)  # abort and drop the record in one call
-    assert rid not in eng.requests and eng.blocks.num_free == free0 and not eng.has_unfinished()
+    assert eng.step().finished == []  # an aborted request is never reported by step
+
+
+def test_a_request_leaves_the_engine_in_the_step_its_last_sequence_finishes(mixtral_llm):
+    """The one finished-request rule: step() returns the final output of a request exactly once,
+    in the step where its last sequence ends, and the engine holds it no more."""
+    eng = mixtral_llm.engine
+    free0 = eng.blocks.num_free
+    short = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    mixed = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=5, temperature=1.0, seed=5, n=2, ignore_eos=True))
+    # its first completion ends three steps before the second, and so before the request does
+    eng.requests[mixed][0].params = dataclasses.replace(eng.requests[mixed][0].params, max_tokens=2)
+    seen: dict[str, list[int]] = {}  # request id -> the steps that reported it finished
+    ended_seqs: dict[tuple, int] = {}  # (request id, index) -> step its sequence ended
+    step = 0
+    while eng.has_unfinished():
+        step += 1
+        res = eng.step()
+        for o in res.outputs:
+            if o.finish_reason is not None:
+                ended_seqs[(o.request_id, o.index)] = step
+        for out in res.finished:
+            seen.setdefault(out.request_id, []).append(step)
+            assert out.finished and out.request_id not in eng.requests
+            assert out.request_id not in eng.stats().active_requests
+        assert set(eng.requests) == {short, mixed} - set(seen)  # everything still held is unfinished
+    assert ended_seqs[(mixed, 0)] < ended_seqs[(mixed, 1)]
+    assert seen == {short: [ended_seqs[(short, 0)]], mixed: [ended_seqs[(mixed, 1)]]}
+    assert eng.blocks.num_free == free0 and eng.step().finished == []
 
 
 def test_max_tokens_stop_token_ids_and_eos(mixtral_llm):
@@ -110,6 +139,33 @@ def test_stream_pieces_concatenate_to_generate_text(mixtral_llm):
     assert len(pieces) > 1
     assert "".join(pieces) == mixtral_llm.generate(PROMPTS[3], GREEDY)[0].text
     assert not mixtral_llm.engine.requests  # nothing left behind
+
+
+def test_stream_left_early_aborts_its_request(mixtral_llm):
+    eng = mixtral_llm.engine
+    free0 = eng.blocks.num_free
+    pieces = mixtral_llm.stream(PROMPTS[3], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    next(pieces)
+    assert eng.has_unfinished()
+    pieces.close()
+    assert not eng.requests and not eng.has_unfinished() and eng.blocks.num_free == free0
+
+
+def test_step_outputs_carry_the_logprobs_of_their_tokens(mixtral_llm):
+    eng = mixtral_llm.engine
+    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, logprobs=2, ignore_eos=True))
+    plain = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    streamed, final = [], None
+    while eng.has_unfinished():
+        res = eng.step()
+        for o in res.outputs:
+            if o.request_id == plain:
+                assert o.logprobs is None
+            else:
+                assert len(o.logprobs) == len(o.new_token_ids) == 1 and o.logprobs[0].token_id == o.new_token_ids[0]
+                streamed += o.logprobs
+        final = next((f for f in res.finished if f.request_id == rid), final)
+    assert streamed == final.outputs[0].logprobs and len(streamed) == 5
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(mixtral_llm):

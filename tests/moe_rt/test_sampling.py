@@ -258,6 +258,14 @@ def test_seed_at_the_int64_edges_samples(mixtral_llm):
         assert len(out.outputs) == n and all(o.finish_reason for o in out.outputs)
 
 
+def run_to_end(eng) -> dict:
+    """Step the engine until it is idle; {request id: final output} of every request that ended."""
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.request_id, o) for o in eng.step().finished)
+    return done
+
+
 def test_one_failing_request_ends_alone_and_the_batch_goes_on(mixtral_llm, caplog):
     eng = mixtral_llm.engine
     params = [SamplingParams(**GREEDY), SamplingParams(**GREEDY, n=2), SamplingParams(**GREEDY)]
@@ -272,13 +280,15 @@ def test_one_failing_request_ends_alone_and_the_batch_goes_on(mixtral_llm, caplo
         return ""
 
     eng.requests[rids[1]][1].detok.step = broken  # the second completion of the n=2 request
-    errors = []
+    errors, done = [], {}
     while eng.has_unfinished():
-        errors += [o for o in eng.step() if o.finish_reason == "error"]
+        res = eng.step()
+        errors += [o for o in res.outputs if o.finish_reason == "error"]
+        done.update((o.request_id, o) for o in res.finished)
     assert sorted((o.request_id, o.index) for o in errors) == [(rids[1], 0), (rids[1], 1)]
     assert all(o.error == "ValueError: detokenizer broke" for o in errors)
     assert eng.blocks.num_free == free0  # the failed request's KV came back
-    outs = [eng.release(r) for r in rids]
+    outs = [done[r] for r in rids]
     assert [outs[0].token_ids, outs[2].token_ids] == [want[0], want[2]]
     assert [c.finish_reason for c in outs[1].outputs] == ["error", "error"]
     assert outs[1].error == "ValueError: detokenizer broke" and outs[0].error is None
@@ -296,19 +306,16 @@ def test_a_guide_that_raises_fails_only_its_request(mixtral_llm):
     bad = eng.add_request(PROMPTS[0], SamplingParams(**GREEDY))
     eng.requests[bad][0].guide = Exploding(set())
     good = eng.add_request(PROMPTS[3], SamplingParams(**GREEDY))
-    while eng.has_unfinished():
-        eng.step()
-    assert eng.release(bad).outputs[0].error == "RuntimeError: guide exploded"
-    assert eng.release(good).token_ids == want
+    done = run_to_end(eng)
+    assert done[bad].outputs[0].error == "RuntimeError: guide exploded" and done[bad].failed
+    assert done[good].token_ids == want and not done[good].failed
 
 
 def test_guided_engine_request_stays_inside_the_guide_and_stops_at_eos(mixtral_llm):
     eng = mixtral_llm.engine
     rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=10, temperature=1.0, seed=1))
     guide = eng.requests[rid][0].guide = SetGuide({40, 41, 42}, complete_after=4, eos=eng.eos_ids)
-    while eng.has_unfinished():
-        eng.step()
-    out = eng.release(rid)
+    out = run_to_end(eng)[rid]
     assert out.token_ids[:4] == guide.seen[:4] and set(out.token_ids[:4]) <= {40, 41, 42}
     assert out.token_ids[4] in eng.eos_ids and out.finish_reason == "stop"
 

@@ -1,6 +1,6 @@
 """The transfer engine: copies experts from the slow tier into fast-tier slots off the critical path.
 
-The cache (runtime.ExpertCache) decides what to copy and where; this module only moves bytes and
+The cache (cache.ExpertCache) decides what to copy and where; this module only moves bytes and
 reports when they have landed. It never touches CacheState: every residency change happens on the
 thread that runs the model, which polls or waits on the tickets handed out here.
 

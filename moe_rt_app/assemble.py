@@ -27,7 +27,7 @@ class Assembly:
 
     engine: LLMEngine
     placement: PlacementFile = field(default_factory=PlacementFile)
-    expert_cache: object | None = None  # expert_cache.runtime.ExpertCache
+    expert_cache: object | None = None  # expert_cache.cache.ExpertCache
     online_predictor: object | None = None  # router_predict.online.OnlinePredictor
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from expert_cache.config import CacheConfig
-from expert_cache.runtime import ExpertCache
+from expert_cache.cache import ExpertCache
 from expert_cache.slow_tier import SlowTier
 
 D, I, E, L = 4, 3, 4, 2

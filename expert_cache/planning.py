@@ -16,8 +16,9 @@ evicts a key of the visit it plans, nor a victim or key it already chose.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from expert_cache.policies import ExpertKey, PolicyInputs, Prediction, belady_keep, choose_victims, should_displace
 
@@ -65,6 +66,9 @@ class KeepPlan:
     streamed: tuple[ExpertKey, ...]
 
 
+_NO_VICTIM = (-math.inf,)  # refusal rank of a pool with no candidate: refuses every key
+
+
 class _Slots:
     """The slots a plan hands out, as CacheState would: free slots first (its stack order), else
     a victim's slot. Tracks what the plan already took so nothing is chosen twice."""
@@ -73,9 +77,15 @@ class _Slots:
         self.state = state
         self.free: dict[int, list[int]] = {}
         self.taken: set[ExpertKey] = set(protect)  # planned keys and chosen victims
+        # pool -> rank of the best key it refused. A pool that refused stays as it was (nothing is
+        # taken from it afterwards), so its victim is the same and refuses every key ranked no
+        # better: replay plans a prefetch per forecast key, and this skips re-ranking for each.
+        self.refused: dict[int, tuple] = {}
 
     def take(self, key: ExpertKey, policy: str, inputs: PolicyInputs,
-             accept: Callable[[ExpertKey], bool] = lambda victim: True) -> Load | None:
+             incoming: Prediction | None = None) -> Load | None:
+        """A slot for `key`, or None. With `incoming` (a prefetch's forecast for `key`) a victim
+        is taken only where policies.should_displace allows."""
         st = self.state
         pool = st.pool_of(key)
         if pool not in self.free:
@@ -84,10 +94,17 @@ class _Slots:
         if free:
             self.taken.add(key)
             return Load(key, free.pop())
-        victims = choose_victims(policy, st.candidates(pool) - self.taken, 1, inputs)
-        if not victims or not accept(victims[0]):
+        rank = (math.inf,) if incoming is None else (incoming.distance, -incoming.score)
+        if pool in self.refused and rank >= self.refused[pool]:
+            return None
+        victims = choose_victims(policy, st.candidates(pool, exclude=self.taken), 1, inputs)
+        if not victims:
+            self.refused[pool] = _NO_VICTIM
             return None
         victim = victims[0]
+        if incoming is not None and not should_displace(incoming, victim, inputs):
+            self.refused[pool] = min(rank, self.refused.get(pool, rank))
+            return None
         self.taken.update((key, victim))
         return Load(key, st.entries[victim].slot, victim)
 
@@ -134,9 +151,7 @@ def plan_prefetch(state: "CacheState", candidates: Iterable[ExpertKey],
             break
         if state.is_resident(key) or key in slots.taken:
             continue
-        incoming = predicted[key]
-        load = slots.take(key, "predictive", inputs,
-                          accept=lambda victim: should_displace(incoming, victim, inputs))
+        load = slots.take(key, "predictive", inputs, incoming=predicted[key])
         if load is not None:
             loads.append(load)
     return PrefetchPlan(tuple(loads))

@@ -148,10 +148,12 @@ class CacheState:
     def pinned(self) -> set[ExpertKey]:
         return set(self.pinned_keys)
 
-    def candidates(self, pool: int) -> set[ExpertKey]:
+    def candidates(self, pool: int, exclude: Iterable[ExpertKey] = ()) -> set[ExpertKey]:
         """Eviction candidates of `pool`: resident minus pinned, in-flight and needed (unordered;
-        policies impose the order). Same result as policies.eviction_candidates, but O(protected)."""
-        return self.pool_keys[pool] - self.pinned_keys - self.in_flight_keys - self.needed
+        policies impose the order), and minus `exclude` (what a plan already chose). Same result
+        as policies.eviction_candidates, in one pass over the pool."""
+        return self.pool_keys[pool].difference(self.pinned_keys, self.in_flight_keys, self.needed,
+                                               exclude)
 
     def policy_inputs(self, predicted=None, next_use=None) -> PolicyInputs:
         """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""

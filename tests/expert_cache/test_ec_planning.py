@@ -1,8 +1,11 @@
 """The shared planners with exact expected plans, and CacheState applying them."""
+import random
+
 import pytest
 
+from expert_cache.forecast import prefetch_order
 from expert_cache.planning import DemandPlan, Load, PrefetchPlan, plan_demand, plan_keep, plan_prefetch
-from expert_cache.policies import Prediction
+from expert_cache.policies import Prediction, choose_victims, should_displace
 from expert_cache.state import CacheState, CacheStateError
 
 
@@ -122,3 +125,43 @@ def test_keep_plan_is_belady_with_bypass():
     assert (plan.evict, plan.admit, plan.streamed) == (((0, 1),), ((0, 7),), ((0, 8),))
     s.apply_keep(plan, now=2)
     assert set(s.entries) == {(0, 0), (0, 7)} and s.stats.streamed_misses == 1
+
+
+def reference_prefetch(state, candidates, predicted, limit):
+    """The plain loop plan_prefetch must equal: re-rank the pool for every candidate."""
+    inputs = state.policy_inputs(predicted)
+    free = {p: list(v) for p, v in state.free_slots.items()}
+    taken, loads = set(), []
+    for key in candidates:
+        if len(loads) >= limit:
+            break
+        if key in state.entries or key in taken:
+            continue
+        pool = state.pool_of(key)
+        if free[pool]:
+            loads.append(Load(key, free[pool].pop()))
+            taken.add(key)
+            continue
+        victims = choose_victims("predictive", state.candidates(pool) - taken, 1, inputs)
+        if victims and should_displace(predicted[key], victims[0], inputs):
+            loads.append(Load(key, state.entries[victims[0]].slot, victims[0]))
+            taken |= {key, victims[0]}
+    return tuple(loads)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prefetch_plan_equals_the_plain_loop_in_any_candidate_order(seed):
+    rng = random.Random(seed)
+    scope = rng.choice(["per_layer", "global"])
+    s = CacheState(num_layers=3, capacity_slots=rng.randint(1, 5), scope=scope)
+    keys = [(l, e) for l in range(3) for e in range(6)]
+    for key in rng.sample(keys, 10):
+        if s.can_admit(key):
+            s.admit(key, now=rng.randint(0, 9), in_flight=rng.random() < 0.2)
+    predicted = {k: Prediction(rng.randint(1, 3), float(rng.randint(1, 3)))
+                 for k in rng.sample(keys, 12)}
+    order = prefetch_order(predicted, s.entries, len(predicted))
+    for candidates in (order, rng.sample(order, len(order))):
+        for limit in (1, 3, 20):
+            want = reference_prefetch(s, candidates, predicted, limit)
+            assert plan_prefetch(s, candidates, predicted, limit).loads == want

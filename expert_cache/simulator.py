@@ -203,12 +203,12 @@ def simulate(needs: BatchNeeds, options: SimOptions,
         for s, step in enumerate(needs.needs):
             for l, experts in enumerate(step):
                 predicted = schedule.forecasts[s][l] if policy == "predictive" else {}
-                visit(state, [(l, e) for e in experts], s * L + l, policy, predicted,
+                _visit(state, [(l, e) for e in experts], s * L + l, policy, predicted,
                       options.prefetch_queue if policy == "predictive" else 0)
     return SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
 
 
-def visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
+def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
           predicted: dict[ExpertKey, Prediction], prefetch_queue: int) -> None:
     """One layer visit under a demand policy, in the engine's order (cache.ExpertCache.prepare):
     the layer's keys become needed, its demand plan is applied, then the forecast's prefetches

@@ -6,8 +6,10 @@ prefetch, streamed miss, loads) are defined once, in the glossary of docs/expert
 The rules code here relies on most: pinned, in-flight and needed keys are never evicted, and
 policies only ever see the eviction candidates (resident minus those three).
 
-Modules: `policies` (pure victim choice), `state` (residency + stats, check/action pairs),
-`forecast` (predictor scores -> per-key forecasts, prefetch order), `config` (the `cache:`
-section of the placement file), `simulator` (trace replay, Belady bound), `cli_simulate` and
+Modules: `policies` (pure victim choice), `planning` (pure planners of demand loads, prefetches
+and evictions, shared by replay and the cache), `state` (residency + stats, check/action pairs,
+applies plans), `forecast` (predictor scores -> per-key forecasts, prefetch order), `config`
+(the `cache:` section of the placement file), `cache` (ExpertCache, the in-engine executor),
+`transfer`, `slow_tier`, `prefetcher`, `install`, `simulator` (trace replay, Belady bound),
 `plots` (`moe-rt simulate-cache`).
 """

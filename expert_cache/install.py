@@ -6,7 +6,7 @@ import logging
 import torch
 
 from expert_cache.config import CacheConfig
-from expert_cache.runtime import ExpertCache
+from expert_cache.cache import ExpertCache
 from expert_cache.slow_tier import build_slow_tier
 from moe_rt.errors import MoeRtError
 

@@ -4,7 +4,7 @@ It listens to a forecast source (router_predict.online.OnlinePredictor, or anyth
 `on_forecast(fn)` hook: fn(target_moe_index, expert_scores [E], distance)) and keeps the latest
 forecast as per-key Predictions, exactly like the replay simulator's (forecast.aggregate_scores:
 score = tokens voting for the expert). It moves no bytes and changes no residency: the cache
-(runtime.ExpertCache) asks it for `candidates` after each layer's demand loads and issues them
+(cache.ExpertCache) asks it for `candidates` after each layer's demand loads and issues them
 through the transfer engine, evicting only what policies.should_displace allows.
 
 `lookahead: auto` picks the depth online: prefetches issued after layer l have d layer-times to

@@ -6,10 +6,15 @@ Replay model (docs/expert-cache.md states it for users):
 - A visit accesses each distinct expert the batch's tokens chose at that layer once (the union).
   The needed keys are protected while the layer runs. A miss evicts one candidate chosen by the
   policy and takes its slot; with no candidate it is streamed (loaded to staging, not kept).
-- Policy "predictive": after layer l, the forecast for layers l+1..l+d (predictor scores
-  aggregated by votes, see forecast.py) replaces the previous one; it ranks victims and up to
-  `prefetch_queue` forecast keys are prefetched. Loads complete before the next layer runs, so
-  hit rates are an upper bound on what the engine sees when transfers are slower than layers.
+- Policy "predictive": the forecast made from layer l's routing, for layers l+1..l+d (predictor
+  scores aggregated by votes, see forecast.py), replaces the previous one when layer l routes,
+  as in the engine (the router runs before the layer's experts are prepared). It ranks layer
+  l's victims, and after l's demand loads up to `prefetch_queue` forecast keys are prefetched.
+  Loads complete before the next layer runs, so hit rates are an upper bound on what the engine
+  sees when transfers are slower than layers.
+- Demand and prefetch decisions are planning.plan_demand / plan_prefetch applied by CacheState,
+  exactly the calls the in-engine cache (cache.ExpertCache) makes, so replay and runtime agree
+  (tests/expert_cache/test_ec_replay_matches_runtime.py).
 - Policy "belady": demand paging with perfect knowledge of future accesses, no prefetch. A
   visit's misses are all loaded (to slots or staging); afterwards each pool keeps the
   `capacity` keys, among its old residents and the new loads, whose next use is soonest
@@ -27,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from expert_cache.forecast import aggregate_scores, prefetch_order
-from expert_cache.policies import (NEVER, ExpertKey, Prediction, belady_keep, choose_victims,
-                                   should_displace)
+from expert_cache.planning import plan_demand, plan_keep, plan_prefetch
+from expert_cache.policies import NEVER, ExpertKey, Prediction
 from expert_cache.state import CacheState, CacheStats, Scope
 from moe_rt.errors import MoeRtError
 from router_predict.trace import Trace, step_bounds
@@ -191,83 +196,47 @@ def simulate(needs: BatchNeeds, options: SimOptions,
             raise MoeRtError(f"cannot pin {key}: more pinned experts than capacity "
                              f"{options.capacity_slots} in its pool")
         state.pin(key, now=-1)
-    future = _next_use_table(needs) if policy == "belady" else {}
+    L = needs.num_layers
+    if policy == "belady":
+        _replay_belady(needs, state)
+    else:
+        for s, step in enumerate(needs.needs):
+            for l, experts in enumerate(step):
+                predicted = schedule.forecasts[s][l] if policy == "predictive" else {}
+                _visit(state, [(l, e) for e in experts], s * L + l, policy, predicted,
+                      options.prefetch_queue if policy == "predictive" else 0)
+    return SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
+
+
+def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
+          predicted: dict[ExpertKey, Prediction], prefetch_queue: int) -> None:
+    """One layer visit under a demand policy, in the engine's order (cache.ExpertCache.prepare):
+    the layer's keys become needed, its demand plan is applied, then the forecast's prefetches
+    (issued while the layer computes, so its keys stay protected)."""
+    state.clear_needed()
+    state.mark_needed(keys)
+    state.apply_demand(plan_demand(state, keys, policy, predicted), tick)
+    candidates = prefetch_order(predicted, state.entries, len(predicted))
+    state.apply_prefetch(plan_prefetch(state, candidates, predicted, prefetch_queue), tick,
+                         in_flight=False)  # replay's copies land at once
+    state.clear_needed()
+
+
+def _replay_belady(needs: BatchNeeds, state: CacheState) -> None:
+    """Belady: every miss of a visit is loaded (to a slot or staging); after the visit each pool
+    keeps the soonest-used set of old residents and new loads (planning.plan_keep)."""
+    future = _next_use_table(needs)
     next_use = {k: float(v[-1]) for k, v in future.items()}
-    predicted: dict[ExpertKey, Prediction] = {}
     L = needs.num_layers
     for s, step in enumerate(needs.needs):
         for l, experts in enumerate(step):
             tick = s * L + l
             keys = [(l, e) for e in experts]
-            state.mark_needed(keys)
             missed = [k for k in keys if state.access(k, tick) == "miss"]
-            if future:
-                for k in keys:  # move each accessed key's next use past this tick
-                    future[k].pop()
-                    next_use[k] = float(future[k][-1]) if future[k] else NEVER
-            inputs = state.policy_inputs(predicted, next_use)
-            if policy == "belady":
-                state.clear_needed()  # Belady decides after the layer ran, with staging
-                _belady_visit(state, missed, tick, inputs)
-                continue
-            for key in missed:
-                _serve_miss(state, key, tick, policy, inputs)
-            state.clear_needed()
-            if policy == "predictive":
-                predicted = schedule.forecasts[s][l]
-                _prefetch(state, predicted, tick, options.prefetch_queue)
-    return SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
-
-
-def _serve_miss(state: CacheState, key: ExpertKey, tick: int, policy: str, inputs) -> None:
-    """Demand policies: take a free slot, else evict the policy's victim, else stream."""
-    if state.can_admit(key):
-        state.admit(key, tick)
-        return
-    victims = choose_victims(policy, state.candidates(state.pool_of(key)), 1, inputs)
-    if not victims:  # every slot is pinned or needed by this layer
-        state.record_streamed(key)
-        return
-    state.evict(victims[0])
-    state.admit(key, tick)
-
-
-def _belady_visit(state: CacheState, missed: list[ExpertKey], tick: int, inputs) -> None:
-    """All of the visit's misses were loaded (to slots or staging); per pool keep the soonest-used
-    set of old residents and new loads (policies.belady_keep), stream the other loads."""
-    pools: dict[int, list[ExpertKey]] = {}
-    for key in missed:
-        pools.setdefault(state.pool_of(key), []).append(key)
-    for pool, loaded in pools.items():
-        movable = state.candidates(pool)  # needed is cleared: all but pinned
-        room = state.capacity_slots - (len(state.pool_keys[pool]) - len(movable))
-        keep = belady_keep(movable, loaded, room, inputs)
-        for key in sorted(movable - keep):
-            state.evict(key)
-        for key in loaded:
-            if key in keep:
-                state.admit(key, tick)
-            else:
-                state.record_streamed(key)
-
-
-def _prefetch(state: CacheState, predicted: dict[ExpertKey, Prediction], tick: int,
-              queue: int) -> None:
-    """Issue up to `queue` prefetches for the forecast; never displace a more valuable forecast."""
-    if queue <= 0 or not predicted:
-        return
-    inputs = state.policy_inputs(predicted)
-    issued = 0
-    for key in prefetch_order(predicted, state.entries, len(predicted)):
-        if issued >= queue:
-            break
-        if not state.can_admit(key):
-            victims = choose_victims("predictive", state.candidates(state.pool_of(key)), 1, inputs)
-            if not victims or not should_displace(predicted[key], victims[0], inputs):
-                continue
-            state.evict(victims[0])
-        state.admit(key, tick, prefetch=True)
-        issued += 1
+            for k in keys:  # move each accessed key's next use past this tick
+                future[k].pop()
+                next_use[k] = float(future[k][-1]) if future[k] else NEVER
+            state.apply_keep(plan_keep(state, missed, next_use), tick)
 
 
 @dataclass(frozen=True)

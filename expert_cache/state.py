@@ -1,10 +1,12 @@
 """Cache state: which expert keys hold which fast-tier slots, and what happened to them.
 
-`CacheState` is the single owner of residency. Each action has a check that says whether it is
-allowed (`can_admit`/`admit`, `can_evict`/`evict`, `can_pin`/`pin`, `mark_in_flight`/`complete`);
-an action whose check fails raises CacheStateError, which is a bug in the caller, not a user error.
-No copies happen here: an executor (in-engine cache, or the replay simulator) decides with the
-pure policies, calls these actions, and moves bytes.
+`CacheState` is the single owner of residency: no executor keeps a second record (the cache's
+per-layer slot map is `slot_map`, kept here). Each action has a check that says whether it is
+allowed (`can_admit`/`admit`, `can_evict`/`evict`, `can_pin`/`pin`, `mark_in_flight`/`complete`,
+`can_abort`/`abort_load`); an action whose check fails raises CacheStateError, which is a bug in
+the caller, not a user error. Decisions come as plans from the pure planners (planning.py) and
+are applied here (`apply_demand`, `apply_prefetch`, `apply_keep`), the same way by the in-engine
+cache and the replay simulator. No copies happen here: the executor moves bytes.
 
 Terms follow the glossary in docs/expert-cache.md.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from expert_cache.planning import DemandPlan, KeepPlan, Load, PrefetchPlan
 from expert_cache.policies import ExpertKey, PolicyInputs
 
 Scope = Literal["per_layer", "global"]
@@ -68,6 +71,7 @@ class SlotEntry:
     slot: int  # index into its pool's fast-tier buffer
     pinned: bool = False
     in_flight: bool = False
+    prefetched: bool = False  # brought by a prefetch (an aborted load takes its count back)
     prefetched_unused: bool = False  # brought by a prefetch and not hit yet
 
 
@@ -87,6 +91,9 @@ class CacheState:
     entries: dict[ExpertKey, SlotEntry] = field(default_factory=dict)
     free_slots: dict[int, list[int]] = field(default_factory=dict)  # pool -> free slots (a stack)
     pool_keys: dict[int, set[ExpertKey]] = field(default_factory=dict)  # pool -> resident keys
+    # layer -> {expert: slot} of its resident keys: an index over `entries` (same transitions),
+    # so the executor's per-layer slot map is read from here, never kept beside it.
+    layer_slots: dict[int, dict[int, int]] = field(default_factory=dict)
     needed: set[ExpertKey] = field(default_factory=set)  # keys of the layer being computed
     # Protected keys kept as sets (mirroring the entries' flags) so candidates() is a set
     # difference: replay asks for candidates on every miss.
@@ -125,6 +132,13 @@ class CacheState:
         e = self.entries.get(key)
         return None if e is None else e.slot
 
+    def slot_map(self, layer: int, num_experts: int) -> list[int]:
+        """Slot of each logical expert of `layer` in its pool, -1 where not resident ([E])."""
+        out = [-1] * num_experts
+        for e, slot in self.layer_slots.get(layer, {}).items():
+            out[e] = slot
+        return out
+
     def num_free(self, pool: int) -> int:
         return len(self.free_slots[pool])
 
@@ -134,10 +148,12 @@ class CacheState:
     def pinned(self) -> set[ExpertKey]:
         return set(self.pinned_keys)
 
-    def candidates(self, pool: int) -> set[ExpertKey]:
+    def candidates(self, pool: int, exclude: Iterable[ExpertKey] = ()) -> set[ExpertKey]:
         """Eviction candidates of `pool`: resident minus pinned, in-flight and needed (unordered;
-        policies impose the order). Same result as policies.eviction_candidates, but O(protected)."""
-        return self.pool_keys[pool] - self.pinned_keys - self.in_flight_keys - self.needed
+        policies impose the order), and minus `exclude` (what a plan already chose). Same result
+        as policies.eviction_candidates, in one pass over the pool."""
+        return self.pool_keys[pool].difference(self.pinned_keys, self.in_flight_keys, self.needed,
+                                               exclude)
 
     def policy_inputs(self, predicted=None, next_use=None) -> PolicyInputs:
         """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""
@@ -155,8 +171,10 @@ class CacheState:
             raise CacheStateError(f"cannot admit {key}: {why}")
         pool = self.pool_of(key)
         slot = self.free_slots[pool].pop()
-        self.entries[key] = SlotEntry(slot, in_flight=in_flight, prefetched_unused=prefetch)
+        self.entries[key] = SlotEntry(slot, in_flight=in_flight, prefetched=prefetch,
+                                      prefetched_unused=prefetch)
         self.pool_keys[pool].add(key)
+        self.layer_slots.setdefault(key[0], {})[key[1]] = slot
         if in_flight:
             self.in_flight_keys.add(key)
         # A fresh load counts as a use for recency, so LRU does not evict it before it is read.
@@ -178,15 +196,41 @@ class CacheState:
             why = ("not resident" if e is None else "pinned" if e.pinned
                    else "in flight" if e.in_flight else "needed by the current layer")
             raise CacheStateError(f"cannot evict {key}: {why}")
-        e = self.entries.pop(key)
-        pool = self.pool_of(key)
-        self.pool_keys[pool].discard(key)
-        self.free_slots[pool].append(e.slot)
+        e = self._release(key)
         self.stats.evictions += 1
         if e.prefetched_unused:
             self.stats.wasted_prefetches += 1
             self.stats.wasted_prefetch_bytes += self.expert_bytes
         return e.slot
+
+    def can_abort(self, key: ExpertKey) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e.in_flight and not e.pinned
+
+    def abort_load(self, key: ExpertKey) -> int:
+        """A copy into `key`'s slot was cancelled before it started, or failed: the slot holds no
+        (or partial) bytes. Free it and take back the load's counts (bytes, prefetch issued); it
+        is neither an eviction nor a wasted prefetch. Returns the freed slot."""
+        if not self.can_abort(key):
+            e = self.entries.get(key)
+            why = "not resident" if e is None else "pinned" if e.pinned else "not in flight"
+            raise CacheStateError(f"cannot abort the load of {key}: {why}")
+        e = self._release(key)
+        self.in_flight_keys.discard(key)
+        self.load_count[key] -= 1
+        moved = self.stats.bytes_moved
+        moved[self.source_tier] -= self.expert_bytes
+        if e.prefetched:
+            self.stats.prefetches_issued -= 1
+        return e.slot
+
+    def _release(self, key: ExpertKey) -> SlotEntry:
+        e = self.entries.pop(key)
+        pool = self.pool_of(key)
+        self.pool_keys[pool].discard(key)
+        del self.layer_slots[key[0]][key[1]]
+        self.free_slots[pool].append(e.slot)
+        return e
 
     def can_pin(self, key: ExpertKey) -> bool:
         return key in self.entries or self.can_admit(key)
@@ -246,6 +290,61 @@ class CacheState:
         self.load_count[key] = self.load_count.get(key, 0) + 1
         self.stats.streamed_misses += 1
         self._count_bytes()
+
+    # ---- applying plans (planning.py) ----
+    def apply_demand(self, plan: DemandPlan, now: int, *,
+                     in_flight: bool = False) -> dict[ExpertKey, AccessResult]:
+        """Access every key of the visit, then evict and admit as planned (loads `in_flight` until
+        the executor's copy completes, so a failed copy can be aborted), and count the streamed
+        misses. Returns each key's access result. The visit's keys should be marked needed."""
+        results = {key: self.access(key, now) for key in plan.keys}
+        for load in plan.loads:
+            self._load(load, now, in_flight=in_flight)
+        for key in plan.streamed:
+            self.record_streamed(key)
+        return results
+
+    def apply_prefetch(self, plan: PrefetchPlan, now: int, *, in_flight: bool) -> None:
+        """Admit the planned prefetches (in flight until `complete` when the executor copies
+        asynchronously; replay's copies are instant)."""
+        for load in plan.loads:
+            self._load(load, now, prefetch=True, in_flight=in_flight)
+
+    def apply_keep(self, plan: KeepPlan, now: int) -> None:
+        for key in plan.evict:
+            self.evict(key)
+        for key in plan.admit:
+            self.admit(key, now)
+        for key in plan.streamed:
+            self.record_streamed(key)
+
+    def _load(self, load: Load, now: int, **kw) -> None:
+        if load.victim is not None:
+            self.evict(load.victim)
+        slot = self.admit(load.key, now, **kw)
+        if slot != load.slot:
+            raise CacheStateError(f"stale plan: {load.key} planned into slot {load.slot}, got {slot}")
+
+    def check_consistent(self) -> None:
+        """Raise CacheStateError if the indexes disagree with `entries` (tests call this)."""
+        by_layer: dict[int, dict[int, int]] = {}
+        for (layer, e), entry in self.entries.items():
+            by_layer.setdefault(layer, {})[e] = entry.slot
+        problems = []
+        if {l: m for l, m in self.layer_slots.items() if m} != by_layer:
+            problems.append("layer_slots differ from entries")
+        if set().union(*self.pool_keys.values()) != set(self.entries):
+            problems.append("pool_keys differ from entries")
+        for pool, keys in self.pool_keys.items():
+            used = sorted(self.entries[k].slot for k in keys)
+            if sorted(used + self.free_slots[pool]) != list(range(self.capacity_slots)):
+                problems.append(f"pool {pool}: used + free slots are not each slot once")
+        if self.pinned_keys != {k for k, e in self.entries.items() if e.pinned}:
+            problems.append("pinned_keys differ from entries")
+        if self.in_flight_keys != {k for k, e in self.entries.items() if e.in_flight}:
+            problems.append("in_flight_keys differ from entries")
+        if problems:
+            raise CacheStateError("; ".join(problems))
 
     def add_stall(self, seconds: float) -> None:
         self.stats.stall_s += seconds

@@ -1,6 +1,6 @@
 """The transfer engine: copies experts from the slow tier into fast-tier slots off the critical path.
 
-The cache (runtime.ExpertCache) decides what to copy and where; this module only moves bytes and
+The cache (cache.ExpertCache) decides what to copy and where; this module only moves bytes and
 reports when they have landed. It never touches CacheState: every residency change happens on the
 thread that runs the model, which polls or waits on the tickets handed out here.
 
@@ -77,16 +77,21 @@ class TransferEngine:
         self._worker.start()
 
     # -- check/action ---------------------------------------------------------------------------
-    def can_submit(self) -> bool:
+    def room(self) -> int:
+        """How many more copies `submit` accepts now (0 once closed). The worker only ever
+        shrinks the queue, so this many submits from the caller's thread cannot fail."""
         with self._cv:
-            return not self._closed and len(self._queue) < self.max_queued
+            return 0 if self._closed else self.max_queued - len(self._queue)
+
+    def can_submit(self) -> bool:
+        return self.room() > 0
 
     def submit(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> Ticket:
         """Queue a prefetch copy into (w13, w2). The caller has marked the key in flight."""
         ticket = Ticket(key, w13, w2, prefetch=True)
         with self._cv:
             if self._closed or len(self._queue) >= self.max_queued:
-                raise MoeRtError("transfer queue is full or closed (check can_submit first)")
+                raise MoeRtError("transfer queue is full or closed (check room first)")
             if self.cuda:  # invariant 3: copies start after the kernels enqueued so far
                 ticket.cuda_event = torch.cuda.current_stream(self.device).record_event()
             self._queue.append(ticket)

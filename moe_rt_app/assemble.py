@@ -25,7 +25,7 @@ class Assembly:
     """A built engine and the parts installed on it (None where not configured)."""
 
     engine: LLMEngine
-    expert_cache: object | None = None  # expert_cache.runtime.ExpertCache
+    expert_cache: object | None = None  # expert_cache.cache.ExpertCache
     online_predictor: object | None = None  # router_predict.online.OnlinePredictor
 
 

@@ -1,90 +1,35 @@
-"""ExpertCache on a fake slow tier: never-evict rules, waiting on in-flight copies, prefetch hits.
-
-The fake tier fills expert (l, e) with the value 100*l + e, and can hold the transfer worker
-inside a read (a threading.Event) so copies stay in flight deterministically, without sleeps.
-"""
+"""ExpertCache on a fake slow tier (ec_fakes): never-evict rules, waiting on in-flight copies,
+prefetch hits, failed copies, and a kernel slot map that is always CacheState's view."""
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from expert_cache.config import CacheConfig
-from expert_cache.runtime import ExpertCache
-from expert_cache.slow_tier import SlowTier
+import ec_fakes
+from ec_fakes import D, I
 
-D, I, E, L = 4, 3, 4, 2
-
-
-def fake_spec():
-    return SimpleNamespace(moe_layer_ids=tuple(range(L)), num_experts=E, hidden_size=D,
-                           moe=SimpleNamespace(intermediate_size=I),
-                           bytes_per_expert=lambda b: 3 * D * I * b)
-
-
-class FakeTier(SlowTier):
-    name = "disk"
-
-    def __init__(self):
-        self.reads: list[tuple] = []
-        self.hold: set = set()  # keys whose read blocks until `gate` is set
-        self.gate = threading.Event()
-        self.entered = threading.Event()  # set when a held read has started
-        self.lock = threading.Lock()
-
-    def read_into(self, key, w13, w2):
-        with self.lock:
-            self.reads.append(key)
-        if key in self.hold:
-            self.entered.set()
-            assert self.gate.wait(timeout=30), "test never released the gate"
-        w13.fill_(100 * key[0] + key[1])
-        w2.fill_(100 * key[0] + key[1])
-
-
-class Source:
-    """A forecast source the test drives by hand (the OnlinePredictor's hook)."""
-
-    def __init__(self):
-        self.fns = []
-
-    def on_forecast(self, fn):
-        self.fns.append(fn)
-        return lambda: self.fns.remove(fn)
-
-    def forecast(self, target, experts, d=1):
-        scores = torch.zeros(E)
-        scores[list(experts)] = 1.0
-        for fn in self.fns:
-            fn(target, scores, d)
+E, L = 4, 2
 
 
 def make_cache(slots=2, prefetch=True, **cfg):
-    tier = FakeTier()
-    cfg = CacheConfig(offload="disk", capacity_slots=slots, **cfg)
-    cache = ExpertCache(fake_spec(), tier, cfg, device=torch.device("cpu"), dtype=torch.float32)
-    src = Source()
-    if prefetch:
-        cache.start_prefetch(src, depth=1, max_depth=1)
-    return cache, tier, src
+    return ec_fakes.make_cache(L, E, slots, prefetch, **cfg)
 
 
 def ids(*experts):
     return torch.tensor([list(experts)])
 
 
-def check_weights(experts, layer, topk):
-    slots = experts.slots(topk)
-    for e, s in zip(topk.flatten().tolist(), slots.flatten().tolist()):
-        assert s >= 0
-        assert experts.w13[s].eq(100 * layer + e).all() and experts.w2[s].eq(100 * layer + e).all()
+def prepare(cache, layer, topk):
+    experts = cache.prepare(layer, topk)
+    ec_fakes.check_layer(cache, experts, layer, topk)
+    return experts
 
 
 def test_hits_misses_and_bytes_add_up():
     cache, tier, _ = make_cache(slots=2, prefetch=False)
     try:
         for l, topk in [(0, ids(0, 1)), (1, ids(2, 3)), (0, ids(1, 2)), (1, ids(3, 2)), (0, ids(0, 1))]:
-            check_weights(cache.prepare(l, topk), l, topk)
+            prepare(cache, l, topk)
         s = cache.stats()
         assert s["accesses"] == 10
         # L0: 2 misses | L1: 2 misses | L0: 1 hit, 2 misses (evicts 0, LRU) | L1: 2 hits |
@@ -102,9 +47,9 @@ def test_prefetch_hit_counted_and_no_second_read():
     cache, tier, src = make_cache(slots=2, policy="lru")
     try:
         src.forecast(1, [2, 3])
-        cache.prepare(0, ids(0, 1))  # issues prefetches of (1,2), (1,3)
+        prepare(cache, 0, ids(0, 1))  # issues prefetches of (1,2), (1,3)
         topk = ids(2, 3)
-        check_weights(cache.prepare(1, topk), 1, topk)  # waits for the copies if still landing
+        prepare(cache, 1, topk)  # waits for the copies if still landing
         s = cache.stats()
         assert (s["prefetch_hits"], s["hits"], s["misses"]) == (2, 2, 2)
         assert tier.reads.count((1, 2)) == 1 and tier.reads.count((1, 3)) == 1
@@ -118,7 +63,7 @@ def test_in_flight_and_needed_never_evicted_and_wrong_queued_prefetch_cancelled(
     tier.hold = {(1, 0)}
     try:
         src.forecast(1, [0, 1])  # (1,0) nearest/highest first: the worker starts it and blocks
-        cache.prepare(0, ids(0))
+        prepare(cache, 0, ids(0))
         assert tier.entered.wait(timeout=30)
         st = cache.state
         assert st.in_flight() == {(1, 0), (1, 1)}
@@ -127,8 +72,7 @@ def test_in_flight_and_needed_never_evicted_and_wrong_queued_prefetch_cancelled(
         # freed; (1,0) is being written -> stays in flight, its slot is not reused.
         busy_slot = st.slot_of((1, 0))
         topk = ids(2, 3)
-        experts = cache.prepare(1, topk)
-        check_weights(experts, 1, topk)
+        prepare(cache, 1, topk)
         assert st.is_resident((1, 0)) and (1, 0) in st.in_flight()
         assert not st.is_resident((1, 1))
         assert (1, 1) not in tier.reads  # cancelled before it started: no bytes read
@@ -149,7 +93,7 @@ def test_miss_on_in_flight_expert_waits_instead_of_loading_twice():
     cache, tier, src = make_cache(slots=2)
     tier.hold = {(1, 2)}
     src.forecast(1, [2])
-    cache.prepare(0, ids(0))
+    prepare(cache, 0, ids(0))
     assert tier.entered.wait(timeout=30)
     result = {}
 
@@ -162,7 +106,7 @@ def test_miss_on_in_flight_expert_waits_instead_of_loading_twice():
     t.join(timeout=30)
     try:
         assert not t.is_alive()
-        check_weights(result["experts"], 1, ids(2))
+        ec_fakes.check_layer(cache, result["experts"], 1, ids(2))
         assert tier.reads.count((1, 2)) == 1
         assert cache.stats()["prefetch_hits"] == 1
     finally:
@@ -173,15 +117,15 @@ def test_prefetch_never_displaces_a_nearer_forecast():
     cache, tier, src = make_cache(slots=1, prefetch_queue=4)
     try:
         src.forecast(1, [0])
-        cache.prepare(0, ids(0))  # prefetches (1,0)
-        cache.prepare(1, ids(0))
+        prepare(cache, 0, ids(0))  # prefetches (1,0)
+        prepare(cache, 1, ids(0))
         assert cache.state.is_resident((1, 0))
         # A new forecast: (1,0) at distance 1 with more votes; (1,1) may not displace it.
         scores = torch.zeros(E)
         scores[0], scores[1] = 3.0, 1.0
         for fn in src.fns:
             fn(1, scores, 1)
-        cache.prepare(0, ids(1))
+        prepare(cache, 0, ids(1))
         assert cache.state.is_resident((1, 0)) and not cache.state.is_resident((1, 1))
     finally:
         cache.close()
@@ -191,7 +135,7 @@ def test_pinned_experts_loaded_and_never_evicted():
     cache, tier, _ = make_cache(slots=2, prefetch=False, pinned={0: [3]})
     try:
         for e in range(E):
-            cache.prepare(0, ids(e))
+            prepare(cache, 0, ids(e))
         assert cache.state.is_resident((0, 3)) and not cache.state.can_evict((0, 3))
         assert tier.reads.count((0, 3)) == 1
     finally:
@@ -224,3 +168,66 @@ def test_feed_keeps_only_forecasts_within_depth_and_replaces_rounds():
     assert p.candidates({(1, 1)}) == [(1, 3)]
     p.feed(2, torch.tensor([0.0, 0.0, 5.0, 0.0]), 1)  # next layer's round replaces
     assert p.predicted == {(2, 2): Prediction(1, 5.0)}
+
+
+def test_failed_prefetch_frees_its_slot_and_raises():
+    from moe_rt.errors import MoeRtError
+
+    cache, tier, src = make_cache(slots=2)
+    tier.hold = tier.fail = {(1, 2)}
+    try:
+        src.forecast(1, [2])
+        prepare(cache, 0, ids(0))  # prefetches (1,2)
+        assert tier.entered.wait(timeout=30)  # the worker has started it: it cannot be cancelled
+        tier.gate.set()  # ... and its read fails
+        with pytest.raises(MoeRtError, match=r"loading expert \(1, 2\) failed"):
+            cache.prepare(1, ids(2))
+        st = cache.state
+        st.check_consistent()
+        # The slot held partial bytes: freed, its load taken back (not an eviction, not wasted).
+        assert not st.is_resident((1, 2)) and st.in_flight() == set() and st.num_free(1) == 2
+        s = cache.stats()
+        assert (s["prefetches_issued"], s["evictions"], s["wasted_prefetches"]) == (0, 0, 0)
+        assert s["bytes_moved"] == {"disk": 1 * 3 * D * I * 4}  # (0,0) only
+        tier.fail = set()
+        prepare(cache, 1, ids(2))  # the next visit loads it on demand
+        assert st.is_resident((1, 2))
+    finally:
+        tier.gate.set()
+        cache.close()
+
+
+def test_failed_load_of_a_queued_prefetch_frees_its_slot_and_raises():
+    cache, tier, src = make_cache(slots=2)
+    tier.hold, tier.fail = {(1, 2)}, {(1, 3)}
+    try:
+        src.forecast(1, [2, 3])
+        prepare(cache, 0, ids(0))  # (1,2) holds the worker, (1,3) stays queued
+        assert tier.entered.wait(timeout=30)
+        # Layer 1 needs (1,3): its queued copy is cancelled and loaded on this thread, which fails.
+        with pytest.raises(OSError, match="cannot read"):
+            cache.prepare(1, ids(3))
+        st = cache.state
+        st.check_consistent()
+        assert not st.is_resident((1, 3)) and st.in_flight() == {(1, 2)}
+        assert cache.stats()["prefetches_issued"] == 1  # (1,2); the aborted (1,3) taken back
+    finally:
+        tier.gate.set()
+        cache.close()
+
+
+def test_failed_demand_load_frees_its_slot_and_raises():
+    cache, tier, _ = make_cache(slots=2, prefetch=False)
+    tier.fail = {(0, 1)}
+    try:
+        with pytest.raises(OSError, match="cannot read"):
+            cache.prepare(0, ids(0, 1))
+        st = cache.state
+        st.check_consistent()
+        assert st.is_resident((0, 0)) and not st.is_resident((0, 1)) and st.in_flight() == set()
+        assert cache.stats()["bytes_moved"] == {"disk": 1 * 3 * D * I * 4}
+        tier.fail = set()
+        prepare(cache, 0, ids(0, 1))
+        assert st.is_resident((0, 1))
+    finally:
+        cache.close()

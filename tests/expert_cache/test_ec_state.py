@@ -112,3 +112,28 @@ def test_bad_construction_and_out_of_range_layer():
     s = CacheState(num_layers=2, capacity_slots=1)
     with pytest.raises(CacheStateError, match="outside"):
         s.can_admit((2, 0))
+
+
+def test_abort_load_frees_the_slot_and_takes_the_load_back():
+    s = CacheState(num_layers=2, capacity_slots=2, expert_bytes=10, source_tier="disk")
+    s.admit((1, 3), now=0, prefetch=True, in_flight=True)
+    s.admit((1, 2), now=0)
+    assert s.slot_map(1, 4) == [-1, -1, 1, 0]
+    with pytest.raises(CacheStateError, match="not in flight"):
+        s.abort_load((1, 2))
+    assert s.abort_load((1, 3)) == 0
+    st = s.stats
+    assert (st.prefetches_issued, st.evictions, st.wasted_prefetches) == (0, 0, 0)
+    assert st.bytes_moved == {"disk": 10} and s.load_count[(1, 3)] == 0
+    assert s.slot_map(1, 4) == [-1, -1, 1, -1] and s.in_flight() == set()
+    assert s.admit((1, 0), now=1) == 0  # the slot is free again
+    s.check_consistent()
+
+
+def test_check_consistent_catches_an_index_edited_behind_the_state():
+    s = CacheState(num_layers=1, capacity_slots=2)
+    s.admit((0, 1), now=0)
+    s.check_consistent()
+    s.layer_slots[0][1] = 1  # a second record drifting from entries
+    with pytest.raises(CacheStateError, match="layer_slots"):
+        s.check_consistent()

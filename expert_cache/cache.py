@@ -1,23 +1,26 @@
 """The in-engine expert cache: an ExpertStore whose experts live in a bounded fast tier.
 
 `expert_cache.install.install_expert_cache(model, reader, cfg, device=, dtype=)` builds an
-ExpertCache and makes it the model's store. The cache owns the fast tier (slot buffers on the compute device, in the compute
-dtype; on a CPU-only machine the "fast tier" is a RAM budget), the CacheState (the only record of
-which expert holds which slot), the slow tier (slow_tier.py) and the transfer engine
-(transfer.py). It is the executor of the pure parts: policies choose victims, the prefetcher
-chooses what to load early, and only this class calls CacheState's actions and moves bytes.
+ExpertCache and makes it the model's store. The cache owns the fast tier (slot buffers on the
+compute device, in the compute dtype; on a CPU-only machine the "fast tier" is a RAM budget), the
+CacheState (the only record of which expert holds which slot: the slot map handed to the kernel
+is read from it), the slow tier (slow_tier.py) and the transfer engine (transfer.py). It is the
+executor of the pure parts: the planners (planning.py, shared with the replay simulator) decide
+what to load, prefetch and evict, CacheState applies their plans, and this class moves bytes.
 
 Per MoE layer, `prepare(l, topk_ids)`:
   1. completes finished prefetches; cancels queued prefetches for layer l that l does not use
      (proven wrong), and counts started ones as proven wrong (wasted if evicted unused);
-  2. marks l's experts needed (never evicted while needed or in flight);
-  3. per expert: a hit goes straight (waiting for its copy if a prefetch is still landing); with
-     cpu_compute_on_miss, the misses that cost_model.choose_host_experts picks stay unmapped and
-     run on the host where their weights are (LayerExperts.host_compute); any other miss is
-     loaded synchronously into a free slot or the policy's victim (stall time counted); if every
-     slot of the pool is pinned or needed, the miss is streamed through staging;
-  4. issues prefetches for layers l+1..l+d from the latest forecast (they overlap l's compute);
-  5. returns LayerExperts(slot buffers, slot_of [E]).
+  2. marks l's experts needed (never evicted while needed or in flight), and waits for the
+     copies of l's experts that a prefetch is still landing;
+  3. with cpu_compute_on_miss, picks the misses that run on the host where their weights are
+     (cost_model.choose_host_experts; they stay unmapped, LayerExperts.host_compute);
+  4. plans the visit (planning.plan_demand: each other miss takes a free slot or the policy's
+     victim, or is streamed through staging when every slot of the pool is pinned, needed or in
+     flight), applies it to CacheState and loads the misses synchronously (stall time counted);
+  5. issues prefetches for layers l+1..l+d from the latest forecast (planning.plan_prefetch;
+     they overlap l's compute);
+  6. returns LayerExperts(slot buffers, slot_of [E] from CacheState.slot_map).
 All CacheState changes happen on the model's thread; the transfer worker only writes bytes.
 
 Shape legend: L MoE layers, E experts per layer, S slots per pool, I expert intermediate size,
@@ -33,7 +36,8 @@ import torch
 
 from expert_cache.config import CacheConfig
 from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
-from expert_cache.policies import ExpertKey, choose_victims, should_displace
+from expert_cache.planning import plan_demand, plan_prefetch
+from expert_cache.policies import ExpertKey
 from expert_cache.prefetcher import ForecastSource, MovingAverage, Prefetcher
 from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
@@ -71,8 +75,6 @@ class ExpertCache(ExpertStore):
         S = self.capacity_slots
         self.w13 = [torch.empty(S, 2 * I, D, dtype=dtype, device=self.device) for _ in range(pools)]
         self.w2 = [torch.empty(S, D, I, dtype=dtype, device=self.device) for _ in range(pools)]
-        # Host copy of each layer's logical expert -> slot map, changed only by _admit/_evict.
-        self._slot_of = [torch.full((E,), -1, dtype=torch.int64) for _ in range(L)]
         self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
@@ -95,7 +97,6 @@ class ExpertCache(ExpertStore):
             self._measure_link()
         for key in cfg.pinned_keys():
             slot = self.state.pin(key, now=-1)
-            self._slot_of[key[0]][key[1]] = slot
             self.transfer.load_now(key, *self._slot(key, slot))
 
     # -- ExpertStore ------------------------------------------------------------------------------
@@ -116,52 +117,32 @@ class ExpertCache(ExpertStore):
         st, counters = self.state, self.layers[l]
         st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
         st.mark_needed(keys)
-        stall, streamed, missed = 0.0, [], []
-        for key in keys:
-            result = st.access(key, now)
-            if result == "miss":
-                missed.append(key)
-                continue
-            counters.hits += 1
-            counters.prefetch_hits += result == "prefetch_hit"
-            ticket = self._tickets.get(key)
-            if ticket is not None:  # a prefetch of this expert is still landing
-                t0 = time.perf_counter()
-                if self.transfer.cancel(ticket):  # not started: load it now, not after the queue
-                    self.transfer.load_now(key, ticket.w13, ticket.w2)
-                self._finish(key, ticket)
-                stall += time.perf_counter() - t0
-        counters.misses += len(missed)
-        host = self._host_experts(l, topk_ids, missed)
-        if host:
-            # Invariant: a host expert stays non-resident (slot_of -1) for this layer, so the
-            # device backend skips exactly the choices host_compute adds.
-            counters.host_computed += len(host)
-            self.host_computed += len(host)
-            missed = [k for k in missed if k[1] not in host]
-            keys = [k for k in keys if k[1] not in host]
-        for key in missed:
-            t0 = time.perf_counter()
-            slot = self._make_room(key, now)
-            if slot is None:  # every slot of the pool is pinned, needed or in flight
-                streamed.append(key)
-                st.record_streamed(key)
-                counters.streamed += 1
-            else:
-                self.transfer.load_now(key, *self._slot(key, slot))
-            stall += time.perf_counter() - t0
-        out = self._layer_experts(l, keys, streamed) if streamed else None
-        if streamed:
-            stall += out[1]
-            out = out[0]
+        stall = self._land(keys)
+        host = self._host_experts(l, topk_ids, [k for k in keys if not st.is_resident(k)])
+        plan = plan_demand(st, keys, self.cfg.policy, self._predicted(), skip=[(l, e) for e in host])
+        # Each load is in flight until its copy is done, so a failed read can be aborted.
+        results = st.apply_demand(plan, now, in_flight=True)
+        counters.hits += len(plan.hits)
+        counters.prefetch_hits += sum(r == "prefetch_hit" for r in results.values())
+        counters.misses += len(plan.misses)
+        counters.streamed += len(plan.streamed)
+        # Invariant: a host expert stays non-resident (slot_of -1) for this layer, so the device
+        # backend skips exactly the choices host_compute adds.
+        counters.host_computed += len(host)
+        self.host_computed += len(host)
+        stall += self._load_misses(plan.loads)
+        out = None
+        if plan.streamed:
+            skipped = set(plan.skipped)
+            out, seconds = self._layer_experts(l, [k for k in keys if k not in skipped], plan.streamed)
+            stall += seconds
         st.add_stall(stall)
         counters.stall_s += stall
         issued = self._prefetch(now)
         if out is None:
-            pool = self.state.pool_of((l, 0))
-            slot_of = self._slot_of[l]
-            out = LayerExperts(self.w13[pool], self.w2[pool],
-                               slot_of if self.device.type == "cpu" else slot_of.to(self.device))
+            pool = st.pool_of((l, 0))
+            slot_of = torch.tensor(st.slot_map(l, self.num_experts), dtype=torch.int64)
+            out = LayerExperts(self.w13[pool], self.w2[pool], slot_of.to(self.device))
         if host:
             out.host_compute = self._host_compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
@@ -239,92 +220,104 @@ class ExpertCache(ExpertStore):
         self._source = owner
         return self.prefetcher
 
+    def _load_misses(self, loads) -> float:
+        """Demand-load the planned misses on this thread; returns the seconds taken. If a read
+        fails, the loads not done are aborted (their slots hold no bytes) and the error raised."""
+        t0 = time.perf_counter()
+        for i, load in enumerate(loads):
+            try:
+                self.transfer.load_now(load.key, *self._slot(load.key, load.slot))
+            except BaseException:
+                for rest in loads[i:]:
+                    self.state.abort_load(rest.key)
+                raise
+            self.state.complete(load.key)
+        return time.perf_counter() - t0
+
+    def _predicted(self):
+        """The forecast in force (ranks demand victims under policy predictive)."""
+        return self.prefetcher.predicted if self.prefetcher is not None else None
+
     def _prefetch(self, now: int) -> int:
         """Issue up to prefetch_queue copies for the latest forecast; returns how many."""
         p = self.prefetcher
         if p is None or p.limit <= 0 or not p.predicted:
             return 0
         st = self.state
-        inputs = st.policy_inputs(p.predicted)
-        issued = 0
-        for key in p.candidates(st.entries):
-            if issued >= p.limit or not self.transfer.can_submit():
-                break
-            if not st.can_admit(key):
-                # Same rule as replay: a prefetch only displaces a less valuable forecast.
-                victims = choose_victims("predictive", st.candidates(st.pool_of(key)), 1, inputs)
-                if not victims or not should_displace(p.predicted[key], victims[0], inputs):
-                    continue
-                self._evict(victims[0])
-            slot = self._admit(key, now, prefetch=True, in_flight=True)
-            # Invariant: the key is in flight in CacheState from here until _finish, so no one
-            # evicts it or hands its slot to another key while the worker writes into it.
-            self._tickets[key] = self.transfer.submit(key, *self._slot(key, slot))
-            issued += 1
-        return issued
+        plan = plan_prefetch(st, p.candidates(st.entries), p.predicted,
+                             min(p.limit, self.transfer.room()))
+        # Invariant: each key is in flight in CacheState from here until _finish, so no one
+        # evicts it or hands its slot to another key while the worker writes into it.
+        st.apply_prefetch(plan, now, in_flight=True)
+        for load in plan.loads:
+            self._tickets[load.key] = self.transfer.submit(load.key, *self._slot(load.key, load.slot))
+        return len(plan.loads)
+
+    def settle(self) -> None:
+        """Wait for every issued prefetch to land and account it (model thread, between layers).
+        Replay assumes exactly this (loads are instant); close() uses it after cancelling."""
+        for key, ticket in list(self._tickets.items()):
+            self._finish(key, ticket)
 
     def _reap(self) -> None:
         for key, ticket in list(self._tickets.items()):
             if ticket.is_done():
                 self._finish(key, ticket)
 
+    def _land(self, keys: list[ExpertKey]) -> float:
+        """Wait for the prefetches of `keys` still landing; a queued one is loaded now instead of
+        after the queue (never two loads of one expert). Returns the seconds waited."""
+        t0, waited = time.perf_counter(), False
+        for key in keys:
+            ticket = self._tickets.get(key)
+            if ticket is None:
+                continue
+            waited = True
+            if self.transfer.cancel(ticket):  # not started: load it on this thread
+                try:
+                    self.transfer.load_now(key, ticket.w13, ticket.w2)
+                except BaseException:
+                    self._abort(key)
+                    raise
+            self._finish(key, ticket)
+        return time.perf_counter() - t0 if waited else 0.0
+
     def _finish(self, key: ExpertKey, ticket: Ticket) -> None:
-        """The copy has landed (or was cancelled): the key stops being in flight."""
-        self.transfer.wait(ticket)  # raises if the read failed; on CUDA orders the compute stream
+        """The copy has landed (or was cancelled and loaded by _land, or cancelled by close): the
+        key stops being in flight. A failed copy leaves partial bytes: its slot is freed and the
+        error raised."""
         del self._tickets[key]
+        try:
+            self.transfer.wait(ticket)  # raises if the read failed; on CUDA orders the compute stream
+        except MoeRtError:
+            self.state.abort_load(key)
+            raise
         self.state.complete(key)
         if self.prefetcher is not None and ticket.prefetch and not ticket.cancelled:
             self.prefetcher.record_transfer(ticket.seconds)
 
+    def _abort(self, key: ExpertKey) -> None:
+        """The copy into key's slot never happened: free the slot, take back the load's counts."""
+        del self._tickets[key]
+        self.state.abort_load(key)
+
     def _drop_wrong_prefetches(self, layer: int, needed: set[ExpertKey]) -> None:
         """Layer `layer` is about to run without these prefetched experts: cancel queued copies
-        (their slots were never written), count started ones as proven wrong."""
+        (their slots were never written: no bytes counted, not an eviction nor a wasted prefetch),
+        count started ones as proven wrong."""
         for key, ticket in list(self._tickets.items()):
             if key[0] != layer or key in needed:
                 continue
             if self.transfer.cancel(ticket):
-                self._finish(key, ticket)
-                self._uncount_cancelled(key)
-                self._evict(key)
+                self._abort(key)
                 self.cancelled += 1
             else:
                 self.proven_wrong += 1
-
-    def _uncount_cancelled(self, key: ExpertKey) -> None:
-        # CacheState counts a load when the slot is admitted; a cancelled copy moved no bytes,
-        # so take the count back, and do not let its eviction count as a wasted prefetch.
-        s = self.state.stats
-        s.prefetches_issued -= 1
-        s.bytes_moved[self.tier.name] -= self._expert_bytes
-        s.evictions -= 1
-        self.state.load_count[key] -= 1
-        self.state.entries[key].prefetched_unused = False
 
     # -- slots ------------------------------------------------------------------------------------
     def _slot(self, key: ExpertKey, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         pool = self.state.pool_of(key)
         return self.w13[pool][slot], self.w2[pool][slot]
-
-    def _make_room(self, key: ExpertKey, now: int) -> int | None:
-        """Admit a missed key (evicting the policy's victim if needed); None if nothing may go."""
-        st = self.state
-        if not st.can_admit(key):
-            predicted = self.prefetcher.predicted if self.prefetcher is not None else None
-            victims = choose_victims(self.cfg.policy, st.candidates(st.pool_of(key)), 1,
-                                     st.policy_inputs(predicted))
-            if not victims:
-                return None
-            self._evict(victims[0])
-        return self._admit(key, now)
-
-    def _admit(self, key: ExpertKey, now: int, **kw) -> int:
-        slot = self.state.admit(key, now, **kw)
-        self._slot_of[key[0]][key[1]] = slot
-        return slot
-
-    def _evict(self, key: ExpertKey) -> None:
-        self.state.evict(key)
-        self._slot_of[key[0]][key[1]] = -1
 
     def _layer_experts(self, l: int, keys: list[ExpertKey], streamed: list[ExpertKey]):
         """A stack of exactly this layer's experts when some could not get a slot: resident ones
@@ -381,6 +374,5 @@ class ExpertCache(ExpertStore):
         if self._source is not None and hasattr(self._source, "stop"):
             self._source.stop()
         self.transfer.close()
-        for key, ticket in list(self._tickets.items()):
-            self._finish(key, ticket)  # cancelled or completed; clears in-flight marks
+        self.settle()  # every ticket is cancelled or completed now; clears in-flight marks
         self.tier.close()

@@ -37,6 +37,14 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
+def run_prefills(eng, rids: list[str]) -> None:
+    """Step until every request's prompt has run (its prefill step samples its first token)."""
+    prefilled: set[str] = set()
+    while len(prefilled) < len(rids) and eng.has_unfinished():
+        res = eng.step()
+        prefilled.update(o.request_id for o in res.outputs if o.new_token_ids)
+
+
 def time_moe_rt(llm, prompts: list[list[int]], max_tokens: int) -> float:
     """Seconds spent in decode steps (prefill excluded) to generate max_tokens for every prompt."""
     from moe_rt import SamplingParams
@@ -44,8 +52,7 @@ def time_moe_rt(llm, prompts: list[list[int]], max_tokens: int) -> float:
     eng = llm.engine
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     rids = [eng.add_request(p, params) for p in prompts]
-    while any(len(s) == s.num_prompt_tokens for r in rids for s in eng.requests[r]):
-        eng.step()  # prefill(s)
+    run_prefills(eng, rids)
     t = time.perf_counter()
     while eng.has_unfinished():
         eng.step()

@@ -153,12 +153,13 @@ def profile_decode(llm, prompts: list[list[int]], steps: int) -> dict:
     """Profile `steps` pure-decode engine steps of the batch `prompts` (prefill and warm-up unrecorded)."""
     from moe_rt import SamplingParams
 
+    from .decode import run_prefills
+
     eng = llm.engine
     params = SamplingParams(max_tokens=WARMUP_STEPS + steps + 1, temperature=0, ignore_eos=True)
     rids = [eng.add_request(p, params) for p in prompts]
     try:
-        while any(len(s) == s.num_prompt_tokens for r in rids for s in eng.requests[r]):
-            eng.step()  # prefill(s)
+        run_prefills(eng, rids)
         for _ in range(WARMUP_STEPS):
             eng.step()
         activities = [ProfilerActivity.CPU]

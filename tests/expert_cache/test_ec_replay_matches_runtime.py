@@ -64,9 +64,7 @@ def run_cache(trace, policy, slots, scope, schedule, queue, pinned):
     depth = schedule.depth if schedule is not None else 1
     cache, tier, src = ec_fakes.make_cache(
         L, E, slots, prefetch=schedule is not None, depth=depth, policy=policy, scope=scope,
-        prefetch_queue=queue, pinned={l: [e] for l, e in pinned},
-        # the config names a predictor for predictive; the test feeds replay's forecasts instead
-        **({"predictor": "gate_lookahead"} if policy == "predictive" else {}))
+        prefetch_queue=queue, pinned={l: [e] for l, e in pinned})  # the test feeds replay's forecasts
     try:
         for s, (_, a, b) in enumerate(step_bounds(trace.steps)):
             for l in range(L):

@@ -6,8 +6,9 @@ rank build through `build_engine`; nothing else wires packages together.
       1. read the placement file (cache and expert_parallel sections), once
       2. LLMEngine: model (routed experts left on disk when a cache will fetch them), KV cache
       3. placement checked against the model (every expert placed, pinned ids in range)
-      4. the expert cache, made the model's expert store, with its prefetch predictor
-      5. an online predictor tracked for its live recall (cfg.predictor)
+      4. the expert cache, made the model's expert store, with its prefetch predictor as the
+         model's forecaster (its forecasts reach the cache through each MoE block)
+      5. an online predictor tracked for its live recall (cfg.predictor): an observer only
 Each installed part is attached to the engine: its stats join moe_stats() and it stops when the
 engine closes. Expert parallelism is applied to the built engine by moe_rt_app/ep_llm.py.
 """
@@ -60,6 +61,7 @@ def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
 
     predictor = build_predictor_for_model(cfg.predictor, engine.model, predictor_dir=cfg.predictor_dir,
                                           depth=cfg.predictor_depth)
-    online = OnlinePredictor(engine.model.hub, predictor, cfg.predictor_depth, model=engine.model).start()
+    online = OnlinePredictor(engine.model.hub, predictor, cfg.predictor_depth, model=engine.model)
+    online.start(forecaster=False)  # scored, never prefetched from: the cache has its own forecaster
     engine.attach("predictor", online.stats, online.stop)
     return online

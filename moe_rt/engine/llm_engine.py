@@ -209,6 +209,10 @@ class LLMEngine:
             return []
         self.last_batch_size = len(seqs)
         self.num_steps += 1
+        # run: one forward. Forecast and prefetch happen inside it, per MoE layer, because the
+        # forecast for layer l+1 needs layer l's routing: route -> observe -> forecast -> prefetch
+        # -> prepare -> compute -> combine (MoEBlock.forward; the contract is in
+        # moe_rt/layers/moe/events.py). The step's BatchInfo is scoped to this forward (ModelRunner.run).
         # A failing forward is the whole batch's, not one request's: it propagates (engine failure).
         logits = self.runner.run(prefill, decode)
         # From here on work is per sequence: one that fails ends its request with finish_reason

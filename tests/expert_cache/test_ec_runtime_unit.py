@@ -12,6 +12,7 @@ import torch
 from expert_cache.config import CacheConfig
 from expert_cache.runtime import ExpertCache
 from expert_cache.slow_tier import SlowTier
+from moe_rt.layers.moe.events import Forecast
 
 D, I, E, L = 4, 3, 4, 2
 
@@ -43,30 +44,24 @@ class FakeTier(SlowTier):
 
 
 class Source:
-    """A forecast source the test drives by hand (the OnlinePredictor's hook)."""
+    """Forecasts made by hand, handed to the cache as an MoE block hands the forecaster's."""
 
-    def __init__(self):
-        self.fns = []
-
-    def on_forecast(self, fn):
-        self.fns.append(fn)
-        return lambda: self.fns.remove(fn)
+    def __init__(self, cache):
+        self.cache = cache
 
     def forecast(self, target, experts, d=1):
         scores = torch.zeros(E)
         scores[list(experts)] = 1.0
-        for fn in self.fns:
-            fn(target, scores, d)
+        self.cache.prefetch([Forecast(target, scores, d)])
 
 
 def make_cache(slots=2, prefetch=True, **cfg):
     tier = FakeTier()
     cfg = CacheConfig(offload="disk", capacity_slots=slots, **cfg)
     cache = ExpertCache(fake_spec(), tier, cfg, device=torch.device("cpu"), dtype=torch.float32)
-    src = Source()
     if prefetch:
-        cache.start_prefetch(src, depth=1, max_depth=1)
-    return cache, tier, src
+        cache.start_prefetch(depth=1, max_depth=1)
+    return cache, tier, Source(cache)
 
 
 def ids(*experts):
@@ -179,8 +174,7 @@ def test_prefetch_never_displaces_a_nearer_forecast():
         # A new forecast: (1,0) at distance 1 with more votes; (1,1) may not displace it.
         scores = torch.zeros(E)
         scores[0], scores[1] = 3.0, 1.0
-        for fn in src.fns:
-            fn(1, scores, 1)
+        cache.prefetch([Forecast(1, scores, 1)])
         cache.prepare(0, ids(1))
         assert cache.state.is_resident((1, 0)) and not cache.state.is_resident((1, 1))
     finally:
@@ -218,9 +212,9 @@ def test_feed_keeps_only_forecasts_within_depth_and_replaces_rounds():
     from expert_cache.prefetcher import Prefetcher
 
     p = Prefetcher(num_layers=4, depth=1, max_depth=2, limit=8)
-    p.feed(1, torch.tensor([0.0, 2.0, 0.0, 1.0]), 1)
-    p.feed(2, torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)  # beyond depth 1: ignored
+    p.feed(Forecast(1, torch.tensor([0.0, 2.0, 0.0, 1.0]), 1))
+    p.feed(Forecast(2, torch.tensor([1.0, 0.0, 0.0, 0.0]), 2))  # beyond depth 1: ignored
     assert p.predicted == {(1, 1): Prediction(1, 2.0), (1, 3): Prediction(1, 1.0)}
     assert p.candidates({(1, 1)}) == [(1, 3)]
-    p.feed(2, torch.tensor([0.0, 0.0, 5.0, 0.0]), 1)  # next layer's round replaces
+    p.feed(Forecast(2, torch.tensor([0.0, 0.0, 5.0, 0.0]), 1))  # next layer's round replaces
     assert p.predicted == {(2, 2): Prediction(1, 5.0)}

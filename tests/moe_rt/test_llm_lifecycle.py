@@ -37,3 +37,18 @@ def test_id_only_predictor_needs_a_fit_trace(mixtral_dir):
 
     with pytest.raises(MoeRtError, match="fitted on a trace"):
         LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="coactivation")
+
+
+def test_cache_forecaster_and_tracked_predictor_run_side_by_side(mixtral_dir, mixtral_llm):
+    """The cache's predictor is the model's one forecaster, the tracked one an observer: both see
+    every forward, only the first feeds prefetches, and both leave the model when it closes."""
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    cache = {"offload": "cpu", "capacity_slots": 4, "policy": "predictive", "predictor": "gate_lookahead"}
+    with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="gate_lookahead",
+             cache=cache) as llm:
+        out = llm.generate("In the beginning", params)[0]
+        stats = llm.engine.moe_stats()
+        assert stats["cache"]["prefetches_issued"] > 0
+        assert stats["predictor"]["tokens"] == stats["cache"]["predictor"]["tokens"] > 0
+        assert out.token_ids == mixtral_llm.generate("In the beginning", params)[0].token_ids
+    assert not llm.model.hub.active

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,12 +39,13 @@ from expert_cache.config import CacheConfig
 from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
 from expert_cache.planning import plan_demand, plan_prefetch
 from expert_cache.policies import ExpertKey
-from expert_cache.prefetcher import ForecastSource, MovingAverage, Prefetcher
+from expert_cache.prefetcher import MovingAverage, Prefetcher
 from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
 from expert_cache.transfer import Ticket, TransferEngine
 from moe_rt.errors import MoeRtError
 from moe_rt.kernels.loop import loop_experts
+from moe_rt.layers.moe.events import Forecast
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
 
 log = logging.getLogger(__name__)
@@ -210,15 +212,27 @@ class ExpertCache(ExpertStore):
         self.link_bps.add(self._expert_bytes / max(seconds, 1e-9))
 
     # -- prefetch ---------------------------------------------------------------------------------
-    def start_prefetch(self, source: ForecastSource, *, depth: int | str = 1, max_depth: int = 1,
-                       owner=None) -> Prefetcher:
-        """Prefetch from `source`'s forecasts (e.g. an OnlinePredictor); `owner` is stopped on close."""
+    def start_prefetch(self, *, depth: int | str = 1, max_depth: int = 1, owner=None) -> Prefetcher:
+        """Prefetch from the forecasts the model hands to `prefetch`; `owner` (what makes them, e.g.
+        the hub's OnlinePredictor) reports its stats with the cache's and is stopped on close."""
         if self.prefetcher is not None:
             raise MoeRtError("the expert cache already has a prefetcher")
         self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, self.cfg.prefetch_queue)
-        self.prefetcher.attach(source)
         self._source = owner
         return self.prefetcher
+
+    @property
+    def forecaster(self):
+        """What makes the forecasts this cache prefetches from (None without prefetch)."""
+        return self._source
+
+    def prefetch(self, forecasts: Sequence[Forecast]) -> None:
+        """ExpertStore.prefetch: the forecasts made after layer l routed, before prepare(l). They
+        only replace the prefetcher's forecast here; prepare(l) issues the copies once l's own
+        demand loads are done, so a prefetch never takes a slot or the link from the layer running."""
+        if self.prefetcher is not None:
+            for forecast in forecasts:
+                self.prefetcher.feed(forecast)
 
     def _load_misses(self, loads) -> float:
         """Demand-load the planned misses on this thread; returns the seconds taken. If a read
@@ -369,8 +383,6 @@ class ExpertCache(ExpertStore):
         if self._closed:
             return
         self._closed = True
-        if self.prefetcher is not None:
-            self.prefetcher.detach()
         if self._source is not None and hasattr(self._source, "stop"):
             self._source.stop()
         self.transfer.close()

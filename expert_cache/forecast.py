@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import torch
 
 from expert_cache.policies import ExpertKey, Prediction
+from moe_rt.layers.moe.events import Forecast
 
 
 def aggregate_scores(scores: torch.Tensor, top_k: int, first_layer: int) -> dict[ExpertKey, Prediction]:
@@ -32,9 +33,17 @@ def aggregate_scores(scores: torch.Tensor, top_k: int, first_layer: int) -> dict
     votes = torch.zeros(d, e, dtype=torch.int64)
     votes.scatter_add_(1, top.reshape(d, t * k), torch.ones(d, t * k, dtype=torch.int64))
     out: dict[ExpertKey, Prediction] = {}
-    for j, expert in torch.nonzero(votes > 0).tolist():
-        out[(first_layer + j, expert)] = Prediction(distance=j + 1, score=float(votes[j, expert]))
+    for j in range(d):
+        out.update(predictions(Forecast(first_layer + j, votes[j], j + 1)))
     return out
+
+
+def predictions(forecast: Forecast) -> dict[ExpertKey, Prediction]:
+    """One layer's batch forecast as per-key Predictions: every expert with a positive score
+    (votes), at the forecast's distance. Replay and the runtime's prefetcher both read forecasts so."""
+    scores = forecast.scores
+    return {(forecast.target, e): Prediction(forecast.distance, float(scores[e]))
+            for e in torch.nonzero(scores > 0).flatten().tolist()}
 
 
 def prefetch_order(predicted: Mapping[ExpertKey, Prediction], resident: Iterable[ExpertKey] | set,

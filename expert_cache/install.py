@@ -47,6 +47,9 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
     trained = getattr(predictor, "max_depth", L - 1)
     want = 4 if cfg.lookahead == "auto" else cfg.lookahead
     depth = max(1, min(want, L - 1, trained))
-    online = OnlinePredictor(model.hub, predictor, depth=depth, model=model).start()
-    cache.start_prefetch(online, depth=cfg.lookahead, max_depth=depth, owner=online)
+    # The predictor becomes the model's forecaster: each MoE block hands its forecasts to the
+    # model's store (this cache) before preparing the layer (moe_rt/layers/moe/events.py).
+    online = OnlinePredictor(model.hub, predictor, depth=depth, model=model)
+    cache.start_prefetch(depth=cfg.lookahead, max_depth=depth, owner=online)
+    online.start(forecaster=True)
 

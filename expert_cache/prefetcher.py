@@ -1,8 +1,8 @@
 """The prefetcher's decisions: which forecast experts to load early, and how far ahead to look.
 
-It listens to a forecast source (router_predict.online.OnlinePredictor, or anything with the same
-`on_forecast(fn)` hook: fn(target_moe_index, expert_scores [E], distance)) and keeps the latest
-forecast as per-key Predictions, exactly like the replay simulator's (forecast.aggregate_scores:
+The model hands the cache each layer's Forecasts (moe_rt.layers.moe.events: made by the hub's
+forecaster after layer l routes, given to ExpertStore.prefetch before prepare(l)); `feed` keeps
+the latest as per-key Predictions, exactly like the replay simulator's (forecast.predictions:
 score = tokens voting for the expert). It moves no bytes and changes no residency: the cache
 (cache.ExpertCache) asks it for `candidates` after each layer's demand loads and issues them
 through the transfer engine, evicting only what policies.should_displace allows.
@@ -17,18 +17,10 @@ Shape legend: E experts per layer.
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
 
-import torch
-
-from expert_cache.forecast import prefetch_order
+from expert_cache.forecast import predictions, prefetch_order
 from expert_cache.policies import ExpertKey, Prediction
-
-ForecastFn = Callable[[int, torch.Tensor, int], None]
-
-
-class ForecastSource(Protocol):
-    def on_forecast(self, fn: ForecastFn) -> Callable[[], None]: ...
+from moe_rt.layers.moe.events import Forecast
 
 
 class MovingAverage:
@@ -53,26 +45,15 @@ class Prefetcher:
         self.transfer_s = MovingAverage()  # seconds per expert copy (worker)
         self.layer_s = MovingAverage()  # seconds per MoE layer (compute, stalls excluded)
         self.issued_per_layer = MovingAverage()
-        self._unsubscribe: Callable[[], None] | None = None
 
-    # -- the forecast source ------------------------------------------------------------------
-    def attach(self, source: ForecastSource) -> None:
-        self._unsubscribe = source.on_forecast(self.feed)
-
-    def detach(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
-    def feed(self, target: int, scores: torch.Tensor, distance: int) -> None:
+    def feed(self, forecast: Forecast) -> None:
         """One forecast made after layer target-distance. Distance 1 opens a new round: the
         forecast after a layer replaces the previous one (as in replay)."""
-        if distance == 1:
+        if forecast.distance == 1:
             self.predicted = {}
-        if distance > self.depth or not 0 <= target < self.num_layers:
+        if forecast.distance > self.depth or not 0 <= forecast.target < self.num_layers:
             return
-        for e in torch.nonzero(scores > 0).flatten().tolist():
-            self.predicted[(target, e)] = Prediction(distance, float(scores[e]))
+        self.predicted.update(predictions(forecast))
 
     # -- decisions ----------------------------------------------------------------------------
     @property

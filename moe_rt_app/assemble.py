@@ -5,8 +5,9 @@ rank build through `build_engine`; nothing else wires packages together.
     build_engine(cfg)      cfg: the validated tree (moe_rt_app/config.py), file and flags merged
       1. LLMEngine: model (routed experts left on disk when a cache will fetch them), KV cache
       2. the tree checked against the model (pinned and placed expert ids in range)
-      3. the expert cache, made the model's expert store, prefetching with the predictor section
-      4. otherwise the predictor section runs online, tracked for its live recall
+      3. the expert cache, made the model's expert store; with policy predictive the predictor
+         section runs as the model's forecaster (its forecasts reach the cache through each MoE block)
+      4. otherwise the predictor section runs online as an observer, tracked for its live recall
 Each installed part is attached to the engine: its stats join moe_stats() and it stops when the
 engine closes. Expert parallelism is applied to the built engine by moe_rt_app/ep_llm.py.
 """
@@ -46,6 +47,9 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
                 predictor=predictor,
             )
             engine.attach("cache", built.expert_cache.stats, built.expert_cache.close)
+            if built.expert_cache.forecaster is not None:  # the one predictor: its recall is reported too
+                built.online_predictor = built.expert_cache.forecaster
+                engine.attach("predictor", built.online_predictor.stats)
         if cfg.predictor is not None and cfg.predictor.name != RESIDUAL_GATE and not prefetching:
             built.online_predictor = _track_predictor(engine, cfg)
         return built
@@ -64,6 +68,7 @@ def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
     from router_predict.online import OnlinePredictor
 
     depth = cfg.predictor.depth
-    online = OnlinePredictor(engine.model.hub, _predictor(engine, cfg, depth), depth, model=engine.model).start()
+    online = OnlinePredictor(engine.model.hub, _predictor(engine, cfg, depth), depth, model=engine.model)
+    online.start(forecaster=False)  # scored, never prefetched from
     engine.attach("predictor", online.stats, online.stop)
     return online

@@ -1,24 +1,30 @@
 """Run a routing predictor inside a live model: forecasts for the expert cache's prefetcher.
 
-OnlinePredictor subscribes to a model's RoutingHub. Right after MoE layer l routes a batch it
-builds the LayerObservation (router input, chosen experts, and from the engine's BatchInfo the
-token ids, positions and previous tokens), asks the Predictor for layers l+1..l+D, and turns each
-per-token forecast into one expert score vector for the batch: how many of the batch's tokens have
-expert e in their predicted top-k. That vector is what a prefetcher needs (which experts, how
-many tokens want each), so it is kept as `latest(target)` and pushed to `on_forecast` callbacks.
+Right after MoE layer l routes a batch, OnlinePredictor.forecast(event) builds the LayerObservation
+(router input, chosen experts, and from the step's BatchInfo the token ids, positions and previous
+tokens), asks the Predictor for layers l+1..l+D, and turns each per-token forecast into one expert
+score vector for the batch: how many of the batch's tokens have expert e in their predicted top-k.
+That vector is what a prefetcher needs (which experts, how many tokens want each), so it is kept as
+`latest(target)` and returned as a moe_rt Forecast.
+
+It joins the model's RoutingHub in one of two roles (start(forecaster=...)):
+- forecaster: each MoE block hands its forecasts to the model's expert store before preparing the
+  layer (the order in moe_rt/layers/moe/events.py); expert_cache/install.py starts it so;
+- observer: forecasts are made and scored but go nowhere (a predictor tracked for its recall).
 
 Predictors that read a layer's output (needs_layer_output, e.g. gate_lookahead_output) forecast
 later: the router event of layer l only scores what was forecast for l, and the forecast from l is
 made when layer l's decoder layer finishes, from its output, caught by a forward hook (installed
-only between start() and stop(); pass the model). The same forecasts and scoring rules apply.
+only between start() and stop(); pass the model). Those forecasts are handed over at the next
+router event, layer l+1's, which is still before prepare(l+1). The same scoring rules apply.
 
 When layer l+d then routes, the per-token forecasts made for it are scored against what it chose
 (recall@k, the same rule as offline replay in router_predict.evaluate), so `stats()` is the
 predictor's live hit rate. A forecast is only ever scored against the same forward batch: forecasts
 still pending when the next batch starts are dropped.
 
-Cost: nothing is subscribed until start(), and the MoE blocks skip emitting when no one listens.
-When running, the whole observer (predict and bookkeeping) is timed per token.
+Cost: nothing is subscribed until start(), and the MoE blocks skip the hooks when no one listens.
+When running, the whole forecast step (predict and bookkeeping) is timed per token.
 
 Shape legend: T tokens of a batch, k experts per token, E routed experts, H router input size,
 L MoE layers, D depth (look-ahead distances 1..D).
@@ -33,13 +39,12 @@ from typing import Callable
 import torch
 
 from moe_rt.errors import MoeRtError
-from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from moe_rt.layers.moe.events import Forecast, RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
 from router_predict.evaluate import ranked_experts
-from router_predict.layer_output import attach_observer
+from router_predict.layer_output import hook_layer_outputs
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
-ForecastFn = Callable[[int, torch.Tensor, int], None]  # (target moe_index, expert scores [E], distance d)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class OnlinePredictor:
         self.model = model
         self._detach: Callable[[], None] | None = None
         self._awaiting: dict[int, RouterEvent] = {}  # moe_index -> its event, until its output is known
-        self._callbacks: list[ForecastFn] = []
+        self._ready: list[Forecast] = []  # made since the last router event, handed out at the next
         self._latest: dict[int, torch.Tensor] = {}  # target moe_index -> [E] latest batch forecast
         self._last_token: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq id -> (position, token)
         self._forward: tuple | None = _FRESH  # identifies the batch being routed
@@ -87,20 +92,33 @@ class OnlinePredictor:
         self._spent_ns = 0
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> "OnlinePredictor":
+    def start(self, *, forecaster: bool = False) -> "OnlinePredictor":
+        """Join the hub: as its forecaster (forecasts go to the model's expert store) or as an
+        observer (forecasts only kept and scored)."""
         if self._detach is None:
             wants_output = getattr(self.predictor, "needs_layer_output", False)
-            self._detach = attach_observer(self.hub, self._on_event, self.model,
-                                           self._on_layer_output if wants_output else None)
+            join = self.hub.set_forecaster(self) if forecaster else self.hub.subscribe(self._observe_only)
+            try:
+                unhook = hook_layer_outputs(self.model, self._on_layer_output) if wants_output else None
+            except BaseException:
+                join()
+                raise
+
+            def leave() -> None:
+                if unhook is not None:
+                    unhook()
+                join()
+            self._detach = leave
         return self
 
     def stop(self) -> None:
-        """Unsubscribe (and unhook); stats and latest forecasts stay readable."""
+        """Leave the hub (and unhook); stats and latest forecasts stay readable."""
         if self._detach is not None:
             self._detach()
             self._detach = None
         self._pending.clear()
         self._awaiting.clear()
+        self._ready.clear()
         self._forward = _FRESH
 
     def __enter__(self) -> "OnlinePredictor":
@@ -110,15 +128,6 @@ class OnlinePredictor:
         self.stop()
 
     # -- consumers ----------------------------------------------------------------------------
-    def on_forecast(self, fn: ForecastFn) -> Callable[[], None]:
-        """Call fn(target_moe_index, expert_scores [E] float32 on CPU, d) after every forecast.
-
-        expert_scores[e] = tokens of the batch with e in their predicted top-k for that layer.
-        Returns a function that removes the callback.
-        """
-        self._callbacks.append(fn)
-        return lambda: self._callbacks.remove(fn) if fn in self._callbacks else None
-
     def latest(self, moe_index: int) -> torch.Tensor | None:
         """The most recent forecast [E] for MoE layer `moe_index` (made from the nearest earlier layer)."""
         return self._latest.get(moe_index)
@@ -150,11 +159,18 @@ class OnlinePredictor:
         self._tally.clear()
         self._tokens = self._spent_ns = 0
 
-    # -- the observer -------------------------------------------------------------------------
-    def _on_event(self, event: RouterEvent) -> None:
+    # -- the forecaster -----------------------------------------------------------------------
+    def forecast(self, event: RouterEvent) -> list[Forecast]:
+        """Score what was forecast for this layer, forecast the next ones; returns every Forecast
+        made since the previous router event (from this event, or from the previous layer's output)."""
         start = time.perf_counter_ns()
         self._observe(event)
+        ready, self._ready = self._ready, []
         self._spent_ns += time.perf_counter_ns() - start
+        return ready
+
+    def _observe_only(self, event: RouterEvent) -> None:
+        self.forecast(event)
 
     def _on_layer_output(self, moe_index: int, output: torch.Tensor) -> None:
         start = time.perf_counter_ns()
@@ -172,7 +188,7 @@ class OnlinePredictor:
             raise MoeRtError(f"router event for MoE layer {l}, predictor is for {num_layers} layers")
         batch = event.batch
         if batch is not None and batch.token_ids.shape[0] != event.topk_ids.shape[0]:
-            batch = None  # a forward outside the engine's step (e.g. prompt_logits) sees a stale BatchInfo
+            batch = None  # the layer routed a slice of the step's rows (an expert-parallel rank's share)
         # A new forward starts at a new engine step, or (outside the engine) when layer indices restart.
         forward = (batch.step,) if batch is not None else None
         if forward != self._forward or l <= self._last_index:
@@ -194,7 +210,8 @@ class OnlinePredictor:
         self._forecast(event, None)
 
     def _forecast(self, event: RouterEvent, layer_output: torch.Tensor | None) -> None:
-        """Predict layers l+1..l+D from layer l's event (and output), keep and hand out the forecasts."""
+        """Predict layers l+1..l+D from layer l's event (and output); keep the forecasts for scoring
+        and `latest`, and queue them for the next forecast() to hand out."""
         l = event.moe_index
         token_ids, positions, prev = self._batch_cols or (None, None, None)
         dev = self.device
@@ -213,13 +230,13 @@ class OnlinePredictor:
             target = l + d
             self._pending[(target, d)] = picked[d - 1]  # [T, k]
             self._latest[target] = agg[d - 1]  # [E]
-            for fn in list(self._callbacks):
-                fn(target, agg[d - 1], d)
+            self._ready.append(Forecast(target, agg[d - 1], d))
 
     def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
         self._forward = forward
         self._pending.clear()
         self._awaiting.clear()
+        self._ready.clear()  # made in a forward that never reached its next layer (it raised)
         self._tokens += event.topk_ids.shape[0]
         if batch is None:
             self._batch_cols = None

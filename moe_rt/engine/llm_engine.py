@@ -92,11 +92,11 @@ class LLMEngine:
     def attach(self, name: str, stats: Callable[[], dict] | None = None,
                close: Callable[[], None] | None = None) -> None:
         """Register a part installed on this engine: its stats join moe_stats() under `name`, and
-        close() stops it (in reverse order of attachment: the last installed stops first)."""
+        close() stops it and drops its stats (in reverse order of attachment: the last installed
+        stops first)."""
         if stats is not None:
             self.stat_sources[name] = stats
-        if close is not None:
-            self._closers.append((name, close))
+        self._closers.append((name, close))
 
     def _eos_ids(self, model_dir: str) -> set[int]:
         ids = set(self.spec.eos_token_ids)
@@ -164,8 +164,9 @@ class LLMEngine:
         subscription); idempotent."""
         while self._closers:
             name, close = self._closers.pop()
-            close()
             self.stat_sources.pop(name, None)
+            if close is not None:
+                close()
 
     def moe_stats(self) -> dict:
         """MoE figures of every registered source (cache, predictor, expert parallelism)."""
@@ -213,6 +214,10 @@ class LLMEngine:
             return StepResult()
         self.last_batch_size = len(seqs)
         self.num_steps += 1
+        # run: one forward. Forecast and prefetch happen inside it, per MoE layer, because the
+        # forecast for layer l+1 needs layer l's routing: route -> observe -> forecast -> prefetch
+        # -> prepare -> compute -> combine (MoEBlock.forward; the contract is in
+        # moe_rt/layers/moe/events.py). The step's BatchInfo is scoped to this forward (ModelRunner.run).
         # A failing forward is the whole batch's, not one request's: it propagates (engine failure).
         logits = self.runner.run(prefill, decode)
         # From here on work is per sequence: one that fails ends its request with finish_reason

@@ -67,11 +67,9 @@ class ModelRunner:
         """Forward one step; returns logits [B, V] of each sequence's last position, in the order
         prefill + decode."""
         ids, pos, meta, seq_rows = self._prepare(prefill, decode)
-        hub = self.model.hub
-        if hub.active:
-            hub.batch = BatchInfo(self.step_count, torch.tensor(seq_rows), pos.cpu(), ids.cpu())
-        self.step_count += 1
-        hidden = self.model(ids, pos, meta, self.kv)
+        # The step context reaches each MoE layer's router event for this forward only.
+        with self.model.hub.forward(self._batch_info(ids, pos, seq_rows)):
+            hidden = self.model(ids, pos, meta, self.kv)
         if not prefill:  # every row is a decoding sequence's last token
             return self.model.compute_logits(hidden)
         P = meta.num_prefill_tokens
@@ -80,10 +78,19 @@ class ModelRunner:
             last = torch.cat([last, torch.arange(P, P + len(decode), device=self.device)])
         return self.model.compute_logits(hidden[last])
 
+    def _batch_info(self, ids: torch.Tensor, pos: torch.Tensor, seq_rows: list[int]) -> BatchInfo | None:
+        """This step's rows for the MoE layers' observers and forecaster; None (and no device-to-host
+        copy) when nobody listens. Every step takes a number, so steps stay distinct either way."""
+        step, self.step_count = self.step_count, self.step_count + 1
+        if not self.model.hub.active:
+            return None
+        return BatchInfo(step, torch.tensor(seq_rows), pos.cpu(), ids.cpu())
+
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [n, V] of every prompt position, without touching the KV cache."""
         ids = self._t(token_ids)
         meta = AttentionMetadata([len(token_ids)])
-        self.model.hub.batch = None  # a scoring pass belongs to no engine step: observers must not file it under one
-        return self.model.compute_logits(self.model(ids, torch.arange(len(token_ids), device=self.device), meta, None))
+        with self.model.hub.forward(None):  # a scoring pass belongs to no engine step
+            hidden = self.model(ids, torch.arange(len(token_ids), device=self.device), meta, None)
+        return self.model.compute_logits(hidden)

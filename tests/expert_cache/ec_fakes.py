@@ -14,6 +14,7 @@ import torch
 from expert_cache.cache import ExpertCache
 from expert_cache.config import CacheConfig
 from expert_cache.slow_tier import SlowTier
+from moe_rt.layers.moe.events import Forecast
 
 D, I = 4, 3
 
@@ -48,19 +49,13 @@ class FakeTier(SlowTier):
 
 
 class Source:
-    """A forecast source the test drives by hand (the OnlinePredictor's hook)."""
+    """Forecasts made by hand, handed to the cache as an MoE block hands the forecaster's."""
 
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.fns = []
-
-    def on_forecast(self, fn):
-        self.fns.append(fn)
-        return lambda: self.fns.remove(fn)
+    def __init__(self, cache: ExpertCache, num_experts: int):
+        self.cache, self.num_experts = cache, num_experts
 
     def send(self, target, scores, d=1):
-        for fn in self.fns:
-            fn(target, scores, d)
+        self.cache.prefetch([Forecast(target, scores, d)])
 
     def forecast(self, target, experts, d=1):
         scores = torch.zeros(self.num_experts)
@@ -74,9 +69,9 @@ def make_cache(num_layers: int, num_experts: int, slots: int, prefetch: bool = T
     cfg = CacheConfig(offload="disk", capacity_slots=slots, **cfg)
     cache = ExpertCache(fake_spec(num_layers, num_experts), tier, cfg,
                         device=torch.device("cpu"), dtype=torch.float32)
-    src = Source(num_experts)
+    src = Source(cache, num_experts)
     if prefetch:
-        cache.start_prefetch(src, depth=depth, max_depth=depth)
+        cache.start_prefetch(depth=depth, max_depth=depth)
     return cache, tier, src
 
 

@@ -8,6 +8,8 @@ import torch
 import ec_fakes
 from ec_fakes import D, I
 
+from moe_rt.layers.moe.events import Forecast
+
 E, L = 4, 2
 
 
@@ -123,8 +125,7 @@ def test_prefetch_never_displaces_a_nearer_forecast():
         # A new forecast: (1,0) at distance 1 with more votes; (1,1) may not displace it.
         scores = torch.zeros(E)
         scores[0], scores[1] = 3.0, 1.0
-        for fn in src.fns:
-            fn(1, scores, 1)
+        src.send(1, scores, 1)
         prepare(cache, 0, ids(1))
         assert cache.state.is_resident((1, 0)) and not cache.state.is_resident((1, 1))
     finally:
@@ -162,11 +163,11 @@ def test_feed_keeps_only_forecasts_within_depth_and_replaces_rounds():
     from expert_cache.prefetcher import Prefetcher
 
     p = Prefetcher(num_layers=4, depth=1, max_depth=2, limit=8)
-    p.feed(1, torch.tensor([0.0, 2.0, 0.0, 1.0]), 1)
-    p.feed(2, torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)  # beyond depth 1: ignored
+    p.feed(Forecast(1, torch.tensor([0.0, 2.0, 0.0, 1.0]), 1))
+    p.feed(Forecast(2, torch.tensor([1.0, 0.0, 0.0, 0.0]), 2))  # beyond depth 1: ignored
     assert p.predicted == {(1, 1): Prediction(1, 2.0), (1, 3): Prediction(1, 1.0)}
     assert p.candidates({(1, 1)}) == [(1, 3)]
-    p.feed(2, torch.tensor([0.0, 0.0, 5.0, 0.0]), 1)  # next layer's round replaces
+    p.feed(Forecast(2, torch.tensor([0.0, 0.0, 5.0, 0.0]), 1))  # next layer's round replaces
     assert p.predicted == {(2, 2): Prediction(1, 5.0)}
 
 

@@ -37,3 +37,20 @@ def test_id_only_predictor_needs_a_fit_trace(mixtral_dir):
 
     with pytest.raises(MoeRtError, match="fitted on a trace"):
         LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="coactivation")
+
+
+def test_one_predictor_serves_the_cache_and_reports_its_recall(mixtral_dir, mixtral_llm):
+    """With a predictive cache the predictor section runs once, as the model's forecaster: it feeds
+    the prefetches, its live recall is the engine's "predictor" figure, and it leaves the model
+    when the engine closes."""
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    cache = {"offload": "cpu", "capacity_slots": 4, "policy": "predictive"}
+    with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="gate_lookahead",
+             cache=cache) as llm:
+        out = llm.generate("In the beginning", params)[0]
+        stats = llm.engine.moe_stats()
+        assert stats["cache"]["prefetches_issued"] > 0
+        assert stats["predictor"] == stats["cache"]["predictor"] and stats["predictor"]["tokens"] > 0
+        assert llm.online_predictor is llm.expert_cache.forecaster
+        assert out.token_ids == mixtral_llm.generate("In the beginning", params)[0].token_ids
+    assert not llm.model.hub.active

@@ -43,19 +43,26 @@ def event(layer, ids, batch=None, h=3):
                        torch.full(ids.shape, 0.5), batch)
 
 
-def test_recall_forecasts_and_callbacks_exact_by_hand():
+def routed(hub, ev):
+    """What an MoE block does after routing: tell the observers, then collect the forecasts."""
+    hub.observe(ev)
+    return [(f.target, f.distance, f.scores.tolist()) for f in hub.forecast(ev)]
+
+
+def test_recall_and_forecasts_exact_by_hand():
     hub = RoutingHub()
     online = OnlinePredictor(hub, Fixed(3, 4, 2), depth=2)
-    got = []
-    online.on_forecast(lambda target, scores, d: got.append((target, d, scores.tolist())))
-    assert not hub.active  # nothing subscribed before start(): the MoE blocks skip emitting
-    with online:
-        hub.emit(event(0, [[0, 1], [2, 3]]))
+    assert not hub.active  # nothing joined before start(): the MoE blocks skip the hooks
+    online.start(forecaster=True)
+    try:
+        got = routed(hub, event(0, [[0, 1], [2, 3]]))
         assert got == [(1, 1, [2.0, 2.0, 0.0, 0.0]), (2, 2, [2.0, 2.0, 0.0, 0.0])]
-        hub.emit(event(1, [[0, 2], [1, 0]]))  # forecast [0, 1] for both: 1 + 2 hits of 4
-        hub.emit(event(2, [[3, 2], [0, 1]]))  # d=2: 0 + 2; d=1: 0 + 2
-        hub.emit(event(0, [[0, 1]]))  # a new forward (indices restart): nothing left pending
-        hub.emit(event(0, [[0, 1]]))  # again: the layer-0 forecasts above are dropped, never scored
+        routed(hub, event(1, [[0, 2], [1, 0]]))  # forecast [0, 1] for both: 1 + 2 hits of 4
+        assert routed(hub, event(2, [[3, 2], [0, 1]])) == []  # d=2: 0 + 2; d=1: 0 + 2; last layer
+        routed(hub, event(0, [[0, 1]]))  # a new forward (indices restart): nothing left pending
+        routed(hub, event(0, [[0, 1]]))  # again: the layer-0 forecasts above are dropped, never scored
+    finally:
+        online.stop()
     assert not hub.active
     s = online.stats()
     assert s["by_distance"][1] == {"recall": 5 / 8, "rows": 4}
@@ -63,8 +70,22 @@ def test_recall_forecasts_and_callbacks_exact_by_hand():
     assert s["per_layer"][1] == {1: {"recall": 3 / 4, "rows": 2}, 2: {"recall": 2 / 4, "rows": 2}}
     assert s["recall"] == 7 / 12 and s["tokens"] == 4 and s["cost_us_per_token"] > 0
     assert online.latest(1).tolist() == [1.0, 1.0, 0.0, 0.0] and online.latest(0) is None
-    hub.emit(event(1, [[0, 1]]))  # after stop: ignored
+    assert routed(hub, event(1, [[0, 1]])) == []  # after stop: ignored
     assert online.stats()["tokens"] == 4
+
+
+def test_observer_role_scores_but_hands_out_nothing():
+    hub = RoutingHub()
+    online = OnlinePredictor(hub, Fixed(3, 4, 2), depth=2)
+    with online:  # start(): an observer
+        assert routed(hub, event(0, [[0, 1]])) == []
+        routed(hub, event(1, [[0, 1]]))
+    assert online.stats()["by_distance"][1] == {"recall": 1.0, "rows": 1}
+    assert online.latest(1).tolist() == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="already has a forecaster"):  # one store, one forecaster
+        with OnlinePredictor(hub, Fixed(3, 4, 2)).start(forecaster=True):
+            OnlinePredictor(hub, Fixed(3, 4, 2)).start(forecaster=True)
+    assert not hub.active
 
 
 def test_prev_tokens_follow_sequences_across_steps():
@@ -77,7 +98,7 @@ def test_prev_tokens_follow_sequences_across_steps():
         ([7, 7, 7, 7], [0, 1, 2, 3], [10, 11, 12, 13]),
     ]
     for n, (s, p, t) in enumerate(steps):
-        hub.emit(event(0, [[0, 1]] * len(s), BatchInfo(n, torch.tensor(s), torch.tensor(p), torch.tensor(t))))
+        hub.observe(event(0, [[0, 1]] * len(s), BatchInfo(n, torch.tensor(s), torch.tensor(p), torch.tensor(t))))
     online.stop()
     got = [o.prev_token_ids.tolist() for o in fixed.seen]
     assert got == [[-1, 10, -1], [11, 20], [-1, 10, 11, 12]]
@@ -90,7 +111,7 @@ def test_rejects_bad_setup():
         OnlinePredictor(RoutingHub(), Fixed(2, 4, 2), depth=0)
     online = OnlinePredictor(RoutingHub(), Fixed(2, 4, 2)).start()
     with pytest.raises(MoeRtError, match="MoE layer 5"):
-        online.hub.emit(event(5, [[0, 1]]))
+        online.hub.observe(event(5, [[0, 1]]))
 
 
 def test_from_model_equals_from_checkpoint(mixtral_llm, mixtral_dir):
@@ -105,13 +126,31 @@ def test_from_model_equals_from_checkpoint(mixtral_llm, mixtral_dir):
     torch.testing.assert_close(a.predict(obs, 1), b.predict(obs, 1), rtol=0, atol=0)
 
 
+class RecordingStore:
+    """The model's store, recording the forecasts the MoE blocks hand it before each prepare."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def prefetch(self, forecasts):
+        self.calls.extend((f.target, f.distance, float(f.scores.sum())) for f in forecasts)
+
+    def prepare(self, moe_index, topk_ids):
+        return self.inner.prepare(moe_index, topk_ids)
+
+
 def run_online_and_record(llm, predictor, depth):
+    """Run the predictor as the model's forecaster while recording a trace; the forecasts are
+    what reached the store."""
     online = OnlinePredictor(llm.model.hub, predictor, depth, model=llm.model)
-    calls = []
-    online.on_forecast(lambda target, scores, d: calls.append((target, d, float(scores.sum()))))
-    with online:
-        trace = record_trace(llm, PROMPTS, PARAMS, with_hidden=True, with_layer_output=True)
-    return online, trace, calls
+    ctx = llm.model.moe_ctx
+    store = ctx.store = RecordingStore(ctx.store)
+    try:
+        with online.start(forecaster=True):
+            trace = record_trace(llm, PROMPTS, PARAMS, with_hidden=True, with_layer_output=True)
+    finally:
+        ctx.store = store.inner
+    return online, trace, store.calls
 
 
 def test_online_recall_equals_offline_replay(mixtral_llm):

@@ -15,8 +15,8 @@ def emit_step(hub, step, seq_ids, layer_ids=(1, 3), h=3):
     batch = BatchInfo(step, torch.tensor(seq_ids), torch.arange(t) + step, torch.arange(t) + 100 * step)
     for moe_index, layer_id in enumerate(layer_ids):
         ids = torch.tensor([[(moe_index + r) % 4, (moe_index + r + 1) % 4] for r in range(t)])
-        hub.emit(RouterEvent(moe_index, layer_id, torch.full((t, h), float(step + moe_index)),
-                             torch.zeros(t, 4), ids, torch.full((t, 2), 0.5), batch))
+        hub.observe(RouterEvent(moe_index, layer_id, torch.full((t, h), float(step + moe_index)),
+                                torch.zeros(t, 4), ids, torch.full((t, 2), 0.5), batch))
 
 
 def test_assembles_rows_per_step_in_order():

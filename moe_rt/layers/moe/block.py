@@ -1,4 +1,5 @@
-"""The MoE block: router -> dispatch -> expert compute -> combine (+ shared expert).
+"""The MoE block: router -> (observe, forecast, prefetch) -> dispatch -> expert compute -> combine
+(+ shared expert). What runs between routing and dispatch, and in which order, is in events.py.
 
 Shape legend: T tokens, D hidden, E routed experts, K chosen per token.
 
@@ -52,8 +53,14 @@ class MoEBlock(nn.Module):
         w = self.gate.weight
         logits = F.linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else F.linear(x, w)
         weights, ids = route(logits, r, self.e_score_correction_bias)
-        if ctx.hub.active:
-            ctx.hub.emit(RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch))
+        if ctx.hub.active:  # the order after routing is a contract (events.py), held by a test
+            event = RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch)
+            ctx.hub.observe(event)
+            # Forecasts for layers l+1..l+D need layer l's routing, so they are made here, and reach
+            # the store before prepare(l): it issues their copies after l's own demand loads.
+            forecasts = ctx.hub.forecast(event)
+            if forecasts:
+                ctx.store.prefetch(forecasts)
         d = ctx.dispatcher.dispatch(self.moe_index, x, ids, weights)
         experts = ctx.store.prepare(self.moe_index, d.topk_ids)
         y = ctx.compute(d.hidden, experts.w13, experts.w2, experts.slots(d.topk_ids), d.topk_weights)

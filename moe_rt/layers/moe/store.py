@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+from .events import Forecast
 
 
 @dataclass
@@ -40,6 +42,11 @@ class ExpertStore(ABC):
     @abstractmethod
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
         """Make every expert in topk_ids (logical ids, -1 = none) usable and return the stack to use."""
+
+    def prefetch(self, forecasts: Sequence[Forecast]) -> None:
+        """Forecasts for later layers, made after layer l routed and handed over before prepare(l)
+        (the order in events.py). A store that moves weights may load them early; one that keeps
+        every expert where it computes has nothing to do."""
 
     def expert_bytes(self) -> int:
         return 0

@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from expert_cache.config import CacheConfig
-from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
+from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, PrefetchCosts, choose_host_experts
 from expert_cache.planning import plan_demand, plan_prefetch
-from expert_cache.policies import ExpertKey
+from expert_cache.policies import ExpertKey, Position
 from expert_cache.prefetcher import MovingAverage, Prefetcher
 from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
@@ -82,7 +82,9 @@ class ExpertCache(ExpertStore):
         self.prefetcher: Prefetcher | None = None
         self._source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
         self._tick = 0
-        self._last: tuple[int, float, int] | None = None  # (layer, time leaving prepare, issued)
+        # (layer, time leaving prepare, prefetches issued, demand loads) of the last prepare
+        self._last: tuple[int, float, int, int] | None = None
+        self.prefetches_declined = 0  # forecast keys the cost rule judged not worth a read
         self.layers = [LayerCounters() for _ in range(L)]
         self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
         self.proven_wrong = 0  # prefetches already copying when their layer ran without them
@@ -111,9 +113,12 @@ class ExpertCache(ExpertStore):
         self._tick += 1
         now, l = self._tick, moe_index
         if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
-            self.prefetcher.record_layer(enter - self._last[1], self._last[2])
+            self.prefetcher.record_layer(enter - self._last[1], self._last[2], self._last[3])
         ids = topk_ids[topk_ids >= 0].unique().tolist()
         keys = [(l, e) for e in ids]
+        if self.prefetcher is not None:
+            self.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
+        predicted, position = self._forecast(l)
         self._reap()
         self._drop_wrong_prefetches(l, set(keys))
         st, counters = self.state, self.layers[l]
@@ -121,7 +126,8 @@ class ExpertCache(ExpertStore):
         st.mark_needed(keys)
         stall = self._land(keys)
         host = self._host_experts(l, topk_ids, [k for k in keys if not st.is_resident(k)])
-        plan = plan_demand(st, keys, self.cfg.policy, self._predicted(), skip=[(l, e) for e in host])
+        plan = plan_demand(st, keys, self.cfg.policy, predicted, skip=[(l, e) for e in host],
+                           position=position)
         # Each load is in flight until its copy is done, so a failed read can be aborted.
         results = st.apply_demand(plan, now, in_flight=True)
         counters.hits += len(plan.hits)
@@ -140,7 +146,7 @@ class ExpertCache(ExpertStore):
             stall += seconds
         st.add_stall(stall)
         counters.stall_s += stall
-        issued = self._prefetch(now)
+        issued = self._prefetch(now, predicted, position)
         if out is None:
             pool = st.pool_of((l, 0))
             slot_of = torch.tensor(st.slot_map(l, self.num_experts), dtype=torch.int64)
@@ -149,7 +155,7 @@ class ExpertCache(ExpertStore):
             out.host_compute = self._host_compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
-        self._last = (l, time.perf_counter(), issued)
+        self._last = (l, time.perf_counter(), issued, len(plan.loads) + len(plan.streamed))
         return out
 
     # -- host compute of misses --------------------------------------------------------------------
@@ -240,26 +246,46 @@ class ExpertCache(ExpertStore):
         t0 = time.perf_counter()
         for i, load in enumerate(loads):
             try:
-                self.transfer.load_now(load.key, *self._slot(load.key, load.slot))
+                ticket = self.transfer.load_now(load.key, *self._slot(load.key, load.slot))
             except BaseException:
                 for rest in loads[i:]:
                     self.state.abort_load(rest.key)
                 raise
             self.state.complete(load.key)
+            if self.prefetcher is not None:  # a demand read costs what a prefetch read does
+                self.prefetcher.record_transfer(ticket.seconds)
         return time.perf_counter() - t0
 
-    def _predicted(self):
-        """The forecast in force (ranks demand victims under policy predictive)."""
-        return self.prefetcher.predicted if self.prefetcher is not None else None
+    def _forecast(self, l: int):
+        """The forecast in force with probabilities, and where it was made (ranks demand victims
+        under policy predictive, and decides prefetches); (None, None) without prefetch."""
+        p = self.prefetcher
+        if p is None:
+            return None, None
+        return p.probabilities(), Position(l, self.num_layers, p.depth)
 
-    def _prefetch(self, now: int) -> int:
+    def _prefetch_costs(self) -> PrefetchCosts | None:
+        """What the cost rule weighs, as measured so far (None: prefetch_rule always). Before
+        any read or layer is timed, read and layer time count as equal."""
+        if self.cfg.prefetch_rule != "cost":
+            return None
+        p = self.prefetcher
+        read_s, layer_s = p.transfer_s.value, p.layer_s.value
+        if read_s is None or layer_s is None:
+            read_s = layer_s = 1.0
+        queued = sum(not t.is_done() for t in self._tickets.values())
+        return PrefetchCosts(read_s, layer_s, queued, self.state.victim_reuse())
+
+    def _prefetch(self, now: int, predicted, position) -> int:
         """Issue up to prefetch_queue copies for the latest forecast; returns how many."""
         p = self.prefetcher
-        if p is None or p.limit <= 0 or not p.predicted:
+        if p is None or p.limit <= 0 or not predicted:
             return 0
         st = self.state
-        plan = plan_prefetch(st, p.candidates(st.entries), p.predicted,
-                             min(p.limit, self.transfer.room()))
+        candidates = p.candidates(st.entries)
+        plan = plan_prefetch(st, candidates, predicted, min(p.limit, self.transfer.room()),
+                             position, self._prefetch_costs())
+        self.prefetches_declined += max(0, min(len(candidates), p.limit) - len(plan.loads))
         # Invariant: each key is in flight in CacheState from here until _finish, so no one
         # evicts it or hands its slot to another key while the worker writes into it.
         st.apply_prefetch(plan, now, in_flight=True)
@@ -369,6 +395,12 @@ class ExpertCache(ExpertStore):
             "host_bytes_not_moved": self.host_computed * self._expert_bytes,
             "host_row_s_avg": self.host_row_s.value, "link_bytes_per_s": self.link_bps.value,
             "prefetches_cancelled": self.cancelled, "prefetches_proven_wrong": self.proven_wrong,
+            "prefetch_rule": self.cfg.prefetch_rule, "prefetches_declined": self.prefetches_declined,
+            "read_bytes_per_s": (None if p is None or not p.transfer_s.value
+                                 else self._expert_bytes / p.transfer_s.value),
+            "victim_reuse": self.state.victim_reuse(),
+            "forecast_precision": None if p is None else {d: p.accuracy.precision(d)
+                                                          for d in sorted(p.accuracy.total)},
             "lookahead": None if p is None else p.depth,
             "transfer_s_avg": None if p is None else p.transfer_s.value,
             "layer_s_avg": None if p is None else p.layer_s.value,

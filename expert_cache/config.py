@@ -53,6 +53,14 @@ class CacheConfig(BaseModel):
         8, ge=0,
         description="Most prefetches issued after one layer; further ones are dropped, nearest "
                     "layers and highest scores kept. 0 disables prefetch.")
+    prefetch_rule: Literal["cost", "always"] = Field(
+        "cost",
+        description="Which forecast experts a prefetch loads. cost: only those whose expected "
+                    "saving is positive (cost_model.prefetch_gain), from the forecast's "
+                    "probability, the measured read and layer times, the transfer queue ahead "
+                    "of it and the value of the expert it would evict. always: every forecast "
+                    "expert up to prefetch_queue that may displace its victim (the rule replay "
+                    "uses unless given costs).")
     cpu_compute_on_miss: Literal[False, "auto", "always"] = Field(
         False,
         description="What a miss whose weights are in host RAM does: false (load it into a "

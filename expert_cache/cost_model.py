@@ -16,6 +16,7 @@ applies it to one layer's misses (see docs/expert-cache.md, "Miss handling").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from moe_rt.errors import MoeRtError
@@ -62,6 +63,69 @@ def rates_from_replay(stats: dict, layer_visits: int) -> tuple[float, float]:
     if layer_visits < 1:
         raise MoeRtError("cost model: replay visited no layer")
     return stats["misses"] / layer_visits, stats["prefetches_issued"] / layer_visits
+
+
+# ---- the prefetch rule (runtime and replay alike) --------------------------------------------
+@dataclass(frozen=True)
+class PrefetchCosts:
+    """What a prefetch decision weighs, measured online by the cache (or given to replay).
+
+    A wasted prefetch costs a full read of link time (the disk tier is bound by bytes moved: it
+    delays every read behind it) and, when it evicted something, the chance that victim is
+    read back (`victim_reuse`, a full read again). A useful one takes off the critical path the
+    part of a demand read that lands before its layer runs."""
+
+    read_s: float  # seconds per expert read from the slow tier (t_x)
+    layer_s: float  # seconds of compute per MoE layer (stalls excluded)
+    queued: int = 0  # reads already ahead in the transfer queue (incl. the one in progress)
+    victim_reuse: float = 0.5  # chance an unforecast victim is needed again before it would go
+
+    def __post_init__(self) -> None:
+        if self.read_s < 0 or self.layer_s < 0 or self.queued < 0:
+            raise MoeRtError("prefetch costs: times and queue length must not be negative")
+        if not 0.0 <= self.victim_reuse <= 1.0:
+            raise MoeRtError(f"prefetch costs: victim_reuse must be in [0, 1], got {self.victim_reuse}")
+
+
+def hidden_seconds(distance: int, position: int, c: PrefetchCosts) -> float:
+    """How much of one read a prefetch hides: it starts after the `position` reads ahead of it
+    (queued + those issued before it now) and has `distance` layer-times until its layer runs;
+    a late one still saves the part that landed. In [0, read_s]."""
+    return min(c.read_s, max(0.0, distance * c.layer_s - position * c.read_s))
+
+
+def prefetch_gain(prob: float, distance: int, position: int, victim_prob: float | None,
+                  c: PrefetchCosts) -> float:
+    """Expected seconds a prefetch saves (> 0: issue it).
+
+      gain = p * hidden - (1 - p) * read_s * (1 + v)
+
+    p: chance the key is used at its layer; hidden: hidden_seconds; v: the displaced key's
+    chance of being needed again (its forecast probability when forecast, c.victim_reuse when
+    not, 0 for a free slot: `victim_prob` None). When the prefetch is right, the victim would
+    have gone anyway (the demand load it replaces evicts the same one), so only a wasted
+    prefetch pays for it."""
+    v = 0.0 if victim_prob is None else victim_prob
+    return prob * hidden_seconds(distance, position, c) - (1.0 - prob) * c.read_s * (1.0 + v)
+
+
+def prefetch_threshold(distance: int, position: int, victim_prob: float | None,
+                       c: PrefetchCosts) -> float:
+    """The smallest probability at which prefetch_gain is positive (> 1: never)."""
+    v = 0.0 if victim_prob is None else victim_prob
+    waste = c.read_s * (1.0 + v)
+    h = hidden_seconds(distance, position, c)
+    return waste / (h + waste) if h + waste > 0 else 1.0
+
+
+def lookahead_depth(loads_per_layer: float | None, read_s: float | None, layer_s: float | None,
+                    max_depth: int) -> int:
+    """`lookahead: auto`: layers ahead to prefetch so one layer's expected loads (misses a
+    prefetch should replace) land in time: ceil(loads x read time / layer time), in
+    [1, max_depth]; 1 until measured."""
+    if read_s is None or not layer_s or not loads_per_layer:
+        return 1
+    return max(1, min(max_depth, math.ceil(loads_per_layer * read_s / layer_s)))
 
 
 def cpu_beats_transfer(expert_bytes: int, link_bytes_per_s: float, cpu_expert_s: float) -> bool:

@@ -55,3 +55,52 @@ def prefetch_order(predicted: Mapping[ExpertKey, Prediction], resident: Iterable
     todo = [k for k in predicted if k not in resident]
     todo.sort(key=lambda k: (predicted[k].distance, -predicted[k].score, k))
     return todo[:max(limit, 0)]
+
+
+class ForecastAccuracy:
+    """The forecaster's measured precision per distance: of the votes cast for a layer's keys at
+    distance d (a token's predicted top-k), the fraction whose key that layer used. Turns votes
+    into calibrated probabilities
+    (with_probabilities); the runtime's prefetcher and replay keep one each and feed it the
+    same way, so both compute the same probabilities.
+
+    `record` a round's forecast when it is made; `observe` each layer's keys when it runs. A
+    prior of one hit in one forecast keeps a new forecaster trusted until measured."""
+
+    def __init__(self, prior_hits: float = 1.0, prior_total: float = 1.0) -> None:
+        # target layer -> [(distance, {key: votes})]
+        self._pending: dict[int, list[tuple[int, dict[ExpertKey, float]]]] = {}
+        self.hits: dict[int, float] = {}
+        self.total: dict[int, float] = {}
+        self._prior = (prior_hits, prior_total)
+
+    def record(self, predicted: Mapping[ExpertKey, Prediction]) -> None:
+        by_target: dict[tuple[int, int], dict[ExpertKey, float]] = {}
+        for key, p in predicted.items():
+            by_target.setdefault((key[0], p.distance), {})[key] = p.score
+        for (target, d), keys in by_target.items():
+            self._pending.setdefault(target, []).append((d, keys))
+
+    def observe(self, layer: int, used: Iterable[ExpertKey]) -> None:
+        used = set(used)
+        for d, votes in self._pending.pop(layer, ()):
+            self.hits[d] = self.hits.get(d, 0.0) + sum(v for k, v in votes.items() if k in used)
+            self.total[d] = self.total.get(d, 0.0) + sum(votes.values())
+
+    def precision(self, distance: int) -> float:
+        a, b = self._prior
+        return (self.hits.get(distance, 0.0) + a) / (self.total.get(distance, 0.0) + b)
+
+
+def with_probabilities(predicted: Mapping[ExpertKey, Prediction],
+                       accuracy: ForecastAccuracy | None) -> dict[ExpertKey, Prediction]:
+    """Each prediction with prob = 1 - (1 - q)^votes, q the measured precision of one vote at its
+    distance (1 without `accuracy`): the batch uses a key if any one of its votes is right, so
+    votes raise the chance (at batch 1, one vote: prob = q). Pure given the accuracy's counts."""
+    prec: dict[int, float] = {}
+    out = {}
+    for key, p in predicted.items():
+        if p.distance not in prec:
+            prec[p.distance] = 1.0 if accuracy is None else accuracy.precision(p.distance)
+        out[key] = Prediction(p.distance, p.score, 1.0 - (1.0 - prec[p.distance]) ** max(p.score, 0.0))
+    return out

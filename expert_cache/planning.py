@@ -20,7 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from expert_cache.policies import ExpertKey, PolicyInputs, Prediction, belady_keep, choose_victims, should_displace
+from expert_cache.cost_model import PrefetchCosts, prefetch_gain
+from expert_cache.policies import (ExpertKey, PolicyInputs, Position, Prediction, belady_keep, choose_victims,
+                                   should_displace)
 
 if TYPE_CHECKING:
     from expert_cache.state import CacheState
@@ -83,15 +85,18 @@ class _Slots:
         self.refused: dict[int, tuple] = {}
 
     def take(self, key: ExpertKey, policy: str, inputs: PolicyInputs,
-             incoming: Prediction | None = None) -> Load | None:
+             incoming: Prediction | None = None, accept=None) -> Load | None:
         """A slot for `key`, or None. With `incoming` (a prefetch's forecast for `key`) a victim
-        is taken only where policies.should_displace allows."""
+        is taken only where policies.should_displace allows. `accept(load) -> bool`, when given,
+        has the last word on the load found (nothing is taken when it says no)."""
         st = self.state
         pool = st.pool_of(key)
         if pool not in self.free:
             self.free[pool] = list(st.free_slots[pool])
         free = self.free[pool]
         if free:
+            if accept is not None and not accept(Load(key, free[-1])):
+                return None
             self.taken.add(key)
             return Load(key, free.pop())
         rank = (math.inf,) if incoming is None else (incoming.distance, -incoming.score)
@@ -105,20 +110,24 @@ class _Slots:
         if incoming is not None and not should_displace(incoming, victim, inputs):
             self.refused[pool] = min(rank, self.refused.get(pool, rank))
             return None
+        load = Load(key, st.entries[victim].slot, victim)
+        if accept is not None and not accept(load):
+            return None
         self.taken.update((key, victim))
-        return Load(key, st.entries[victim].slot, victim)
+        return load
 
 
 def plan_demand(state: "CacheState", keys: Iterable[ExpertKey], policy: str,
                 predicted: Mapping[ExpertKey, Prediction] | None = None,
-                skip: Iterable[ExpertKey] = ()) -> DemandPlan:
+                skip: Iterable[ExpertKey] = (), position: Position | None = None) -> DemandPlan:
     """A layer visit under a demand policy (lru, lfu, predictive): a miss takes a free slot, else
     evicts the policy's victim among the candidates, else (every slot of its pool pinned, needed
     or in flight) is streamed. `skip`: misses not to load at all (the cache runs them on the host).
-    `predicted`: the forecast in force (ranks victims under predictive)."""
+    `predicted`: the forecast in force (ranks victims under predictive; with `position`, by
+    expected next use: policies.forecast_next_use)."""
     keys = tuple(dict.fromkeys(keys))
     skip = set(skip)
-    inputs = state.policy_inputs(predicted)
+    inputs = state.policy_inputs(predicted, position=position)
     slots = _Slots(state, keys)  # the visit's own keys are needed: never victims
     hits, loads, streamed, skipped = [], [], [], []
     for key in keys:
@@ -136,22 +145,41 @@ def plan_demand(state: "CacheState", keys: Iterable[ExpertKey], policy: str,
 
 
 def plan_prefetch(state: "CacheState", candidates: Iterable[ExpertKey],
-                  predicted: Mapping[ExpertKey, Prediction], limit: int) -> PrefetchPlan:
+                  predicted: Mapping[ExpertKey, Prediction], limit: int,
+                  position: Position | None = None,
+                  costs: PrefetchCosts | None = None) -> PrefetchPlan:
     """Up to `limit` of `candidates` (forecast keys, in prefetch order: forecast.prefetch_order),
     each into a free slot or the predictive victim's slot where policies.should_displace allows;
     a candidate with no such slot is skipped, not waited for. Without should_displace two
-    prefetches could evict each other's forecast experts (thrashing)."""
+    prefetches could evict each other's forecast experts (thrashing).
+
+    With `costs`, a candidate is issued only where cost_model.prefetch_gain is positive for its
+    probability (Prediction.prob), its place in the transfer queue (costs.queued + the loads
+    planned before it) and the slot it would take (free, or its victim's chance of reuse: the
+    victim's forecast probability, else costs.victim_reuse): the bandwidth-aware rule."""
     if limit <= 0 or not predicted:
         return PrefetchPlan(())
-    inputs = state.policy_inputs(predicted)
+    inputs = state.policy_inputs(predicted, position=position)
     slots = _Slots(state, ())
-    loads = []
+    loads: list[Load] = []
+
+    def worth_it(load: Load) -> bool:
+        p = predicted[load.key]
+        if load.victim is None:
+            victim_prob = None
+        else:
+            v = predicted.get(load.victim)
+            victim_prob = costs.victim_reuse if v is None else (1.0 if v.prob is None else v.prob)
+        prob = 1.0 if p.prob is None else p.prob
+        return prefetch_gain(prob, p.distance, costs.queued + len(loads), victim_prob, costs) > 0
+
     for key in candidates:
         if len(loads) >= limit:
             break
         if state.is_resident(key) or key in slots.taken:
             continue
-        load = slots.take(key, "predictive", inputs, incoming=predicted[key])
+        load = slots.take(key, "predictive", inputs, incoming=predicted[key],
+                          accept=None if costs is None else worth_it)
         if load is not None:
             loads.append(load)
     return PrefetchPlan(tuple(loads))

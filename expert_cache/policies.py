@@ -29,6 +29,21 @@ class Prediction:
 
     distance: int  # layers ahead of the layer just computed (1 = the next MoE layer)
     score: float  # batch aggregate, e.g. how many tokens have the expert in their predicted top-k
+    # Chance the key is used at its layer this step: votes / tokens, times the forecaster's
+    # measured precision at this distance (forecast.with_probabilities). None: not estimated
+    # (ranked as certain).
+    prob: float | None = None
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the model is when a plan is made: right after MoE layer `layer` routed, with a
+    forecast covering layers layer+1 .. layer+horizon. Lets `predictive` compare keys of
+    different layers by when they are next used (forecast_next_use)."""
+
+    layer: int
+    num_layers: int  # L
+    horizon: int  # layers the forecast in force covers (the look-ahead depth)
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class PolicyInputs:
     use_count: Mapping[ExpertKey, int] = field(default_factory=dict)  # accesses since start (LFU)
     predicted: Mapping[ExpertKey, Prediction] = field(default_factory=dict)  # latest forecast only
     next_use: Mapping[ExpertKey, float] = field(default_factory=dict)  # tick of next access (Belady)
+    position: Position | None = None  # predictive: rank by forecast next use (None: by distance)
 
 
 def eviction_candidates(resident: Iterable[ExpertKey], pinned: Iterable[ExpertKey] = (),
@@ -76,6 +92,43 @@ def predictive_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     return key
 
 
+def predicted_next_use(p: Prediction, num_layers: int) -> float:
+    """Expected visits until a key forecast as `p` is used: d + (1 - prob) L."""
+    return p.distance + (1.0 - (1.0 if p.prob is None else p.prob)) * num_layers
+
+
+def forecast_next_use(key: ExpertKey, pos: Position,
+                      predicted: Mapping[ExpertKey, Prediction]) -> float:
+    """Expected MoE-layer visits until `key` is used, from the forecast in force (Belady driven
+    by forecasts; MoE-Infinity's priority idea). Layer m next runs `ahead` = (m - layer) mod L
+    visits from now (L for the layer just routed: it runs now, its keys are needed, and its next
+    run is the next step's).
+      - forecast with probability p at distance d: d if used this step, else a step later:
+        d + (1 - p) L;
+      - unforecast but inside the horizon: the forecast says not this step: ahead + L;
+      - beyond the horizon: nothing known, the earliest use: ahead.
+    Pure; a smaller value means more valuable to keep."""
+    L = pos.num_layers
+    ahead = (key[0] - pos.layer) % L or L
+    p = predicted.get(key)
+    if p is not None:
+        return predicted_next_use(p, L)
+    return ahead + L if ahead <= pos.horizon else ahead
+
+
+def forecast_belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
+    """predictive with a Position: furthest expected next use first (forecast_next_use), ties
+    by lowest votes, then LRU. In a per-layer pool every unforecast key has the same expected
+    next use, so those go in LRU order, as without a forecast."""
+    last, pred, pos = inputs.last_use.get, inputs.predicted, inputs.position
+
+    def key(k: ExpertKey) -> tuple:
+        p = pred.get(k)
+        return (-forecast_next_use(k, pos, pred), 0.0 if p is None else p.score, last(k, -1), k)
+
+    return key
+
+
 def belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
     """Next use furthest in the future first (never used again = furthest); ties by LRU."""
     last, nxt = inputs.last_use.get, inputs.next_use.get
@@ -90,6 +143,8 @@ RANK_KEYS: dict[str, Callable[[PolicyInputs], Callable[[ExpertKey], tuple]]] = {
 
 
 def _rank_key(policy: str, inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
+    if policy == "predictive" and inputs.position is not None:
+        return forecast_belady_key(inputs)
     try:
         return RANK_KEYS[policy](inputs)
     except KeyError:
@@ -137,6 +192,9 @@ def should_displace(incoming: Prediction, victim: ExpertKey, inputs: PolicyInput
     """For a prefetch: evict `victim` for a key forecast as `incoming` only if the victim is worth
     less to keep, i.e. unpredicted, predicted further away, or equally far with a lower score.
     Without this check two prefetches could evict each other's forecast experts (thrashing)."""
+    if inputs.position is not None:  # by expected next use, so probabilities count too
+        mine = predicted_next_use(incoming, inputs.position.num_layers)
+        return forecast_next_use(victim, inputs.position, inputs.predicted) > mine
     p = inputs.predicted.get(victim)
     if p is None:
         return True

@@ -9,16 +9,20 @@ through the transfer engine, evicting only what policies.should_displace allows.
 
 `lookahead: auto` picks the depth online: prefetches issued after layer l have d layer-times to
 land before layer l+d runs, and one worker copies them one after another, so the smallest depth
-that hides them is ceil(prefetches per layer x transfer time per expert / layer time), all three
-measured as exponential moving averages while the model runs.
+that hides one layer's expected loads (demand misses plus prefetches) is ceil(loads per layer x
+read time per expert / layer time) (cost_model.lookahead_depth), all measured as exponential
+moving averages while the model runs.
+
+It also measures what the bandwidth-aware rule needs (cost_model.prefetch_gain): the read time
+of every copy (prefetches and demand loads alike) and the forecaster's precision
+(forecast.ForecastAccuracy), which turns votes into probabilities (`probabilities`).
 
 Shape legend: E experts per layer.
 """
 from __future__ import annotations
 
-import math
-
-from expert_cache.forecast import predictions, prefetch_order
+from expert_cache.cost_model import lookahead_depth
+from expert_cache.forecast import ForecastAccuracy, predictions, prefetch_order, with_probabilities
 from expert_cache.policies import ExpertKey, Prediction
 from moe_rt.layers.moe.events import Forecast
 
@@ -45,6 +49,8 @@ class Prefetcher:
         self.transfer_s = MovingAverage()  # seconds per expert copy (worker)
         self.layer_s = MovingAverage()  # seconds per MoE layer (compute, stalls excluded)
         self.issued_per_layer = MovingAverage()
+        self.loads_per_layer = MovingAverage()  # demand loads + prefetches per layer
+        self.accuracy = ForecastAccuracy()
 
     def feed(self, forecast: Forecast) -> None:
         """One forecast made after layer target-distance. Distance 1 opens a new round: the
@@ -53,17 +59,25 @@ class Prefetcher:
             self.predicted = {}
         if forecast.distance > self.depth or not 0 <= forecast.target < self.num_layers:
             return
-        self.predicted.update(predictions(forecast))
+        new = predictions(forecast)
+        self.accuracy.record(new)
+        self.predicted.update(new)
 
     # -- decisions ----------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         if not self.auto:
             return self._fixed
-        t_x, t_l, n = self.transfer_s.value, self.layer_s.value, self.issued_per_layer.value
-        if t_x is None or not t_l or not n:
-            return 1
-        return max(1, min(self.max_depth, math.ceil(n * t_x / t_l)))
+        n = self.loads_per_layer.value
+        return lookahead_depth(n, self.transfer_s.value, self.layer_s.value, self.max_depth)
+
+    def probabilities(self) -> dict[ExpertKey, Prediction]:
+        """The forecast in force with each key's probability (forecast.with_probabilities)."""
+        return with_probabilities(self.predicted, self.accuracy)
+
+    def observe(self, layer: int, used) -> None:
+        """Layer `layer` is about to run with `used`: scores the forecasts made for it."""
+        self.accuracy.observe(layer, used)
 
     def candidates(self, resident) -> list[ExpertKey]:
         """Forecast keys not resident, nearest layer then highest score first (all of them: the
@@ -74,6 +88,7 @@ class Prefetcher:
     def record_transfer(self, seconds: float) -> None:
         self.transfer_s.add(seconds)
 
-    def record_layer(self, seconds: float, issued: int) -> None:
+    def record_layer(self, seconds: float, issued: int, misses: int = 0) -> None:
         self.layer_s.add(seconds)
         self.issued_per_layer.add(issued)
+        self.loads_per_layer.add(issued + misses)

@@ -31,9 +31,11 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from expert_cache.forecast import aggregate_scores, prefetch_order
+from expert_cache.cost_model import PrefetchCosts
+from expert_cache.forecast import ForecastAccuracy, aggregate_scores, prefetch_order, with_probabilities
+from expert_cache.link_clock import LinkClock
 from expert_cache.planning import plan_demand, plan_keep, plan_prefetch
-from expert_cache.policies import NEVER, ExpertKey, Prediction
+from expert_cache.policies import NEVER, ExpertKey, Position, Prediction
 from expert_cache.state import CacheState, CacheStats, Scope
 from moe_rt.errors import MoeRtError
 from router_predict.trace import Trace, step_bounds
@@ -146,6 +148,10 @@ class SimOptions:
     prefetch_queue: int = 8  # most prefetches after one layer (predictive only)
     pinned: tuple[ExpertKey, ...] = ()
     expert_bytes: int = 0  # for byte counters; 0 leaves them at 0
+    # Link and layer times (read_s, layer_s; queued and victim_reuse are filled in as replay
+    # goes): prefetch by the runtime's cost rule (prefetch_rule: cost) and model the stall time
+    # on a LinkClock. None: every forecast key may be prefetched (prefetch_rule: always), no time.
+    costs: PrefetchCosts | None = None
 
 
 @dataclass
@@ -153,6 +159,8 @@ class SimulationResult:
     options: SimOptions
     depth: int | None  # look-ahead of the forecast schedule (predictive), else None
     stats: CacheStats = field(default_factory=CacheStats)
+    modelled_s: float | None = None  # LinkClock time of the whole replay (with options.costs)
+    modelled_reads: int | None = None  # reads that moved bytes on the clock (cancels excluded)
 
     @property
     def hit_rate(self) -> float:
@@ -161,7 +169,9 @@ class SimulationResult:
     def as_dict(self) -> dict:
         o = self.options
         return {"policy": o.policy, "scope": o.scope, "capacity_slots": o.capacity_slots,
-                "depth": self.depth, **self.stats.as_dict()}
+                "depth": self.depth, **self.stats.as_dict(),
+                **({} if self.modelled_s is None else {"modelled_s": self.modelled_s,
+                                                       "modelled_reads": self.modelled_reads})}
 
 
 def _next_use_table(needs: BatchNeeds) -> dict[ExpertKey, list[int]]:
@@ -197,28 +207,57 @@ def simulate(needs: BatchNeeds, options: SimOptions,
                              f"{options.capacity_slots} in its pool")
         state.pin(key, now=-1)
     L = needs.num_layers
+    clock = None
     if policy == "belady":
         _replay_belady(needs, state)
     else:
+        accuracy = ForecastAccuracy()
+        clock = None if options.costs is None else LinkClock(options.costs.read_s, options.costs.layer_s)
         for s, step in enumerate(needs.needs):
             for l, experts in enumerate(step):
-                predicted = schedule.forecasts[s][l] if policy == "predictive" else {}
-                _visit(state, [(l, e) for e in experts], s * L + l, policy, predicted,
-                      options.prefetch_queue if policy == "predictive" else 0)
-    return SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
+                keys = [(l, e) for e in experts]
+                predicted, position = {}, None
+                if policy == "predictive":
+                    # In the runtime's order: the forecast made after l is fed (recorded), l's
+                    # keys score the forecasts made for l, then votes become probabilities.
+                    accuracy.record(schedule.forecasts[s][l])
+                    accuracy.observe(l, keys)
+                    predicted = with_probabilities(schedule.forecasts[s][l], accuracy)
+                    position = Position(l, L, schedule.depth)
+                _visit(state, keys, s * L + l, policy, predicted,
+                       options.prefetch_queue if policy == "predictive" else 0, position,
+                       options.costs, clock)
+    result = SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
+    if clock is not None:
+        state.stats.stall_s = clock.stall_s
+        result.modelled_s = clock.now
+        result.modelled_reads = clock.reads
+    return result
 
 
 def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
-          predicted: dict[ExpertKey, Prediction], prefetch_queue: int) -> None:
+           predicted: dict[ExpertKey, Prediction], prefetch_queue: int,
+           position: Position | None = None, costs: PrefetchCosts | None = None,
+           clock: LinkClock | None = None) -> None:
     """One layer visit under a demand policy, in the engine's order (cache.ExpertCache.prepare):
     the layer's keys become needed, its demand plan is applied, then the forecast's prefetches
-    (issued while the layer computes, so its keys stay protected)."""
+    (issued while the layer computes, so its keys stay protected). With `costs` the prefetches
+    follow the cost rule, with the queue and victim reuse as `clock` and the state see them."""
     state.clear_needed()
     state.mark_needed(keys)
-    state.apply_demand(plan_demand(state, keys, policy, predicted), tick)
+    demand = plan_demand(state, keys, policy, predicted, position=position)
+    state.apply_demand(demand, tick)
+    if clock is not None:
+        clock.begin_layer(keys[0][0] if keys else 0, keys, len(demand.loads) + len(demand.streamed))
+    if costs is not None:
+        costs = PrefetchCosts(costs.read_s, costs.layer_s, 0 if clock is None else clock.queued(),
+                              state.victim_reuse())
     candidates = prefetch_order(predicted, state.entries, len(predicted))
-    state.apply_prefetch(plan_prefetch(state, candidates, predicted, prefetch_queue), tick,
-                         in_flight=False)  # replay's copies land at once
+    plan = plan_prefetch(state, candidates, predicted, prefetch_queue, position, costs)
+    state.apply_prefetch(plan, tick, in_flight=False)  # replay's copies land at once
+    if clock is not None:
+        clock.issue(load.key for load in plan.loads)
+        clock.end_layer()
     state.clear_needed()
 
 

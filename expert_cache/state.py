@@ -38,6 +38,7 @@ class CacheStats:
     wasted_prefetch_bytes: int = 0
     streamed_misses: int = 0  # misses served from a staging buffer without being admitted
     evictions: int = 0
+    early_reloads: int = 0  # misses on a key evicted within the last num_layers visits (regret)
     bytes_moved: dict[str, int] = field(default_factory=dict)  # source tier ("cpu"/"disk") -> bytes
     stall_s: float = 0.0  # time compute waited for demand loads (filled by the executor)
 
@@ -60,6 +61,7 @@ class CacheStats:
                 "wasted_prefetches": self.wasted_prefetches,
                 "wasted_prefetch_bytes": self.wasted_prefetch_bytes,
                 "streamed_misses": self.streamed_misses, "evictions": self.evictions,
+                "early_reloads": self.early_reloads,
                 "bytes_moved": dict(self.bytes_moved), "stall_s": self.stall_s,
                 "accesses": self.accesses, "loads": self.loads, "hit_rate": self.hit_rate}
 
@@ -103,6 +105,8 @@ class CacheState:
     last_use: dict[ExpertKey, int] = field(default_factory=dict)  # tick of last access or load
     use_count: dict[ExpertKey, int] = field(default_factory=dict)  # accesses
     load_count: dict[ExpertKey, int] = field(default_factory=dict)  # loads (demand + prefetch)
+    evicted_at: dict[ExpertKey, int] = field(default_factory=dict)  # tick of the last eviction
+    _now: int = 0  # tick of the latest access (evictions are stamped with it)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
@@ -155,9 +159,16 @@ class CacheState:
         return self.pool_keys[pool].difference(self.pinned_keys, self.in_flight_keys, self.needed,
                                                exclude)
 
-    def policy_inputs(self, predicted=None, next_use=None) -> PolicyInputs:
+    def policy_inputs(self, predicted=None, next_use=None, position=None) -> PolicyInputs:
         """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""
-        return PolicyInputs(self.last_use, self.use_count, predicted or {}, next_use or {})
+        return PolicyInputs(self.last_use, self.use_count, predicted or {}, next_use or {}, position)
+
+    def victim_reuse(self, prior: float = 0.5, weight: float = 4.0) -> float:
+        """Measured chance that an evicted key is missed again within one step (num_layers
+        visits): early_reloads / evictions, pulled towards `prior` while evictions are few.
+        What evicting an unforecast key is expected to cost (cost_model.prefetch_gain)."""
+        st = self.stats
+        return (st.early_reloads + prior * weight) / (st.evictions + weight)
 
     # ---- check/action pairs ----
     def can_admit(self, key: ExpertKey) -> bool:
@@ -175,6 +186,7 @@ class CacheState:
                                       prefetched_unused=prefetch)
         self.pool_keys[pool].add(key)
         self.layer_slots.setdefault(key[0], {})[key[1]] = slot
+        self.evicted_at.pop(key, None)  # back before it was missed: no regret to count
         if in_flight:
             self.in_flight_keys.add(key)
         # A fresh load counts as a use for recency, so LRU does not evict it before it is read.
@@ -198,6 +210,7 @@ class CacheState:
             raise CacheStateError(f"cannot evict {key}: {why}")
         e = self._release(key)
         self.stats.evictions += 1
+        self.evicted_at[key] = self._now
         if e.prefetched_unused:
             self.stats.wasted_prefetches += 1
             self.stats.wasted_prefetch_bytes += self.expert_bytes
@@ -273,10 +286,14 @@ class CacheState:
         """Record one compute-time access to `key` and classify it. A miss changes no residency:
         the executor then admits (after evicting) or streams the key."""
         self.last_use[key] = now
+        self._now = now
         self.use_count[key] = self.use_count.get(key, 0) + 1
         e = self.entries.get(key)
         if e is None:
             self.stats.misses += 1
+            gone = self.evicted_at.pop(key, None)
+            if gone is not None and now - gone <= self.num_layers:
+                self.stats.early_reloads += 1
             return "miss"
         self.stats.hits += 1
         if e.prefetched_unused:

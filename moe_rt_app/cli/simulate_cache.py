@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="look-ahead: MoE layers predicted and prefetched ahead (default 1)")
     parser.add_argument("--prefetch-queue", type=int_in(0), default=8,
                         help="most prefetches issued after one layer (default 8)")
+    parser.add_argument("--read-ms", type=float, default=None,
+                        help="milliseconds to read one expert from the slow tier; with --layer-ms, "
+                             "prefetch by the runtime's cost rule and report modelled stall time")
+    parser.add_argument("--layer-ms", type=float, default=None,
+                        help="milliseconds of compute per MoE layer (with --read-ms)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                         help="also sweep capacity 1..E per layer and write hit rate vs capacity")
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     schedule = _schedule(args, trace, progress) if "predictive" in policies else None
 
     slots = pool_slots(args.capacity, args.scope, L)
-    results = {p: simulate(needs, SimOptions(p, slots, args.scope, args.prefetch_queue),
+    costs = _costs(args)
+    results = {p: simulate(needs, SimOptions(p, slots, args.scope, args.prefetch_queue, costs=costs),
                            schedule if p == "predictive" else None)
                for p in [*policies, "belady"]}
     bound = results["belady"].hit_rate
@@ -136,6 +142,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _costs(args: argparse.Namespace):
+    """PrefetchCosts from --read-ms / --layer-ms (both or neither), else None."""
+    from expert_cache.cost_model import PrefetchCosts
+
+    if (args.read_ms is None) != (args.layer_ms is None):
+        raise MoeRtError("give --read-ms and --layer-ms together")
+    if args.read_ms is None:
+        return None
+    if args.read_ms <= 0 or args.layer_ms <= 0:
+        raise MoeRtError("--read-ms and --layer-ms must be positive")
+    return PrefetchCosts(args.read_ms / 1e3, args.layer_ms / 1e3)
+
+
 def _print_table(report: dict) -> None:
     print(f"{report['trace']}: {report['steps']} steps, {report['layers']} MoE layers x "
           f"{report['experts']} experts, top-{report['top_k']}; capacity "
@@ -145,8 +164,10 @@ def _print_table(report: dict) -> None:
           f"{'belady loads':>12} {'prefetch hits':>13} {'wasted pf':>9}")
     for name, r in report["policies"].items():
         ratio = "-" if r["ratio_to_belady"] is None else f"{r['ratio_to_belady']:.3f}"
+        timed = "" if "modelled_s" not in r else (f"  modelled: {r['modelled_s']:.3f} s, stall "
+                                                   f"{r['stall_s']:.3f} s, {r['modelled_reads']} reads")
         print(f"{name:<11} {r['hit_rate']:>8.4f} {b['hit_rate']:>8.4f} {ratio:>6} {r['loads']:>8} "
-              f"{b['loads']:>12} {r['prefetch_hits']:>13} {r['wasted_prefetches']:>9}")
+              f"{b['loads']:>12} {r['prefetch_hits']:>13} {r['wasted_prefetches']:>9}{timed}")
     print("belady = optimal demand paging (no prefetch): no policy needs fewer loads; "
           "prefetching can exceed its hit rate.")
     if "plot" in report:

@@ -400,7 +400,7 @@ class ExpertCache(ExpertStore):
                                  else self._expert_bytes / p.transfer_s.value),
             "victim_reuse": self.state.victim_reuse(),
             "forecast_precision": None if p is None else {d: p.accuracy.precision(d)
-                                                          for d in sorted(p.accuracy.total)},
+                                                          for d in sorted(p.accuracy.visits)},
             "lookahead": None if p is None else p.depth,
             "transfer_s_avg": None if p is None else p.transfer_s.value,
             "layer_s_avg": None if p is None else p.layer_s.value,

@@ -61,6 +61,17 @@ class CacheConfig(BaseModel):
                     "of it and the value of the expert it would evict. always: every forecast "
                     "expert up to prefetch_queue that may displace its victim (the rule replay "
                     "uses unless given costs).")
+    pack_dir: str | None = Field(
+        None,
+        description="offload disk: read experts from this expert pack (written by moe-rt "
+                    "pack-experts: each expert one aligned, contiguous range, one O_DIRECT read). "
+                    "A pack that is stale (its checkpoint changed) or corrupt is refused.")
+    auto_pack: bool = Field(
+        True,
+        description="offload disk without pack_dir: on first use write a pack of the checkpoint's "
+                    "experts in the compute dtype into the pack cache folder ($MOE_RT_PACK_CACHE, "
+                    "default ~/.cache/moe-rt/packs/<checkpoint fingerprint>-<dtype>) and read from "
+                    "it; a stale one there is rewritten. false: read the safetensors files directly.")
     cpu_compute_on_miss: Literal[False, "auto", "always"] = Field(
         False,
         description="What a miss whose weights are in host RAM does: false (load it into a "
@@ -116,6 +127,8 @@ class CacheConfig(BaseModel):
         if len(given) != 1:
             raise ValueError("give exactly one of capacity_slots and capacity_gb"
                              + (f" (both are set)" if len(given) == 2 else ""))
+        if self.pack_dir is not None and self.offload != "disk":
+            raise ValueError("pack_dir is read by the disk tier: it needs offload: disk")
         if self.cpu_compute_on_miss and self.offload != "cpu":
             raise ValueError("cpu_compute_on_miss needs offload: cpu (the weights must be in RAM)")
         if self.capacity_slots is not None:

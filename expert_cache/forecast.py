@@ -58,38 +58,44 @@ def prefetch_order(predicted: Mapping[ExpertKey, Prediction], resident: Iterable
 
 
 class ForecastAccuracy:
-    """The forecaster's measured precision per distance: of the votes cast for a layer's keys at
-    distance d (a token's predicted top-k), the fraction whose key that layer used. Turns votes
-    into calibrated probabilities
-    (with_probabilities); the runtime's prefetcher and replay keep one each and feed it the
-    same way, so both compute the same probabilities.
+    """The forecaster's recent precision per distance: of the votes cast for a layer's keys at
+    distance d (a token's predicted top-k), the fraction whose key that layer used, as a moving
+    average over layer visits (each visit weighs the same, so a prefill's hundreds of votes, of
+    which the union of many tokens makes most right, do not speak for the one-token decode steps
+    after it). Turns votes into calibrated probabilities (with_probabilities); the runtime's
+    prefetcher and replay keep one each and feed it the same way, so both compute the same
+    probabilities.
 
-    `record` a round's forecast when it is made; `observe` each layer's keys when it runs. A
-    prior of one hit in one forecast keeps a new forecaster trusted until measured."""
+    `record` a round's forecast when it is made; `observe` each layer's keys when it runs. A new
+    forecaster starts trusted (precision 1) until measured."""
 
-    def __init__(self, prior_hits: float = 1.0, prior_total: float = 1.0) -> None:
+    def __init__(self, alpha: float = 0.05, prior: float = 1.0) -> None:
         # target layer -> [(distance, {key: votes})]
         self._pending: dict[int, list[tuple[int, dict[ExpertKey, float]]]] = {}
-        self.hits: dict[int, float] = {}
-        self.total: dict[int, float] = {}
-        self._prior = (prior_hits, prior_total)
+        self.alpha, self.prior = alpha, prior
+        self._precision: dict[int, float] = {}
+        self.visits: dict[int, int] = {}  # layer visits scored per distance
 
     def record(self, predicted: Mapping[ExpertKey, Prediction]) -> None:
         by_target: dict[tuple[int, int], dict[ExpertKey, float]] = {}
         for key, p in predicted.items():
             by_target.setdefault((key[0], p.distance), {})[key] = p.score
-        for (target, d), keys in by_target.items():
-            self._pending.setdefault(target, []).append((d, keys))
+        for (target, d), votes in by_target.items():
+            self._pending.setdefault(target, []).append((d, votes))
 
     def observe(self, layer: int, used: Iterable[ExpertKey]) -> None:
         used = set(used)
         for d, votes in self._pending.pop(layer, ()):
-            self.hits[d] = self.hits.get(d, 0.0) + sum(v for k, v in votes.items() if k in used)
-            self.total[d] = self.total.get(d, 0.0) + sum(votes.values())
+            total = sum(votes.values())
+            if total <= 0:
+                continue
+            right = sum(v for k, v in votes.items() if k in used) / total
+            old = self._precision.get(d, self.prior)
+            self._precision[d] = (1 - self.alpha) * old + self.alpha * right
+            self.visits[d] = self.visits.get(d, 0) + 1
 
     def precision(self, distance: int) -> float:
-        a, b = self._prior
-        return (self.hits.get(distance, 0.0) + a) / (self.total.get(distance, 0.0) + b)
+        return self._precision.get(distance, self.prior)
 
 
 def with_probabilities(predicted: Mapping[ExpertKey, Prediction],

@@ -203,9 +203,15 @@ class DiskTier(SlowTier):
 
 
 def build_slow_tier(offload: str, reader, spec, dtype: torch.dtype, *,
-                    progress: bool = False) -> SlowTier:
+                    progress: bool = False, cfg=None) -> SlowTier:
+    """The tier for `offload`; for disk, over an expert pack when cfg (a CacheConfig) names one
+    or allows the automatic one (packs.disk_tier), else over the safetensors files."""
     if offload == "cpu":
         return HostTier(reader, spec, dtype, progress=progress)
     if offload == "disk":
+        if cfg is not None and (cfg.pack_dir is not None or cfg.auto_pack):
+            from expert_cache.packs import disk_tier
+
+            return disk_tier(reader, spec, dtype, cfg.pack_dir, progress=progress)
         return DiskTier(reader, spec)
     raise MoeRtError(f"cache: offload {offload!r} has no slow tier (use cpu or disk)")

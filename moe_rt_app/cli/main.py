@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-predictor": ("moe_rt_app.cli.train_predictor", "train a learned routing predictor on a trace"),
     "eval-predictor": ("moe_rt_app.cli.eval_predictor", "replay a trace and score routing predictors"),
     "simulate-cache": ("moe_rt_app.cli.simulate_cache", "replay a trace through expert-cache policies"),
+    "pack-experts": ("moe_rt_app.cli.pack_experts", "write a model's experts as aligned packs for the disk tier"),
     "plan-placement": ("moe_rt_app.cli.plan_placement", "plan expert-to-rank placement from a trace (s-EG)"),
     "simulate-ep": ("moe_rt_app.cli.simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
     "version": ("moe_rt_app.cli.main:version", "print the version of moe-rt (also: moe-rt --version)"),

@@ -7,9 +7,14 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
   pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
              training; frequency and coactivation are fitted on a trace of *other* prompts
              recorded in the same run).
-Capacities are percentages of each layer's experts. The disk tier drops every page it reads from
-the page cache (slow_tier.DiskTier), so figures are disk figures, not RAM ones; --keep-page-cache
-measures with the page cache left alone.
+Capacities are percentages of each layer's experts. Experts are read from expert packs
+(expert_cache/packs.py, written on first use) with O_DIRECT, which bypasses the page cache, so
+figures are disk figures, not RAM ones; --no-pack reads the checkpoint's files instead, dropping
+every page read from the page cache (slow_tier.DiskTier) unless --keep-page-cache. Every
+configuration stays loaded and the timed runs are interleaved (one run of each per round), so a
+busy patch of a shared machine slows all of them alike; per configuration: tok/s (median and
+fastest run), ratios to resident, naive and LRU at the same capacity, bytes read and stall per
+token, prefetches issued, used and wasted.
 
 The cost model (cost_model.py) predicts each configuration's tokens/s from the resident layer
 time, the measured per-expert disk read time, and miss/prefetch rates from replaying the decode
@@ -28,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from expert_cache import cost_model as cm
-from moe_rt_app.bench.common import (Repeats, add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
+from moe_rt_app.bench.common import (add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
                                  repeat_stats, resolve_model)
 from moe_rt.errors import MoeRtError
 
@@ -47,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-prompts", type=int, default=16, help="prompts traced to fit id-only predictors")
     p.add_argument("--keep-page-cache", action="store_true",
                    help="do not drop read pages from the page cache (RAM then backs the 'disk' tier)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="read experts from the safetensors files, not from expert packs (O_DIRECT)")
+    p.add_argument("--prefetch-rule", choices=("cost", "always"), default="cost",
+                   help="the cache's prefetch_rule for the predictive configurations")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
-    add_repeats(p, 2)
+    add_repeats(p, 3)
     add_torch_threads(p)
     p.add_argument("--no-progress", action="store_true")
 
@@ -64,24 +73,34 @@ def _decode_seconds(llm, prompts, max_tokens: int) -> float:
     return time_moe_rt(llm, prompts, max_tokens)
 
 
-def _timed_seconds(llm, prompts, max_tokens: int, repeats: int) -> Repeats:
-    return repeat_stats([_decode_seconds(llm, prompts, max_tokens) for _ in range(repeats)])
-
-
 def _llm(model: str, cache=None):
     from moe_rt_app import LLM
 
     return LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
 
 
-def _disk_read_seconds(llm, drop: bool, n: int = 24) -> float:
-    """Seconds to read one expert from the checkpoint into RAM (median of n distinct experts)."""
+def _disk_tier(llm, args):
+    """The disk tier the cache configurations read from: packs (O_DIRECT; written on first use)
+    unless --no-pack, else the checkpoint's files (page cache dropped unless --keep-page-cache)."""
+    from expert_cache.packs import disk_tier
+    from expert_cache.slow_tier import DiskTier
+
+    spec, reader = llm.model.spec, llm.engine.reader
+    if args.no_pack:
+        return DiskTier(reader, spec, drop_page_cache=not args.keep_page_cache)
+    return disk_tier(reader, spec, torch.float32, None)
+
+
+def _disk_read_seconds(llm, drop: bool, n: int = 24, tier=None) -> float:
+    """Seconds to read one expert from the checkpoint (or `tier`) into RAM (median of n
+    distinct experts)."""
     from expert_cache.slow_tier import DiskTier
 
     spec = llm.model.spec
-    tier = DiskTier(llm.engine.reader, spec, drop_page_cache=drop)
-    if drop:
-        tier.drop_all()
+    if tier is None:
+        tier = DiskTier(llm.engine.reader, spec, drop_page_cache=drop)
+        if drop:
+            tier.drop_all()
     D, I = spec.hidden_size, spec.moe.intermediate_size
     w13, w2 = torch.empty(2 * I, D), torch.empty(D, I)
     L, E = len(spec.moe_layer_ids), spec.num_experts
@@ -95,8 +114,6 @@ def _disk_read_seconds(llm, drop: bool, n: int = 24) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from expert_cache.on_demand import OnDemandExpertStore
-    from expert_cache.slow_tier import DiskTier
     from moe_rt import SamplingParams
     from moe_rt_app.cli.trace import record_trace
     from router_predict.trace import save_trace
@@ -118,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args.batch, args.prompt_len, spec.vocab_size, seed=1)
     fit_prompts = _prompts(args.fit_prompts, args.prompt_len, spec.vocab_size, seed=2)
     _decode_seconds(resident, prompts, 2)  # warm-up
-    t_res = _timed_seconds(resident, prompts, args.max_tokens, args.repeats)
     eval_trace = record_trace(resident, prompts, params, with_hidden=True)
     fit_trace = record_trace(resident, fit_prompts, params)
     tmp = tempfile.TemporaryDirectory()
@@ -126,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     save_trace(fit_path, fit_trace)
     t_read = _disk_read_seconds(resident, drop=not args.keep_page_cache)
     t_read_warm = _disk_read_seconds(resident, drop=False)
-    del resident
+    tier = _disk_tier(resident, args)  # writes the pack now (once), not inside a timed run
+    t_read_tier = _disk_read_seconds(resident, drop=True, tier=tier)
+    tier.close()
 
     configs = [("naive", None, None)]
     for pct in pcts:
@@ -134,55 +152,111 @@ def run(args: argparse.Namespace) -> int:
         configs.append(("lru", pct, dict(offload="disk", capacity_slots=slots, policy="lru")))
         for name in predictors:
             cfg = dict(offload="disk", capacity_slots=slots, policy="predictive", predictor=name,
-                       lookahead=lookahead)
+                       lookahead=lookahead, prefetch_rule=args.prefetch_rule)
             if name in ID_ONLY:
                 cfg["predictor_dir"] = fit_path
             configs.append((f"pred+{name}", pct, cfg))
+    for _, _, cfg in configs:
+        if cfg is not None:
+            cfg["auto_pack"] = not args.no_pack
     tokens = args.batch * args.max_tokens
+    runs = [_open_config(model, spec, label, pct, cfg, args, prompts) for label, pct, cfg in
+            tqdm(configs, desc="offload configs", disable=not progress)]
+    res_run = dict(label="resident", pct=100, cfg=None, llm=resident, store=None)
+    _interleaved_repeats([res_run, *runs], prompts, args, progress)
+    t_res = res_run["times"]
     rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res.median, tok_s_best=tokens / t_res.best)]
-    for label, pct, cfg in tqdm(configs, desc="offload configs", disable=not progress):
-        if cfg is None:
-            llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru"))
-            llm.expert_cache.close()
-            store = OnDemandExpertStore(spec, DiskTier(llm.engine.reader, spec,
-                                                       drop_page_cache=not args.keep_page_cache),
-                                        device=torch.device("cpu"), dtype=torch.float32)
-            llm.model.moe_ctx.store = store
-        else:
-            llm = _llm(model, cfg)
-            store = llm.expert_cache
-        _decode_seconds(llm, prompts, 1)  # prefill path and predictor warm, cache not reset
-        before = store.stats()
-        dt = _timed_seconds(llm, prompts, args.max_tokens, args.repeats)
-        s = store.stats()
-        store.close()
-        # counters cover every timed repeat: report them per run
-        r = args.repeats
-        loads = (s["loads"] - before["loads"]) / r
-        row = dict(config=label, capacity=f"{pct}%" if pct else "0", tok_s=tokens / dt.median,
-                   tok_s_best=tokens / dt.best,
-                   hit_rate=None if cfg is None else _delta_rate(before, s),
-                   prefetch_hits=None if cfg is None else (s["prefetch_hits"] - before["prefetch_hits"]) / r,
-                   loads=loads, gb_moved=(s["bytes_moved_total"] - before["bytes_moved_total"]) / 1e9 / r,
-                   stall_s=(s["stall_s"] - before["stall_s"]) / r)
-        row["predicted_tok_s"] = _predict(row, cfg, eval_trace, args, t_res.median, t_read, L, fit_trace)
+    for run_ in runs:
+        row = _offload_row(run_, tokens, args)
+        row["predicted_tok_s"] = _predict(row, run_["cfg"], eval_trace, args, t_res.median, t_read, L,
+                                          fit_trace)
         rows.append(row)
     resident_row, naive = rows[0], next(r for r in rows if r["config"] == "naive")
     for r in rows:  # ratios of medians, and of the fastest runs
         for base, name in ((resident_row, "vs_resident"), (naive, "vs_naive")):
             r[name], r[name + "_best"] = r["tok_s"] / base["tok_s"], r["tok_s_best"] / base["tok_s_best"]
+    _ratios_to_lru(rows)
     extra = {"model": model, "batch": args.batch, "max_tokens": args.max_tokens, "repeats": args.repeats,
              "disk_read_ms_per_expert": round(t_read * 1e3, 3),
              "page_cache_read_ms_per_expert": round(t_read_warm * 1e3, 3),
              "page_cache": "kept" if args.keep_page_cache else "dropped after each read",
+             "expert_tier": "checkpoint files" if args.no_pack else "expert packs, O_DIRECT",
+             "tier_read_ms_per_expert": round(t_read_tier * 1e3, 3),
              "mixtral_8x7b_24gb_pcie4": _mixtral_table()}
-    emit(rows, args, ["config", "capacity", "tok_s", "vs_resident", "vs_naive", "tok_s_best", "vs_resident_best",
-                      "vs_naive_best", "hit_rate", "prefetch_hits", "loads", "gb_moved", "stall_s", "predicted_tok_s"],
+    emit(rows, args, ["config", "capacity", "tok_s", "tok_s_best", "vs_resident", "vs_naive", "vs_lru",
+                      "vs_lru_best", "hit_rate", "mb_per_token", "bytes_vs_lru", "stall_ms_per_token",
+                      "prefetches", "prefetch_hits", "wasted", "predicted_tok_s"],
          extra)
     if args.plot:
         _plot(eval_trace, args.plot, E, predictors, progress)
     tmp.cleanup()
     return 0
+
+
+def _open_config(model, spec, label, pct, cfg, args, prompts) -> dict:
+    """One configuration's LLM and expert store, warmed (prefill path, predictor), cache not
+    reset. The naive one has no cache: every expert use reads the slow tier."""
+    from expert_cache.on_demand import OnDemandExpertStore
+
+    if cfg is None:
+        llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru", auto_pack=not args.no_pack))
+        llm.expert_cache.close()
+        store = OnDemandExpertStore(spec, _disk_tier(llm, args), device=torch.device("cpu"),
+                                    dtype=torch.float32)
+        llm.model.moe_ctx.store = store
+    else:
+        llm = _llm(model, cfg)
+        store = llm.expert_cache
+    _decode_seconds(llm, prompts, 1)
+    return dict(label=label, pct=pct, cfg=cfg, llm=llm, store=store)
+
+
+def _interleaved_repeats(runs: list[dict], prompts, args, progress: bool) -> None:
+    """Time every configuration once per round, rounds repeated: on a shared machine a slow
+    patch then hits all of them alike. Each run gets `times` (Repeats) and its store's stats
+    before and after the timed runs; stores are closed at the end."""
+    for r in runs:
+        r["before"] = None if r["store"] is None else r["store"].stats()
+        r["all"] = []
+    for _ in tqdm(range(args.repeats), desc="rounds", disable=not progress):
+        for r in runs:
+            r["all"].append(_decode_seconds(r["llm"], prompts, args.max_tokens))
+    for r in runs:
+        r["times"] = repeat_stats(r["all"])
+        if r["store"] is not None:
+            r["after"] = r["store"].stats()
+            r["store"].close()
+
+
+def _offload_row(r: dict, tokens: int, args) -> dict:
+    """A configuration's figures per timed run: tok/s (median, best), hit rate, bytes read and
+    stall per token, prefetches issued / used (first hit) / wasted (evicted unused, or already
+    copying when their layer ran without them)."""
+    b, s, cfg, n = r["before"], r["after"], r["cfg"], args.repeats
+    delta = lambda k: (s.get(k, 0) - b.get(k, 0)) / n  # noqa: E731 - counters cover every repeat
+    pct = r["pct"]
+    return dict(config=r["label"], capacity=f"{pct}%" if pct else "0",
+                tok_s=tokens / r["times"].median, tok_s_best=tokens / r["times"].best,
+                hit_rate=None if cfg is None else _delta_rate(b, s),
+                loads=delta("loads"), mb_per_token=delta("bytes_moved_total") / 1e6 / tokens,
+                stall_ms_per_token=delta("stall_s") * 1e3 / tokens,
+                prefetches=None if cfg is None else delta("prefetches_issued"),
+                prefetch_hits=None if cfg is None else delta("prefetch_hits"),
+                wasted=None if cfg is None else delta("wasted_prefetches") + delta("prefetches_proven_wrong"),
+                gb_moved=delta("bytes_moved_total") / 1e9, stall_s=delta("stall_s"))
+
+
+def _ratios_to_lru(rows: list[dict]) -> None:
+    """vs_lru (medians, and fastest runs) and bytes_vs_lru for each row of a capacity with an
+    LRU row."""
+    lru = {r["capacity"]: r for r in rows if r["config"] == "lru"}
+    for r in rows:
+        base = lru.get(r["capacity"])
+        if base is None:
+            continue
+        r["vs_lru"] = r["tok_s"] / base["tok_s"]
+        r["vs_lru_best"] = r["tok_s_best"] / base["tok_s_best"]
+        r["bytes_vs_lru"] = r["mb_per_token"] / base["mb_per_token"] if base["mb_per_token"] else None
 
 
 def _delta_rate(before: dict, after: dict) -> float:

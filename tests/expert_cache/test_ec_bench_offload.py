@@ -21,3 +21,11 @@ def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
         assert abs(r["vs_naive_best"] - r["tok_s_best"] / rows["naive"]["tok_s_best"]) < 1e-9
     assert rows["resident"]["vs_resident"] == 1.0 and rows["naive"]["vs_naive"] == 1.0
     assert 0 <= rows["lru"]["hit_rate"] <= 1 and rows["lru"]["loads"] > 0
+    lru, pred = rows["lru"], rows["pred+frequency"]
+    assert lru["vs_lru"] == 1.0 and lru["bytes_vs_lru"] == 1.0
+    assert abs(pred["vs_lru"] - pred["tok_s"] / lru["tok_s"]) < 1e-9
+    assert abs(pred["bytes_vs_lru"] - pred["mb_per_token"] / lru["mb_per_token"]) < 1e-9
+    for r in (rows["naive"], lru, pred):
+        assert r["mb_per_token"] > 0 and r["stall_ms_per_token"] >= 0
+    assert pred["prefetches"] >= pred["prefetch_hits"] >= 0 and pred["wasted"] >= 0
+    assert res["expert_tier"] == "expert packs, O_DIRECT" and res["tier_read_ms_per_expert"] > 0

@@ -118,7 +118,7 @@ class ExpertCache(ExpertStore):
         keys = [(l, e) for e in ids]
         if self.prefetcher is not None:
             self.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
-        predicted, position = self._forecast(l)
+        predicted, position = self._forecast(l, now)
         self._reap()
         self._drop_wrong_prefetches(l, set(keys))
         st, counters = self.state, self.layers[l]
@@ -256,13 +256,14 @@ class ExpertCache(ExpertStore):
                 self.prefetcher.record_transfer(ticket.seconds)
         return time.perf_counter() - t0
 
-    def _forecast(self, l: int):
+    def _forecast(self, l: int, now: int):
         """The forecast in force with probabilities, and where it was made (ranks demand victims
         under policy predictive, and decides prefetches); (None, None) without prefetch."""
         p = self.prefetcher
         if p is None:
             return None, None
-        return p.probabilities(), Position(l, self.num_layers, p.depth)
+        return p.probabilities(), Position(l, self.num_layers, p.depth, now,
+                                           self.state.reuse_probabilities())
 
     def _prefetch_costs(self) -> PrefetchCosts | None:
         """What the cost rule weighs, as measured so far (None: prefetch_rule always). Before
@@ -274,7 +275,8 @@ class ExpertCache(ExpertStore):
         if read_s is None or layer_s is None:
             read_s = layer_s = 1.0
         queued = sum(not t.is_done() for t in self._tickets.values())
-        return PrefetchCosts(read_s, layer_s, queued, self.state.victim_reuse())
+        return PrefetchCosts(read_s, layer_s, queued, self.state.victim_reuse(),
+                             p.misses_per_layer.value or 0.0)
 
     def _prefetch(self, now: int, predicted, position) -> int:
         """Issue up to prefetch_queue copies for the latest forecast; returns how many."""

@@ -79,6 +79,7 @@ class PrefetchCosts:
     layer_s: float  # seconds of compute per MoE layer (stalls excluded)
     queued: int = 0  # reads already ahead in the transfer queue (incl. the one in progress)
     victim_reuse: float = 0.5  # chance an unforecast victim is needed again before it would go
+    demand_per_layer: float = 0.0  # demand reads a layer visit makes (they share the link)
 
     def __post_init__(self) -> None:
         if self.read_s < 0 or self.layer_s < 0 or self.queued < 0:
@@ -88,10 +89,13 @@ class PrefetchCosts:
 
 
 def hidden_seconds(distance: int, position: int, c: PrefetchCosts) -> float:
-    """How much of one read a prefetch hides: it starts after the `position` reads ahead of it
-    (queued + those issued before it now) and has `distance` layer-times until its layer runs;
-    a late one still saves the part that landed. In [0, read_s]."""
-    return min(c.read_s, max(0.0, distance * c.layer_s - position * c.read_s))
+    """How much of one read a prefetch hides: it has `distance` layer-times until its layer
+    runs, and the link first serves the `position` reads ahead of it (queued + those issued
+    before it now) and the demand reads of the layers in between (demand_per_layer each); a
+    late one still saves the part that landed. In [0, read_s]. On a saturated link (demand
+    reads alone fill the layer time) nothing is hidden: prefetch only moves reads around."""
+    ahead = position + c.demand_per_layer * max(distance - 1, 0)
+    return min(c.read_s, max(0.0, distance * c.layer_s - ahead * c.read_s))
 
 
 def prefetch_gain(prob: float, distance: int, position: int, victim_prob: float | None,

@@ -44,6 +44,11 @@ class Position:
     layer: int
     num_layers: int  # L
     horizon: int  # layers the forecast in force covers (the look-ahead depth)
+    now: int | None = None  # the tick of this visit (with `reuse`: steps since a key's last use)
+    # reuse[r]: measured chance a key is used at a visit of its layer when its last use was r+1
+    # steps before (CacheState.reuse_probabilities; the last entry covers every older key).
+    # Empty: every unforecast key counts as used at its layer's next visit.
+    reuse: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,8 @@ def predicted_next_use(p: Prediction, num_layers: int) -> float:
     return p.distance + (1.0 - (1.0 if p.prob is None else p.prob)) * num_layers
 
 
-def forecast_next_use(key: ExpertKey, pos: Position,
-                      predicted: Mapping[ExpertKey, Prediction]) -> float:
+def forecast_next_use(key: ExpertKey, pos: Position, predicted: Mapping[ExpertKey, Prediction],
+                      last_use: int | None = None) -> float:
     """Expected MoE-layer visits until `key` is used, from the forecast in force (Belady driven
     by forecasts; MoE-Infinity's priority idea). Layer m next runs `ahead` = (m - layer) mod L
     visits from now (L for the layer just routed: it runs now, its keys are needed, and its next
@@ -106,14 +111,24 @@ def forecast_next_use(key: ExpertKey, pos: Position,
       - forecast with probability p at distance d: d if used this step, else a step later:
         d + (1 - p) L;
       - unforecast but inside the horizon: the forecast says not this step: ahead + L;
-      - beyond the horizon: nothing known, the earliest use: ahead.
+      - beyond the horizon: nothing known, the earliest use: ahead;
+      - an unforecast key's estimate then grows by L (1 - q) / q when the position carries
+        measured reuse rates q (by steps since the key's `last_use`): a key not used for long is
+        unlikely at its next visit too. Keys never used have no last use: the earliest use.
     Pure; a smaller value means more valuable to keep."""
     L = pos.num_layers
     ahead = (key[0] - pos.layer) % L or L
     p = predicted.get(key)
     if p is not None:
         return predicted_next_use(p, L)
-    return ahead + L if ahead <= pos.horizon else ahead
+    first = ahead + L if ahead <= pos.horizon else ahead
+    if not pos.reuse or pos.now is None or last_use is None:
+        return first
+    # With a measured reuse rate q (by steps since the last use): the layer's visits are L
+    # apart and each uses the key with chance q, so on average (1 - q) / q visits are skipped.
+    r = (pos.now + first - last_use - 1) // L
+    q = max(pos.reuse[min(max(r, 0), len(pos.reuse) - 1)], 1e-3)
+    return first + L * (1.0 - q) / q
 
 
 def forecast_belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
@@ -124,7 +139,8 @@ def forecast_belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
 
     def key(k: ExpertKey) -> tuple:
         p = pred.get(k)
-        return (-forecast_next_use(k, pos, pred), 0.0 if p is None else p.score, last(k, -1), k)
+        return (-forecast_next_use(k, pos, pred, last(k)), 0.0 if p is None else p.score,
+                last(k, -1), k)
 
     return key
 
@@ -194,7 +210,8 @@ def should_displace(incoming: Prediction, victim: ExpertKey, inputs: PolicyInput
     Without this check two prefetches could evict each other's forecast experts (thrashing)."""
     if inputs.position is not None:  # by expected next use, so probabilities count too
         mine = predicted_next_use(incoming, inputs.position.num_layers)
-        return forecast_next_use(victim, inputs.position, inputs.predicted) > mine
+        return forecast_next_use(victim, inputs.position, inputs.predicted,
+                                 inputs.last_use.get(victim)) > mine
     p = inputs.predicted.get(victim)
     if p is None:
         return True

@@ -50,6 +50,7 @@ class Prefetcher:
         self.layer_s = MovingAverage()  # seconds per MoE layer (compute, stalls excluded)
         self.issued_per_layer = MovingAverage()
         self.loads_per_layer = MovingAverage()  # demand loads + prefetches per layer
+        self.misses_per_layer = MovingAverage()  # demand loads per layer
         self.accuracy = ForecastAccuracy()
 
     def feed(self, forecast: Forecast) -> None:
@@ -92,3 +93,4 @@ class Prefetcher:
         self.layer_s.add(seconds)
         self.issued_per_layer.add(issued)
         self.loads_per_layer.add(issued + misses)
+        self.misses_per_layer.add(misses)

@@ -223,7 +223,8 @@ def simulate(needs: BatchNeeds, options: SimOptions,
                     accuracy.record(schedule.forecasts[s][l])
                     accuracy.observe(l, keys)
                     predicted = with_probabilities(schedule.forecasts[s][l], accuracy)
-                    position = Position(l, L, schedule.depth)
+                    position = Position(l, L, schedule.depth, s * L + l,
+                                        state.reuse_probabilities())
                 _visit(state, keys, s * L + l, policy, predicted,
                        options.prefetch_queue if policy == "predictive" else 0, position,
                        options.costs, clock)
@@ -250,8 +251,9 @@ def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
     if clock is not None:
         clock.begin_layer(keys[0][0] if keys else 0, keys, len(demand.loads) + len(demand.streamed))
     if costs is not None:
+        demand = state.stats.misses / max(tick + 1, 1)  # per visit so far (ticks count visits)
         costs = PrefetchCosts(costs.read_s, costs.layer_s, 0 if clock is None else clock.queued(),
-                              state.victim_reuse())
+                              state.victim_reuse(), demand)
     candidates = prefetch_order(predicted, state.entries, len(predicted))
     plan = plan_prefetch(state, candidates, predicted, prefetch_queue, position, costs)
     state.apply_prefetch(plan, tick, in_flight=False)  # replay's copies land at once

@@ -18,6 +18,8 @@ from typing import Iterable, Literal
 from expert_cache.planning import DemandPlan, KeepPlan, Load, PrefetchPlan
 from expert_cache.policies import ExpertKey, PolicyInputs
 
+REUSE_BUCKETS = 8  # steps since a key's last use, bucketed up to this many (the last: older)
+
 Scope = Literal["per_layer", "global"]
 AccessResult = Literal["hit", "prefetch_hit", "miss"]
 
@@ -106,6 +108,11 @@ class CacheState:
     use_count: dict[ExpertKey, int] = field(default_factory=dict)  # accesses
     load_count: dict[ExpertKey, int] = field(default_factory=dict)  # loads (demand + prefetch)
     evicted_at: dict[ExpertKey, int] = field(default_factory=dict)  # tick of the last eviction
+    # Reuse by recency, counted at each layer visit over the layer's keys used before: bucket r
+    # holds keys last used r+1 steps (visits of their layer) earlier, the last bucket all older.
+    reuse_seen: list[int] = field(default_factory=lambda: [0] * REUSE_BUCKETS)
+    reuse_used: list[int] = field(default_factory=lambda: [0] * REUSE_BUCKETS)
+    known: dict[int, set[ExpertKey]] = field(default_factory=dict)  # layer -> keys ever used
     _now: int = 0  # tick of the latest access (evictions are stamped with it)
     stats: CacheStats = field(default_factory=CacheStats)
 
@@ -162,6 +169,32 @@ class CacheState:
     def policy_inputs(self, predicted=None, next_use=None, position=None) -> PolicyInputs:
         """Inputs for policies.choose_victims; shares this state's dicts rather than copying."""
         return PolicyInputs(self.last_use, self.use_count, predicted or {}, next_use or {}, position)
+
+    def reuse_probabilities(self) -> tuple[float, ...]:
+        """Measured chance a key is used at a visit of its layer, per bucket of steps since its
+        last use (policies.Position.reuse); (used + 1) / (seen + 2) so no bucket is 0 or 1, and
+        never rising with age (a running minimum): an older key is taken as no likelier than a
+        more recent one, so noise in the counts cannot reorder a pool against recency."""
+        out, low = [], 1.0
+        for u, n in zip(self.reuse_used, self.reuse_seen):
+            low = min(low, (u + 1) / (n + 2))
+            out.append(low)
+        return tuple(out)
+
+    def _count_reuse(self, keys: tuple[ExpertKey, ...], now: int) -> None:
+        """Before a visit's accesses: for each key its layer used before, was it used again."""
+        if not keys:
+            return
+        layer, L = keys[0][0], self.num_layers
+        known = self.known.setdefault(layer, set())
+        used = set(keys)
+        last = self.last_use
+        for k in known:
+            r = min((now - last[k] - 1) // L, REUSE_BUCKETS - 1)
+            if r >= 0:
+                self.reuse_seen[r] += 1
+                self.reuse_used[r] += k in used
+        known.update(used)
 
     def victim_reuse(self, prior: float = 0.5, weight: float = 4.0) -> float:
         """Measured chance that an evicted key is missed again within one step (num_layers
@@ -314,6 +347,7 @@ class CacheState:
         """Access every key of the visit, then evict and admit as planned (loads `in_flight` until
         the executor's copy completes, so a failed copy can be aborted), and count the streamed
         misses. Returns each key's access result. The visit's keys should be marked needed."""
+        self._count_reuse(plan.keys, now)
         results = {key: self.access(key, now) for key in plan.keys}
         for load in plan.loads:
             self._load(load, now, in_flight=in_flight)

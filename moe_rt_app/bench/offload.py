@@ -230,8 +230,7 @@ def _interleaved_repeats(runs: list[dict], prompts, args, progress: bool) -> Non
 
 def _offload_row(r: dict, tokens: int, args) -> dict:
     """A configuration's figures per timed run: tok/s (median, best), hit rate, bytes read and
-    stall per token, prefetches issued / used (first hit) / wasted (evicted unused, or already
-    copying when their layer ran without them)."""
+    stall per token, prefetches issued / used (first hit) / wasted (evicted before any hit)."""
     b, s, cfg, n = r["before"], r["after"], r["cfg"], args.repeats
     delta = lambda k: (s.get(k, 0) - b.get(k, 0)) / n  # noqa: E731 - counters cover every repeat
     pct = r["pct"]
@@ -242,7 +241,7 @@ def _offload_row(r: dict, tokens: int, args) -> dict:
                 stall_ms_per_token=delta("stall_s") * 1e3 / tokens,
                 prefetches=None if cfg is None else delta("prefetches_issued"),
                 prefetch_hits=None if cfg is None else delta("prefetch_hits"),
-                wasted=None if cfg is None else delta("wasted_prefetches") + delta("prefetches_proven_wrong"),
+                wasted=None if cfg is None else delta("wasted_prefetches"),
                 gb_moved=delta("bytes_moved_total") / 1e9, stall_s=delta("stall_s"))
 
 

@@ -54,6 +54,10 @@ def test_hidden_gain_and_threshold():
     assert hidden_seconds(3, 0, c) == 2.0  # all of it
     assert hidden_seconds(3, 1, c) == 1.0  # one read ahead of it in the queue
     assert hidden_seconds(1, 2, c) == 0.0  # lands after its layer: saves nothing
+    busy = PrefetchCosts(read_s=2.0, layer_s=1.0, demand_per_layer=0.5)
+    assert hidden_seconds(1, 0, busy) == 1.0  # no layer in between
+    assert hidden_seconds(3, 0, busy) == 1.0  # 3 layer-times, 2 x 0.5 demand reads first
+    assert hidden_seconds(3, 1, busy) == 0.0
     # p * hidden - (1 - p) * read * (1 + v)
     assert prefetch_gain(0.8, 3, 0, None, c) == pytest.approx(0.8 * 2 - 0.2 * 2)
     assert prefetch_gain(0.8, 3, 0, 0.5, c) == pytest.approx(0.8 * 2 - 0.2 * 2 * 1.5)
@@ -189,3 +193,23 @@ def test_cache_stops_prefetching_from_a_forecaster_that_is_always_wrong(rule):
         # least what a right one can hide): about 14 wrong visits at alpha 0.05.
         assert s["prefetches_issued"] <= 4 and s["prefetches_declined"] > 0
     assert s["hits"] + s["misses"] == s["accesses"]
+
+
+def test_reuse_rates_by_recency_and_their_effect_on_the_next_use_estimate():
+    from expert_cache.planning import plan_demand
+
+    s = CacheState(num_layers=2, capacity_slots=4)
+    visits = [[(0, 0), (0, 1)], [(0, 0)], [(0, 0), (0, 1)]]  # visits of layer 0, 2 ticks apart
+    for i, keys in enumerate(visits):
+        s.apply_demand(plan_demand(s, keys, "lru"), now=2 * i)
+    # Visit 2: (0,0) last used 1 step before: used; (0,1) 1 step before: unused.
+    # Visit 3: (0,0) 1 step before: used; (0,1) 2 steps before: used.
+    assert s.reuse_seen[:2] == [3, 1] and s.reuse_used[:2] == [2, 1]
+    q = s.reuse_probabilities()
+    assert q[0] == pytest.approx(3 / 5) and q[1] == pytest.approx(min(3 / 5, 2 / 3))
+    assert q[2] == pytest.approx(min(q[1], 1 / 2)) and list(q) == sorted(q, reverse=True)
+    pos = Position(layer=1, num_layers=4, horizon=1, now=20, reuse=(0.5, 0.25))
+    # (3, 0) is 2 visits ahead, beyond the horizon; last used at 17 -> r = (20+2-17-1)//4 = 1.
+    assert forecast_next_use((3, 0), pos, {}, last_use=17) == pytest.approx(2 + 4 * 0.75 / 0.25)
+    assert forecast_next_use((3, 0), pos, {}, last_use=19) == pytest.approx(2 + 4 * 0.5 / 0.5)
+    assert forecast_next_use((3, 0), pos, {}) == 2  # never used: the earliest use

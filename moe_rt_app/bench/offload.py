@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read experts from the safetensors files, not from expert packs (O_DIRECT)")
     p.add_argument("--prefetch-rule", choices=("cost", "always"), default="cost",
                    help="the cache's prefetch_rule for the predictive configurations")
+    p.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
+                   help="the caches' scope (global: one pool of capacity x layers slots)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
     add_repeats(p, 3)
     add_torch_threads(p)
@@ -159,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     for _, _, cfg in configs:
         if cfg is not None:
             cfg["auto_pack"] = not args.no_pack
+            if args.scope == "global":
+                cfg.update(scope="global", capacity_slots=cfg["capacity_slots"] * L)
     tokens = args.batch * args.max_tokens
     runs = [_open_config(model, spec, label, pct, cfg, args, prompts) for label, pct, cfg in
             tqdm(configs, desc="offload configs", disable=not progress)]
@@ -168,15 +172,16 @@ def run(args: argparse.Namespace) -> int:
     rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res.median, tok_s_best=tokens / t_res.best)]
     for run_ in runs:
         row = _offload_row(run_, tokens, args)
-        row["predicted_tok_s"] = _predict(row, run_["cfg"], eval_trace, args, t_res.median, t_read, L,
-                                          fit_trace)
+        row["predicted_tok_s"] = _predict(row, run_["cfg"], eval_trace, args, t_res.median,
+                                          t_read if args.no_pack else t_read_tier, L, fit_trace)
         rows.append(row)
     resident_row, naive = rows[0], next(r for r in rows if r["config"] == "naive")
     for r in rows:  # ratios of medians, and of the fastest runs
         for base, name in ((resident_row, "vs_resident"), (naive, "vs_naive")):
             r[name], r[name + "_best"] = r["tok_s"] / base["tok_s"], r["tok_s_best"] / base["tok_s_best"]
     _ratios_to_lru(rows)
-    extra = {"model": model, "batch": args.batch, "max_tokens": args.max_tokens, "repeats": args.repeats,
+    extra = {"model": model, "batch": args.batch, "scope": args.scope, "max_tokens": args.max_tokens,
+             "repeats": args.repeats,
              "disk_read_ms_per_expert": round(t_read * 1e3, 3),
              "page_cache_read_ms_per_expert": round(t_read_warm * 1e3, 3),
              "page_cache": "kept" if args.keep_page_cache else "dropped after each read",
@@ -282,7 +287,8 @@ def _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace) -> float:
             depth = 1 if cfg["lookahead"] == "auto" else cfg["lookahead"]
             schedule = predict_schedule(trace, _replay_predictor(cfg["predictor"], eval_trace, fit_trace, depth),
                                         depth, progress=False)
-        res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"]), schedule)
+        res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"], cfg.get("scope", "per_layer")),
+                       schedule)
         misses, prefetches = cm.rates_from_replay(res.stats.as_dict(), visits)
     layer_s = t_res / args.max_tokens / L
     expert_bytes = 1.0  # t_x is measured per expert: express the link in experts per second

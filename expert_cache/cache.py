@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from expert_cache.config import CacheConfig
-from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, PrefetchCosts, choose_host_experts
+from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
 from expert_cache.planning import plan_demand, plan_prefetch
 from expert_cache.policies import ExpertKey, Position
 from expert_cache.prefetcher import MovingAverage, Prefetcher
@@ -265,19 +265,6 @@ class ExpertCache(ExpertStore):
         return p.probabilities(), Position(l, self.num_layers, p.depth, now,
                                            self.state.reuse_probabilities())
 
-    def _prefetch_costs(self) -> PrefetchCosts | None:
-        """What the cost rule weighs, as measured so far (None: prefetch_rule always). Before
-        any read or layer is timed, read and layer time count as equal."""
-        if self.cfg.prefetch_rule != "cost":
-            return None
-        p = self.prefetcher
-        read_s, layer_s = p.transfer_s.value, p.layer_s.value
-        if read_s is None or layer_s is None:
-            read_s = layer_s = 1.0
-        queued = sum(not t.is_done() for t in self._tickets.values())
-        return PrefetchCosts(read_s, layer_s, queued, self.state.victim_reuse(),
-                             p.misses_per_layer.value or 0.0)
-
     def _prefetch(self, now: int, predicted, position) -> int:
         """Issue up to prefetch_queue copies for the latest forecast; returns how many."""
         p = self.prefetcher
@@ -285,8 +272,12 @@ class ExpertCache(ExpertStore):
             return 0
         st = self.state
         candidates = p.candidates(st.entries)
+        costs = None
+        if self.cfg.prefetch_rule == "cost":
+            queued = sum(not t.is_done() for t in self._tickets.values())
+            costs = p.costs(queued, st.victim_reuse())
         plan = plan_prefetch(st, candidates, predicted, min(p.limit, self.transfer.room()),
-                             position, self._prefetch_costs())
+                             position, costs)
         self.prefetches_declined += max(0, min(len(candidates), p.limit) - len(plan.loads))
         # Invariant: each key is in flight in CacheState from here until _finish, so no one
         # evicts it or hands its slot to another key while the worker writes into it.

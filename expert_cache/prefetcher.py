@@ -21,7 +21,7 @@ Shape legend: E experts per layer.
 """
 from __future__ import annotations
 
-from expert_cache.cost_model import lookahead_depth
+from expert_cache.cost_model import PrefetchCosts, lookahead_depth
 from expert_cache.forecast import ForecastAccuracy, predictions, prefetch_order, with_probabilities
 from expert_cache.policies import ExpertKey, Prediction
 from moe_rt.layers.moe.events import Forecast
@@ -75,6 +75,14 @@ class Prefetcher:
     def probabilities(self) -> dict[ExpertKey, Prediction]:
         """The forecast in force with each key's probability (forecast.with_probabilities)."""
         return with_probabilities(self.predicted, self.accuracy)
+
+    def costs(self, queued: int, victim_reuse: float) -> PrefetchCosts:
+        """What the cost rule weighs, as measured so far, with the cache's `queued` reads and
+        measured victim reuse. Before any read or layer is timed, the two count as equal."""
+        read_s, layer_s = self.transfer_s.value, self.layer_s.value
+        if read_s is None or layer_s is None:
+            read_s = layer_s = 1.0
+        return PrefetchCosts(read_s, layer_s, queued, victim_reuse, self.misses_per_layer.value or 0.0)
 
     def observe(self, layer: int, used) -> None:
         """Layer `layer` is about to run with `used`: scores the forecasts made for it."""

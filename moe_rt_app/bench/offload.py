@@ -54,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not drop read pages from the page cache (RAM then backs the 'disk' tier)")
     p.add_argument("--no-pack", action="store_true",
                    help="read experts from the safetensors files, not from expert packs (O_DIRECT)")
-    p.add_argument("--prefetch-rule", choices=("cost", "always"), default="cost",
-                   help="the cache's prefetch_rule for the predictive configurations")
+    p.add_argument("--prefetch-rules", default="cost",
+                   help="prefetch_rule of the predictive configurations, comma-separated (cost, "
+                        "always): one row per predictor and rule; rows of rule always are "
+                        "labelled pred+NAME/always")
     p.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
                    help="the caches' scope (global: one pool of capacity x layers slots)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
@@ -125,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     if any(p > 100 for p in pcts):
         raise MoeRtError("--capacities are percentages (1..100)")
     predictors = [p for p in args.predictors.split(",") if p]
+    rules = [r for r in args.prefetch_rules.split(",") if r]
+    if not rules or any(r not in ("cost", "always") for r in rules):
+        raise MoeRtError("--prefetch-rules takes cost and/or always, comma-separated")
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
     progress = not args.no_progress
     if args.torch_threads:
@@ -153,11 +158,12 @@ def run(args: argparse.Namespace) -> int:
         slots = max(1, round(E * pct / 100))
         configs.append(("lru", pct, dict(offload="disk", capacity_slots=slots, policy="lru")))
         for name in predictors:
-            cfg = dict(offload="disk", capacity_slots=slots, policy="predictive", predictor=name,
-                       lookahead=lookahead, prefetch_rule=args.prefetch_rule)
-            if name in ID_ONLY:
-                cfg["predictor_dir"] = fit_path
-            configs.append((f"pred+{name}", pct, cfg))
+            for rule in rules:
+                cfg = dict(offload="disk", capacity_slots=slots, policy="predictive", predictor=name,
+                           lookahead=lookahead, prefetch_rule=rule)
+                if name in ID_ONLY:
+                    cfg["predictor_dir"] = fit_path
+                configs.append((f"pred+{name}" + ("" if rule == "cost" else f"/{rule}"), pct, cfg))
     for _, _, cfg in configs:
         if cfg is not None:
             cfg["auto_pack"] = not args.no_pack

@@ -7,13 +7,13 @@ from moe_rt_app.cli.main import main
 
 def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "50",
-            "--predictors", "frequency", "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "2",
+            "--predictors", "frequency", "--prefetch-rules", "cost,always", "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "2",
             "--torch-threads", "1", "--no-progress", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
     rows = {r["config"]: r for r in res["results"]}
-    assert list(rows) == ["resident", "naive", "lru", "pred+frequency"]
+    assert list(rows) == ["resident", "naive", "lru", "pred+frequency", "pred+frequency/always"]
     assert res["max_tokens"] == 3 and res["repeats"] == 2
     for r in rows.values():
         assert 0 < r["tok_s"] <= r["tok_s_best"]

@@ -37,6 +37,7 @@ import torch
 
 from expert_cache.config import CacheConfig
 from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
+from expert_cache.packs import aligned_empty
 from expert_cache.planning import plan_demand, plan_prefetch
 from expert_cache.policies import ExpertKey, Position
 from expert_cache.prefetcher import MovingAverage, Prefetcher
@@ -75,8 +76,8 @@ class ExpertCache(ExpertStore):
         self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
         pools = L if cfg.scope == "per_layer" else 1
         S = self.capacity_slots
-        self.w13 = [torch.empty(S, 2 * I, D, dtype=dtype, device=self.device) for _ in range(pools)]
-        self.w2 = [torch.empty(S, D, I, dtype=dtype, device=self.device) for _ in range(pools)]
+        self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
+        self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
         self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
@@ -102,6 +103,13 @@ class ExpertCache(ExpertStore):
         for key in cfg.pinned_keys():
             slot = self.state.pin(key, now=-1)
             self.transfer.load_now(key, *self._slot(key, slot))
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A fast-tier buffer; on the CPU page-aligned, so the disk tier reads straight into its
+        slots (packs.PackTier, O_DIRECT)."""
+        if self.device.type == "cpu":
+            return aligned_empty(shape, self.dtype)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     # -- ExpertStore ------------------------------------------------------------------------------
     def expert_bytes(self) -> int:
@@ -358,8 +366,7 @@ class ExpertCache(ExpertStore):
         t0 = time.perf_counter()
         w13s, w2s = self.w13[0], self.w2[0]
         n = len(keys)
-        w13 = torch.empty((n, *w13s.shape[1:]), dtype=self.dtype, device=self.device)
-        w2 = torch.empty((n, *w2s.shape[1:]), dtype=self.dtype, device=self.device)
+        w13, w2 = self._buffer((n, *w13s.shape[1:])), self._buffer((n, *w2s.shape[1:]))
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
         streamed_set = set(streamed)
         for i, key in enumerate(keys):

@@ -177,10 +177,46 @@ def open_pack(pack_dir: str | Path, reader, spec) -> "PackTier":
     return PackTier(Path(pack_dir), idx)
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()).cast("B")
+
+
+def _read_full(fd: int, views: list[memoryview], offset: int, where: Path) -> None:
+    """Fill `views` from the file's bytes at `offset` on (preadv may return short counts)."""
+    total, done = sum(len(v) for v in views), 0
+    while done < total:
+        rest, skip = [], done
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            rest.append(v[skip:])
+            skip = 0
+        n = os.preadv(fd, rest, offset + done)
+        if n <= 0:
+            raise MoeRtError(f"{where}: unexpected end of file reading an expert")
+        done += n
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor whose data starts at an ALIGN boundary, so slots of aligned
+    size in it can take O_DIRECT reads without a bounce buffer."""
+    n = 1
+    for x in shape:
+        n *= x
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    shift = (-raw.data_ptr()) % ALIGN
+    return raw[shift: shift + nbytes].view(dtype).view(shape)  # a view keeps `raw` alive
+
+
 class PackTier(SlowTier):
     """The disk tier over a pack: one aligned read per expert, with O_DIRECT where the file
     system allows it (the page cache is bypassed, so "disk" figures are disk figures); else a
-    plain read whose pages are dropped afterwards (posix_fadvise DONTNEED), as DiskTier does."""
+    plain read whose pages are dropped afterwards (posix_fadvise DONTNEED), as DiskTier does.
+    The read lands straight in the destination when it is aligned and of the pack's dtype (the
+    cache's CPU slots and pinned staging buffers are), else in a per-thread aligned buffer and
+    is copied from there."""
 
     name = "disk"
 
@@ -203,30 +239,35 @@ class PackTier(SlowTier):
     def _buffer(self) -> torch.Tensor:
         buf = getattr(self._local, "buf", None)
         if buf is None:
-            raw = torch.empty(self.index.stride + ALIGN, dtype=torch.uint8)
-            shift = (-raw.data_ptr()) % ALIGN
-            buf = self._local.buf = raw[shift: shift + self.index.stride]
-            self._local.raw = raw  # keeps the allocation alive
+            buf = self._local.buf = aligned_empty((self.index.stride,), torch.uint8)
         return buf
 
     def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
         l, e = key
-        idx, buf = self.index, self._buffer()
+        idx = self.index
         fd, offset = self._fds[l], e * idx.stride
-        view = memoryview(buf.numpy()).cast("B")
-        done = 0
-        while done < idx.stride:  # preadv may return short counts
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise MoeRtError(f"{self.dir / idx.files[l]}: unexpected end of file reading expert {key}")
-            done += n
+        if self._direct_into(w13, idx.w13_shape) and self._direct_into(w2, idx.w2_shape):
+            # Straight into the destination (an aligned slot or pinned staging buffer): one
+            # read, no copy. w2 follows w13 at an aligned offset because w13's size is aligned.
+            _read_full(fd, [_bytes(w13), _bytes(w2)], offset, self.dir / idx.files[l])
+        else:
+            buf = self._buffer()
+            _read_full(fd, [_bytes(buf)], offset, self.dir / idx.files[l])
+            flat = buf[: idx.expert_bytes].view(idx.dtype)
+            n13 = idx.w13_shape[0] * idx.w13_shape[1]
+            # One copy out of the aligned buffer (converts dtype, or moves to the GPU).
+            w13.copy_(flat[:n13].view(idx.w13_shape))
+            w2.copy_(flat[n13:].view(idx.w2_shape))
         if not self.direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, idx.stride, os.POSIX_FADV_DONTNEED)
-        flat = buf[: idx.expert_bytes].view(idx.dtype)
-        n13 = idx.w13_shape[0] * idx.w13_shape[1]
-        # One copy out of the aligned buffer (RAM bandwidth; converts dtype, or moves to the GPU).
-        w13.copy_(flat[:n13].view(idx.w13_shape))
-        w2.copy_(flat[n13:].view(idx.w2_shape))
+
+    def _direct_into(self, t: torch.Tensor, shape: tuple[int, int]) -> bool:
+        """Whether the pack's bytes can be read straight into `t`: a CPU tensor of the pack's
+        dtype and shape, contiguous, at an aligned address, of an aligned size (O_DIRECT's
+        rules; the plain-read fallback has the same layout)."""
+        return (t.device.type == "cpu" and t.dtype == self.index.dtype and tuple(t.shape) == shape
+                and t.is_contiguous() and t.data_ptr() % ALIGN == 0
+                and t.numel() * t.element_size() % ALIGN == 0)
 
     def checkpoint_dtype(self) -> torch.dtype:
         return self.index.dtype

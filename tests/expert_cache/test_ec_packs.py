@@ -142,3 +142,27 @@ def test_pack_dir_needs_the_disk_tier():
 
     with pytest.raises(MoeRtError, match="pack_dir.*offload: disk"):
         load_cache_config(dict(offload="cpu", capacity_slots=2, pack_dir="/x"))
+
+
+def test_reads_land_straight_in_aligned_slots_and_through_a_buffer_otherwise(model, tmp_path, monkeypatch):
+    from expert_cache.packs import PackTier, aligned_empty
+
+    spec, reader = parts(model)
+    write_pack(reader, spec, tmp_path / "p")
+    tier = open_pack(tmp_path / "p", reader, spec)
+    D, I = spec.hidden_size, spec.moe.intermediate_size
+    bounced = []
+    orig = PackTier._buffer
+    monkeypatch.setattr(PackTier, "_buffer", lambda self: bounced.append(1) or orig(self))
+    slots13, slots2 = aligned_empty((2, 2 * I, D), torch.float32), aligned_empty((2, D, I), torch.float32)
+    assert slots13.data_ptr() % ALIGN == 0
+    tier.read_into((1, 3), slots13[1], slots2[1])  # 2I x D x 4 bytes: an aligned size
+    assert bounced == []
+    raw13 = torch.empty(2 * I * D + 1)[1:].view(2 * I, D)  # 4 bytes off any alignment
+    raw2 = torch.empty(D * I)[:].view(D, I)
+    tier.read_into((1, 3), raw13, raw2)
+    assert bounced == [1]
+    a, b = reader.read_expert(spec, 1, 3)
+    for w13, w2 in ((slots13[1], slots2[1]), (raw13, raw2)):
+        assert torch.equal(w13, a) and torch.equal(w2, b)
+    tier.close()

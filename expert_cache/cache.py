@@ -85,7 +85,7 @@ class ExpertCache(ExpertStore):
         self._tick = 0
         # (layer, time leaving prepare, prefetches issued, demand loads) of the last prepare
         self._last: tuple[int, float, int, int] | None = None
-        self.prefetches_declined = 0  # forecast keys the cost rule judged not worth a read
+        self.prefetches_declined = 0  # forecast keys not issued (cost rule, no slot)
         self.layers = [LayerCounters() for _ in range(L)]
         self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
         self.proven_wrong = 0  # prefetches already copying when their layer ran without them

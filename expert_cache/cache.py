@@ -283,7 +283,8 @@ class ExpertCache(ExpertStore):
         costs = None
         if self.cfg.prefetch_rule == "cost":
             queued = sum(not t.is_done() for t in self._tickets.values())
-            costs = p.costs(queued, st.victim_reuse())
+            # demand reads per visit as replay counts them (ticks count visits)
+            costs = p.costs(queued, st.victim_reuse(), st.stats.misses / max(now, 1))
         plan = plan_prefetch(st, candidates, predicted, min(p.limit, self.transfer.room()),
                              position, costs)
         self.prefetches_declined += max(0, min(len(candidates), p.limit) - len(plan.loads))

@@ -50,7 +50,6 @@ class Prefetcher:
         self.layer_s = MovingAverage()  # seconds per MoE layer (compute, stalls excluded)
         self.issued_per_layer = MovingAverage()
         self.loads_per_layer = MovingAverage()  # demand loads + prefetches per layer
-        self.misses_per_layer = MovingAverage()  # demand loads per layer
         self.accuracy = ForecastAccuracy()
 
     def feed(self, forecast: Forecast) -> None:
@@ -76,13 +75,14 @@ class Prefetcher:
         """The forecast in force with each key's probability (forecast.with_probabilities)."""
         return with_probabilities(self.predicted, self.accuracy)
 
-    def costs(self, queued: int, victim_reuse: float) -> PrefetchCosts:
-        """What the cost rule weighs, as measured so far, with the cache's `queued` reads and
-        measured victim reuse. Before any read or layer is timed, the two count as equal."""
+    def costs(self, queued: int, victim_reuse: float, demand_per_layer: float) -> PrefetchCosts:
+        """What the cost rule weighs: the read and layer times measured here, with the cache's
+        `queued` reads, measured victim reuse and demand reads per visit. Before any read or
+        layer is timed, the two count as equal."""
         read_s, layer_s = self.transfer_s.value, self.layer_s.value
         if read_s is None or layer_s is None:
             read_s = layer_s = 1.0
-        return PrefetchCosts(read_s, layer_s, queued, victim_reuse, self.misses_per_layer.value or 0.0)
+        return PrefetchCosts(read_s, layer_s, queued, victim_reuse, demand_per_layer)
 
     def observe(self, layer: int, used) -> None:
         """Layer `layer` is about to run with `used`: scores the forecasts made for it."""
@@ -101,4 +101,3 @@ class Prefetcher:
         self.layer_s.add(seconds)
         self.issued_per_layer.add(issued)
         self.loads_per_layer.add(issued + misses)
-        self.misses_per_layer.add(misses)

@@ -117,3 +117,71 @@ def test_replay_and_runtime_take_the_same_decisions(journal, seed, policy, cap, 
     assert got == want
     # Every demand load, streamed miss, prefetch and pinned load read the slow tier once.
     assert len(tier.reads) == want["loads"] + len(pinned)
+
+
+class Fixed:
+    """A measurement that stays put (the runtime's read and layer times, for an exact replay)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def add(self, x):
+        pass
+
+
+def noisy_schedule(trace, depth, seed):
+    """The oracle's forecasts plus wrong ones, so the measured precision falls below 1 and the
+    cost rule turns some prefetches down."""
+    import random
+
+    from expert_cache.policies import Prediction
+    from expert_cache.simulator import ForecastSchedule
+
+    rng = random.Random(seed)
+    exact = oracle_schedule(trace, depth)
+    rounds = []
+    for step in exact.forecasts:
+        per_layer = []
+        for f in step:
+            f = dict(f)
+            for (m, _), p in list(f.items()):
+                for _ in range(2):  # about two wrong votes per right one: precision near 1/3
+                    f.setdefault((m, rng.randrange(E)), p)
+            per_layer.append(f)
+        rounds.append(tuple(per_layer))
+    return ForecastSchedule(depth, tuple(rounds))
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("cap, scope, depth", [(2, "per_layer", 1), (3, "per_layer", 2), (2, "global", 2)])
+def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, seed, cap, scope, depth):
+    from expert_cache.cost_model import PrefetchCosts
+
+    trace = random_trace(seed, n=120, num_layers=L, num_experts=E)
+    schedule = noisy_schedule(trace, depth, seed)
+    slots = pool_slots(cap, scope, L)
+    read_s, layer_s = 0.001, 0.01  # every prefetch lands before the next layer: queue empty
+    sim = simulate(BatchNeeds.from_trace(trace),
+                   SimOptions("predictive", slots, scope, 8, costs=PrefetchCosts(read_s, layer_s)), schedule)
+    cache, tier, src = ec_fakes.make_cache(L, E, slots, depth=depth, policy="predictive", scope=scope,
+                                           prefetch_queue=8, prefetch_rule="cost")
+    cache.prefetcher.transfer_s, cache.prefetcher.layer_s = Fixed(read_s), Fixed(layer_s)
+    try:
+        for s, (_, a, b) in enumerate(step_bounds(trace.steps)):
+            for l in range(L):
+                feed(src, schedule.forecasts[s][l], l, depth)
+                topk = torch.from_numpy(trace.topk_ids[a:b, l]).long()
+                ec_fakes.check_layer(cache, cache.prepare(l, topk), l, topk)
+                cache.settle()
+        stats = cache.stats()
+    finally:
+        cache.close()
+    (_, replay_log), (cache_state, cache_log) = journal
+    assert cache_log == replay_log
+    assert stats["prefetches_issued"] == sim.stats.prefetches_issued > 0
+    # The rule turned forecasts down that prefetching everything would have issued.
+    always = simulate(BatchNeeds.from_trace(trace), SimOptions("predictive", slots, scope, 8), schedule)
+    assert always.stats.prefetches_issued >= sim.stats.prefetches_issued
+    if scope == "global":  # (small per-layer pools are full of forecast keys either way)
+        assert always.stats.prefetches_issued > sim.stats.prefetches_issued
+    assert sim.modelled_s > 0 and sim.stats.stall_s >= 0

@@ -85,6 +85,7 @@ class ExpertCache(ExpertStore):
         self._tick = 0
         # (layer, time leaving prepare, prefetches issued, demand loads) of the last prepare
         self._last: tuple[int, float, int, int] | None = None
+        self.queued_reads = MovingAverage()  # transfer queue occupancy when prefetches are planned
         self.prefetches_declined = 0  # forecast keys not issued (cost rule, no slot)
         self.layers = [LayerCounters() for _ in range(L)]
         self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
@@ -283,6 +284,7 @@ class ExpertCache(ExpertStore):
         costs = None
         if self.cfg.prefetch_rule == "cost":
             queued = sum(not t.is_done() for t in self._tickets.values())
+            self.queued_reads.add(queued)
             # demand reads per visit as replay counts them (ticks count visits)
             costs = p.costs(queued, st.victim_reuse(), st.stats.misses / max(now, 1))
         plan = plan_prefetch(st, candidates, predicted, min(p.limit, self.transfer.room()),
@@ -399,7 +401,7 @@ class ExpertCache(ExpertStore):
             "prefetch_rule": self.cfg.prefetch_rule, "prefetches_declined": self.prefetches_declined,
             "read_bytes_per_s": (None if p is None or not p.transfer_s.value
                                  else self._expert_bytes / p.transfer_s.value),
-            "victim_reuse": self.state.victim_reuse(),
+            "victim_reuse": self.state.victim_reuse(), "queued_reads_avg": self.queued_reads.value,
             "forecast_precision": None if p is None else {d: p.accuracy.precision(d)
                                                           for d in sorted(p.accuracy.visits)},
             "lookahead": None if p is None else p.depth,

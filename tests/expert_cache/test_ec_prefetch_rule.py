@@ -192,6 +192,7 @@ def test_cache_stops_prefetching_from_a_forecaster_that_is_always_wrong(rule):
         # Once the measured precision falls to 1/2 no prefetch pays (a wasted read costs at
         # least what a right one can hide): about 14 wrong visits at alpha 0.05.
         assert s["prefetches_issued"] <= 4 and s["prefetches_declined"] > 0
+        assert s["queued_reads_avg"] is not None and s["read_bytes_per_s"] > 0
     assert s["hits"] + s["misses"] == s["accesses"]
 
 

@@ -21,7 +21,7 @@ from ..mlp import DenseMLP
 from .compute import ExpertCompute, torch_experts
 from .dispatch import Dispatcher, LocalDispatcher
 from .events import RouterEvent, RoutingHub
-from .routing import route
+from .routing import DynamicTopK, route
 from .store import ExpertStore
 
 
@@ -31,6 +31,7 @@ class MoEContext:
     compute: ExpertCompute = torch_experts
     dispatcher: Dispatcher = field(default_factory=LocalDispatcher)
     hub: RoutingHub = field(default_factory=RoutingHub)
+    dynamic_topk: DynamicTopK | None = None  # drops low-weight choices (-1) after routing; None = off
 
 
 class MoEBlock(nn.Module):
@@ -52,6 +53,8 @@ class MoEBlock(nn.Module):
         w = self.gate.weight
         logits = F.linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else F.linear(x, w)
         weights, ids = route(logits, r, self.e_score_correction_bias)
+        if ctx.dynamic_topk is not None:  # before observers: they see the experts actually computed
+            weights, ids = ctx.dynamic_topk(weights, ids, r)
         if ctx.hub.active:
             ctx.hub.emit(RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch))
         d = ctx.dispatcher.dispatch(self.moe_index, x, ids, weights)

@@ -107,3 +107,13 @@ def test_engine_counts_evaluations_and_the_cache_ignores_dropped_choices(mixtral
     assert stats["cache"]["accesses"] == sum(used) > 0
     looped, _, _ = _tokens(mixtral_dir, dynamic_topk_threshold=0.45, expert_compute="loop")
     assert looped == dyn
+
+
+def test_tracing_refuses_dynamic_topk(mixtral_dir):
+    from moe_rt.errors import MoeRtError
+    from moe_rt_app.cli.trace import record_trace
+
+    llm = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, dynamic_topk_top_p=0.8)
+    with pytest.raises(MoeRtError, match="dynamic top-k off"):
+        record_trace(llm, PROMPTS, PARAMS)
+    llm.close()

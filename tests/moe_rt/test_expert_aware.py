@@ -66,3 +66,12 @@ def test_flags_set_the_engine_fields():
     assert config_from_args(p.parse_args(["--model", "m"])).engine.scheduler_policy == "fcfs"
     with pytest.raises(SystemExit):
         p.parse_args(["--model", "m", "--dynamic-topk-threshold", "1"])
+
+
+def test_expert_parallelism_keeps_fcfs():
+    from moe_rt.errors import MoeRtError
+    from moe_rt_app.config import build_config
+
+    with pytest.raises(MoeRtError, match="expert_aware runs on one rank"):
+        build_config(model="m", scheduler_policy="expert_aware", parallel={"ep": 2})
+    assert build_config(model="m", parallel={"ep": 2}).engine.scheduler_policy == "fcfs"

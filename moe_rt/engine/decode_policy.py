@@ -23,7 +23,9 @@ from typing import Protocol, Sequence as Seq
 
 import torch
 
+from moe_rt.config import EngineConfig
 from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from moe_rt.models.spec import ModelSpec
 
 from .expert_groups import Route, grow_group
 from .sequence import Sequence
@@ -201,10 +203,10 @@ class ExpertAware:
         self._unsubscribe()
 
 
-def make_decode_policy(name: str, hub: RoutingHub, num_layers: int, batch_size: int | None, max_skips: int,
-                       table: TokenRouteTable | None = None) -> DecodePolicy:
-    if name == "fcfs":
+def make_decode_policy(cfg: EngineConfig, hub: RoutingHub, spec: ModelSpec) -> DecodePolicy:
+    """The policy `cfg.scheduler_policy` names, listening to `hub` where it needs routing."""
+    if cfg.scheduler_policy == "fcfs":
         return FCFS()
-    if name == "expert_aware":
-        return ExpertAware(hub, RouteRecord(num_layers, table), batch_size, max_skips)
-    raise ValueError(f"unknown scheduler policy {name!r}")
+    L = len(spec.moe_layer_ids)
+    record = RouteRecord(L, TokenRouteTable(spec.vocab_size, L, spec.num_experts, spec.top_k))
+    return ExpertAware(hub, record, cfg.expert_aware_batch, cfg.expert_aware_max_skips)

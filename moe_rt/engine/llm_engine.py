@@ -28,7 +28,7 @@ from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .block_manager import BlockManager
-from .decode_policy import TokenRouteTable, make_decode_policy
+from .decode_policy import make_decode_policy
 from .core import CoreStats
 from .model_runner import ModelRunner
 from .sampler import sample, token_logprobs
@@ -82,11 +82,7 @@ class LLMEngine:
             )
         self.max_model_len = max_len
         self.blocks = BlockManager(num_blocks, ec.kv_block_size)
-        L = len(self.spec.moe_layer_ids)
-        table = (TokenRouteTable(self.spec.vocab_size, L, self.spec.num_experts, self.spec.top_k)
-                 if ec.scheduler_policy == "expert_aware" else None)
-        policy = make_decode_policy(ec.scheduler_policy, self.model.hub, L, ec.expert_aware_batch,
-                                    ec.expert_aware_max_skips, table)
+        policy = make_decode_policy(ec, self.model.hub, self.spec)
         self.scheduler = Scheduler(ec, self.blocks, policy)
         if ec.scheduler_policy != "fcfs":  # fcfs has nothing to report or stop
             self.attach("scheduler", policy.stats, policy.close)

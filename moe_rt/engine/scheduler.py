@@ -34,10 +34,11 @@ class Scheduler:
         """(prefill, decode) for the next step; both run in one forward.
 
         Running sequences come first: each the decode policy selects gets the slot for its next
-        token, preempting the newest running sequence when the cache is full. Waiting sequences are then admitted while the
-        running set, the token budget (decode tokens count 1 each) and the free blocks allow; the
-        first admission ignores the token budget when nothing else would run, so a prompt longer
-        than the budget still gets its turn.
+        token, preempting the newest running sequence when the cache is full (the others wait
+        with their KV). Waiting sequences are then admitted while the running set, the token
+        budget (decode tokens count 1 each) and the free blocks allow; the first admission ignores
+        the token budget when nothing else would run, so a prompt longer than the budget still
+        gets its turn.
         """
         decode: list[Sequence] = []
         selected = set(self.policy.select(list(self.running)))

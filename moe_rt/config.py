@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -23,6 +22,19 @@ class EngineConfig(BaseModel):
     kv_block_size: int = Field(16, ge=1, description="tokens per KV block")
     expert_compute: Literal["torch", "loop", "triton", "reference"] = Field("torch", description="expert-compute backend")
     seed: int = Field(0, description="seed of the sampler for requests without their own seed")
+    scheduler_policy: Literal["fcfs", "expert_aware"] = Field(
+        "fcfs", description="which running sequences decode together: fcfs (all of them every step) or "
+                            "expert_aware (a subset whose predicted experts overlap; docs/scheduling.md)")
+    expert_aware_batch: int | None = Field(
+        None, ge=1, description="expert_aware: sequences decoded per step (default: half the running ones, rounded up)")
+    expert_aware_max_skips: int = Field(
+        3, ge=1, description="expert_aware: a sequence left out this many steps in a row decodes in the next")
+    dynamic_topk_threshold: float = Field(
+        0.0, ge=0, lt=1, description="drop a token's routed choice whose weight, normalised over its top-k, is below "
+                                     "this (0 = off; the best choice is always kept)")
+    dynamic_topk_top_p: float = Field(
+        1.0, gt=0, le=1, description="keep a token's fewest routed choices whose normalised weights sum to at least "
+                                     "this (1 = off)")
 
 
 class ModelConfig(BaseModel):

@@ -21,12 +21,14 @@ from moe_rt.config import EngineConfig, ModelConfig
 from moe_rt.device import resolve_device, resolve_dtype
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
+from moe_rt.layers.moe.routing import DynamicTopK
 from moe_rt.loader import load_model
 from moe_rt.outputs import CompletionOutput, RequestOutput, StepOutput, StepResult
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .block_manager import BlockManager
+from .decode_policy import make_decode_policy
 from .core import CoreStats
 from .model_runner import ModelRunner
 from .sampler import sample, token_logprobs
@@ -80,7 +82,13 @@ class LLMEngine:
             )
         self.max_model_len = max_len
         self.blocks = BlockManager(num_blocks, ec.kv_block_size)
-        self.scheduler = Scheduler(ec, self.blocks)
+        policy = make_decode_policy(ec, self.model.hub, self.spec)
+        self.scheduler = Scheduler(ec, self.blocks, policy)
+        if ec.scheduler_policy != "fcfs":  # fcfs has nothing to report or stop
+            self.attach("scheduler", policy.stats, policy.close)
+        self.model.moe_ctx.dynamic_topk = DynamicTopK.from_config(ec.dynamic_topk_threshold, ec.dynamic_topk_top_p)
+        if self.model.moe_ctx.dynamic_topk is not None:
+            self.attach("routing", self.model.moe_ctx.dynamic_topk.stats)
         self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device)
         self.generator = torch.Generator().manual_seed(ec.seed)
         self._seq_counter = itertools.count()

@@ -7,7 +7,8 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
   pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
              training; frequency and coactivation are fitted on a trace of *other* prompts
              recorded in the same run).
-Capacities are percentages of each layer's experts. The disk tier drops every page it reads from
+Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
+bench compares scheduling policies instead (offload_schedule.py). The disk tier drops every page it reads from
 the page cache (slow_tier.DiskTier), so figures are disk figures, not RAM ones; --keep-page-cache
 measures with the page cache left alone.
 
@@ -48,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-page-cache", action="store_true",
                    help="do not drop read pages from the page cache (RAM then backs the 'disk' tier)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
+    p.add_argument("--scheduler-policy", default=None, metavar="fcfs,expert_aware",
+                   help="compare scheduling policies instead of cache configurations: --concurrency sequences "
+                        "running, the first of --capacities, fcfs as the baseline (offload_schedule.py)")
+    p.add_argument("--concurrency", type=int, default=16, help="--scheduler-policy: sequences running at once")
+    p.add_argument("--expert-aware-batch", type=int, default=None,
+                   help="--scheduler-policy: sequences per expert_aware step (default: half the running ones)")
+    p.add_argument("--expert-aware-max-skips", type=int, default=3,
+                   help="--scheduler-policy: steps an expert_aware sequence may wait in a row (default 3)")
     add_repeats(p, 2)
     add_torch_threads(p)
     p.add_argument("--no-progress", action="store_true")
@@ -111,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    if args.scheduler_policy:
+        return _schedule_bench(args, model, pcts[0], params)
 
     resident = _llm(model)
     spec = resident.model.spec
@@ -182,6 +193,21 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(eval_trace, args.plot, E, predictors, progress)
     tmp.cleanup()
+    return 0
+
+
+def _schedule_bench(args, model: str, pct: int, params) -> int:
+    from moe_rt.checkpoint import read_config
+    from moe_rt.models.registry import parse_config
+    from moe_rt_app.bench.offload_schedule import parse_policies, run_schedule_bench
+
+    policies = parse_policies(args.scheduler_policy)
+    if policies[0] != "fcfs":
+        policies.insert(0, "fcfs")  # the baseline every ratio is to
+    vocab = parse_config(read_config(model)).vocab_size
+    prompts = _prompts(args.concurrency, args.prompt_len, vocab, seed=1)
+    rows, extra = run_schedule_bench(args, model, policies, prompts, params, pct)
+    emit(rows, args, ["figure", "policy", "median", "best", "vs_fcfs"], extra)
     return 0
 
 

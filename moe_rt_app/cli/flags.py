@@ -27,6 +27,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="expert kernels: torch (grouped matmul; the default), loop (one matmul pair per "
                         "expert), triton (fused kernel; CUDA, or TRITON_INTERPRET=1 on CPU), reference (slow, dense)")
     add_offload_arguments(p)
+    add_scheduling_arguments(p)
+
+
+def add_scheduling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheduling and dynamic top-k (docs/scheduling.md)")
+    g.add_argument("--scheduler-policy", choices=["fcfs", "expert_aware"], default=None,
+                   help="fcfs: every running sequence decodes every step (the default); expert_aware: a subset "
+                        "whose forecast experts overlap, so an expert cache loads fewer experts per step")
+    g.add_argument("--expert-aware-batch", type=positive_int, default=None,
+                   help="expert_aware: sequences decoded per step (default: half the running ones)")
+    g.add_argument("--expert-aware-max-skips", type=positive_int, default=None,
+                   help="expert_aware: a sequence left out this many steps in a row decodes next (default 3)")
+    g.add_argument("--dynamic-topk-threshold", type=float_in(0, 1, hi_open=True), default=None,
+                   help="drop routed choices whose normalised weight is below this (default 0: off)")
+    g.add_argument("--dynamic-topk-top-p", type=float_in(0, 1, lo_open=True), default=None,
+                   help="keep the fewest routed choices whose normalised weights reach this (default 1: off)")
 
 
 def lookahead(text: str) -> int | str:
@@ -91,6 +107,9 @@ def sampling(args):
 ENGINE_FLAGS = {
     "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len",
     "kv_cache_memory_gb": "--kv-cache-memory-gb", "expert_compute": "--expert-compute",
+    "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
+    "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
+    "dynamic_topk_top_p": "--dynamic-topk-top-p",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),

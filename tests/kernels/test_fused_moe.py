@@ -179,3 +179,17 @@ def test_fused_step_replays_in_a_cuda_graph(seed):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(out.clone(), reference_experts(hidden, w13, w2, ids, weights), torch.bfloat16, seed)
+
+
+@needs_interpreter
+def test_fused_skips_choices_dropped_by_dynamic_topk(seed):
+    """Dynamic top-k marks dropped choices -1 with weight 0; the kernel must add nothing for them."""
+    from moe_rt.layers.moe.routing import prune_choices, route
+    from moe_rt.models.spec import RoutingSpec
+
+    spec = RoutingSpec(num_experts=8, top_k=3)
+    hidden, w13, w2, _, _ = make_inputs(21, 40, 24, 8, 3, None, 0.0, torch.float32)
+    weights, ids = prune_choices(*route(torch.randn(21, 8), spec), spec, threshold=0.3)
+    assert (ids == -1).any()
+    assert_matches(fused_experts(hidden, w13, w2, ids, weights, config=SMALL),
+                   reference_experts(hidden, w13, w2, ids, weights), torch.float32, seed)

@@ -162,6 +162,8 @@ def named_flags(args):
         pattern = r"\b(?:engine\.|cache\.|parallel\.)?(" + "|".join(names) + r")\b"
         text = re.sub(r"^invalid option cache: ", "", str(e))
         renamed = re.sub(pattern, lambda m: names[m[1]], text)
+        renamed = re.sub(r"^invalid option predictor\.(name|dir): ",
+                         lambda m: "--predictor " if m[1] == "name" else "--predictor-dir ", renamed)
         raise MoeRtError(("offload flags: " + renamed) if text != str(e) else renamed) from None
 
 

@@ -36,6 +36,16 @@ class EngineConfig(BaseModel):
         1.0, gt=0, le=1, description="keep a token's fewest routed choices whose normalised weights sum to at least "
                                      "this (1 = off)")
 
+    # Quantized experts (docs/quantization.md): routed experts only; dense weights keep the dtype.
+    expert_bits: Literal[8, 4] | None = Field(
+        None, description="store routed experts in 8 bits (int8, one scale per output row) or 4 bits "
+                          "(int4, a scale and zero per group), quantized at load; None keeps the compute dtype"
+    )
+    expert_group_size: Literal[32, 64, 128] = Field(
+        64, description="int4 experts: input columns per scale and zero (must divide the expert's hidden "
+                        "and intermediate sizes); unused for 8 bits"
+    )
+
 
 class ModelConfig(BaseModel):
     """Which checkpoint to run, in which numerics, where."""

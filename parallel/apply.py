@@ -57,6 +57,9 @@ def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=
     spec = model.spec
     L, E = len(spec.moe_layer_ids), spec.num_experts
     old = model.moe_ctx.store
+    if old is not None and not all(isinstance(w, torch.Tensor) for w in getattr(old, "w13", [])):
+        # the reader would silently give full-precision experts back
+        raise MoeRtError("expert parallelism does not take quantized experts (expert_bits) yet")
     ref = model.embed_tokens.weight
     w13s, w2s, slots = [], [], []
     for m in range(L):

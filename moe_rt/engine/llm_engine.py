@@ -53,7 +53,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model.model)
         # load_experts=False: routed experts stay in the checkpoint for an expert store to fetch.
         self.model, self.reader = load_model(
-            model.model, self.dtype, self.device, load_experts=load_experts, progress=progress
+            model.model, self.dtype, self.device, load_experts=load_experts, progress=progress,
+            expert_bits=engine.expert_bits, expert_group_size=engine.expert_group_size,
         )
         self.spec = self.model.spec
         # name -> callable returning a JSON-able dict; the cache, predictor and expert parallelism

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_rt.errors import MoeRtError
+from moe_rt.quant.experts import QuantizedStack
+
+from .compute_quant import quantized_experts
 
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,7 +33,10 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     projection (torch.nn.functional.grouped_mm) and no host read of the routing. On a CPU, where
     reading a tensor waits for nothing: a loop over the slots that have rows (small batches), or
     grouped_mm (large ones). Every path does the same matmuls and additions, so they agree bit
-    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py."""
+    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized
+    stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts."""
+    if isinstance(w13, QuantizedStack):
+        return quantized_experts(hidden, w13, w2, topk_ids, topk_weights)
     T, K = topk_ids.shape
     if T == 0:  # an expert-parallel rank can receive no tokens in a step
         return torch.zeros_like(hidden)

@@ -1,0 +1,63 @@
+"""The torch backend's expert compute for quantized stacks (moe_rt/quant/experts.py).
+
+Same contract as reference.reference_experts, with w13 and w2 QuantizedStacks:
+    hidden [T, D], w13 [S, 2I, D], w2 [S, D, I], topk_ids [T, K] slots (-1 = skip) -> [T, D].
+
+One matmul pair per slot that has rows. Each projection is either PyTorch's own low-bit CPU kernel
+(torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu, bfloat16 activations, the
+weights dequantised inside the kernel) or a dequantise-then-matmul in the compute dtype; the
+choice is the rule at CPU_LOWBIT_MAX_ROWS. Off the CPU (the torch backend on a GPU) every
+projection dequantises its slot; the Triton backend dequantises inside its kernel instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_rt.quant.experts import QuantizedStack
+
+# An expert's projection over at most this many rows (by bits) runs PyTorch's low-bit CPU kernel;
+# over more, the slot is dequantised and multiplied in the compute dtype, whose dequantisation
+# cost is then spread over enough rows. Measured by scripts/quant_cpu_crossover.py (2 threads,
+# fp32 model, demo-model and mixtral-56m expert shapes), microseconds per projection, kernel vs
+# dequantise+matmul: int8 at 64 rows 112.7 vs 125.1 (512x192) and 58.5 vs 70.2 (192x256), at 256
+# rows 422.7 vs 294.8 and 207.2 vs 162.4; int4 at 256 rows 313.6 vs 503.7 and 161.8 vs 223.0, at
+# 1024 rows 3638 vs 1432. At 1 row the kernels take 9-15 us against 28-252 us.
+CPU_LOWBIT_MAX_ROWS = {8: 64, 4: 256}
+
+
+def _project(x: torch.Tensor, w: QuantizedStack, s: int) -> torch.Tensor:
+    """x [n, K] @ w[s].T -> [n, N] in x's dtype."""
+    if w.cpu is not None and x.shape[0] <= CPU_LOWBIT_MAX_ROWS[w.bits]:
+        xb = x.to(torch.bfloat16)
+        if w.bits == 8:
+            y = torch._weight_int8pack_mm(xb, w.cpu.qweight[s], w.cpu.scales[s])
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(xb, w.cpu.qweight[s], w.group_size, w.cpu.scales[s])
+        return y.to(x.dtype)
+    return torch.mm(x, w.dequantize(s).t())
+
+
+def quantized_experts(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids, topk_weights) -> torch.Tensor:
+    T, K = topk_ids.shape
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    if T == 0:
+        return out.to(hidden.dtype)
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # pairs grouped by slot, -1 first
+    slots = flat[order].tolist()
+    weights = topk_weights.reshape(-1)
+    I = w2.shape[2]
+    start = next((i for i, s in enumerate(slots) if s >= 0), len(slots))
+    while start < len(slots):
+        s = slots[start]
+        end = start + 1
+        while end < len(slots) and slots[end] == s:
+            end += 1
+        pairs = order[start:end]
+        tokens = pairs // K
+        h = _project(hidden[tokens], w13, s)
+        y = _project(F.silu(h[:, :I]) * h[:, I:], w2, s)
+        out.index_add_(0, tokens, y.float() * weights[pairs].float()[:, None])
+        start = end
+    return out.to(hidden.dtype)

@@ -1,0 +1,52 @@
+"""Perplexity in windows and greedy agreement, against transformers' own loss on the same windows."""
+import math
+
+import pytest
+import torch
+
+from checkpoints import TEXT
+from moe_rt import LLM
+from moe_rt.errors import MoeRtError
+from moe_rt.eval.perplexity import greedy_agreement, score_text, token_windows
+
+
+def test_windows_start_with_bos_and_cover_every_token_once():
+    ids = [1, 10, 11, 12, 13, 14, 15, 16]  # BOS then 7 tokens
+    assert token_windows(ids, 4, bos=1) == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16]]
+    assert token_windows([10, 11, 12, 13, 14], 2, bos=None) == [[10, 11], [12, 13]]  # [14] predicts nothing
+    with pytest.raises(MoeRtError, match="at least 2 tokens"):
+        token_windows(ids, 1, bos=1)
+
+
+def test_perplexity_matches_transformers_loss(mixtral_dir, mixtral_llm):
+    from transformers import AutoModelForCausalLM
+
+    text = TEXT * 2
+    score = score_text(mixtral_llm, text, window=24)
+    hf = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32).eval()
+    tok = mixtral_llm.tokenizer
+    windows = token_windows(tok.encode(text), 24, tok.bos_token_id)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            ids = torch.tensor([w])
+            loss = hf(ids, labels=ids).loss.item()  # mean over len(w) - 1 predictions
+            nll += loss * (len(w) - 1)
+            n += len(w) - 1
+    assert score.tokens == n == len(tok.encode(text)) - 1
+    assert math.isclose(score.perplexity, math.exp(nll / n), rel_tol=1e-4)
+    assert greedy_agreement(score, score) == 1.0
+
+
+def test_quantized_experts_agree_mostly(mixtral_dir, mixtral_llm):
+    full = score_text(mixtral_llm, TEXT, window=32)
+    int4 = score_text(LLM(mixtral_dir, dtype="float32", progress=False, expert_bits=4, expert_group_size=32),
+                      TEXT, window=32)
+    assert int4.tokens == full.tokens
+    assert int4.perplexity != full.perplexity
+    assert 0.5 < greedy_agreement(full, int4) <= 1.0
+
+
+def test_empty_text_is_refused(mixtral_llm):
+    with pytest.raises(MoeRtError, match="fewer than 2 tokens"):
+        score_text(mixtral_llm, "")

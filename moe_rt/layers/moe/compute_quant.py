@@ -39,7 +39,10 @@ def _project(x: torch.Tensor, w: QuantizedStack, s: int) -> torch.Tensor:
 
 
 def quantized_experts(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids, topk_weights) -> torch.Tensor:
+    """Pairs grouped by slot, one matmul pair per slot with rows, weighted outputs added in fp32."""
     T, K = topk_ids.shape
+    if T == 1:
+        return _one_token(hidden, w13, w2, topk_ids, topk_weights)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     if T == 0:
         return out.to(hidden.dtype)
@@ -60,4 +63,16 @@ def quantized_experts(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids,
         y = _project(F.silu(h[:, :I]) * h[:, I:], w2, s)
         out.index_add_(0, tokens, y.float() * weights[pairs].float()[:, None])
         start = end
+    return out.to(hidden.dtype)
+
+
+def _one_token(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids, topk_weights) -> torch.Tensor:
+    """T == 1 (batch-1 decode): the same products on the token's own row, without index tensors;
+    the weighted outputs are added in slot order in fp32, as index_add_ into zeros would."""
+    I = w2.shape[2]
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    weights = topk_weights[0]
+    for s, k in sorted((s, k) for k, s in enumerate(topk_ids[0].tolist()) if s >= 0):
+        h = _project(hidden, w13, s)
+        out += _project(F.silu(h[:, :I]) * h[:, I:], w2, s).float() * weights[k : k + 1].float()
     return out.to(hidden.dtype)

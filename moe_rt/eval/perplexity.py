@@ -4,7 +4,7 @@ The text is tokenized once and cut into non-overlapping windows of at most `wind
 the tokenizer adds BOS, every window starts with it (as the demo model was trained and
 validated: 256-token rows, each starting with <s>), so every token of the text after the first
 BOS is predicted exactly once. Without BOS the first token of each window is context only. Each
-window is one scoring pass of the engine (LLM.prompt_logits: no KV cache, no sampling).
+window is one scoring pass of the engine (ModelRunner.prompt_logits: no KV cache, no sampling).
 
     perplexity = exp(mean over predicted positions of -log p(token | window prefix))
     greedy agreement(a, b) = fraction of predicted positions where argmax a == argmax b
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_rt.engine.llm_engine import LLMEngine
 from moe_rt.errors import MoeRtError
 
 
@@ -43,16 +44,16 @@ def token_windows(ids: list[int], window: int, bos: int | None) -> list[list[int
     return [w for w in out if len(w) >= 2]
 
 
-def score_text(llm, text: str, window: int = 256) -> TextScore:
-    """Score `text` with `llm` (an moe_rt.LLM) in windows of min(window, the context) tokens."""
-    tok = llm.tokenizer
+def score_text(engine: LLMEngine, text: str, window: int = 256) -> TextScore:
+    """Score `text` in windows of min(window, the engine's context) tokens (`LLM(...).engine`)."""
+    tok = engine.tokenizer
     bos = tok.bos_token_id if tok.adds_bos else None
-    windows = token_windows(tok.encode(text), min(window, llm.engine.max_model_len), bos)
+    windows = token_windows(tok.encode(text), min(window, engine.max_model_len), bos)
     if not windows:
         raise MoeRtError("the text has fewer than 2 tokens: nothing to score")
     nll, n, argmax = 0.0, 0, []
     for w in windows:
-        logits = llm.prompt_logits(w)[:-1]  # [len - 1, V]: position i predicts token i + 1
+        logits = engine.runner.prompt_logits(w)[:-1].float()  # [len - 1, V]: position i predicts token i + 1
         target = torch.tensor(w[1:], device=logits.device)
         logp = torch.log_softmax(logits.double(), dim=-1)
         nll -= float(logp.gather(1, target[:, None]).sum())

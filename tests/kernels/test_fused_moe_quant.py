@@ -41,7 +41,7 @@ def test_quantized_fused_matches_reference_cuda(case, group, bits, seed):
 
 @pytest.mark.skipif(not interpret_mode(), reason="CPU engine path needs TRITON_INTERPRET=1")
 def test_triton_engine_with_int4_experts_matches_reference_compute(mixtral_dir):
-    from moe_rt import LLM
+    from moe_rt_app import LLM
 
     prompt = [5, 6, 7, 8, 9, 10, 11]
     opts = dict(dtype="float32", device="cpu", progress=False, expert_bits=4, expert_group_size=32)

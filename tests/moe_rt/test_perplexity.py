@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from checkpoints import TEXT
-from moe_rt import LLM
+from moe_rt_app import LLM
 from moe_rt.errors import MoeRtError
 from moe_rt.eval.perplexity import greedy_agreement, score_text, token_windows
 
@@ -22,7 +22,7 @@ def test_perplexity_matches_transformers_loss(mixtral_dir, mixtral_llm):
     from transformers import AutoModelForCausalLM
 
     text = TEXT * 2
-    score = score_text(mixtral_llm, text, window=24)
+    score = score_text(mixtral_llm.engine, text, window=24)
     hf = AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32).eval()
     tok = mixtral_llm.tokenizer
     windows = token_windows(tok.encode(text), 24, tok.bos_token_id)
@@ -39,8 +39,8 @@ def test_perplexity_matches_transformers_loss(mixtral_dir, mixtral_llm):
 
 
 def test_quantized_experts_agree_mostly(mixtral_dir, mixtral_llm):
-    full = score_text(mixtral_llm, TEXT, window=32)
-    int4 = score_text(LLM(mixtral_dir, dtype="float32", progress=False, expert_bits=4, expert_group_size=32),
+    full = score_text(mixtral_llm.engine, TEXT, window=32)
+    int4 = score_text(LLM(mixtral_dir, dtype="float32", progress=False, expert_bits=4, expert_group_size=32).engine,
                       TEXT, window=32)
     assert int4.tokens == full.tokens
     assert int4.perplexity != full.perplexity
@@ -49,4 +49,4 @@ def test_quantized_experts_agree_mostly(mixtral_dir, mixtral_llm):
 
 def test_empty_text_is_refused(mixtral_llm):
     with pytest.raises(MoeRtError, match="fewer than 2 tokens"):
-        score_text(mixtral_llm, "")
+        score_text(mixtral_llm.engine, "")

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import write_checkpoint
-from moe_rt import LLM
-from moe_rt.cli import main
+from moe_rt_app import LLM
+from moe_rt_app.cli.main import main
 from moe_rt.errors import MoeRtError
 from moe_rt.quant.checkpoint import dequantize_fp8
 

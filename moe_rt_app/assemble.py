@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from expert_cache.install import install_expert_cache
 from moe_rt.engine.llm_engine import LLMEngine
-from moe_rt.errors import MoeRtError
 from moe_rt_app.config import RuntimeConfig
 from router_predict.config import RESIDUAL_GATE
 
@@ -32,9 +31,6 @@ class Assembly:
 
 
 def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
-    if cfg.offload and cfg.engine.expert_bits is not None:  # the cache moves full-precision experts only
-        raise MoeRtError(f"expert_bits={cfg.engine.expert_bits} cannot be combined with an offloading expert "
-                         f"cache (offload {cfg.cache.offload}) yet; drop one of the two")
     engine = LLMEngine(cfg.model_section(), cfg.engine, load_experts=not cfg.offload, progress=progress)
     try:
         spec = engine.spec

@@ -26,6 +26,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-compute", default=None, choices=["torch", "loop", "triton", "reference"],
                    help="expert kernels: torch (grouped matmul; the default), loop (one matmul pair per "
                         "expert), triton (fused kernel; CUDA, or TRITON_INTERPRET=1 on CPU), reference (slow, dense)")
+    p.add_argument("--expert-bits", type=int, choices=[8, 4],
+                   help="quantize routed experts at load: 8 (int8 per row) or 4 (int4 per group); "
+                        "default: the compute dtype (docs/quantization.md)")
+    p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
+                   help="int4 experts: input columns per scale and zero (default 64)")
     add_offload_arguments(p)
     add_scheduling_arguments(p)
 
@@ -110,6 +115,7 @@ ENGINE_FLAGS = {
     "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
     "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
     "dynamic_topk_top_p": "--dynamic-topk-top-p",
+    "expert_bits": "--expert-bits", "expert_group_size": "--group-size",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),

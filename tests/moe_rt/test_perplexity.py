@@ -1,4 +1,5 @@
 """Perplexity in windows and greedy agreement, against transformers' own loss on the same windows."""
+import json
 import math
 
 import pytest
@@ -50,3 +51,23 @@ def test_quantized_experts_agree_mostly(mixtral_dir, mixtral_llm):
 def test_empty_text_is_refused(mixtral_llm):
     with pytest.raises(MoeRtError, match="fewer than 2 tokens"):
         score_text(mixtral_llm.engine, "")
+
+
+def test_eval_ppl_cli_compares_quantized_with_full(mixtral_dir, tmp_path, capsys):
+    from moe_rt_app.cli.main import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    argv = ["eval-ppl", "--model", str(mixtral_dir), "--text", str(text), "--dtype", "float32", "--window", "32"]
+    assert main(argv + ["--expert-bits", "4", "--group-size", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    full, int4 = out["results"]["full"], out["results"]["int4"]
+    assert full["tokens"] == int4["tokens"] > 0
+    assert math.isclose(out["perplexity_change"], int4["perplexity"] / full["perplexity"] - 1)
+    assert 0.5 < out["greedy_agreement"] <= 1 and out["expert_group_size"] == 32
+    # errors are one line naming the flag
+    assert main(argv + ["--expert-bits", "4", "--group-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--group-size 64 does not divide the input size 96" in err
+    assert main(argv[:3] + ["--dtype", "float32"]) == 2
+    assert "--text FILE is required" in capsys.readouterr().err

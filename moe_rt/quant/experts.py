@@ -69,7 +69,10 @@ class QuantizedStack:
         return w.flatten(-2).to(self.dtype)
 
     def nbytes(self) -> int:
+        """Bytes held, the CPU kernels' own copies included (int8 shares its codes with them)."""
         parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        if self.cpu is not None:
+            parts += [self.cpu.scales] + ([self.cpu.qweight] if self.cpu.qweight is not self.qweight else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
 

@@ -29,7 +29,7 @@ class CpuLowBit:
 
     int8: qweight is QuantizedStack.qweight itself, scales [S, N] in bfloat16.
     int4: qweight [S, N, K/2] uint8 in the layout of torch._convert_weight_to_int4pack_for_cpu
-          (not the plain nibble order), scales_zeros [S, G, N, 2] bfloat16.
+          (not the plain nibble order), scales [S, G, N, 2] bfloat16: (scale, zero) pairs.
     """
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -104,7 +104,11 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64, dtype: torch.dtyp
 
 
 def with_cpu_operands(stack: QuantizedStack) -> QuantizedStack:
-    """The stack plus the operands of PyTorch's low-bit CPU kernels (CPU tensors only)."""
+    """The stack plus the operands of PyTorch's low-bit CPU kernels (CPU tensors only). The
+    int4 ones take only N divisible by 16 and groups of 32..256; other stacks stay without them
+    (the dequantising path)."""
+    if stack.bits == 4 and (stack.shape[1] % 16 or stack.group_size not in (32, 64, 128, 256)):
+        return stack
     if stack.bits == 8:
         cpu = CpuLowBit(stack.qweight, stack.scales[..., 0].to(torch.bfloat16).contiguous())
     else:

@@ -115,3 +115,21 @@ def test_expert_options_are_validated(mixtral_dir):
 def test_quantized_experts_refuse_an_offloading_cache(mixtral_dir):
     with pytest.raises(MoeRtError, match="expert_bits=8 cannot be combined with an offloading expert cache"):
         LLM(mixtral_dir, progress=False, expert_bits=8, cache=dict(offload="cpu", capacity_slots=2))
+
+
+def test_int4_rows_the_cpu_kernel_cannot_pack_take_the_dequantising_path():
+    odd = quantize_experts(torch.randn(2, 40, 32), 4, 32)  # the packing op refuses N % 16 != 0
+    assert odd.cpu is None
+    assert quantize_experts(torch.randn(2, 48, 32), 4, 32).cpu is not None
+    hidden, ids, weights = torch.randn(3, 32), torch.tensor([[0, 1], [1, -1], [0, 0]]), torch.rand(3, 2)
+    w2 = quantize_experts(torch.randn(2, 32, 20), 4, 4)  # the int4 kernel takes groups of 32..256 only
+    assert w2.cpu is None
+    got = torch_experts(hidden, odd, w2, ids, weights)
+    torch.testing.assert_close(got, reference_experts(hidden, odd, w2, ids, weights), rtol=3e-2, atol=3e-2)
+
+
+def test_expert_parallel_refuses_quantized_experts(mixtral_dir, capsys):
+    from moe_rt_app.cli.main import main
+
+    assert main(["generate", "--model", str(mixtral_dir), "--prompt", "x", "--ep", "2", "--expert-bits", "8"]) == 2
+    assert "--ep does not combine with --expert-bits yet" in capsys.readouterr().err

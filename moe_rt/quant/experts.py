@@ -16,7 +16,7 @@ Scales and zeros are kept in float32; each path rounds them to what its kernel t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,28 +41,42 @@ class QuantizedStack:
     of `dtype` (the compute dtype) in LayerExperts and the expert-compute backends."""
     bits: int  # 8 or 4
     group_size: int  # input columns per scale (K for int8)
-    qweight: torch.Tensor  # int8 [S, N, K] | uint8 [S, N, K/2]
+    codes: torch.Tensor  # int8 [S, N, K] | uint8 [S, N, K/2] in `layout`
     scales: torch.Tensor  # float32 [S, N, G]
     zeros: torch.Tensor | None  # float32 [S, N, G] (int4) | None (int8)
     dtype: torch.dtype  # compute dtype the dequantised weights take
     cpu: CpuLowBit | None = None
+    # "plain": the nibble order of the module docstring. "cpu_int4": int4 codes held only in the
+    # order of PyTorch's CPU kernel (cpu.qweight is this same tensor), read back by _unpack_cpu_int4.
+    layout: str = "plain"
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The codes in the plain layout (computed from the kernel's order when only that is held)."""
+        if self.layout == "plain":
+            return self.codes
+        q = _unpack_cpu_int4(self.codes)
+        return q[..., 0::2] | (q[..., 1::2] << 4)
 
     @property
     def shape(self) -> torch.Size:
-        S, N, k = self.qweight.shape
+        S, N, k = self.codes.shape
         return torch.Size((S, N, k * 2 if self.bits == 4 else k))
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self.codes.device
 
     def dequantize(self, slot: int | None = None) -> torch.Tensor:
         """Weights [S, N, K] (or [N, K] of one slot) in self.dtype: the obviously-right reading."""
         pick = (lambda t: t) if slot is None else (lambda t: t[slot])
-        q, scales = pick(self.qweight), pick(self.scales)
+        q, scales = pick(self.codes), pick(self.scales)
         if self.bits == 8:
             return (q.float() * scales).to(self.dtype)
-        q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)  # [..., N, K], column order restored
+        if self.layout == "cpu_int4":
+            q = _unpack_cpu_int4(q)  # [..., N, K]
+        else:
+            q = torch.stack([q & 15, q >> 4], dim=-1).flatten(-2)  # [..., N, K], column order restored
         g = self.group_size
         qg = q.unflatten(-1, (q.shape[-1] // g, g)).float()  # [..., N, G, g]
         w = (qg - 8) * scales[..., None] + pick(self.zeros)[..., None]
@@ -70,9 +84,9 @@ class QuantizedStack:
 
     def nbytes(self) -> int:
         """Bytes held, the CPU kernels' own copies included (int8 shares its codes with them)."""
-        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        parts = [self.codes, self.scales] + ([self.zeros] if self.zeros is not None else [])
         if self.cpu is not None:
-            parts += [self.cpu.scales] + ([self.cpu.qweight] if self.cpu.qweight is not self.qweight else [])
+            parts += [self.cpu.scales] + ([self.cpu.qweight] if self.cpu.qweight is not self.codes else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -110,13 +124,28 @@ def with_cpu_operands(stack: QuantizedStack) -> QuantizedStack:
     if stack.bits == 4 and (stack.shape[1] % 16 or stack.group_size not in (32, 64, 128, 256)):
         return stack
     if stack.bits == 8:
-        cpu = CpuLowBit(stack.qweight, stack.scales[..., 0].to(torch.bfloat16).contiguous())
-    else:
-        q = torch.stack([stack.qweight & 15, stack.qweight >> 4], dim=-1).flatten(-2).to(torch.int32)
-        packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q[s], 1) for s in range(q.shape[0])])
-        sz = torch.stack([stack.scales, stack.zeros], dim=-1).transpose(1, 2)  # [S, G, N, 2]
-        cpu = CpuLowBit(packed, sz.to(torch.bfloat16).contiguous())
-    return QuantizedStack(stack.bits, stack.group_size, stack.qweight, stack.scales, stack.zeros, stack.dtype, cpu)
+        cpu = CpuLowBit(stack.codes, stack.scales[..., 0].to(torch.bfloat16).contiguous())
+        return replace(stack, cpu=cpu)
+    q = torch.stack([stack.codes & 15, stack.codes >> 4], dim=-1).flatten(-2)  # [S, N, K] plain
+    packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(q[s].to(torch.int32), 1)
+                          for s in range(q.shape[0])])
+    sz = torch.stack([stack.scales, stack.zeros], dim=-1).transpose(1, 2)  # [S, G, N, 2]
+    cpu = CpuLowBit(packed, sz.to(torch.bfloat16).contiguous())
+    # Keep one copy of the codes when the kernel's order is the one _unpack_cpu_int4 reads; it is
+    # PyTorch's internal layout, so it is checked here on these very codes, and both are kept if not.
+    if stack.shape[1] % 64 == 0 and torch.equal(_unpack_cpu_int4(packed), q):
+        return replace(stack, codes=packed, cpu=cpu, layout="cpu_int4")
+    return replace(stack, cpu=cpu)
+
+
+def _unpack_cpu_int4(p: torch.Tensor) -> torch.Tensor:
+    """Codes [..., N, K] (uint8 0..15) from torch._convert_weight_to_int4pack_for_cpu's output
+    [..., N, K/2] (PyTorch 2.x, N a multiple of 64): per block of 64 rows and per input column k,
+    32 bytes whose low nibbles hold rows 0..31 and high nibbles rows 32..63 of the block."""
+    *lead, N, half = p.shape
+    b = p.reshape(*lead, N // 64, 2 * half, 32)
+    rows = torch.cat([b & 15, b >> 4], dim=-1)  # [..., N/64, K, 64]
+    return rows.transpose(-1, -2).reshape(*lead, N, 2 * half)
 
 
 def quantize_experts(w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype | None = None) -> QuantizedStack:

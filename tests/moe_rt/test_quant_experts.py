@@ -133,3 +133,15 @@ def test_expert_parallel_refuses_quantized_experts(mixtral_dir, capsys):
 
     assert main(["generate", "--model", str(mixtral_dir), "--prompt", "x", "--ep", "2", "--expert-bits", "8"]) == 2
     assert "--expert-bits 8 does not combine with expert parallelism (--ep > 1) yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, one_copy", [(128, True), (48, False)])
+def test_cpu_int4_keeps_one_copy_of_the_codes_when_the_kernel_order_is_known(rows, one_copy):
+    w = torch.randn(3, rows, 64)
+    plain, cpu = quantize(w, 4, 32), quantize_experts(w, 4, 32)
+    assert (cpu.layout == "cpu_int4") == one_copy and (cpu.cpu.qweight is cpu.codes) == one_copy
+    # whatever is held, it reads back as the same codes and weights
+    assert torch.equal(cpu.qweight, plain.qweight)
+    assert torch.equal(cpu.dequantize(), plain.dequantize()) and torch.equal(cpu.dequantize(2), plain.dequantize(2))
+    kernel_scales = 3 * 2 * rows * 2 * 2  # bfloat16 (scale, zero) pairs
+    assert cpu.nbytes() == plain.nbytes() + kernel_scales + (0 if one_copy else plain.codes.numel())

@@ -19,10 +19,11 @@ from moe_rt.quant.experts import QuantizedStack
 # An expert's projection over at most this many rows (by bits) runs PyTorch's low-bit CPU kernel;
 # over more, the slot is dequantised and multiplied in the compute dtype, whose dequantisation
 # cost is then spread over enough rows. Measured by scripts/quant_cpu_crossover.py (2 threads,
-# fp32 model, demo-model and mixtral-56m expert shapes), microseconds per projection, kernel vs
-# dequantise+matmul: int8 at 64 rows 112.7 vs 125.1 (512x192) and 58.5 vs 70.2 (192x256), at 256
-# rows 422.7 vs 294.8 and 207.2 vs 162.4; int4 at 256 rows 313.6 vs 503.7 and 161.8 vs 223.0, at
-# 1024 rows 3638 vs 1432. At 1 row the kernels take 9-15 us against 28-252 us.
+# fp32 model; demo-model 512x192 and 192x256, mixtral-56m 1024x256 projections), microseconds,
+# kernel vs dequantise+matmul: int8 at 64 rows 114.5 vs 124.7, 62.6 vs 71.4, 272.9 vs 294.2; at
+# 256 rows 425.4 vs 300.7, 207.7 vs 166.3, 1061.5 vs 868.0. int4 at 256 rows 315.9 vs 390.3,
+# 164.7 vs 239.3, 818.7 vs 1022.4; at 1024 rows 1304.6 vs 1161.9, 632.1 vs 622.9, 3344.7 vs
+# 2945.4. At 1 row the kernels take 9-15 us against 29-219 us.
 CPU_LOWBIT_MAX_ROWS = {8: 64, 4: 256}
 
 

@@ -9,13 +9,13 @@ from tqdm import tqdm
 from moe_rt.errors import MoeRtError
 
 from .checkpoint import CheckpointReader, read_config
-from .quant.experts import quantize_experts
 from .layers.moe.block import MoEBlock, MoEContext
 from .layers.moe.store import ResidentExpertStore
 from .layers.rotary import RotaryEmbedding
 from .models.model import MoEForCausalLM
 from .models.registry import parse_config
 from .models.spec import ModelSpec
+from .quant.experts import quantize_experts
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:

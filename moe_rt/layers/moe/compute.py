@@ -68,9 +68,7 @@ def _grouped(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     gate, up = F.grouped_mm(hidden[tokens], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
     y = torch.where((sorted_key < S)[:, None], y * topk_weights.reshape(-1)[order, None], 0)
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, tokens, y.to(out.dtype))
-    return out
+    return _combine(hidden, tokens, y)
 
 
 def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
@@ -96,9 +94,22 @@ def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
         ys.append(torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]))
         start = end
     y = torch.cat(ys) * topk_weights.reshape(-1)[order, None]
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, tokens, y.to(out.dtype))
-    return out
+    return _combine(hidden, tokens, y)
+
+
+def _combine(hidden: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum each token's weighted expert rows: every row rounded to hidden's dtype (as one expert's
+    output in that dtype would be), added in float32, rounded once. A bf16/fp16 index_add_ would
+    round after every addition, and on CUDA its atomics add in no fixed order, so expert-parallel
+    and single-process results could differ; in float32 the K rounded rows of a token add exactly."""
+    dtype = hidden.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        out = torch.zeros_like(hidden)
+        out.index_add_(0, tokens, y.to(dtype))
+        return out
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, tokens, y.to(dtype).float())
+    return out.to(dtype)
 
 
 def _one_token(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:

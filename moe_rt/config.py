@@ -18,7 +18,12 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together at most (running batch)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="prompt tokens in one prefill step (a longer prompt runs alone)")
     max_model_len: int | None = Field(None, ge=2, description="context length (prompt + output); default: the model's, capped by the KV budget")
-    kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the paged KV cache")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="memory for the paged KV cache in GiB; default: 1 on CPU, and on CUDA what "
+                                "gpu_memory_utilization leaves after the weights and the expert cache")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: the fraction of the GPU's memory the engine may fill (weights, "
+                                     "expert cache, KV cache) when kv_cache_memory_gb is not given")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV block")
     expert_compute: Literal["torch", "loop", "triton", "reference"] = Field("torch", description="expert-compute backend")
     seed: int = Field(0, description="seed of the sampler for requests without their own seed")

@@ -28,6 +28,7 @@ from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .block_manager import BlockManager
+from .kv_budget import kv_cache_bytes
 from .decode_policy import make_decode_policy
 from .core import CoreStats
 from .model_runner import ModelRunner
@@ -45,7 +46,9 @@ class LLMEngine:
     engine."""
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, *, load_experts: bool = True,
-                 progress: bool = True) -> None:
+                 reserve_bytes: int = 0, progress: bool = True) -> None:
+        """reserve_bytes: device memory the parts installed after construction will take (an expert
+        cache's slots); a CUDA engine sizes its KV cache around it (engine/kv_budget.py)."""
         self.model_cfg, self.engine_cfg = model, engine
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
@@ -66,11 +69,13 @@ class LLMEngine:
         ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only
         bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
-        num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
+        budget = kv_cache_bytes(ec, self.device, reserve_bytes)
+        budget_gb = ec.kv_cache_memory_gb if ec.kv_cache_memory_gb is not None else f"{budget / 2**30:.4g}"
+        num_blocks = int(budget // bytes_per_block)
         capacity = num_blocks * ec.kv_block_size
         if capacity < 2:  # a prompt token and one generated token at least
             raise MoeRtError(
-                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens "
+                f"the KV cache budget of {budget_gb} GB holds {capacity} tokens "
                 f"({bytes_per_block} bytes per block of {ec.kv_block_size}); raise kv_cache_memory_gb"
             )
         max_len = ec.max_model_len or min(self.spec.max_position_embeddings, capacity)
@@ -78,7 +83,7 @@ class LLMEngine:
             raise MoeRtError(f"max_model_len={max_len} exceeds the model's {self.spec.max_position_embeddings} positions")
         if max_len > capacity:
             raise MoeRtError(
-                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens, fewer than "
+                f"the KV cache budget of {budget_gb} GB holds {capacity} tokens, fewer than "
                 f"max_model_len={max_len}; raise kv_cache_memory_gb or lower max_model_len"
             )
         self.max_model_len = max_len

@@ -111,7 +111,8 @@ def sampling(args):
 # Config field -> the flag that sets it, so an error names what the user typed.
 ENGINE_FLAGS = {
     "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len",
-    "kv_cache_memory_gb": "--kv-cache-memory-gb", "expert_compute": "--expert-compute",
+    "kv_cache_memory_gb": "--kv-cache-memory-gb", "gpu_memory_utilization": "--gpu-memory-utilization",
+    "expert_compute": "--expert-compute",
     "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
     "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
     "dynamic_topk_top_p": "--dynamic-topk-top-p",

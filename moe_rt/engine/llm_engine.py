@@ -64,7 +64,7 @@ class LLMEngine:
         # register here (attach) and the server exports the union (GET /v1/moe/stats, /metrics).
         self.stat_sources: dict[str, Callable[[], dict]] = {}
         self._closers: list[tuple[str, Callable[[], None]]] = []
-        self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute)
+        self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute, self.spec.num_experts)
         self.eos_ids = self._eos_ids(model.model)
         ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only

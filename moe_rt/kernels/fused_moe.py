@@ -222,6 +222,14 @@ class _WeightArgs:
         return _WeightArgs((q, sc, zeros), (*q.stride(), sc.stride(0), sc.stride(1)), w.bits, w.group_size)
 
 
+def launch_config(tables: TuningTables | None, T: int, K: int, E: int, I: int, hidden: torch.Tensor) -> dict:
+    """The tuned config for (E experts, I, this GPU, dtype) at the nearest batch size, else the
+    default for T*K rows over E experts. Tables are read only for CUDA tensors."""
+    if tables is not None and hidden.device.type == "cuda":
+        return tables.get(T, K, E, I, device_name(hidden.device), dtype_name(hidden.dtype))
+    return default_config(T, K, E)
+
+
 def fused_experts(
     hidden: torch.Tensor,  # [T, D]
     w13: torch.Tensor | QuantizedStack,  # [S, 2I, D]
@@ -231,11 +239,14 @@ def fused_experts(
     *,
     config: dict | None = None,
     tables: TuningTables | None = None,
+    num_experts: int | None = None,
 ) -> torch.Tensor:  # [T, D] in hidden's dtype
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]), as reference_experts.
 
     config: a launch config (keys of tuning.CONFIG_KEYS); when None it comes from `tables`
     (a TuningTables the caller keeps for the process) or, without tables, from default_config.
+    num_experts: the model's routed experts, which key the tables (tokens spread over E experts,
+    whatever the stack holds; an expert cache's stack has fewer slots); default: the stack's S.
     Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1. w13 and w2 may be
     QuantizedStacks (w8a16, w4a16): their weights are dequantised tile by tile inside the kernels.
     """
@@ -246,10 +257,7 @@ def fused_experts(
     if T == 0 or K == 0 or S == 0:
         return torch.zeros_like(hidden)
     if config is None:
-        if tables is not None and hidden.device.type == "cuda":
-            config = tables.get(T, K, S, I, device_name(hidden.device), dtype_name(hidden.dtype))
-        else:
-            config = default_config(T, K, S)
+        config = launch_config(tables, T, K, num_experts or S, I, hidden)
     block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     launch = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
     # fp32 operands must not be silently rounded to tf32; other dtypes take the target's default.

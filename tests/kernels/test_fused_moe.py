@@ -147,6 +147,22 @@ def test_table_is_read_and_nearest_batch_chosen(tmp_path):
     assert tables.get(50, 2, 4, 128, "dev", "fp16") == cfg(64)
 
 
+def test_tables_are_keyed_by_the_models_expert_count(monkeypatch):
+    """An expert cache hands the kernel a stack of S slots, but the batch's rows spread over the
+    model's E experts: the engine's backend passes E, which picks the table and default config."""
+    import moe_rt.kernels.fused_moe as fm
+    from moe_rt.layers.moe.compute import get_expert_compute
+
+    x = torch.zeros(64, 8)
+    assert fm.launch_config(None, 64, 2, 16, 128, x) == default_config(64, 2, 16)
+    assert default_config(64, 2, 16) != default_config(64, 2, 4)  # 8 vs 32 rows per expert
+    seen = {}
+    monkeypatch.setattr(fm, "fused_experts", lambda *a, **kw: seen.update(kw) or a[0])
+    get_expert_compute("triton", 16)(x, torch.zeros(4, 6, 8), torch.zeros(4, 8, 3),
+                                     torch.zeros(64, 2, dtype=torch.long), torch.ones(64, 2))
+    assert seen["num_experts"] == 16
+
+
 # ---------------------------------------------------------------- fused kernel on CUDA
 
 @pytest.mark.cuda

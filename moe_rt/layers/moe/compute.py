@@ -139,7 +139,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 from moe_rt.kernels.loop import loop_experts  # noqa: E402
 
 
-def _triton_experts() -> ExpertCompute:
+def _triton_experts(num_experts: int | None) -> ExpertCompute:
     try:
         from moe_rt.kernels.fused_moe import fused_experts
         from moe_rt.kernels.tuning import TuningTables
@@ -149,16 +149,18 @@ def _triton_experts() -> ExpertCompute:
     tables = TuningTables()
 
     def triton_experts(hidden, w13, w2, topk_ids, topk_weights):
-        return fused_experts(hidden, w13, w2, topk_ids, topk_weights, tables=tables)
+        return fused_experts(hidden, w13, w2, topk_ids, topk_weights, tables=tables, num_experts=num_experts)
 
     return triton_experts
 
 
-def get_expert_compute(name: str) -> ExpertCompute:
+def get_expert_compute(name: str, num_experts: int | None = None) -> ExpertCompute:
+    """num_experts: the model's routed experts (the Triton kernel's tuning tables are keyed by it,
+    not by the size of the stack an expert cache hands it)."""
     if name == "torch":
         return torch_experts
     if name == "triton":
-        return _triton_experts()
+        return _triton_experts(num_experts)
     if name == "loop":
         return loop_experts
     if name == "reference":

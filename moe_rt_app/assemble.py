@@ -85,7 +85,8 @@ def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
     from router_predict.online import OnlinePredictor
 
     depth = cfg.predictor.depth
-    online = OnlinePredictor(engine.model.hub, _predictor(engine, cfg, depth), depth, model=engine.model)
+    predictor = _predictor(engine, cfg, depth).to(engine.device)  # beside the hidden states it reads
+    online = OnlinePredictor(engine.model.hub, predictor, depth, model=engine.model, device=str(engine.device))
     online.start(forecaster=False)  # scored, never prefetched from
     engine.attach("predictor", online.stats, online.stop)
     return online

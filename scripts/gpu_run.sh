@@ -4,7 +4,7 @@
 #   scripts/gpu_run.sh wheels    # HERE, where the package registry answers: the wheels the image
 #                                # lacks (pydantic, fastapi, uvicorn, ...) into .whl/ (~3 MB)
 #   scripts/gpu_run.sh all       # THERE (carry .whl): install, then every stage below
-#   scripts/gpu_run.sh env|tests|e2e|bench
+#   scripts/gpu_run.sh env|tests|e2e|bench|tune
 #
 # moe-rt is never pip-installed there: its own pins (torch==2.13.0, triton==3.7.1) would replace
 # the image's CUDA builds. The carried wheels go to /tmp/site with --no-deps and the checkout is
@@ -63,10 +63,18 @@ stage_e2e() {  # the demo model on the GPU: resident, offloaded behind the cache
     } 2>&1 | tee "$OUT/e2e.txt"
 }
 
-stage_bench() {
+stage_bench() {  # each figure beside its baseline from the same run (transformers, the per-expert loop)
+    $MOE bench decode --synthetic mixtral-gpu --cache-dir /tmp/moe-rt-synthetic --device cuda --dtype bfloat16 \
+        --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 --json 2>&1 | tee "$OUT/bench_decode_gpu.txt"
     $MOE bench decode --device cuda --dtype bfloat16 --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 \
-        --json 2>&1 | tee "$OUT/bench_decode.txt"
+        --json 2>&1 | tee "$OUT/bench_decode_demo.txt"
     $MOE bench kernel --json-out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.txt"
+}
+
+stage_tune() {  # a short pass: Mixtral's expert shape at the batch sizes decode uses
+    $PY -m moe_rt.kernels.tune --experts 8 --inter 14336 --hidden 4096 --topk 2 --dtype bf16 \
+        --batch-sizes 1,16,64 2>&1 | grep -v '^  skip' | tee "$OUT/tune.txt"
+    cp moe_rt/kernels/configs/E=8,N=14336,*.json "$OUT/" 2>/dev/null || true
 }
 
 case "${1:-all}" in
@@ -75,6 +83,7 @@ case "${1:-all}" in
     tests) install; stage_tests ;;
     e2e) install; stage_e2e ;;
     bench) install; stage_bench ;;
+    tune) install; stage_tune ;;
     all) install; stage_env && stage_tests; stage_e2e; stage_bench ;;
-    *) echo "usage: $0 wheels|env|tests|e2e|bench|all" >&2; exit 2 ;;
+    *) echo "usage: $0 wheels|env|tests|e2e|bench|tune|all" >&2; exit 2 ;;
 esac

@@ -49,7 +49,8 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
     depth = max(1, min(want, L - 1, trained))
     # The predictor becomes the model's forecaster: each MoE block hands its forecasts to the
     # model's store (this cache) before preparing the layer (moe_rt/layers/moe/events.py).
-    online = OnlinePredictor(model.hub, predictor, depth=depth, model=model)
+    # On the model's device: the hidden states it reads stay where they are (no copy back per layer).
+    online = OnlinePredictor(model.hub, predictor.to(cache.device), depth=depth, model=model, device=str(cache.device))
     cache.start_prefetch(depth=cfg.lookahead, max_depth=depth, owner=online)
     online.start(forecaster=True)
 

@@ -1,7 +1,8 @@
 """Replay a routing trace through the expert cache and count hits, misses and prefetches.
 
 Replay model (docs/expert-cache.md states it for users):
-- Rows with the same `steps` value are one forward batch. A step visits MoE layers 0..L-1 in
+- Rows with the same `steps` value are one forward batch (schedule_replay.py regroups a trace's
+  rows into the steps a scheduling policy would take). A step visits MoE layers 0..L-1 in
   order; one visit is one tick (tick = step_ordinal * L + layer).
 - A visit accesses each distinct expert the batch's tokens chose at that layer once (the union).
   The needed keys are protected while the layer runs. A miss evicts one candidate chosen by the
@@ -60,7 +61,8 @@ class BatchNeeds:
         rows = []
         for _, a, b in step_bounds(trace.steps):
             ids = trace.topk_ids[a:b]  # [T, L, k]
-            rows.append(tuple(tuple(int(e) for e in np.unique(ids[:, l, :]))
+            # -1: a choice dynamic top-k dropped, no expert used
+            rows.append(tuple(tuple(int(e) for e in np.unique(ids[:, l, :]) if e >= 0)
                               for l in range(trace.num_layers)))
         return cls(trace.num_layers, trace.num_experts, tuple(rows))
 

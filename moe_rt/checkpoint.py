@@ -14,6 +14,7 @@ from safetensors import safe_open
 from moe_rt.errors import MoeRtError
 
 from .models.spec import ModelSpec
+from .quant.checkpoint import SCALE_SUFFIX, checkpoint_quantization, dequantize_fp8
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -64,11 +65,21 @@ class CheckpointReader:
         if weight_map is None:
             weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
         self.weight_map: dict[str, str] = weight_map
+        cfg = self.dir / "config.json"
+        # Block-scaled FP8 weights are dequantised as they are read (quant/checkpoint.py).
+        self.fp8 = checkpoint_quantization(read_json(cfg), str(cfg)) if cfg.is_file() else None
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor as stored, or dequantised to float32 when it is a block-scaled FP8 weight."""
+        t = self._raw(name)
+        if self.fp8 is not None and t.dtype == torch.float8_e4m3fn:
+            return dequantize_fp8(t, self._raw(name + SCALE_SUFFIX), self.fp8.block, name)
+        return t
+
+    def _raw(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise MoeRtError(f"tensor '{name}' is missing from the checkpoint in {self.dir}")
         try:

@@ -12,17 +12,44 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_num_seqs: int = Field(32, ge=1, description="sequences decoded together at most (running batch)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="prompt tokens in one prefill step (a longer prompt runs alone)")
     max_model_len: int | None = Field(None, ge=2, description="context length (prompt + output); default: the model's, capped by the KV budget")
-    kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the paged KV cache")
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="memory for the paged KV cache in GiB; default: 1 on CPU, and on CUDA what "
+                                "gpu_memory_utilization leaves after the weights and the expert cache")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="CUDA: the fraction of the GPU's memory the engine may fill (weights, "
+                                     "expert cache, KV cache) when kv_cache_memory_gb is not given")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV block")
     expert_compute: Literal["torch", "loop", "triton", "reference"] = Field("torch", description="expert-compute backend")
     seed: int = Field(0, description="seed of the sampler for requests without their own seed")
+    scheduler_policy: Literal["fcfs", "expert_aware"] = Field(
+        "fcfs", description="which running sequences decode together: fcfs (all of them every step) or "
+                            "expert_aware (a subset whose predicted experts overlap; docs/scheduling.md)")
+    expert_aware_batch: int | None = Field(
+        None, ge=1, description="expert_aware: sequences decoded per step (default: half the running ones, rounded up)")
+    expert_aware_max_skips: int = Field(
+        3, ge=1, description="expert_aware: a sequence left out this many steps in a row decodes in the next")
+    dynamic_topk_threshold: float = Field(
+        0.0, ge=0, lt=1, description="drop a token's routed choice whose weight, normalised over its top-k, is below "
+                                     "this (0 = off; the best choice is always kept)")
+    dynamic_topk_top_p: float = Field(
+        1.0, gt=0, le=1, description="keep a token's fewest routed choices whose normalised weights sum to at least "
+                                     "this (1 = off)")
+
+    # Quantized experts (docs/quantization.md): routed experts only; dense weights keep the dtype.
+    expert_bits: Literal[8, 4] | None = Field(
+        None, description="store routed experts in 8 bits (int8, one scale per output row) or 4 bits "
+                          "(int4, a scale and zero per group), quantized at load; None keeps the compute dtype"
+    )
+    expert_group_size: Literal[32, 64, 128] = Field(
+        64, description="int4 experts: input columns per scale and zero (must divide the expert's hidden "
+                        "and intermediate sizes); unused for 8 bits"
+    )
 
 
 class ModelConfig(BaseModel):

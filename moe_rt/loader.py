@@ -15,6 +15,7 @@ from .layers.rotary import RotaryEmbedding
 from .models.model import MoEForCausalLM
 from .models.registry import parse_config
 from .models.spec import ModelSpec
+from .quant.experts import quantize_experts
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
@@ -34,11 +35,15 @@ def load_model(
     *,
     load_experts: bool = True,
     progress: bool = True,
+    expert_bits: int | None = None,
+    expert_group_size: int = 64,
 ) -> tuple[MoEForCausalLM, CheckpointReader]:
     """Returns the model (in eval mode) and the open checkpoint reader.
 
     With load_experts=False the experts stay on disk and the caller installs its own store
-    (an expert cache) into model.moe_ctx.store.
+    (an expert cache) into model.moe_ctx.store. With expert_bits (8 or 4) the resident routed
+    experts are quantized from the checkpoint's values (moe_rt/quant/experts.py); every other
+    weight keeps `dtype`.
     """
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)
@@ -68,8 +73,12 @@ def load_model(
             w13, w2 = [], []
             for l in range(len(spec.moe_layer_ids)):
                 pairs = [reader.read_expert(spec, l, e) for e in range(spec.num_experts)]
-                w13.append(torch.stack([p[0] for p in pairs]).to(device=device, dtype=dtype))
-                w2.append(torch.stack([p[1] for p in pairs]).to(device=device, dtype=dtype))
+                for out, i in ((w13, 0), (w2, 1)):
+                    w = torch.stack([p[i] for p in pairs]).to(device=device)
+                    if expert_bits is None:
+                        out.append(w.to(dtype))
+                    else:  # from the checkpoint's values, not from their rounding to dtype
+                        out.append(quantize_experts(w, expert_bits, expert_group_size, dtype))
             model.moe_ctx.store = ResidentExpertStore(w13, w2)
     model.eval()
     return model, reader

@@ -31,7 +31,8 @@ class Assembly:
 
 
 def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
-    engine = LLMEngine(cfg.model_section(), cfg.engine, load_experts=not cfg.offload, progress=progress)
+    engine = LLMEngine(cfg.model_section(), cfg.engine, load_experts=not cfg.offload,
+                       reserve_bytes=_cache_bytes(cfg), progress=progress)
     try:
         spec = engine.spec
         cfg.check_model(len(spec.moe_layer_ids), spec.num_experts)
@@ -58,6 +59,22 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
         raise
 
 
+def _cache_bytes(cfg: RuntimeConfig) -> int:
+    """Device bytes the expert cache's fast tier will take, so a CUDA engine leaves them out of
+    its KV cache (0 without a cache, and on CPU, where the KV budget does not depend on it)."""
+    if not cfg.offload or not cfg.device.startswith("cuda"):
+        return 0
+    from moe_rt.device import resolve_dtype, resolve_device
+    from moe_rt.loader import load_spec
+
+    spec = load_spec(cfg.model)
+    device = resolve_device(cfg.device)
+    expert = spec.bytes_per_expert(resolve_dtype(cfg.dtype, device).itemsize)
+    L = len(spec.moe_layer_ids)
+    slots = cfg.cache.resolve_capacity_slots(expert, L, spec.num_experts)
+    return slots * expert * (L if cfg.cache.scope == "per_layer" else 1)
+
+
 def _predictor(engine: LLMEngine, cfg: RuntimeConfig, depth: int):
     from router_predict.registry import build_predictor_for_model
 
@@ -68,7 +85,8 @@ def _track_predictor(engine: LLMEngine, cfg: RuntimeConfig):
     from router_predict.online import OnlinePredictor
 
     depth = cfg.predictor.depth
-    online = OnlinePredictor(engine.model.hub, _predictor(engine, cfg, depth), depth, model=engine.model)
+    predictor = _predictor(engine, cfg, depth).to(engine.device)  # beside the hidden states it reads
+    online = OnlinePredictor(engine.model.hub, predictor, depth, model=engine.model, device=str(engine.device))
     online.start(forecaster=False)  # scored, never prefetched from
     engine.attach("predictor", online.stats, online.stop)
     return online

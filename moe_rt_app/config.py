@@ -74,6 +74,16 @@ class RuntimeConfig(BaseModel):
         if ep > 1 and self.predictor is not None and self.parallel.dispatcher != "speculative":
             raise ValueError("under expert parallelism a predictor is used only by the speculative "
                              "dispatcher; set parallel.dispatcher speculative or remove the predictor")
+        if ep > 1 and self.engine.scheduler_policy != "fcfs":
+            # every rank must decode the same sequences each step or the all-to-all hangs
+            raise ValueError("scheduler_policy expert_aware runs on one rank; use fcfs under expert "
+                             "parallelism (parallel.ep > 1)")
+        bits = self.engine.expert_bits
+        if bits is not None and self.offload:  # the cache moves full-precision experts only
+            raise ValueError(f"expert_bits {bits} does not combine with an offloading expert cache yet; "
+                             "drop one of the two")
+        if bits is not None and ep > 1:
+            raise ValueError(f"expert_bits {bits} does not combine with expert parallelism (parallel.ep > 1) yet")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:
             raise ValueError(f"expert_parallel is for {self.expert_parallel.ranks} ranks but parallel.ep is {ep}")
         return self

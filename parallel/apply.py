@@ -18,7 +18,6 @@ S_r experts this rank holds in a layer, N ranks.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +56,9 @@ def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=
     spec = model.spec
     L, E = len(spec.moe_layer_ids), spec.num_experts
     old = model.moe_ctx.store
+    if old is not None and not all(isinstance(w, torch.Tensor) for w in getattr(old, "w13", [])):
+        # the reader would silently give full-precision experts back
+        raise MoeRtError("expert parallelism does not take quantized experts (expert_bits) yet")
     ref = model.embed_tokens.weight
     w13s, w2s, slots = [], [], []
     for m in range(L):
@@ -98,7 +100,7 @@ class EPDecoderLayer(nn.Module):
 
     def forward(self, x, positions, meta, kv) -> torch.Tensor:
         rt = self.runtime
-        t0 = time.perf_counter()
+        mark = rt.stats.layer_start(x.device)
         T, D = x.shape
         if self.layer_id == 0:
             rt.stats.tokens += T
@@ -119,15 +121,13 @@ class EPDecoderLayer(nn.Module):
                                       {"all_gather": row, "predict_side": 4 * K})
             out, cols = unpack_rows(both, [(h.dtype, D), (torch.int32, K)])
             rt.dispatcher.accept_side(self.moe_index, cols)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)  # time the layer, not the launch
-        rt.stats.layer_time_s[self.layer_id] += time.perf_counter() - t0
+        rt.stats.layer_end(self.layer_id, mark)  # on CUDA: events, read later (no sync per layer)
         return out
 
 
 @dataclass
 class EPRuntime:
-    """What apply_expert_parallel installed; reachable from the LLM built by runtime.py."""
+    """What apply_expert_parallel installed; reachable from the LLM built by moe_rt_app/ep_llm.py."""
 
     ep: EPGroup
     placement: ExpertParallelPlacement
@@ -148,7 +148,7 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
     dispatcher_kind: a name in parallel.dispatchers.DISPATCHERS, or any class satisfying EPDispatcher.
 
     Call on every rank with the same arguments after the model is built. The caller must also give
-    the engine a KV cache with this rank's heads (tp.shard_kv_cache; runtime.py does it).
+    the engine a KV cache with this rank's heads (tp.shard_kv_cache; moe_rt_app/ep_llm.py does it).
     """
     spec = model.spec
     L, E, N = len(spec.moe_layer_ids), spec.num_experts, group.world

@@ -14,8 +14,11 @@ Collective names:
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+import torch
 
 A2A_NAMES = ("a2a_dispatch", "a2a_combine")
 
@@ -35,6 +38,9 @@ class EPStats:
     pred_hits: int = 0  # predicted pairs that the router then chose (s-TS)
     pred_pairs: int = 0  # routed pairs that had a prediction
     layer_time_s: list[float] = field(default_factory=list)  # [num_layers] summed over steps
+    # CUDA layer timings not read yet: (layer, start event, end event). Reading an event waits for
+    # the GPU, so they are read when the figures are asked for (or in batches), never per layer.
+    pending: list[tuple] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.a2a_bytes_by_layer = self.a2a_bytes_by_layer or [0] * self.num_moe_layers
@@ -47,12 +53,42 @@ class EPStats:
         if name in A2A_NAMES and moe_index is not None:
             self.a2a_bytes_by_layer[moe_index] += int(nbytes)
 
+    def layer_start(self, device: torch.device):
+        """A mark to pass to layer_end: the time now, or on CUDA an event recorded on the stream."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def layer_end(self, layer_id: int, mark) -> None:
+        """Add the layer's time since `mark`; on CUDA without waiting for the GPU."""
+        if not isinstance(mark, torch.cuda.Event):
+            self.layer_time_s[layer_id] += time.perf_counter() - mark
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((layer_id, mark, end))
+        if len(self.pending) >= 4096:  # bound the events held: read the oldest ones that are done
+            self._read_pending(wait=False)
+
+    def _read_pending(self, wait: bool) -> None:
+        keep = []
+        for layer_id, start, end in self.pending:
+            if wait or end.query():
+                end.synchronize()
+                self.layer_time_s[layer_id] += start.elapsed_time(end) / 1e3
+            else:
+                keep.append((layer_id, start, end))
+        self.pending = keep
+
     def reset(self) -> None:
         self.bytes_by_collective = defaultdict(int)
         self.__init__(self.rank, self.world, self.num_moe_layers, self.num_layers)
 
     def as_dict(self) -> dict:
         """Plain, JSON-ready counters of this rank (see merge_stats for the group's view)."""
+        self._read_pending(wait=True)
         return {
             "ranks": self.world, "rank": self.rank, "tokens": self.tokens, "steps": self.steps,
             "bytes_by_collective": dict(self.bytes_by_collective),

@@ -110,6 +110,8 @@ def test_errors_name_the_flag_or_the_yaml_key(tmp_path):
         config_from_args(_parse(["--model", "m", "--placement", str(path)]))
     with pytest.raises(MoeRtError, match="give exactly one of --expert-cache-slots and --expert-cache-gb"):
         config_from_args(_parse(["--model", "m", "--offload", "cpu"]))
+    with pytest.raises(MoeRtError, match="^--predictor unknown predictor 'clairvoyant'"):
+        config_from_args(_parse(["--model", "m", "--track-predictor", "clairvoyant"]))
 
 
 def test_ep_with_a_cache_section_in_the_file_is_refused_in_one_line(mixtral_dir, tmp_path, capsys):

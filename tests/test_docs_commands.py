@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 OUTPUT_FLAGS = {"--out", "--plot", "--json-out"}
-INPUT_FLAGS = {"--model", "--trace", "--fit-on", "--prompts", "--placement", "--config", "--predictor-dir"}
+INPUT_FLAGS = {"--model", "--trace", "--fit-on", "--prompts", "--placement", "--config", "--predictor-dir", "--text"}
 # flag -> largest value a run keeps (the docs' own sizes take minutes)
 SHRINK = {"--max-tokens": 2, "--duration": 1, "--repeats": 1, "--epochs": 1, "--clients": 2,
           "--fit-prompts": 2, "--rss-interval": 0.5, "--prompt-len": 8}

@@ -21,12 +21,15 @@ from moe_rt.config import EngineConfig, ModelConfig
 from moe_rt.device import resolve_device, resolve_dtype
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
+from moe_rt.layers.moe.routing import DynamicTopK
 from moe_rt.loader import load_model
 from moe_rt.outputs import CompletionOutput, RequestOutput, StepOutput, StepResult
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .block_manager import BlockManager
+from .kv_budget import kv_cache_bytes
+from .decode_policy import make_decode_policy
 from .core import CoreStats
 from .model_runner import ModelRunner
 from .sampler import sample, token_logprobs
@@ -43,7 +46,9 @@ class LLMEngine:
     engine."""
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, *, load_experts: bool = True,
-                 progress: bool = True) -> None:
+                 reserve_bytes: int = 0, progress: bool = True) -> None:
+        """reserve_bytes: device memory the parts installed after construction will take (an expert
+        cache's slots); a CUDA engine sizes its KV cache around it (engine/kv_budget.py)."""
         self.model_cfg, self.engine_cfg = model, engine
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
@@ -51,23 +56,26 @@ class LLMEngine:
         self.tokenizer = Tokenizer(model.model)
         # load_experts=False: routed experts stay in the checkpoint for an expert store to fetch.
         self.model, self.reader = load_model(
-            model.model, self.dtype, self.device, load_experts=load_experts, progress=progress
+            model.model, self.dtype, self.device, load_experts=load_experts, progress=progress,
+            expert_bits=engine.expert_bits, expert_group_size=engine.expert_group_size,
         )
         self.spec = self.model.spec
         # name -> callable returning a JSON-able dict; the cache, predictor and expert parallelism
         # register here (attach) and the server exports the union (GET /v1/moe/stats, /metrics).
         self.stat_sources: dict[str, Callable[[], dict]] = {}
         self._closers: list[tuple[str, Callable[[], None]]] = []
-        self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute)
+        self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute, self.spec.num_experts)
         self.eos_ids = self._eos_ids(model.model)
         ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only
         bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
-        num_blocks = int(ec.kv_cache_memory_gb * 2**30 // bytes_per_block)
+        budget = kv_cache_bytes(ec, self.device, reserve_bytes)
+        budget_gb = ec.kv_cache_memory_gb if ec.kv_cache_memory_gb is not None else f"{budget / 2**30:.4g}"
+        num_blocks = int(budget // bytes_per_block)
         capacity = num_blocks * ec.kv_block_size
         if capacity < 2:  # a prompt token and one generated token at least
             raise MoeRtError(
-                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens "
+                f"the KV cache budget of {budget_gb} GB holds {capacity} tokens "
                 f"({bytes_per_block} bytes per block of {ec.kv_block_size}); raise kv_cache_memory_gb"
             )
         max_len = ec.max_model_len or min(self.spec.max_position_embeddings, capacity)
@@ -75,12 +83,18 @@ class LLMEngine:
             raise MoeRtError(f"max_model_len={max_len} exceeds the model's {self.spec.max_position_embeddings} positions")
         if max_len > capacity:
             raise MoeRtError(
-                f"the KV cache budget of {ec.kv_cache_memory_gb} GB holds {capacity} tokens, fewer than "
+                f"the KV cache budget of {budget_gb} GB holds {capacity} tokens, fewer than "
                 f"max_model_len={max_len}; raise kv_cache_memory_gb or lower max_model_len"
             )
         self.max_model_len = max_len
         self.blocks = BlockManager(num_blocks, ec.kv_block_size)
-        self.scheduler = Scheduler(ec, self.blocks)
+        policy = make_decode_policy(ec, self.model.hub, self.spec)
+        self.scheduler = Scheduler(ec, self.blocks, policy)
+        if ec.scheduler_policy != "fcfs":  # fcfs has nothing to report or stop
+            self.attach("scheduler", policy.stats, policy.close)
+        self.model.moe_ctx.dynamic_topk = DynamicTopK.from_config(ec.dynamic_topk_threshold, ec.dynamic_topk_top_p)
+        if self.model.moe_ctx.dynamic_topk is not None:
+            self.attach("routing", self.model.moe_ctx.dynamic_topk.stats)
         self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device)
         self.generator = torch.Generator().manual_seed(ec.seed)
         self._seq_counter = itertools.count()

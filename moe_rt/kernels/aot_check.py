@@ -3,6 +3,7 @@
     python -m moe_rt.kernels.aot_check                  # sm_90 (H100/H200), default configs, bf16/fp16/fp32
     python -m moe_rt.kernels.aot_check --space tuner    # every config the tuner would try
     python -m moe_rt.kernels.aot_check --json
+    python -m moe_rt.kernels.aot_check --dtypes bf16-w8,bf16-w4   # bf16 activations, int8 / int4 experts
 
 The CPU interpreter (TRITON_INTERPRET=1) checks what the kernels compute, but not whether Triton
 can lower them for a GPU: tile shapes the tensor cores reject, shared memory past the SM's limit,
@@ -53,15 +54,19 @@ class Result:
     tensor_core: str = ""  # "wgmma" (Hopper warpgroup MMA), "mma" (mma.sync), or "" (none)
 
 
-def _gemm_signature(kernel: str, dt: str) -> dict:
-    ptrs = {"gate_up": ["x_ptr", "w13_ptr", "inter_ptr"], "down": ["inter_ptr", "w2_ptr", "out_ptr", "weights_ptr"]}[kernel]
-    sig = {p: f"*{dt}" for p in ptrs}
-    if kernel == "down":
-        sig["out_ptr"], sig["weights_ptr"] = "*fp32", "*fp32"
+def _gemm_signature(kernel: str, dt: str, bits: int) -> dict:
+    """Argument types in the kernel's order; bits 8 / 4: quantized weights with fp32 scales and zeros."""
+    w = {16: f"*{dt}", 8: "*i8", 4: "*u8"}[bits]
+    q = "*fp32" if bits < 16 else w  # full precision passes the weights for the unread scales
+    sig = ({"x_ptr": f"*{dt}", "w13_ptr": w, "s13_ptr": q, "z13_ptr": q, "inter_ptr": f"*{dt}"} if kernel == "gate_up"
+           else {"inter_ptr": f"*{dt}", "w2_ptr": w, "s2_ptr": q, "z2_ptr": q, "out_ptr": "*fp32",
+                 "weights_ptr": "*fp32"})
     sig.update({"sorted_ids_ptr": "*i32", "block_slot_ptr": "*i32"})
     ints = ["num_pairs", "L", "D", "I"] + {
-        "gate_up": ["stride_xt", "stride_xd", "stride_ws", "stride_wn", "stride_wd", "stride_ip", "stride_ii"],
-        "down": ["stride_ip", "stride_ii", "stride_ws", "stride_wd", "stride_wi", "stride_op", "stride_od"]}[kernel]
+        "gate_up": ["stride_xt", "stride_xd", "stride_ws", "stride_wn", "stride_wd", "stride_ss", "stride_sn",
+                    "stride_ip", "stride_ii"],
+        "down": ["stride_ip", "stride_ii", "stride_ws", "stride_wd", "stride_wi", "stride_ss", "stride_sn",
+                 "stride_op", "stride_od"]}[kernel]
     sig.update({name: "i32" for name in ints})
     return sig
 
@@ -93,12 +98,15 @@ def check(kernel: str, dtype: str, config: dict, arch: int) -> Result:
             k = _compile(align_triton._align_kernel, sig, dict(config["constexprs"]), launch, arch)
         else:
             fn = fused_moe._gate_up_kernel if kernel == "gate_up" else fused_moe._down_kernel
+            act, _, wbits = dtype.partition("-w")  # "bf16-w4": bf16 activations, int4 experts
+            bits = int(wbits or 16)
             consts = {"BLOCK_M": config["BLOCK_SIZE_M"], "BLOCK_N": config["BLOCK_SIZE_N"],
                       "BLOCK_K": config["BLOCK_SIZE_K"], "GROUP_M": config["GROUP_SIZE_M"],
-                      "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else None}
+                      "UPCAST": False, "PRECISION": "ieee" if act == "fp32" else None,
+                      "BITS": bits, "QGROUP": 64 if bits < 16 else 1}
             if kernel == "gate_up":
                 consts["TOP_K"] = 2  # only divides pair ids into token ids: no effect on tiles or resources
-            k = _compile(fn, _gemm_signature(kernel, TRITON_DTYPES[dtype]), consts, launch, arch)
+            k = _compile(fn, _gemm_signature(kernel, TRITON_DTYPES[act], bits), consts, launch, arch)
     except Exception as exc:  # noqa: BLE001 - any compile failure is the finding we report
         return Result(kernel, dtype, config, False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     regs, local = _resources(k.asm["cubin"])
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             cfg = r.config.get("constexprs", r.config)
-            print(f"{r.kernel:<8}{r.dtype:<5}{'ok' if r.ok else 'FAIL':<5}regs {r.registers:>3} spill {r.spill_bytes:>4} "
+            print(f"{r.kernel:<8}{r.dtype:<8}{'ok' if r.ok else 'FAIL':<5}regs {r.registers:>3} spill {r.spill_bytes:>4} "
                   f"smem {r.shared_bytes:>6} {r.tensor_core or '-':<6} {cfg} {r.error}")
         print(f"{len(results) - len(failed)}/{len(results)} compiled for sm_{args.arch}")
     return 1 if failed and args.space == "default" else 0

@@ -14,6 +14,11 @@ Each program owns one M-row block of the sorted list (all rows share one slot, b
 the alignment) and one N-column block of the output, so every write goes to a distinct cell and
 no atomics are needed; the top-k sum is done once in torch over [T, K, D], in fp32.
 
+Quantized experts (moe_rt/quant/experts.py): w13 and w2 may be int8 (w8a16) or int4 (w4a16)
+stacks; each weight tile is dequantised in registers (_weight_tile) before its dot, in the
+activations' dtype, so full-precision weights are never materialised. Launch configs come from
+the same tables as the full-precision kernel of the activations' dtype.
+
 The intermediate is stored in hidden's dtype (as serving stacks do, it halves its traffic); all
 products accumulate in fp32. Under TRITON_INTERPRET=1 the kernels run on CPU tensors and upcast
 operands to fp32 before tl.dot, because the interpreter's bf16 dot is wrong.
@@ -21,6 +26,7 @@ operands to fp32 before tl.dot, because the interpreter's bf16 dot is wrong.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,6 +36,7 @@ from moe_rt.device import launch_device
 from moe_rt.kernels.align import AlignedRouting
 from moe_rt.kernels.align_triton import align_block_size_triton
 from moe_rt.kernels.tuning import TuningTables, default_config, device_name, dtype_name
+from moe_rt.quant.experts import QuantizedStack
 
 
 @triton.jit
@@ -51,12 +58,42 @@ def _block_coords(L, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, slot, rows, cols, mask,
+                 stride_ws, stride_wn, stride_wk, stride_ss, stride_sn,
+                 BITS: tl.constexpr, GROUP: tl.constexpr):
+    """A [BK, N] tile of W[slot].T: rows [1, N] are output rows, cols [BK, 1] input columns.
+
+    BITS 16: W itself. BITS 8: int8 codes times the row's scale (w8a16). BITS 4: codes packed two
+    a byte (column 2j low nibble, 2j+1 high), w = (q - 8) * scale + zero of the column's group
+    (w4a16). Quantized tiles come back in fp32, dequantised here so W never exists in full
+    precision; scales and zeros are [S, N, K // GROUP] with unit group stride.
+    """
+    # One return at the end: the compiler types every statement after a return in a constexpr
+    # branch too, and a shift of a bf16 tile does not type-check.
+    if BITS == 16:
+        w = tl.load(w_ptr + slot * stride_ws + rows * stride_wn + cols * stride_wk, mask=mask, other=0.0)
+    elif BITS == 8:
+        scale = tl.load(s_ptr + slot * stride_ss + rows * stride_sn + cols // GROUP, mask=mask, other=0.0)
+        q = tl.load(w_ptr + slot * stride_ws + rows * stride_wn + cols * stride_wk, mask=mask, other=0)
+        w = q.to(tl.float32) * scale
+    else:
+        s_off = slot * stride_ss + rows * stride_sn + cols // GROUP
+        scale = tl.load(s_ptr + s_off, mask=mask, other=0.0)
+        zero = tl.load(z_ptr + s_off, mask=mask, other=0.0)
+        byte = tl.load(w_ptr + slot * stride_ws + rows * stride_wn + (cols // 2) * stride_wk, mask=mask, other=0)
+        q = (byte >> ((cols % 2) * 4).to(tl.uint8)) & 15
+        w = (q.to(tl.float32) - 8.0) * scale + zero
+    return w
+
+
+@triton.jit
 def _gate_up_kernel(
-    x_ptr, w13_ptr, inter_ptr, sorted_ids_ptr, block_slot_ptr,
+    x_ptr, w13_ptr, s13_ptr, z13_ptr, inter_ptr, sorted_ids_ptr, block_slot_ptr,
     num_pairs, L, D, I,
-    stride_xt, stride_xd, stride_ws, stride_wn, stride_wd, stride_ip, stride_ii,
+    stride_xt, stride_xd, stride_ws, stride_wn, stride_wd, stride_ss, stride_sn, stride_ip, stride_ii,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr,
 ):
     """inter[p, n] = silu(gate) * up for the pairs of one row block and columns n of one block."""
     pid_m, pid_n = _block_coords(L, I, BLOCK_M, BLOCK_N, GROUP_M)
@@ -72,24 +109,27 @@ def _gate_up_kernel(
 
     x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xd  # [M, BK]
     # w13[slot] is [2I, D]; we read it transposed as [BK, N] tiles: gate rows n, up rows I + n.
-    g_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wd
-    u_ptrs = g_ptrs + I * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         k_ok = offs_k < D - k0 * BLOCK_K
+        cols = k0 * BLOCK_K + offs_k[:, None]
+        w_ok = k_ok[:, None] & col_ok[None, :]
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        g = _weight_tile(w13_ptr, s13_ptr, z13_ptr, slot, offs_n[None, :], cols, w_ok,
+                         stride_ws, stride_wn, stride_wd, stride_ss, stride_sn, BITS, QGROUP)
+        u = _weight_tile(w13_ptr, s13_ptr, z13_ptr, slot, I + offs_n[None, :], cols, w_ok,
+                         stride_ws, stride_wn, stride_wd, stride_ss, stride_sn, BITS, QGROUP)
         if UPCAST:
             a = a.to(tl.float32)
             g = g.to(tl.float32)
             u = u.to(tl.float32)
+        else:  # dequantised tiles are fp32; the dot takes both operands in the activations' dtype
+            g = g.to(a.dtype)
+            u = u.to(a.dtype)
         acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
         acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xd
-        g_ptrs += BLOCK_K * stride_wd
-        u_ptrs += BLOCK_K * stride_wd
 
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     out_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_n[None, :] * stride_ii
@@ -98,11 +138,12 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    inter_ptr, w2_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_slot_ptr,
+    inter_ptr, w2_ptr, s2_ptr, z2_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_slot_ptr,
     num_pairs, L, D, I,
-    stride_ip, stride_ii, stride_ws, stride_wd, stride_wi, stride_op, stride_od,
+    stride_ip, stride_ii, stride_ws, stride_wd, stride_wi, stride_ss, stride_sn, stride_op, stride_od,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BITS: tl.constexpr, QGROUP: tl.constexpr,
 ):
     """partial[p, n] = topk_weights[p] * (inter[p] @ w2[slot].T)[n], written in fp32."""
     pid_m, pid_n = _block_coords(L, D, BLOCK_M, BLOCK_N, GROUP_M)
@@ -116,18 +157,20 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = inter_ptr + pair[:, None] * stride_ip + offs_k[None, :] * stride_ii  # [M, BK]
-    b_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wd + offs_k[:, None] * stride_wi
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(I, BLOCK_K)):
         k_ok = offs_k < I - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b = _weight_tile(w2_ptr, s2_ptr, z2_ptr, slot, offs_n[None, :], k0 * BLOCK_K + offs_k[:, None],
+                         k_ok[:, None] & col_ok[None, :],
+                         stride_ws, stride_wd, stride_wi, stride_ss, stride_sn, BITS, QGROUP)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        else:
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ii
-        b_ptrs += BLOCK_K * stride_wi
 
     w = tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * w[:, None]
@@ -141,7 +184,7 @@ def interpret_mode() -> bool:
 
 
 def _check_shapes(hidden, w13, w2, topk_ids, topk_weights) -> tuple[int, int, int, int, int]:
-    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+    if hidden.dim() != 2 or len(w13.shape) != 3 or len(w2.shape) != 3:
         raise ValueError("expected hidden [T, D], w13 [S, 2I, D], w2 [S, D, I]")
     T, D = hidden.shape
     S, two_i, D13 = w13.shape
@@ -158,21 +201,54 @@ def _check_shapes(hidden, w13, w2, topk_ids, topk_weights) -> tuple[int, int, in
     return T, D, S, I, topk_ids.shape[1]
 
 
+@dataclass(frozen=True)
+class _WeightArgs:
+    """A weight stack as kernel arguments: (weights, scales, zeros) and their strides (slot, row,
+    column; scale slot, scale row). Full-precision stacks pass themselves for the unused scales
+    and zeros (never read with BITS 16)."""
+    tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    strides: tuple[int, int, int, int, int]
+    bits: int
+    group: int
+
+    @staticmethod
+    def of(w: torch.Tensor | QuantizedStack) -> "_WeightArgs":
+        if not isinstance(w, QuantizedStack):
+            return _WeightArgs((w, w, w), (*w.stride(), 0, 0), 16, 1)
+        q, sc = w.qweight, w.scales
+        zeros = w.zeros if w.zeros is not None else sc
+        if sc.stride(2) != 1 or zeros.stride() != sc.stride():
+            raise ValueError("scales and zeros must be contiguous [S, N, G] tensors of one layout")
+        return _WeightArgs((q, sc, zeros), (*q.stride(), sc.stride(0), sc.stride(1)), w.bits, w.group_size)
+
+
+def launch_config(tables: TuningTables | None, T: int, K: int, E: int, I: int, hidden: torch.Tensor) -> dict:
+    """The tuned config for (E experts, I, this GPU, dtype) at the nearest batch size, else the
+    default for T*K rows over E experts. Tables are read only for CUDA tensors."""
+    if tables is not None and hidden.device.type == "cuda":
+        return tables.get(T, K, E, I, device_name(hidden.device), dtype_name(hidden.dtype))
+    return default_config(T, K, E)
+
+
 def fused_experts(
     hidden: torch.Tensor,  # [T, D]
-    w13: torch.Tensor,  # [S, 2I, D]
-    w2: torch.Tensor,  # [S, D, I]
+    w13: torch.Tensor | QuantizedStack,  # [S, 2I, D]
+    w2: torch.Tensor | QuantizedStack,  # [S, D, I]
     topk_ids: torch.Tensor,  # [T, K] slot per choice, -1 = skip
     topk_weights: torch.Tensor,  # [T, K]
     *,
     config: dict | None = None,
     tables: TuningTables | None = None,
+    num_experts: int | None = None,
 ) -> torch.Tensor:  # [T, D] in hidden's dtype
     """sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]), as reference_experts.
 
     config: a launch config (keys of tuning.CONFIG_KEYS); when None it comes from `tables`
     (a TuningTables the caller keeps for the process) or, without tables, from default_config.
-    Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1.
+    num_experts: the model's routed experts, which key the tables (tokens spread over E experts,
+    whatever the stack holds; an expert cache's stack has fewer slots); default: the stack's S.
+    Works on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1. w13 and w2 may be
+    QuantizedStacks (w8a16, w4a16): their weights are dequantised tile by tile inside the kernels.
     """
     T, D, S, I, K = _check_shapes(hidden, w13, w2, topk_ids, topk_weights)
     interpret = interpret_mode()
@@ -181,15 +257,13 @@ def fused_experts(
     if T == 0 or K == 0 or S == 0:
         return torch.zeros_like(hidden)
     if config is None:
-        if tables is not None and hidden.device.type == "cuda":
-            config = tables.get(T, K, S, I, device_name(hidden.device), dtype_name(hidden.dtype))
-        else:
-            config = default_config(T, K, S)
+        config = launch_config(tables, T, K, num_experts or S, I, hidden)
     block_m, block_n, block_k = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     launch = {"num_warps": config.get("num_warps", 4), "num_stages": config.get("num_stages", 3)}
     # fp32 operands must not be silently rounded to tf32; other dtypes take the target's default.
     precision = "ieee" if hidden.dtype == torch.float32 else None
 
+    q13, q2 = _WeightArgs.of(w13), _WeightArgs.of(w2)
     # One Triton launch (align_triton.py); align.align_block_size is its torch reference.
     routing: AlignedRouting = align_block_size_triton(topk_ids, block_m, S)
     L = routing.sorted_pair_ids.numel()
@@ -203,20 +277,22 @@ def fused_experts(
     with launch_device(hidden):
         grid = (triton.cdiv(L, block_m) * triton.cdiv(I, block_n),)
         _gate_up_kernel[grid](
-            hidden, w13, inter, routing.sorted_pair_ids, routing.block_slot_ids,
+            hidden, *q13.tensors, inter, routing.sorted_pair_ids, routing.block_slot_ids,
             P, L, D, I,
-            hidden.stride(0), hidden.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+            hidden.stride(0), hidden.stride(1), *q13.strides,
             inter.stride(0), inter.stride(1),
             TOP_K=K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
+            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision,
+            BITS=q13.bits, QGROUP=q13.group, **launch,
         )
         grid = (triton.cdiv(L, block_m) * triton.cdiv(D, block_n),)
         _down_kernel[grid](
-            inter, w2, partial, weights, routing.sorted_pair_ids, routing.block_slot_ids,
+            inter, *q2.tensors, partial, weights, routing.sorted_pair_ids, routing.block_slot_ids,
             P, L, D, I,
-            inter.stride(0), inter.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+            inter.stride(0), inter.stride(1), *q2.strides,
             partial.stride(0), partial.stride(1),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision, **launch,
+            GROUP_M=config["GROUP_SIZE_M"], UPCAST=interpret, PRECISION=precision,
+            BITS=q2.bits, QGROUP=q2.group, **launch,
         )
     return partial.view(T, K, D).sum(dim=1).to(hidden.dtype)

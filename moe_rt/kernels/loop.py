@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_rt.quant.experts import as_dense
+
 
 def loop_experts(
     hidden: torch.Tensor,  # [T, D]
@@ -18,7 +20,9 @@ def loop_experts(
     topk_ids: torch.Tensor,  # [T, K] slot per choice, -1 = skip
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, D] in hidden's dtype
-    """Same contract as reference_experts; accumulates the weighted sum in fp32."""
+    """Same contract as reference_experts; accumulates the weighted sum in fp32. Quantized stacks
+    are dequantised whole (the loop is a baseline, not a quantized fast path)."""
+    w13, w2 = as_dense(w13), as_dense(w2)
     T, K = topk_ids.shape
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.reshape(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from moe_rt.errors import MoeRtError
+from moe_rt.quant.checkpoint import checkpoint_quantization
 
 from . import deepseek, mixtral, olmoe, qwen_moe
 from .spec import ModelSpec
@@ -25,11 +26,8 @@ def parse_config(hf: dict) -> ModelSpec:
     arch = archs[0]
     if arch not in PARSERS:
         raise MoeRtError(f"unsupported architecture {arch} (supported: {', '.join(sorted(PARSERS))})")
-    if hf.get("quantization_config"):
-        # The loader copies tensors into float parameters; FP8 blocks (e.g. DeepSeek-V3's released
-        # weights) need their weight_scale_inv applied first, or the model would be silently wrong.
-        method = hf["quantization_config"].get("quant_method", "?")
-        raise MoeRtError(f"quantized checkpoints ({method}) are not supported; use a bf16/fp16/fp32 copy")
+    # A quantized checkpoint in a format the reader cannot dequantise would load silently wrong.
+    checkpoint_quantization(hf, "config.json")
     if hf.get("hidden_act", "silu") != "silu":
         raise MoeRtError(f"hidden_act '{hf['hidden_act']}' is not supported (only silu)")
     return PARSERS[arch](hf)

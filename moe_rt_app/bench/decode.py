@@ -1,7 +1,9 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
-(bytes of weights the step must read / bandwidth measured in this run). With --profile, instead:
-what a decode step costs in aten ops and host reads, per layer (bench/profile.py)."""
+(bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 the
+same model with quantized experts is timed in the same runs, as a ratio to the full-precision
+moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
+(bench/profile.py)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     add_repeats(p, 3)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--expert-bits", default="",
+                   help="comma-separated 8 and/or 4: also time moe-rt with experts quantized to these bits, "
+                        "interleaved with the full-precision run (columns int8_*, int4_*; ratio to full precision)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size (--expert-bits 4)")
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
@@ -115,8 +121,13 @@ def run(args) -> int:
         raise MoeRtError("--max-tokens must be >= 2 and --prompt-len >= 1")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    bits = parse_ints(args.expert_bits, "--expert-bits") if args.expert_bits else []
+    if any(b not in (8, 4) for b in bits):
+        raise MoeRtError(f"--expert-bits takes 8 and/or 4, got '{args.expert_bits}'")
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
+    quantized = {b: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
+                        expert_bits=b, expert_group_size=args.group_size) for b in bits}
     device, dtype = llm.engine.device, llm.engine.dtype
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -139,12 +150,16 @@ def run(args) -> int:
         time_moe_rt(llm, prompts, 4)  # warm-up
         if hf is not None:
             time_transformers(hf, prompts, 4)
-        # Interleaved, so both sides see the same machine conditions.
-        ours, theirs = [], []
+        for q in quantized.values():
+            time_moe_rt(q, prompts, 4)
+        # Interleaved, so every side sees the same machine conditions.
+        ours, theirs, qtimes = [], [], {b: [] for b in quantized}
         for _ in range(args.repeats):
             ours.append(time_moe_rt(llm, prompts, args.max_tokens))
             if hf is not None:
                 theirs.append(time_transformers(hf, prompts, args.max_tokens))
+            for b, q in quantized.items():
+                qtimes[b].append(time_moe_rt(q, prompts, args.max_tokens))
         steps = args.max_tokens - 1
         tokens = B * steps
         t = repeat_stats(ours)
@@ -155,13 +170,21 @@ def run(args) -> int:
             row["hf_tok_s"], row["hf_tok_s_best"] = tokens / h.median, tokens / h.best
             row["ratio"] = row["moe_rt_tok_s"] / row["hf_tok_s"]
             row["ratio_best"] = row["moe_rt_tok_s_best"] / row["hf_tok_s_best"]
+        for b, times in qtimes.items():
+            q = repeat_stats(times)
+            row[f"int{b}_tok_s"], row[f"int{b}_tok_s_best"] = tokens / q.median, tokens / q.best
+            row[f"int{b}_ratio"] = row[f"int{b}_tok_s"] / row["moe_rt_tok_s"]
+            row[f"int{b}_ratio_best"] = row[f"int{b}_tok_s_best"] / row["moe_rt_tok_s_best"]
         floor_ms = 1e3 * step_weight_bytes(llm, prompts) / bandwidth
         row["floor_ms"] = floor_ms
         row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
         rows.append(row)
     extra.update(bandwidth_GBps=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens, repeats=args.repeats)
+    if bits:
+        extra["expert_group_size"] = args.group_size
+    qcols = [f"int{b}_{c}" for b in bits for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
     emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_tok_s_best", "hf_tok_s_best", "ratio_best",
-                      "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
+                      *qcols, "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
     return 0
 
 

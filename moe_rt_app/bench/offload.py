@@ -7,7 +7,8 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
   pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
              training; frequency and coactivation are fitted on a trace of *other* prompts
              recorded in the same run).
-Capacities are percentages of each layer's experts. Experts are read from expert packs
+Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
+bench compares scheduling policies instead (offload_schedule.py). Experts are read from expert packs
 (expert_cache/packs.py, written on first use) with O_DIRECT, which bypasses the page cache, so
 figures are disk figures, not RAM ones; --no-pack reads the checkpoint's files instead, dropping
 every page read from the page cache (slow_tier.DiskTier) unless --keep-page-cache. Every
@@ -61,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
                    help="the caches' scope (global: one pool of capacity x layers slots)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
+    p.add_argument("--scheduler-policy", default=None, metavar="fcfs,expert_aware",
+                   help="compare scheduling policies instead of cache configurations: --concurrency sequences "
+                        "running, the first of --capacities, fcfs as the baseline (offload_schedule.py)")
+    p.add_argument("--concurrency", type=int, default=16, help="--scheduler-policy: sequences running at once")
+    p.add_argument("--expert-aware-batch", type=int, default=None,
+                   help="--scheduler-policy: sequences per expert_aware step (default: half the running ones)")
+    p.add_argument("--expert-aware-max-skips", type=int, default=3,
+                   help="--scheduler-policy: steps an expert_aware sequence may wait in a row (default 3)")
     add_repeats(p, 3)
     add_torch_threads(p)
     p.add_argument("--no-progress", action="store_true")
@@ -135,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    if args.scheduler_policy:
+        return _schedule_bench(args, model, pcts[0], params)
 
     resident = _llm(model)
     spec = resident.model.spec
@@ -267,6 +278,21 @@ def _ratios_to_lru(rows: list[dict]) -> None:
         r["vs_lru"] = r["tok_s"] / base["tok_s"]
         r["vs_lru_best"] = r["tok_s_best"] / base["tok_s_best"]
         r["bytes_vs_lru"] = r["mb_per_token"] / base["mb_per_token"] if base["mb_per_token"] else None
+
+
+def _schedule_bench(args, model: str, pct: int, params) -> int:
+    from moe_rt.checkpoint import read_config
+    from moe_rt.models.registry import parse_config
+    from moe_rt_app.bench.offload_schedule import parse_policies, run_schedule_bench
+
+    policies = parse_policies(args.scheduler_policy)
+    if policies[0] != "fcfs":
+        policies.insert(0, "fcfs")  # the baseline every ratio is to
+    vocab = parse_config(read_config(model)).vocab_size
+    prompts = _prompts(args.concurrency, args.prompt_len, vocab, seed=1)
+    rows, extra = run_schedule_bench(args, model, policies, prompts, params, pct)
+    emit(rows, args, ["figure", "policy", "median", "best", "vs_fcfs"], extra)
+    return 0
 
 
 def _delta_rate(before: dict, after: dict) -> float:

@@ -19,6 +19,10 @@ SHAPES: dict[str, dict] = {
                             num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
     "mixtral-ep-small": dict(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=8,
                              num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),
+    # GPU decode and kernel figures (scripts/gpu_run.sh): Mixtral's 8-expert top-2 layout at a size
+    # a GPU decodes in the memory-bound regime; ~2.9 GB on disk in fp32, 21 MB per bf16 expert
+    "mixtral-gpu": dict(num_hidden_layers=8, hidden_size=1024, intermediate_size=3584, num_attention_heads=16,
+                        num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
     # tiny, for tests of the benchmark plumbing
     "mixtral-tiny": dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                          num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=512),

@@ -26,7 +26,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-compute", default=None, choices=["torch", "loop", "triton", "reference"],
                    help="expert kernels: torch (grouped matmul; the default), loop (one matmul pair per "
                         "expert), triton (fused kernel; CUDA, or TRITON_INTERPRET=1 on CPU), reference (slow, dense)")
+    p.add_argument("--expert-bits", type=int, choices=[8, 4],
+                   help="quantize routed experts at load: 8 (int8 per row) or 4 (int4 per group); "
+                        "default: the compute dtype (docs/quantization.md)")
+    p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
+                   help="int4 experts: input columns per scale and zero (default 64)")
     add_offload_arguments(p)
+    add_scheduling_arguments(p)
+
+
+def add_scheduling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scheduling and dynamic top-k (docs/scheduling.md)")
+    g.add_argument("--scheduler-policy", choices=["fcfs", "expert_aware"], default=None,
+                   help="fcfs: every running sequence decodes every step (the default); expert_aware: a subset "
+                        "whose forecast experts overlap, so an expert cache loads fewer experts per step")
+    g.add_argument("--expert-aware-batch", type=positive_int, default=None,
+                   help="expert_aware: sequences decoded per step (default: half the running ones)")
+    g.add_argument("--expert-aware-max-skips", type=positive_int, default=None,
+                   help="expert_aware: a sequence left out this many steps in a row decodes next (default 3)")
+    g.add_argument("--dynamic-topk-threshold", type=float_in(0, 1, hi_open=True), default=None,
+                   help="drop routed choices whose normalised weight is below this (default 0: off)")
+    g.add_argument("--dynamic-topk-top-p", type=float_in(0, 1, lo_open=True), default=None,
+                   help="keep the fewest routed choices whose normalised weights reach this (default 1: off)")
 
 
 def lookahead(text: str) -> int | str:
@@ -90,7 +111,12 @@ def sampling(args):
 # Config field -> the flag that sets it, so an error names what the user typed.
 ENGINE_FLAGS = {
     "max_num_seqs": "--max-num-seqs", "max_model_len": "--max-model-len",
-    "kv_cache_memory_gb": "--kv-cache-memory-gb", "expert_compute": "--expert-compute",
+    "kv_cache_memory_gb": "--kv-cache-memory-gb", "gpu_memory_utilization": "--gpu-memory-utilization",
+    "expert_compute": "--expert-compute",
+    "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
+    "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
+    "dynamic_topk_top_p": "--dynamic-topk-top-p",
+    "expert_bits": "--expert-bits", "expert_group_size": "--group-size",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),
@@ -143,6 +169,8 @@ def named_flags(args):
         pattern = r"\b(?:engine\.|cache\.|parallel\.)?(" + "|".join(names) + r")\b"
         text = re.sub(r"^invalid option cache: ", "", str(e))
         renamed = re.sub(pattern, lambda m: names[m[1]], text)
+        renamed = re.sub(r"^invalid option predictor\.(name|dir): ",
+                         lambda m: "--predictor " if m[1] == "name" else "--predictor-dir ", renamed)
         raise MoeRtError(("offload flags: " + renamed) if text != str(e) else renamed) from None
 
 

@@ -23,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-from moe_rt_app.cli.args import int_in, non_negative_float, port, positive_float, positive_int
+from moe_rt_app.cli.args import float_in, int_in, non_negative_float, port, positive_float, positive_int
 from moe_rt.errors import MoeRtError
 
 
@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body (413 beyond; default 4 MiB)")
     parser.add_argument("--max-num-seqs", type=positive_int, default=None, help="sequences decoded together at most")
     parser.add_argument("--max-model-len", type=int_in(2), default=None, help="context length (prompt + output)")
-    parser.add_argument("--kv-cache-memory-gb", type=positive_float, default=None, help="memory for the paged KV cache")
+    parser.add_argument("--kv-cache-memory-gb", type=positive_float, default=None,
+                        help="memory for the paged KV cache (default: 1 GiB on CPU; on CUDA what "
+                             "--gpu-memory-utilization leaves after the weights and the expert cache)")
+    parser.add_argument("--gpu-memory-utilization", type=float_in(0, 1, lo_open=True), default=None,
+                        help="CUDA: fraction of the GPU's memory the engine may fill (default 0.9)")
     parser.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
                         help="default info")
     parser.add_argument("--disable-docs", action="store_true", help="serve no OpenAPI schema and no /docs page")

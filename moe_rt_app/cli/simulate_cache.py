@@ -1,6 +1,7 @@
 """`moe-rt simulate-cache`: replay a routing trace through the expert cache offline.
 
 Prints, per policy, the hit rate next to Belady's (the demand-paging bound) and their ratio; with
+--schedule, first regroups the trace's rows into the steps a scheduling policy takes; with
 --plot, also sweeps capacity from 1 to E slots per layer and writes a PNG of hit rate per policy.
 Bad input raises MoeRtError; `main` (and moe_rt_app.cli.main) print it and exit 2.
 """
@@ -46,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefetch by the runtime's cost rule and report modelled stall time")
     parser.add_argument("--layer-ms", type=float, default=None,
                         help="milliseconds of compute per MoE layer (with --read-ms)")
+    parser.add_argument("--schedule", choices=("fcfs", "expert_aware"), default=None,
+                        help="first regroup the trace's rows into the steps this scheduling policy takes "
+                             "(docs/scheduling.md); default: replay the trace's own steps")
+    parser.add_argument("--concurrency", type=positive_int, default=16,
+                        help="--schedule: sequences running at once (default 16)")
+    parser.add_argument("--step-size", type=positive_int, default=None,
+                        help="--schedule: most sequences decoding per step (default: all running under fcfs, "
+                             "half of them under expert_aware)")
+    parser.add_argument("--max-skips", type=positive_int, default=3,
+                        help="--schedule expert_aware: steps a sequence may wait in a row (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", type=output_file, default=None, metavar="FILE.png",
                         help="also sweep capacity 1..E per layer and write hit rate vs capacity")
@@ -106,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
         raise MoeRtError(f"--capacity must be between 1 and {E} (experts per layer), "
                          f"got {args.capacity}")
     progress = not args.no_progress and not args.json
+    scheduled = None
+    if args.schedule:
+        from expert_cache.schedule_replay import schedule_trace
+
+        scheduled = schedule_trace(trace, args.schedule, args.concurrency, args.step_size, args.max_skips)
+        trace = scheduled.trace
+    elif args.step_size is not None:
+        raise MoeRtError("--step-size is for --schedule")
     needs = BatchNeeds.from_trace(trace)
     schedule = _schedule(args, trace, progress) if "predictive" in policies else None
 
@@ -124,6 +143,15 @@ def run(args: argparse.Namespace) -> int:
                          "ratio_to_belady": results[p].hit_rate / bound if bound else None}
                      for p in policies},
     }
+    if scheduled is not None:
+        report["schedule"] = {
+            "policy": args.schedule, "concurrency": args.concurrency, "step_size": args.step_size,
+            "max_skips": args.max_skips, "decode_steps": scheduled.decode_steps,
+            "decode_tokens": scheduled.decode_tokens,
+            "distinct_experts_per_layer_step": scheduled.decode_union,
+            "max_consecutive_skips": scheduled.max_consecutive_skips}
+        for r in [report["belady"], *report["policies"].values()]:
+            r["loads_per_decode_token"] = r["loads"] / scheduled.decode_tokens if scheduled.decode_tokens else None
     if args.plot:
         from expert_cache.plots import plot_hit_rate_curve
 
@@ -159,6 +187,14 @@ def _print_table(report: dict) -> None:
     print(f"{report['trace']}: {report['steps']} steps, {report['layers']} MoE layers x "
           f"{report['experts']} experts, top-{report['top_k']}; capacity "
           f"{report['capacity_per_layer']} slots/layer ({report['scope']}, pool {report['pool_slots']})")
+    if "schedule" in report:
+        sc = report["schedule"]
+        print(f"schedule {sc['policy']}: {sc['concurrency']} running, step size "
+              f"{sc['step_size'] or 'default'}: {sc['decode_steps']} decode steps for {sc['decode_tokens']} "
+              f"tokens, {sc['distinct_experts_per_layer_step']:.2f} distinct experts per layer-step, "
+              f"longest wait {sc['max_consecutive_skips']} steps; loads per decode token: "
+              + ", ".join(f"{n} {r['loads_per_decode_token']:.2f}"
+                          for n, r in [*report["policies"].items(), ("belady", report["belady"])]))
     b = report["belady"]
     print(f"{'policy':<11} {'hit rate':>8} {'belady':>8} {'ratio':>6} {'loads':>8} "
           f"{'belady loads':>12} {'prefetch hits':>13} {'wasted pf':>9}")

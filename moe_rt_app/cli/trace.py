@@ -96,6 +96,8 @@ def record_trace(llm, prompts: list[str | list[int]], params, with_hidden: bool 
     """
     if not prompts:
         raise MoeRtError("record_trace needs at least one prompt")
+    if llm.model.moe_ctx.dynamic_topk is not None:  # the trace format has no dropped (-1) choice
+        raise MoeRtError("traces are recorded with dynamic top-k off (dynamic_topk_threshold 0, top_p 1)")
     recorder = TraceRecorder(llm.model.hub, len(llm.model.moe_blocks()), with_hidden, model=llm.model,
                              with_layer_output=with_layer_output)
     recorder.start()

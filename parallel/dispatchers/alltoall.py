@@ -42,20 +42,25 @@ class AllToAllDispatcher(EvenSplitDispatcher):
 
     # -- dispatch / combine --------------------------------------------------------------------
     def serving_rank(self, moe_index: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[T, K] rank that computes each pair: here if this rank holds a copy, else the primary."""
-        here = self.holder[moe_index, :, self.comm.rank][topk_ids]
-        return torch.where(here, torch.full_like(topk_ids, self.comm.rank), self.primary[moe_index][topk_ids])
+        """[T, K] rank that computes each pair: here if this rank holds a copy, else the primary.
+        A dropped choice (-1, dynamic top-k) is "here": it is computed nowhere and sends no row."""
+        ids = topk_ids.clamp(min=0)
+        me = torch.full_like(topk_ids, self.comm.rank)
+        here = self.holder[moe_index, :, self.comm.rank][ids] | (topk_ids < 0)
+        return torch.where(here, me, self.primary[moe_index][ids])
 
     def dispatch(self, moe_index: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> DispatchOutput[AllToAllHandle]:
         comm, N = self.comm, self.comm.world
         T, K = topk_ids.shape
         dest = self.serving_rank(moe_index, topk_ids)  # [T, K]
-        self.stats.pairs[moe_index] += T * K
-        self.stats.local_pairs[moe_index] += int((dest == comm.rank).sum())
+        chosen = topk_ids >= 0
+        self.stats.pairs[moe_index] += int(chosen.sum())
+        self.stats.local_pairs[moe_index] += int(((dest == comm.rank) & chosen).sum())
         # Dedup: one row per distinct (token, destination), grouped by destination.
         goes = torch.zeros(T, N, dtype=torch.bool, device=hidden.device)
-        goes[torch.arange(T, device=hidden.device)[:, None], dest] = True
+        rows = torch.arange(T, device=hidden.device)[:, None].expand_as(dest)
+        goes[rows[chosen], dest[chosen]] = True  # a dropped choice sends its token nowhere
         dst, tok = goes.t().nonzero(as_tuple=True)  # sorted by destination, then token
         send_counts = torch.bincount(dst, minlength=N).tolist()
         ids = torch.where(dest[tok] == dst[:, None], topk_ids[tok], torch.full_like(topk_ids[tok], -1))

@@ -47,5 +47,8 @@ class CoactivationPredictor(Predictor):
         if d > self.max_depth:
             raise MoeRtError(f"coactivation predictor was fitted for depth {self.max_depth}, asked {d}")
         table = self.cond[obs.moe_index, :d]  # [d, E, E]
-        # Sum of rows of the token's k experts: [d, T, k, E] summed over k.
-        return table[:, obs.topk_ids.long()].sum(2)
+        # Sum of rows of the token's k experts: [d, T, k, E] summed over k. A dropped choice (-1,
+        # dynamic top-k) contributes no row.
+        ids = obs.topk_ids.long()
+        rows = table[:, ids.clamp(min=0)] * (ids >= 0)[None, :, :, None].to(table.dtype)
+        return rows.sum(2)

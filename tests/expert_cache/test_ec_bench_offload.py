@@ -7,8 +7,8 @@ from moe_rt_app.cli.main import main
 
 def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "50",
-            "--predictors", "frequency", "--prefetch-rules", "cost,always", "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "2",
-            "--torch-threads", "1", "--no-progress", "--json"]
+            "--predictors", "frequency", "--prefetch-rules", "cost,always", "--fit-prompts", "2",
+            "--max-tokens", "3", "--repeats", "2", "--torch-threads", "1", "--no-progress", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
@@ -29,3 +29,22 @@ def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
         assert r["mb_per_token"] > 0 and r["stall_ms_per_token"] >= 0
     assert pred["prefetches"] >= pred["prefetch_hits"] >= 0 and pred["wasted"] >= 0
     assert res["expert_tier"] == "expert packs, O_DIRECT" and res["tier_read_ms_per_expert"] > 0
+
+
+def test_bench_offload_compares_scheduling_policies_against_fcfs(tmp_path, capsys):
+    argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
+            "--scheduler-policy", "expert_aware", "--concurrency", "4", "--expert-aware-batch", "2",
+            "--max-tokens", "4", "--repeats", "2", "--torch-threads", "1", "--no-progress", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    rows = {(r["figure"], r["policy"]): r for r in res["results"]}
+    figures = {f for f, _ in rows}
+    assert {"tok_s", "experts_per_layer_step", "ttft_ms", "tpot_p99_ms"} <= figures
+    for f in figures:  # fcfs is always the baseline, measured in the same run
+        assert rows[(f, "fcfs")]["vs_fcfs"] == 1.0
+        ea = rows[(f, "expert_aware")]
+        assert abs(ea["vs_fcfs"] - ea["median"] / rows[(f, "fcfs")]["median"]) < 1e-9
+    assert rows[("tok_s", "expert_aware")]["best"] >= rows[("tok_s", "expert_aware")]["median"] > 0
+    assert rows[("ttft_ms", "fcfs")]["best"] <= rows[("ttft_ms", "fcfs")]["median"]
+    assert res["scheduler_stats_last"]["expert_aware"]["partial_steps"] > 0

@@ -147,6 +147,22 @@ def test_table_is_read_and_nearest_batch_chosen(tmp_path):
     assert tables.get(50, 2, 4, 128, "dev", "fp16") == cfg(64)
 
 
+def test_tables_are_keyed_by_the_models_expert_count(monkeypatch):
+    """An expert cache hands the kernel a stack of S slots, but the batch's rows spread over the
+    model's E experts: the engine's backend passes E, which picks the table and default config."""
+    import moe_rt.kernels.fused_moe as fm
+    from moe_rt.layers.moe.compute import get_expert_compute
+
+    x = torch.zeros(64, 8)
+    assert fm.launch_config(None, 64, 2, 16, 128, x) == default_config(64, 2, 16)
+    assert default_config(64, 2, 16) != default_config(64, 2, 4)  # 8 vs 32 rows per expert
+    seen = {}
+    monkeypatch.setattr(fm, "fused_experts", lambda *a, **kw: seen.update(kw) or a[0])
+    get_expert_compute("triton", 16)(x, torch.zeros(4, 6, 8), torch.zeros(4, 8, 3),
+                                     torch.zeros(64, 2, dtype=torch.long), torch.ones(64, 2))
+    assert seen["num_experts"] == 16
+
+
 # ---------------------------------------------------------------- fused kernel on CUDA
 
 @pytest.mark.cuda
@@ -179,3 +195,17 @@ def test_fused_step_replays_in_a_cuda_graph(seed):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(out.clone(), reference_experts(hidden, w13, w2, ids, weights), torch.bfloat16, seed)
+
+
+@needs_interpreter
+def test_fused_skips_choices_dropped_by_dynamic_topk(seed):
+    """Dynamic top-k marks dropped choices -1 with weight 0; the kernel must add nothing for them."""
+    from moe_rt.layers.moe.routing import prune_choices, route
+    from moe_rt.models.spec import RoutingSpec
+
+    spec = RoutingSpec(num_experts=8, top_k=3)
+    hidden, w13, w2, _, _ = make_inputs(21, 40, 24, 8, 3, None, 0.0, torch.float32)
+    weights, ids = prune_choices(*route(torch.randn(21, 8), spec), spec, threshold=0.3)
+    assert (ids == -1).any()
+    assert_matches(fused_experts(hidden, w13, w2, ids, weights, config=SMALL),
+                   reference_experts(hidden, w13, w2, ids, weights), torch.float32, seed)

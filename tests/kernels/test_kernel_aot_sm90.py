@@ -19,7 +19,7 @@ from moe_rt.kernels.aot_check import MAX_SHARED
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "moe_rt.kernels.aot_check", "--arch", "90",
-                           "--dtypes", "bf16,fp32", "--json"], capture_output=True, text=True, env=env,
+                           "--dtypes", "bf16,fp32,bf16-w8,bf16-w4", "--json"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return json.loads(proc.stdout)
@@ -42,10 +42,11 @@ def test_sm90_cubins_fit_and_do_not_spill(report):
 
 def test_half_precision_dots_use_tensor_cores(report):
     # bf16 products must lower to tensor-core MMA (mma.sync or Hopper wgmma), not FMA loops;
-    # fp32 uses IEEE FMA on purpose (no silent tf32).
+    # fp32 uses IEEE FMA on purpose (no silent tf32). Quantized experts (bf16-w8, bf16-w4) are
+    # dequantised to bf16 tiles before the dot, so they keep the tensor cores.
     for r in report["results"]:
         if r["kernel"] in ("gate_up", "down"):
-            if r["dtype"] == "bf16":
+            if r["dtype"].startswith("bf16"):
                 assert r["tensor_core"] in ("mma", "wgmma"), r
             else:
                 assert r["tensor_core"] == "", r

@@ -1,4 +1,5 @@
 """Pure engine parts with exact expected outputs: block manager, scheduler, sampler filters."""
+import pytest
 import torch
 
 from moe_rt.config import EngineConfig
@@ -92,3 +93,17 @@ def test_top_k_and_top_p_filters_exact():
     assert probs[0] > 0.5
     out = filter_logits(logits, 2.0, 0, 1.0)
     assert torch.allclose(out, logits / 2)
+
+
+def test_kv_budget_rules():
+    """Given: taken as is. Not given: 1 GiB on CPU; on CUDA utilization x total, less what the
+    weights use and the expert cache reserves, refused in one line when nothing is left."""
+    from moe_rt.engine.kv_budget import CPU_DEFAULT_BYTES, GIB, gpu_budget, kv_cache_bytes
+    from moe_rt.errors import MoeRtError
+
+    cpu = torch.device("cpu")
+    assert kv_cache_bytes(EngineConfig(kv_cache_memory_gb=0.5), cpu) == GIB // 2
+    assert kv_cache_bytes(EngineConfig(), cpu, reserve_bytes=10 * GIB) == CPU_DEFAULT_BYTES
+    assert gpu_budget(total=140 * GIB, used=30 * GIB, reserve_bytes=20 * GIB, utilization=0.9) == 76 * GIB
+    with pytest.raises(MoeRtError, match="no GPU memory is left for the KV cache"):
+        gpu_budget(total=80 * GIB, used=60 * GIB, reserve_bytes=15 * GIB, utilization=0.9)

@@ -109,6 +109,45 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
         assert fn(x, w13, w2, torch.full_like(ids, -1), w).abs().max() == 0
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_outputs_add_in_float32(dtype, device):
+    """Each weighted expert row is rounded to the model dtype and a token's K rows are added in
+    float32, then rounded once: on the CPU the definition, written out per token, is what every
+    path gives; on any device the sum does not depend on the order the pairs arrive in (CUDA adds
+    with atomics in no fixed order), which expert parallelism's equality with one process needs."""
+    from moe_rt.layers.moe.compute import _grouped, _used_slots
+
+    T, K, S, D, I = 6, 3, 4, 16, 24
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(T, D, generator=g) * 4).to(dtype)
+    w13 = (torch.randn(S, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    w2 = (torch.randn(S, D, I, generator=g) / I**0.5).to(dtype)
+    ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    on = [a.to(device) for a in (x, w13, w2, ids, w)]
+    got = _grouped(*on)
+    for perm in ([2, 0, 1], [1, 2, 0]):  # the same pairs, arriving in other orders
+        assert torch.equal(_grouped(on[0], on[1], on[2], on[3][:, perm], on[4][:, perm]), got)
+    if device != "cpu":
+        return
+    want = torch.empty(T, D, dtype=dtype)
+    for t in range(T):
+        acc = torch.zeros(1, D)
+        for k in sorted(range(K), key=lambda k: int(ids[t, k])):
+            s = int(ids[t, k])
+            h = x[t : t + 1] @ w13[s].t()
+            y = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]) @ w2[s].t()
+            acc += (y * w[t, k]).to(dtype).float()
+        want[t] = acc[0].to(dtype)
+    assert torch.equal(got, want)
+    assert torch.equal(_used_slots(*on), want)
+
+
 def test_grouped_path_reads_nothing_back():
     """The GPU path (grouped_mm) never reads routing results on the host; on a CPU, grouped_mm's own
     fallback reads its group ends, which are not the backend's."""

@@ -15,9 +15,11 @@ from parallel.launch import launch
 D, I, E, K = 8, 6, 4, 2
 # default placement over 2 ranks: experts 0, 1 on rank 0; 2, 3 on rank 1
 HAND_IDS = {0: [[0, 1], [0, 2], [2, 3]], 1: [[2, 3], [0, 1]]}
+# dynamic top-k drops choices as -1: they are computed nowhere and travel nowhere
+DROPPED_IDS = {0: [[0, -1], [2, -1], [1, 0]], 1: [[3, -1], [-1, 1]]}
 
 
-def hand_case(ep):
+def hand_case(ep, hand=HAND_IDS):
     from parallel.apply import EPExpertStore
     from parallel.dispatchers.alltoall import AllToAllDispatcher
     from parallel.dispatchers.comm import Comm
@@ -26,7 +28,7 @@ def hand_case(ep):
 
     g = torch.Generator().manual_seed(0)
     w13, w2 = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)  # same on all ranks
-    ids = torch.tensor(HAND_IDS[ep.rank])
+    ids = torch.tensor(hand[ep.rank])
     hidden = torch.randn(ids.shape[0], D, generator=torch.Generator().manual_seed(10 + ep.rank))
     weights = torch.rand(ids.shape, generator=g)
     stats = EPStats(ep.rank, ep.world, 1, 1)
@@ -64,6 +66,16 @@ def test_hand_case_bytes_dedup_and_result():
     assert r0["ids_in"] == [[0, 1], [0, -1], [0, 1]]
     assert (r0["stats"]["pairs"], r0["stats"]["local_pairs"]) == ([6], [3])
     assert (r1["stats"]["pairs"], r1["stats"]["local_pairs"]) == ([4], [2])
+
+
+def test_dropped_choices_travel_nowhere():
+    r0, r1 = launch(2, hand_case, (DROPPED_IDS,), timeout_s=60)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["out"], r["ref"], atol=1e-5, rtol=1e-5)
+    # Rank 0 sends only token 1 (expert 2) to rank 1; rank 1 sends only token 1 (expert 1) to rank 0.
+    assert r0["ids_in"] == [[0, -1], [1, 0], [-1, 1]] and r1["ids_in"] == [[2, -1], [3, -1]]
+    assert (r0["stats"]["pairs"], r0["stats"]["local_pairs"]) == ([4], [3])
+    assert (r1["stats"]["pairs"], r1["stats"]["local_pairs"]) == ([2], [1])
 
 
 def test_balanced_assign_exact():

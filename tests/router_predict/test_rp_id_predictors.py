@@ -41,6 +41,16 @@ def test_coactivation_exact_small():
     torch.testing.assert_close(scores, torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]))
 
 
+def test_coactivation_ignores_dropped_choices():
+    # Dynamic top-k marks dropped choices -1: they add no row (not the last expert's).
+    t, _ = perm_chain_trace(40, 3, 8, 2)
+    p = CoactivationPredictor.fit(t, depth=1)
+    ids = torch.tensor([[1, -1], [-1, 5]])
+    scores = p.predict(LayerObservation(0, ids, torch.ones(2, 2)), 1)
+    torch.testing.assert_close(scores[0, 0], p.cond[0, 0, 1])
+    torch.testing.assert_close(scores[0, 1], p.cond[0, 0, 5])
+
+
 def test_coactivation_backs_off_to_frequency_for_unseen_expert():
     ids = np.array([[0, 1], [0, 1]]).reshape(2, 2, 1)  # expert 1 never used at layer 0
     p = CoactivationPredictor.fit(make_trace(ids, 2), depth=1, beta=1.0)

@@ -22,7 +22,7 @@ from ..mlp import DenseMLP
 from .compute import ExpertCompute, torch_experts
 from .dispatch import Dispatcher, LocalDispatcher
 from .events import RouterEvent, RoutingHub
-from .routing import route
+from .routing import DynamicTopK, route
 from .store import ExpertStore
 
 
@@ -32,6 +32,7 @@ class MoEContext:
     compute: ExpertCompute = torch_experts
     dispatcher: Dispatcher = field(default_factory=LocalDispatcher)
     hub: RoutingHub = field(default_factory=RoutingHub)
+    dynamic_topk: DynamicTopK | None = None  # drops low-weight choices (-1) after routing; None = off
 
 
 class MoEBlock(nn.Module):
@@ -53,6 +54,8 @@ class MoEBlock(nn.Module):
         w = self.gate.weight
         logits = F.linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else F.linear(x, w)
         weights, ids = route(logits, r, self.e_score_correction_bias)
+        if ctx.dynamic_topk is not None:  # before observers: they see the experts actually computed
+            weights, ids = ctx.dynamic_topk(weights, ids, r)
         if ctx.hub.active:  # the order after routing is a contract (events.py), held by a test
             event = RouterEvent(self.moe_index, self.layer_id, x, logits, ids, weights, ctx.hub.batch)
             ctx.hub.observe(event)

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from moe_rt.errors import MoeRtError
+from moe_rt.quant.experts import QuantizedStack
+
+from .compute_quant import quantized_experts
 
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -30,7 +33,10 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     projection (torch.nn.functional.grouped_mm) and no host read of the routing. On a CPU, where
     reading a tensor waits for nothing: a loop over the slots that have rows (small batches), or
     grouped_mm (large ones). Every path does the same matmuls and additions, so they agree bit
-    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py."""
+    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized
+    stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts."""
+    if isinstance(w13, QuantizedStack):
+        return quantized_experts(hidden, w13, w2, topk_ids, topk_weights)
     T, K = topk_ids.shape
     if T == 0:  # an expert-parallel rank can receive no tokens in a step
         return torch.zeros_like(hidden)
@@ -62,9 +68,7 @@ def _grouped(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     gate, up = F.grouped_mm(hidden[tokens], w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
     y = torch.where((sorted_key < S)[:, None], y * topk_weights.reshape(-1)[order, None], 0)
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, tokens, y.to(out.dtype))
-    return out
+    return _combine(hidden, tokens, y)
 
 
 def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
@@ -90,9 +94,22 @@ def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
         ys.append(torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]))
         start = end
     y = torch.cat(ys) * topk_weights.reshape(-1)[order, None]
-    out = torch.zeros_like(hidden)
-    out.index_add_(0, tokens, y.to(out.dtype))
-    return out
+    return _combine(hidden, tokens, y)
+
+
+def _combine(hidden: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum each token's weighted expert rows: every row rounded to hidden's dtype (as one expert's
+    output in that dtype would be), added in float32, rounded once. A bf16/fp16 index_add_ would
+    round after every addition, and on CUDA its atomics add in no fixed order, so expert-parallel
+    and single-process results could differ; in float32 the K rounded rows of a token add exactly."""
+    dtype = hidden.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        out = torch.zeros_like(hidden)
+        out.index_add_(0, tokens, y.to(dtype))
+        return out
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, tokens, y.to(dtype).float())
+    return out.to(dtype)
 
 
 def _one_token(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
@@ -122,7 +139,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 from moe_rt.kernels.loop import loop_experts  # noqa: E402
 
 
-def _triton_experts() -> ExpertCompute:
+def _triton_experts(num_experts: int | None) -> ExpertCompute:
     try:
         from moe_rt.kernels.fused_moe import fused_experts
         from moe_rt.kernels.tuning import TuningTables
@@ -132,16 +149,18 @@ def _triton_experts() -> ExpertCompute:
     tables = TuningTables()
 
     def triton_experts(hidden, w13, w2, topk_ids, topk_weights):
-        return fused_experts(hidden, w13, w2, topk_ids, topk_weights, tables=tables)
+        return fused_experts(hidden, w13, w2, topk_ids, topk_weights, tables=tables, num_experts=num_experts)
 
     return triton_experts
 
 
-def get_expert_compute(name: str) -> ExpertCompute:
+def get_expert_compute(name: str, num_experts: int | None = None) -> ExpertCompute:
+    """num_experts: the model's routed experts (the Triton kernel's tuning tables are keyed by it,
+    not by the size of the stack an expert cache hands it)."""
     if name == "torch":
         return torch_experts
     if name == "triton":
-        return _triton_experts()
+        return _triton_experts(num_experts)
     if name == "loop":
         return loop_experts
     if name == "reference":

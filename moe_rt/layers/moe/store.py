@@ -15,13 +15,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from moe_rt.quant.experts import QuantizedStack
+
 from .events import Forecast
 
 
 @dataclass
 class LayerExperts:
-    w13: torch.Tensor  # [S, 2I, D] gate rows then up rows
-    w2: torch.Tensor  # [S, D, I]
+    w13: torch.Tensor | QuantizedStack  # [S, 2I, D] gate rows then up rows
+    w2: torch.Tensor | QuantizedStack  # [S, D, I]
     slot_of: torch.Tensor | None = None  # [E] int64 slot of each logical expert (-1: not here); None = identity
     # Experts the store chose to run where their weights are (e.g. missed experts computed on the
     # host instead of copied to the GPU, the Fiddler idea): (hidden, topk_ids, topk_weights) -> [T, D]
@@ -53,9 +55,10 @@ class ExpertStore(ABC):
 
 
 class ResidentExpertStore(ExpertStore):
-    """Every expert of every layer stacked on the compute device (the all-resident ceiling)."""
+    """Every expert of every layer stacked on the compute device (the all-resident ceiling),
+    in the compute dtype or quantized (moe_rt/quant/experts.py)."""
 
-    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor]) -> None:
+    def __init__(self, w13: list[torch.Tensor | QuantizedStack], w2: list[torch.Tensor | QuantizedStack]) -> None:
         self.w13, self.w2 = w13, w2
         self.num_layers = len(w13)
         self.num_experts = w13[0].shape[0]
@@ -64,4 +67,5 @@ class ResidentExpertStore(ExpertStore):
         return LayerExperts(self.w13[moe_index], self.w2[moe_index])
 
     def expert_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)
+        return sum(t.nbytes() if isinstance(t, QuantizedStack) else t.numel() * t.element_size()
+                   for t in self.w13 + self.w2)

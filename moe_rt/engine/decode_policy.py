@@ -1,0 +1,212 @@
+"""Which running sequences decode together in a step: first come first served, or expert-aware.
+
+With experts offloaded a decode step costs, layer by layer, the union of the experts its tokens
+route to (each distinct expert is loaded once for the batch). `expert_aware` (Read-ME's batching
+by pre-computed routes, ExpertFlow's regrouping) steps a subset of the running sequences whose
+forecast experts overlap, preferring experts the previous step used (probably still resident);
+the others wait. A sequence's route is forecast from what the scheduler has seen of routing
+(`RouteRecord`, fed by the model's RoutingHub: the core needs no expert cache to know it): the
+experts its next input token usually takes (`TokenRouteTable`), else those its previous token took.
+
+Invariants:
+  * no starvation: a sequence left out `max_skips` steps in a row is in the next step's batch
+    (all such sequences are, even beyond the batch size);
+  * only timing moves: which step a token is computed in changes, never what it attends to or
+    which experts it uses, so greedy output is that of fcfs (tests/moe_rt/test_expert_aware.py).
+
+Shape legend: L MoE layers, T rows of a forward, K experts per token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence as Seq
+
+import torch
+
+from moe_rt.config import EngineConfig
+from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from moe_rt.models.spec import ModelSpec
+
+from .expert_groups import Route, grow_group
+from .sequence import Sequence
+
+
+class DecodePolicy(Protocol):
+    def select(self, candidates: list[Sequence]) -> list[Sequence]:
+        """The candidates (running, in running order) to decode this step, in that order."""
+
+    def forget(self, seq: Sequence) -> None:
+        """`seq` left the running set for good (finished or aborted)."""
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class FCFS:
+    """Every running sequence decodes every step (continuous batching as it always was)."""
+
+    def select(self, candidates: list[Sequence]) -> list[Sequence]:
+        return candidates
+
+    def forget(self, seq: Sequence) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+MAX_TABLE_ENTRIES = 64 * 2**20  # V x L x E counts above this: the token table is off (int32, 256 MiB)
+
+
+class TokenRouteTable:
+    """How often each input token id was routed to each expert, per MoE layer, learned from the
+    tokens served so far (Read-ME's routes computed ahead from the token alone). In decode the
+    next input token is known before its step runs (it was just sampled), so its usual experts
+    are a forecast of its route: on the demo model they overlap the true route about three
+    times better than the sequence's previous route does (docs/scheduling.md).
+
+    counts[l] [V, E] int32. Off (predict gives None) when V x L x E exceeds MAX_TABLE_ENTRIES."""
+
+    def __init__(self, vocab_size: int, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.num_experts, self.top_k = num_experts, top_k
+        on = vocab_size * num_layers * num_experts <= MAX_TABLE_ENTRIES
+        self.counts = [torch.zeros(vocab_size, num_experts, dtype=torch.int32) for _ in range(num_layers)] if on else None
+
+    def observe(self, layer: int, tokens: torch.Tensor, ids: torch.Tensor) -> None:
+        """tokens [T] int64 input token per row; ids [T, K] int64 experts (-1 = dropped)."""
+        if self.counts is None:
+            return
+        keep = ids >= 0
+        flat = (tokens[:, None] * self.num_experts + ids)[keep]
+        self.counts[layer].view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+    def predict(self, token: int) -> list[frozenset[int]] | None:
+        """[L] the token's top_k most frequent experts per layer; None if it was never seen."""
+        if self.counts is None or not 0 <= token < self.counts[0].shape[0]:
+            return None
+        rows = torch.stack([c[token] for c in self.counts])  # [L, E]
+        if int(rows[0].sum()) == 0:
+            return None
+        top = rows.topk(self.top_k, dim=-1)
+        return [frozenset(e for e, n in zip(i, v) if n > 0)
+                for i, v in zip(top.indices.tolist(), top.values.tolist())]
+
+
+class RouteRecord:
+    """What the scheduler knows of routing: per sequence, the experts its most recent token used
+    at each MoE layer; per layer, the experts the most recent forward used (the warm set: what an
+    expert cache most likely holds); and the token table. Fed one forward's routing per layer, by
+    the engine's RoutingHub or by trace replay, in the same way."""
+
+    def __init__(self, num_layers: int, table: TokenRouteTable | None = None) -> None:
+        self.num_layers, self.table = num_layers, table
+        self.routes: dict[int, list[frozenset[int]]] = {}  # seq_id -> [L]
+        self.warm: list[frozenset[int]] = [frozenset() for _ in range(num_layers)]
+
+    def observe(self, layer: int, seq_ids: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor) -> None:
+        """One forward at one MoE layer: seq_ids [T], tokens [T] (input tokens), ids [T, K], CPU int64.
+        Rows of one sequence are contiguous (a prompt, or one decode token): its last row counts."""
+        last = torch.ones(len(seq_ids), dtype=torch.bool)
+        last[:-1] = seq_ids[1:] != seq_ids[:-1]
+        for sid, row in zip(seq_ids[last].tolist(), ids[last].tolist()):
+            route = self.routes.setdefault(sid, [frozenset()] * self.num_layers)
+            route[layer] = frozenset(e for e in row if e >= 0)
+        self.warm[layer] = frozenset(e for e in ids.unique().tolist() if e >= 0)
+        if self.table is not None:
+            self.table.observe(layer, tokens, ids)
+
+    def predict(self, seq_id: int, next_token: int) -> list[frozenset[int]] | None:
+        """The forecast route of `seq_id`'s next token: the token table's, else its last route."""
+        route = self.table.predict(next_token) if self.table is not None else None
+        return route if route is not None else self.routes.get(seq_id)
+
+    def forget(self, seq_id: int) -> None:
+        self.routes.pop(seq_id, None)
+
+
+def choose_batch(candidates: Seq[int], routes: dict[int, Route], skips: dict[int, int], size: int,
+                 max_skips: int, num_layers: int, warm: Seq[frozenset[int]] | None = None) -> list[int]:
+    """Pure: which of `candidates` (ids, oldest first) decode this step. Those skipped
+    `max_skips` times in a row come first (all of them); the batch is then grown to `size` by
+    least marginal cost over predicted experts (expert_groups.grow_group). Returned in
+    candidate order."""
+    forced = [i for i in candidates if skips.get(i, 0) >= max_skips]
+    group = set(grow_group(forced, candidates, routes, size, num_layers, warm))
+    return [i for i in candidates if i in group]
+
+
+class BatchChooser:
+    """choose_batch plus the skip counts it needs: the one decision shared by the engine
+    (ExpertAware) and trace replay (expert_cache/schedule_replay.py). `batch_size` None means half
+    of the candidates, rounded up."""
+
+    def __init__(self, num_layers: int, batch_size: int | None, max_skips: int) -> None:
+        self.num_layers, self.batch_size, self.max_skips = num_layers, batch_size, max_skips
+        self.skips: dict[int, int] = {}  # id -> steps skipped in a row
+        self.steps = self.partial_steps = self.skipped = self.max_skips_seen = 0
+
+    def choose(self, ids: list[int], routes: dict[int, Route], warm: Seq[frozenset[int]] | None) -> list[int]:
+        if not ids:
+            return []
+        size = self.batch_size or math.ceil(len(ids) / 2)
+        chosen = choose_batch(ids, routes, self.skips, size, self.max_skips, self.num_layers, warm)
+        picked = set(chosen)
+        self.steps += 1
+        self.partial_steps += len(chosen) < len(ids)
+        for i in ids:
+            if i in picked:
+                self.skips[i] = 0
+            else:
+                self.skips[i] = self.skips.get(i, 0) + 1
+                self.skipped += 1
+                self.max_skips_seen = max(self.max_skips_seen, self.skips[i])
+        return chosen
+
+    def forget(self, i: int) -> None:
+        self.skips.pop(i, None)
+
+    def stats(self) -> dict:
+        return {"decode_steps": self.steps, "partial_steps": self.partial_steps,
+                "skipped_sequence_steps": self.skipped, "max_consecutive_skips": self.max_skips_seen}
+
+
+class ExpertAware:
+    """Steps the subset of the running sequences BatchChooser picks from their forecast routes."""
+
+    def __init__(self, hub: RoutingHub, record: RouteRecord, batch_size: int | None, max_skips: int) -> None:
+        self.record = record
+        self.chooser = BatchChooser(record.num_layers, batch_size, max_skips)
+        self._unsubscribe = hub.subscribe(self._on_event)
+
+    def _on_event(self, event: RouterEvent) -> None:
+        b = event.batch
+        if b is not None:  # None: a scoring pass outside the engine's steps
+            self.record.observe(event.moe_index, b.seq_ids, b.token_ids, event.topk_ids.detach().cpu())
+
+    def select(self, candidates: list[Sequence]) -> list[Sequence]:
+        routes = {s.seq_id: r for s in candidates if (r := self.record.predict(s.seq_id, s.token_ids[-1])) is not None}
+        chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm))
+        return [s for s in candidates if s.seq_id in chosen]
+
+    def forget(self, seq: Sequence) -> None:
+        self.chooser.forget(seq.seq_id)
+        self.record.forget(seq.seq_id)
+
+    def stats(self) -> dict:
+        return self.chooser.stats()
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+
+def make_decode_policy(cfg: EngineConfig, hub: RoutingHub, spec: ModelSpec) -> DecodePolicy:
+    """The policy `cfg.scheduler_policy` names, listening to `hub` where it needs routing."""
+    if cfg.scheduler_policy == "fcfs":
+        return FCFS()
+    L = len(spec.moe_layer_ids)
+    record = RouteRecord(L, TokenRouteTable(spec.vocab_size, L, spec.num_experts, spec.top_k))
+    return ExpertAware(hub, record, cfg.expert_aware_batch, cfg.expert_aware_max_skips)

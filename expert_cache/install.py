@@ -27,7 +27,7 @@ def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torc
     if cfg.cpu_compute_on_miss == "auto" and device.type == "cpu":
         log.info("cache: cpu_compute_on_miss auto never runs a miss on the host here: the model "
                  "computes on the CPU, where the weights already are (use always to force it)")
-    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress, cfg=cfg)
+    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress, cfg=cfg, pin=device.type == "cuda")
     cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
     if predictor is None and cfg.policy == "predictive":
         raise MoeRtError("cache policy predictive needs a predictor to prefetch with")

@@ -1,8 +1,10 @@
 """The slow tier: where non-resident experts live, and the one way their bytes are read.
 
 `HostTier` (offload: cpu) holds every expert of every MoE layer in host RAM, stacked per layer, in
-the compute dtype; page-locked ("pinned") when CUDA is available so copies to the GPU can be
-asynchronous. `DiskTier` (offload: disk) keeps nothing: each read goes from the checkpoint's
+the compute dtype; page-locked ("pinned") when the fast tier is a GPU, so copies to it can be
+asynchronous. Pinning registers the tensor's own pages (cudaHostRegister) rather than allocating
+through torch's pinned allocator, which rounds every block up to a power of two (Mixtral's
+84 GiB of experts would take 96 GiB of locked memory). `DiskTier` (offload: disk) keeps nothing: each read goes from the checkpoint's
 safetensors file straight into the destination (a fast-tier slot, or a staging buffer when the
 checkpoint dtype differs from the compute dtype or the destination is on a GPU).
 
@@ -59,24 +61,40 @@ class HostTier(SlowTier):
 
     name = "cpu"
 
-    def __init__(self, reader, spec, dtype: torch.dtype, *, pin: bool | None = None,
+    def __init__(self, reader, spec, dtype: torch.dtype, *, pin: bool = False,
                  progress: bool = False) -> None:
+        """pin: page-lock the stacks (only useful, and only done, when the fast tier is a GPU)."""
         from tqdm import tqdm
 
-        pin = torch.cuda.is_available() if pin is None else pin
+        self._registered: list[torch.Tensor] = []
         L, E = len(spec.moe_layer_ids), spec.num_experts
         D, I = spec.hidden_size, spec.moe.intermediate_size
         self.w13: list[torch.Tensor] = []  # per layer [E, 2I, D]
         self.w2: list[torch.Tensor] = []  # per layer [E, D, I]
         for l in tqdm(range(L), desc="Experts to host RAM", disable=not progress, leave=False):
-            w13 = torch.empty(E, 2 * I, D, dtype=dtype, pin_memory=pin)
-            w2 = torch.empty(E, D, I, dtype=dtype, pin_memory=pin)
+            w13 = self._host(torch.empty(E, 2 * I, D, dtype=dtype), pin)
+            w2 = self._host(torch.empty(E, D, I, dtype=dtype), pin)
             for e in range(E):
                 a, b = reader.read_expert(spec, l, e)
                 w13[e].copy_(a)
                 w2[e].copy_(b)
             self.w13.append(w13)
             self.w2.append(w2)
+
+    def _host(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
+        """`t` page-locked in place (exactly its bytes), or torch's pinned copy if registering fails."""
+        if not pin or not torch.cuda.is_available():
+            return t
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(rc) != 0:
+            return t.pin_memory()
+        self._registered.append(t)
+        return t
+
+    def close(self) -> None:
+        for t in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        self._registered = []
 
     def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
         l, e = key
@@ -203,11 +221,12 @@ class DiskTier(SlowTier):
 
 
 def build_slow_tier(offload: str, reader, spec, dtype: torch.dtype, *,
-                    progress: bool = False, cfg=None) -> SlowTier:
+                    progress: bool = False, cfg=None, pin: bool = False) -> SlowTier:
     """The tier for `offload`; for disk, over an expert pack when cfg (a CacheConfig) names one
-    or allows the automatic one (packs.disk_tier), else over the safetensors files."""
+    or allows the automatic one (packs.disk_tier), else over the safetensors files. pin: the host
+    tier is page-locked (when the fast tier is a GPU)."""
     if offload == "cpu":
-        return HostTier(reader, spec, dtype, progress=progress)
+        return HostTier(reader, spec, dtype, pin=pin, progress=progress)
     if offload == "disk":
         if cfg is not None and (cfg.pack_dir is not None or cfg.auto_pack):
             from expert_cache.packs import disk_tier

@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefetch_rule of the predictive configurations, comma-separated (cost, "
                         "always): one row per predictor and rule; rows of rule always are "
                         "labelled pred+NAME/always")
+    p.add_argument("--device", default="cpu", help="where the model and the fast tier live: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
+    p.add_argument("--tier", choices=("disk", "cpu"), default="disk",
+                   help="the slow tier: disk (expert packs or checkpoint files) or cpu (host RAM, pinned "
+                        "on CUDA: the GPU-offload set-up, PCIe against GPU memory)")
     p.add_argument("--scope", choices=("per_layer", "global"), default="per_layer",
                    help="the caches' scope (global: one pool of capacity x layers slots)")
     p.add_argument("--plot", help="write a hit-rate-vs-capacity PNG from replaying the decode trace")
@@ -86,10 +91,10 @@ def _decode_seconds(llm, prompts, max_tokens: int) -> float:
     return time_moe_rt(llm, prompts, max_tokens)
 
 
-def _llm(model: str, cache=None):
+def _llm(model: str, args, cache=None):
     from moe_rt_app import LLM
 
-    return LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
+    return LLM(model, dtype=args.dtype, device=args.device, progress=False, cache=cache)
 
 
 def _disk_tier(llm, args):
@@ -99,9 +104,13 @@ def _disk_tier(llm, args):
     from expert_cache.slow_tier import DiskTier
 
     spec, reader = llm.model.spec, llm.engine.reader
+    if args.tier == "cpu":
+        from expert_cache.slow_tier import HostTier
+
+        return HostTier(reader, spec, llm.engine.dtype, pin=llm.engine.device.type == "cuda")
     if args.no_pack:
         return DiskTier(reader, spec, drop_page_cache=not args.keep_page_cache)
-    return disk_tier(reader, spec, torch.float32, None)
+    return disk_tier(reader, spec, llm.engine.dtype, None)
 
 
 def _disk_read_seconds(llm, drop: bool, n: int = 24, tier=None) -> float:
@@ -115,7 +124,7 @@ def _disk_read_seconds(llm, drop: bool, n: int = 24, tier=None) -> float:
         if drop:
             tier.drop_all()
     D, I = spec.hidden_size, spec.moe.intermediate_size
-    w13, w2 = torch.empty(2 * I, D), torch.empty(D, I)
+    w13, w2 = torch.empty(2 * I, D, dtype=llm.engine.dtype), torch.empty(D, I, dtype=llm.engine.dtype)
     L, E = len(spec.moe_layer_ids), spec.num_experts
     times = []
     for i in range(n):
@@ -147,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scheduler_policy:
         return _schedule_bench(args, model, pcts[0], params)
 
-    resident = _llm(model)
+    resident = _llm(model, args)
     spec = resident.model.spec
     L, E = len(spec.moe_layer_ids), spec.num_experts
     prompts = _prompts(args.batch, args.prompt_len, spec.vocab_size, seed=1)
@@ -160,24 +169,25 @@ def run(args: argparse.Namespace) -> int:
     save_trace(fit_path, fit_trace)
     t_read = _disk_read_seconds(resident, drop=not args.keep_page_cache)
     t_read_warm = _disk_read_seconds(resident, drop=False)
-    tier = _disk_tier(resident, args)  # writes the pack now (once), not inside a timed run
+    tier = _disk_tier(resident, args)  # writes the pack now (once), not inside a timed run; --tier cpu: RAM
     t_read_tier = _disk_read_seconds(resident, drop=True, tier=tier)
     tier.close()
 
     configs = [("naive", None, None)]
     for pct in pcts:
         slots = max(1, round(E * pct / 100))
-        configs.append(("lru", pct, dict(offload="disk", capacity_slots=slots, policy="lru")))
+        configs.append(("lru", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
         for name in predictors:
             for rule in rules:
-                cfg = dict(offload="disk", capacity_slots=slots, policy="predictive", predictor=name,
+                cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
                            lookahead=lookahead, prefetch_rule=rule)
                 if name in ID_ONLY:
                     cfg["predictor_dir"] = fit_path
                 configs.append((f"pred+{name}" + ("" if rule == "cost" else f"/{rule}"), pct, cfg))
     for _, _, cfg in configs:
         if cfg is not None:
-            cfg["auto_pack"] = not args.no_pack
+            if args.tier == "disk":
+                cfg["auto_pack"] = not args.no_pack
             if args.scope == "global":
                 cfg.update(scope="global", capacity_slots=cfg["capacity_slots"] * L)
     tokens = args.batch * args.max_tokens
@@ -202,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
              "disk_read_ms_per_expert": round(t_read * 1e3, 3),
              "page_cache_read_ms_per_expert": round(t_read_warm * 1e3, 3),
              "page_cache": "kept" if args.keep_page_cache else "dropped after each read",
-             "expert_tier": "checkpoint files" if args.no_pack else "expert packs, O_DIRECT",
+             "device": args.device, "dtype": args.dtype,
+             "expert_tier": ("host RAM" if args.tier == "cpu" else
+                             "checkpoint files" if args.no_pack else "expert packs, O_DIRECT"),
              "tier_read_ms_per_expert": round(t_read_tier * 1e3, 3),
              "mixtral_8x7b_24gb_pcie4": _mixtral_table()}
     emit(rows, args, ["config", "capacity", "tok_s", "tok_s_best", "vs_resident", "vs_naive", "vs_lru",
@@ -221,13 +233,14 @@ def _open_config(model, spec, label, pct, cfg, args, prompts) -> dict:
     from expert_cache.on_demand import OnDemandExpertStore
 
     if cfg is None:
-        llm = _llm(model, dict(offload="disk", capacity_slots=1, policy="lru", auto_pack=not args.no_pack))
+        tier = dict(offload="disk", auto_pack=not args.no_pack) if args.tier == "disk" else dict(offload="cpu")
+        llm = _llm(model, args, dict(capacity_slots=1, policy="lru", **tier))
         llm.expert_cache.close()
-        store = OnDemandExpertStore(spec, _disk_tier(llm, args), device=torch.device("cpu"),
-                                    dtype=torch.float32)
+        store = OnDemandExpertStore(spec, _disk_tier(llm, args), device=llm.engine.device,
+                                    dtype=llm.engine.dtype)
         llm.model.moe_ctx.store = store
     else:
-        llm = _llm(model, cfg)
+        llm = _llm(model, args, cfg)
         store = llm.expert_cache
     _decode_seconds(llm, prompts, 1)
     return dict(label=label, pct=pct, cfg=cfg, llm=llm, store=store)

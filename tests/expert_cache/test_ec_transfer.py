@@ -116,3 +116,42 @@ def test_cuda_side_stream_copy_is_visible_after_wait():
         assert (w13[1] * 1).eq(1).all().item() and w2[0].eq(0).all().item()
     finally:
         eng.close()
+
+
+class _Reader:
+    """read_expert of a checkpoint reader: expert (l, e) filled with 10 l + e."""
+
+    def read_expert(self, spec, l, e):
+        D, I = spec.hidden_size, spec.moe.intermediate_size
+        return torch.full((2 * I, D), 10.0 * l + e), torch.full((D, I), 10.0 * l + e)
+
+
+def _spec():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(moe_layer_ids=(0, 1), num_experts=3, hidden_size=4,
+                           moe=SimpleNamespace(intermediate_size=6))
+
+
+def test_host_tier_is_not_pinned_for_a_cpu_fast_tier():
+    from expert_cache.slow_tier import HostTier
+
+    tier = HostTier(_Reader(), _spec(), torch.float32)
+    assert not tier.w13[0].is_pinned() and tier.host_weights((1, 2))[0][0, 0] == 12
+    tier.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_tier_pins_its_own_pages_for_a_gpu():
+    """Registered in place (exactly its bytes, no power-of-two pinned block), copied asynchronously."""
+    from expert_cache.slow_tier import HostTier
+
+    tier = HostTier(_Reader(), _spec(), torch.bfloat16, pin=True)
+    assert all(t.is_pinned() for t in tier.w13 + tier.w2) and tier._registered
+    w13, w2 = torch.empty(12, 4, dtype=torch.bfloat16, device="cuda"), torch.empty(4, 6, dtype=torch.bfloat16, device="cuda")
+    tier.read_into((1, 2), w13, w2)
+    torch.cuda.synchronize()
+    assert (w13 == 12).all() and (w2 == 12).all()
+    tier.close()
+    assert tier._registered == []

@@ -142,6 +142,12 @@ class CacheConfig(BaseModel):
                                  f"{self.capacity_slots}")
         return self
 
+    @property
+    def forecast_depth(self) -> int:
+        """MoE layers ahead the prefetch predictor forecasts: lookahead, or with auto the most the
+        adaptive depth may pick (4)."""
+        return 4 if self.lookahead == "auto" else self.lookahead
+
     def pinned_keys(self) -> list[tuple[int, int]]:
         """Pinned experts as sorted (layer, expert) keys."""
         return sorted((l, e) for l, experts in self.pinned.items() for e in experts)

@@ -45,7 +45,7 @@ def _attach_predictor(cache: ExpertCache, model, predictor, cfg: CacheConfig) ->
         log.info("cache: one MoE layer, nothing to prefetch ahead")
         return
     trained = getattr(predictor, "max_depth", L - 1)
-    want = 4 if cfg.lookahead == "auto" else cfg.lookahead
+    want = cfg.forecast_depth
     depth = max(1, min(want, L - 1, trained))
     # The predictor becomes the model's forecaster: each MoE block hands its forecasts to the
     # model's store (this cache) before preparing the layer (moe_rt/layers/moe/events.py).

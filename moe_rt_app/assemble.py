@@ -41,8 +41,7 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
         if cfg.offload:
             predictor = None
             if prefetching:
-                depth = 4 if cfg.cache.lookahead == "auto" else cfg.cache.lookahead
-                predictor = _predictor(engine, cfg, depth)
+                predictor = _predictor(engine, cfg, cfg.cache.forecast_depth)
             built.expert_cache = install_expert_cache(
                 engine.model, engine.reader, cfg.cache, device=engine.device, dtype=engine.dtype,
                 predictor=predictor,

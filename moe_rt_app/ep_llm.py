@@ -103,9 +103,7 @@ class EPLLM:
 def build_ep_llm(model_dir: str | Path, ep: EPGroup, options: EPOptions = EPOptions(), *,
                  progress: bool = False, **llm_options) -> EPLLM:
     """`LLM(model_dir, **llm_options)` on this rank, run expert-parallel as `options` say."""
-    if "device" in llm_options and str(llm_options["device"]) != str(ep.device):
-        raise MoeRtError(f"device {llm_options['device']} differs from the group's {ep.device}")
-    llm_options["device"] = str(ep.device)
+    llm_options["device"] = str(llm_options.get("device", ep.device))  # another one: refused below
     return ep_llm_from_config(build_config(model=str(model_dir), **llm_options), ep, options, progress=progress)
 
 

@@ -27,6 +27,14 @@ class ServerConfig(BaseModel):
     @field_validator("api_key")
     @classmethod
     def _key(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c.isspace() or not c.isprintable() for c in v)):
-            raise ValueError("api_key must be a non-empty key without spaces or control characters")
+        if v is not None and not valid_api_key(v):
+            raise ValueError(f"api_key {API_KEY_RULE}")
         return v
+
+
+API_KEY_RULE = "must be a non-empty key without spaces or control characters"
+
+
+def valid_api_key(text: str) -> bool:
+    """A key a client can send in one Authorization header."""
+    return bool(text) and not any(c.isspace() or not c.isprintable() for c in text)

@@ -49,7 +49,6 @@ class LLMEngine:
                  reserve_bytes: int = 0, progress: bool = True) -> None:
         """reserve_bytes: device memory the parts installed after construction will take (an expert
         cache's slots); a CUDA engine sizes its KV cache around it (engine/kv_budget.py)."""
-        self.model_cfg, self.engine_cfg = model, engine
         self.device = resolve_device(model.device)
         self.dtype = resolve_dtype(model.dtype, self.device)
         read_config(model.model)  # a missing or broken folder is reported before anything else

@@ -189,6 +189,7 @@ def config_options(args) -> dict:
     from moe_rt.checkpoint import default_model_dir
 
     opts: dict = {"model": args.model or default_model_dir(), "config": config_file(args)}
+    doc = _file_sections(args)  # read once: flags override single fields of its sections
     for name in ("dtype", "device"):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
@@ -196,25 +197,25 @@ def config_options(args) -> dict:
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     cache = {f: getattr(args, attr) for f, (_, attr) in CACHE_FLAGS.items() if getattr(args, attr, None) is not None}
-    if cache:  # flags override single fields of the file's cache section
-        opts["cache"] = {**(_file_sections(args).get("cache") or {}), **cache}
+    if cache:
+        opts["cache"] = {**(doc.get("cache") or {}), **cache}
     name = _predictor_name(args)
     if getattr(args, "predictor_dir", None) and not name:
         raise MoeRtError("--predictor-dir needs --predictor or --track-predictor")
     if name:
-        base = _file_sections(args).get("predictor") or {}
+        base = doc.get("predictor") or {}
         opts["predictor"] = {**base, "name": name, **({"dir": args.predictor_dir} if args.predictor_dir else {})}
     parallel = {f: getattr(args, a) for f, a in (("ep", "ep"), ("dispatcher", "ep_dispatcher"))
                 if getattr(args, a, None) is not None}
     if parallel:
-        opts["parallel"] = {**(_file_sections(args).get("parallel") or {}), **parallel}
+        opts["parallel"] = {**(doc.get("parallel") or {}), **parallel}
     server = {f: getattr(args, a) for f, a in SERVER_FLAGS.items() if getattr(args, a, None) is not None}
     if getattr(args, "disable_docs", False):
         server["docs"] = False
     if getattr(args, "disable_access_log", False):
         server["access_log"] = False
     if server:
-        opts["server"] = {**(_file_sections(args).get("server") or {}), **server}
+        opts["server"] = {**(doc.get("server") or {}), **server}
     return opts
 
 

@@ -28,8 +28,10 @@ from moe_rt.errors import MoeRtError
 
 
 def api_key(text: str) -> str:
-    if not text or any(c.isspace() or not c.isprintable() for c in text):
-        raise argparse.ArgumentTypeError("must be a non-empty key without spaces or control characters")
+    from server.config import API_KEY_RULE, valid_api_key
+
+    if not valid_api_key(text):
+        raise argparse.ArgumentTypeError(API_KEY_RULE)
     return text
 
 

@@ -7,6 +7,7 @@ moe-rt. With --profile, instead: what a decode step costs in aten ops and host r
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -26,7 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     add_repeats(p, 3)
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--baselines", default="transformers",
+                   help="comma-separated baselines timed in the same run: transformers, llama.cpp (needs the "
+                        "optional llama-cpp-python and gguf packages; skipped with one line without them), or none")
+    p.add_argument("--no-transformers", action="store_true", help="drop transformers from --baselines")
+    p.add_argument("--gguf-dir", default=None,
+                   help="where the llama.cpp baseline's GGUF files are written, once per checkpoint "
+                        "(default ~/.cache/moe-rt/gguf)")
     p.add_argument("--expert-bits", default="",
                    help="comma-separated 8 and/or 4: also time moe-rt with experts quantized to these bits, "
                         "interleaved with the full-precision run (columns int8_*, int4_*; ratio to full precision)")
@@ -113,9 +120,38 @@ def step_weight_bytes(llm, prompts: list[list[int]]) -> float:
     return dense + per_expert * L * (sum(touched) / max(len(touched), 1))
 
 
+def _baselines(args) -> set[str]:
+    names = {b.strip() for b in args.baselines.split(",") if b.strip()} - {"none"}
+    unknown = names - {"transformers", "llama.cpp"}
+    if unknown:
+        raise MoeRtError(f"--baselines takes transformers, llama.cpp or none, got '{args.baselines}'")
+    return names - ({"transformers"} if args.no_transformers else set())
+
+
+def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from moe_rt import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
+    """Share of sequences' tokens that agree before their first divergence (greedy decoding of
+    the same weights: a divergence is a near-tie rounded differently, after which they differ)."""
+    same = total = 0
+    for a, b in zip(ours, theirs):
+        total += len(a)
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            same += 1
+    return same / max(total, 1)
+
+
 def run(args) -> int:
     from moe_rt_app.llm import LLM
 
+    baselines = _baselines(args)
     batches = parse_ints(args.batch_sizes, "--batch-sizes")
     if args.max_tokens < 2 or args.prompt_len < 1:
         raise MoeRtError("--max-tokens must be >= 2 and --prompt-len >= 1")
@@ -135,8 +171,23 @@ def run(args) -> int:
     }
     if args.profile:
         return _run_profile(llm, batches, args, extra)
-    hf = None
-    if not args.no_transformers:
+    hf = llama = None
+    if "llama.cpp" in baselines:
+        from . import llama_cpp
+
+        why = llama_cpp.available()
+        if why:
+            print(why, file=sys.stderr)
+        elif device.type != "cpu":
+            print("llama.cpp baseline skipped: it runs on the CPU here, and moe-rt on " + str(device), file=sys.stderr)
+        else:
+            path = llama_cpp.gguf_for(model_dir, args.gguf_dir or llama_cpp.default_cache_dir(),
+                                      extra["dtype"] if extra["dtype"] in ("float32", "float16") else "float32",
+                                      progress=not args.json)
+            llama = llama_cpp.LlamaCppDecoder(path, threads=torch.get_num_threads(), max_batch=max(batches),
+                                              max_len=args.prompt_len + args.max_tokens)
+            extra["gguf"] = str(path)
+    if "transformers" in baselines:
         try:
             from transformers import AutoModelForCausalLM
         except ImportError:
@@ -150,14 +201,19 @@ def run(args) -> int:
         time_moe_rt(llm, prompts, 4)  # warm-up
         if hf is not None:
             time_transformers(hf, prompts, 4)
+        if llama is not None:
+            _, theirs_tokens = llama.run(prompts, args.max_tokens)
+            llama_agree = agreement(greedy_tokens(llm, prompts, args.max_tokens), theirs_tokens)
         for q in quantized.values():
             time_moe_rt(q, prompts, 4)
         # Interleaved, so every side sees the same machine conditions.
-        ours, theirs, qtimes = [], [], {b: [] for b in quantized}
+        ours, theirs, lcpp, qtimes = [], [], [], {b: [] for b in quantized}
         for _ in range(args.repeats):
             ours.append(time_moe_rt(llm, prompts, args.max_tokens))
             if hf is not None:
                 theirs.append(time_transformers(hf, prompts, args.max_tokens))
+            if llama is not None:
+                lcpp.append(llama.run(prompts, args.max_tokens)[0])
             for b, q in quantized.items():
                 qtimes[b].append(time_moe_rt(q, prompts, args.max_tokens))
         steps = args.max_tokens - 1
@@ -170,6 +226,12 @@ def run(args) -> int:
             row["hf_tok_s"], row["hf_tok_s_best"] = tokens / h.median, tokens / h.best
             row["ratio"] = row["moe_rt_tok_s"] / row["hf_tok_s"]
             row["ratio_best"] = row["moe_rt_tok_s_best"] / row["hf_tok_s_best"]
+        if llama is not None:
+            c = repeat_stats(lcpp)
+            row["llama_cpp_tok_s"], row["llama_cpp_tok_s_best"] = tokens / c.median, tokens / c.best
+            row["ratio_llama_cpp"] = row["moe_rt_tok_s"] / row["llama_cpp_tok_s"]
+            row["ratio_llama_cpp_best"] = row["moe_rt_tok_s_best"] / row["llama_cpp_tok_s_best"]
+            row["llama_cpp_agree"] = llama_agree
         for b, times in qtimes.items():
             q = repeat_stats(times)
             row[f"int{b}_tok_s"], row[f"int{b}_tok_s_best"] = tokens / q.median, tokens / q.best
@@ -183,8 +245,11 @@ def run(args) -> int:
     if bits:
         extra["expert_group_size"] = args.group_size
     qcols = [f"int{b}_{c}" for b in bits for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
+    lcols = ["llama_cpp_tok_s", "ratio_llama_cpp", "llama_cpp_tok_s_best", "ratio_llama_cpp_best", "llama_cpp_agree"]
+    if llama is not None:
+        llama.close()
     emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_tok_s_best", "hf_tok_s_best", "ratio_best",
-                      *qcols, "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
+                      *(lcols if llama is not None else []), *qcols, "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
     return 0
 
 

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated baselines timed in the same run: transformers, llama.cpp (needs the "
                         "optional llama-cpp-python and gguf packages; skipped with one line without them), or none")
     p.add_argument("--no-transformers", action="store_true", help="drop transformers from --baselines")
+    p.add_argument("--llama-cpp-defaults", action="store_true",
+                   help="run llama.cpp with its own defaults (float16 KV cache, flash attention) instead of "
+                        "float32 attention matching the fp32 model")
     p.add_argument("--gguf-dir", default=None,
                    help="where the llama.cpp baseline's GGUF files are written, once per checkpoint "
                         "(default ~/.cache/moe-rt/gguf)")
@@ -185,7 +188,8 @@ def run(args) -> int:
                                       extra["dtype"] if extra["dtype"] in ("float32", "float16") else "float32",
                                       progress=not args.json)
             llama = llama_cpp.LlamaCppDecoder(path, threads=torch.get_num_threads(), max_batch=max(batches),
-                                              max_len=args.prompt_len + args.max_tokens)
+                                              max_len=args.prompt_len + args.max_tokens,
+                                              exact=not args.llama_cpp_defaults)
             extra["gguf"] = str(path)
     if "transformers" in baselines:
         try:

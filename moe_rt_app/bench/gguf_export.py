@@ -52,6 +52,8 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[str], list
             tokens[i] = text
             types[i] = 3 if i in special else 1  # 3: control, 1: normal
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    if not merges:  # llama.cpp requires the list; one merge it never applies (ids are fed, not text)
+        merges = [f"{tokens[0]} {tokens[0]}"]
     return tokens, merges, types
 
 

@@ -60,10 +60,16 @@ def gguf_for(model_dir: str | Path, cache_dir: str | Path, dtype: str = "float32
 class LlamaCppDecoder:
     """One llama.cpp model and context sized for `max_batch` sequences of `max_len` tokens."""
 
-    def __init__(self, gguf_path: str | Path, *, threads: int, max_batch: int, max_len: int) -> None:
+    def __init__(self, gguf_path: str | Path, *, threads: int, max_batch: int, max_len: int,
+                 exact: bool = True) -> None:
+        """exact: float32 KV cache and no flash attention, so an fp32 model runs fp32 attention on
+        both sides (its logits then match transformers' to ~1e-6). llama.cpp's defaults (float16
+        KV cache, flash attention, which rounds queries to float16 on the CPU) move logits by
+        ~1e-3 and flip near-tied greedy choices."""
         import llama_cpp as lc
 
         self.lc = lc
+        lc.llama_log_set(_QUIET, None)  # llama.cpp logs every tensor it loads to stderr
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(gguf_path).encode(), mp)
@@ -76,6 +82,9 @@ class LlamaCppDecoder:
         cp.n_batch = cp.n_ubatch = max(512, max_batch * max_len)
         cp.n_seq_max = max_batch
         cp.n_threads = cp.n_threads_batch = threads
+        if exact:
+            cp.type_k = cp.type_v = lc.GGML_TYPE_F32
+            cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise MoeRtError("llama.cpp could not create a context")
@@ -114,6 +123,18 @@ class LlamaCppDecoder:
         lc.llama_batch_free(self.batch)
         lc.llama_free(self.ctx)
         lc.llama_model_free(self.model)
+
+
+def _quiet(level, text, user_data) -> None:
+    pass
+
+
+try:  # the callback object must outlive every llama.cpp call, so it lives at module level
+    from llama_cpp import llama_log_callback
+
+    _QUIET = llama_log_callback(_quiet)
+except ImportError:
+    _QUIET = None
 
 
 def default_cache_dir() -> str:

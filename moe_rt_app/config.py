@@ -82,8 +82,6 @@ class RuntimeConfig(BaseModel):
         if bits is not None and self.offload:  # the cache moves full-precision experts only
             raise ValueError(f"expert_bits {bits} does not combine with an offloading expert cache yet; "
                              "drop one of the two")
-        if bits is not None and ep > 1:
-            raise ValueError(f"expert_bits {bits} does not combine with expert parallelism (parallel.ep > 1) yet")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:
             raise ValueError(f"expert_parallel is for {self.expert_parallel.ranks} ranks but parallel.ep is {ep}")
         return self

@@ -41,6 +41,10 @@ class EngineConfig(BaseModel):
         1.0, gt=0, le=1, description="keep a token's fewest routed choices whose normalised weights sum to at least "
                                      "this (1 = off)")
 
+    compile: bool = Field(
+        False, description="run each decoder layer's residual adds and RMSNorms through torch.compile (the "
+                           "attention and the expert step stay eager); docs/benchmarks.md has what it gains")
+
     # Quantized experts (docs/quantization.md): routed experts only; dense weights keep the dtype.
     expert_bits: Literal[8, 4] | None = Field(
         None, description="store routed experts in 8 bits (int8, one scale per output row) or 4 bits "

@@ -82,8 +82,8 @@ class RuntimeConfig(BaseModel):
         if bits is not None and self.offload:  # the cache moves full-precision experts only
             raise ValueError(f"expert_bits {bits} does not combine with an offloading expert cache yet; "
                              "drop one of the two")
-        if bits is not None and ep > 1:
-            raise ValueError(f"expert_bits {bits} does not combine with expert parallelism (parallel.ep > 1) yet")
+        if self.engine.compile and ep > 1:  # the EP layer driver replaces the layers compile_dense sets up
+            raise ValueError("compile runs on one rank; drop it under expert parallelism (parallel.ep > 1)")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:
             raise ValueError(f"expert_parallel is for {self.expert_parallel.ranks} ranks but parallel.ep is {ep}")
         return self

@@ -25,58 +25,60 @@ from torch import nn
 
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.block import MoEBlock
-from moe_rt.layers.moe.store import ExpertStore, LayerExperts
+from moe_rt.layers.moe.store import LayerExperts, ResidentExpertStore
+from moe_rt.quant.experts import QuantizedStack
 from parallel.dispatchers import DispatcherSetup, EPDispatcher, build_dispatcher
 from parallel.dispatchers.comm import Comm, pack_rows, unpack_rows
+from parallel.expert_slots import take_slots
 from parallel.groups import EPGroup
 from parallel.placement import ExpertParallelPlacement
 from parallel.stats import EPStats
 from parallel.tp import check_attention_tp, shard_attention
 
 
-class EPExpertStore(ExpertStore):
-    """Only the experts the placement gives this rank; slot_of maps logical ids to them."""
+class EPExpertStore(ResidentExpertStore):
+    """Only the experts the placement gives this rank; slot_of maps logical ids to them. The stacks
+    are full-precision tensors or QuantizedStacks (expert_bits), as the resident store held them;
+    expert_bytes counts what they hold."""
 
-    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], slot_of: list[torch.Tensor],
-                 num_experts: int) -> None:
-        self.w13, self.w2, self.slot_of = w13, w2, slot_of  # [S_r, 2I, D], [S_r, D, I], [E] per layer
-        self.num_layers = len(w13)
+    def __init__(self, w13: list[torch.Tensor | QuantizedStack], w2: list[torch.Tensor | QuantizedStack],
+                 slot_of: list[torch.Tensor], num_experts: int) -> None:
+        super().__init__(w13, w2)  # [S_r, 2I, D], [S_r, D, I] per layer
+        self.slot_of = slot_of  # [E] per layer
         self.num_experts = num_experts
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
         # The dispatcher only hands this rank ids it holds (others are -1).
         return LayerExperts(self.w13[moe_index], self.w2[moe_index], self.slot_of[moe_index])
 
-    def expert_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)
-
 
 def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=None) -> EPExpertStore:
-    """Load (from the checkpoint reader) or cut (from the resident store) this rank's experts."""
+    """Cut (from the resident store) or load (from the checkpoint reader) this rank's experts.
+
+    The resident store comes first: it holds the experts as the model computes with them (in the
+    compute dtype, or quantized with expert_bits), so the rank's experts are those very weights.
+    The reader is for a model built without experts; it gives full-precision weights only."""
     spec = model.spec
     L, E = len(spec.moe_layer_ids), spec.num_experts
-    old = model.moe_ctx.store
-    if old is not None and not all(isinstance(w, torch.Tensor) for w in getattr(old, "w13", [])):
-        # the reader would silently give full-precision experts back
-        raise MoeRtError("expert parallelism does not take quantized experts (expert_bits) yet")
+    # Exactly the resident store: an EPExpertStore (EP applied before) indexes slots, not experts.
+    old = model.moe_ctx.store if type(model.moe_ctx.store) is ResidentExpertStore else None
     ref = model.embed_tokens.weight
+    if old is None and reader is None:
+        raise MoeRtError("expert parallelism needs the checkpoint reader or a resident expert store")
     w13s, w2s, slots = [], [], []
     for m in range(L):
         mine = placement.experts_on_rank(m, rank)
         slot_of = torch.full((E,), -1, dtype=torch.int64, device=ref.device)
         slot_of[mine] = torch.arange(len(mine), device=ref.device)
-        if reader is not None:
-            pairs = [reader.read_expert(spec, m, e) for e in mine]
-            w13 = [p[0] for p in pairs]
-            w2 = [p[1] for p in pairs]
-        elif old is not None and hasattr(old, "w13"):
-            w13 = [old.w13[m][e] for e in mine]
-            w2 = [old.w2[m][e] for e in mine]
+        if old is not None:
+            idx = torch.tensor(mine, dtype=torch.int64, device=old.w13[m].device)
+            w13s.append(take_slots(old.w13[m], idx))
+            w2s.append(take_slots(old.w2[m], idx))
         else:
-            raise MoeRtError("expert parallelism needs the checkpoint reader or a resident expert store")
-        I, D = spec.moe.intermediate_size, spec.hidden_size
-        w13s.append(torch.stack(w13).to(ref) if w13 else ref.new_empty(0, 2 * I, D))
-        w2s.append(torch.stack(w2).to(ref) if w2 else ref.new_empty(0, D, I))
+            I, D = spec.moe.intermediate_size, spec.hidden_size
+            pairs = [reader.read_expert(spec, m, e) for e in mine]
+            w13s.append(torch.stack([p[0] for p in pairs]).to(ref) if pairs else ref.new_empty(0, 2 * I, D))
+            w2s.append(torch.stack([p[1] for p in pairs]).to(ref) if pairs else ref.new_empty(0, D, I))
         slots.append(slot_of)
     return EPExpertStore(w13s, w2s, slots, E)
 
@@ -168,6 +170,8 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
     runtime = EPRuntime(group, placement, dispatcher, comm, stats)
     model.moe_ctx.store = build_ep_store(model, placement, group.rank, reader)
     model.moe_ctx.dispatcher = dispatcher
+    # The EP driver is each layer's forward: the compiled glue path (compile=True) would go around it.
+    model.glue = None
     for i, layer in enumerate(model.layers):
         shard_attention(layer.self_attn, group.rank, N)
         model.layers[i] = EPDecoderLayer(layer, i, runtime)

@@ -1,8 +1,8 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
 (bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 the
-same model with quantized experts is timed in the same runs, as a ratio to the full-precision
-moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
+same model with quantized experts, and with --compile the same model with compile=True, is timed
+in the same runs, as a ratio to the plain (full-precision, eager) moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
 (bench/profile.py)."""
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated 8 and/or 4: also time moe-rt with experts quantized to these bits, "
                         "interleaved with the full-precision run (columns int8_*, int4_*; ratio to full precision)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size (--expert-bits 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time moe-rt with compile=True, interleaved with the eager run (columns compiled_*; "
+                        "ratio to eager); its graphs compile in the warm-up")
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
@@ -165,8 +168,12 @@ def run(args) -> int:
         raise MoeRtError(f"--expert-bits takes 8 and/or 4, got '{args.expert_bits}'")
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
-    quantized = {b: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
-                        expert_bits=b, expert_group_size=args.group_size) for b in bits}
+    # Sides timed beside the plain engine, by column prefix.
+    sides = {f"int{b}": dict(expert_bits=b, expert_group_size=args.group_size) for b in bits}
+    if args.compile:
+        sides["compiled"] = dict(compile=True)
+    others = {name: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
+                        **opts) for name, opts in sides.items()}
     device, dtype = llm.engine.device, llm.engine.dtype
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -208,18 +215,18 @@ def run(args) -> int:
         if llama is not None:
             _, theirs_tokens = llama.run(prompts, args.max_tokens)
             llama_agree = agreement(greedy_tokens(llm, prompts, args.max_tokens), theirs_tokens)
-        for q in quantized.values():
-            time_moe_rt(q, prompts, 4)
+        for q in others.values():
+            time_moe_rt(q, prompts, 4)  # compile=True: compiles its graphs for this batch here
         # Interleaved, so every side sees the same machine conditions.
-        ours, theirs, lcpp, qtimes = [], [], [], {b: [] for b in quantized}
+        ours, theirs, lcpp, qtimes = [], [], [], {name: [] for name in others}
         for _ in range(args.repeats):
             ours.append(time_moe_rt(llm, prompts, args.max_tokens))
             if hf is not None:
                 theirs.append(time_transformers(hf, prompts, args.max_tokens))
             if llama is not None:
                 lcpp.append(llama.run(prompts, args.max_tokens)[0])
-            for b, q in quantized.items():
-                qtimes[b].append(time_moe_rt(q, prompts, args.max_tokens))
+            for name, q in others.items():
+                qtimes[name].append(time_moe_rt(q, prompts, args.max_tokens))
         steps = args.max_tokens - 1
         tokens = B * steps
         t = repeat_stats(ours)
@@ -236,11 +243,11 @@ def run(args) -> int:
             row["ratio_llama_cpp"] = row["moe_rt_tok_s"] / row["llama_cpp_tok_s"]
             row["ratio_llama_cpp_best"] = row["moe_rt_tok_s_best"] / row["llama_cpp_tok_s_best"]
             row["llama_cpp_agree"] = llama_agree
-        for b, times in qtimes.items():
+        for name, times in qtimes.items():
             q = repeat_stats(times)
-            row[f"int{b}_tok_s"], row[f"int{b}_tok_s_best"] = tokens / q.median, tokens / q.best
-            row[f"int{b}_ratio"] = row[f"int{b}_tok_s"] / row["moe_rt_tok_s"]
-            row[f"int{b}_ratio_best"] = row[f"int{b}_tok_s_best"] / row["moe_rt_tok_s_best"]
+            row[f"{name}_tok_s"], row[f"{name}_tok_s_best"] = tokens / q.median, tokens / q.best
+            row[f"{name}_ratio"] = row[f"{name}_tok_s"] / row["moe_rt_tok_s"]
+            row[f"{name}_ratio_best"] = row[f"{name}_tok_s_best"] / row["moe_rt_tok_s_best"]
         floor_ms = 1e3 * step_weight_bytes(llm, prompts) / bandwidth
         row["floor_ms"] = floor_ms
         row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
@@ -248,7 +255,7 @@ def run(args) -> int:
     extra.update(bandwidth_GBps=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens, repeats=args.repeats)
     if bits:
         extra["expert_group_size"] = args.group_size
-    qcols = [f"int{b}_{c}" for b in bits for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
+    qcols = [f"{name}_{c}" for name in others for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
     lcols = ["llama_cpp_tok_s", "ratio_llama_cpp", "llama_cpp_tok_s_best", "ratio_llama_cpp_best", "llama_cpp_agree"]
     if llama is not None:
         llama.close()

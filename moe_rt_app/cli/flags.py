@@ -31,6 +31,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the compute dtype (docs/quantization.md)")
     p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
                    help="int4 experts: input columns per scale and zero (default 64)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="residual adds and RMSNorms through torch.compile (the first steps of each batch "
+                        "shape compile; docs/benchmarks.md)")
     add_offload_arguments(p)
     add_scheduling_arguments(p)
 
@@ -116,7 +119,7 @@ ENGINE_FLAGS = {
     "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
     "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
     "dynamic_topk_top_p": "--dynamic-topk-top-p",
-    "expert_bits": "--expert-bits", "expert_group_size": "--group-size",
+    "expert_bits": "--expert-bits", "expert_group_size": "--group-size", "compile": "--compile",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),

@@ -7,6 +7,7 @@ import math
 
 from moe_rt.checkpoint import CheckpointReader
 from moe_rt.loader import load_spec
+from moe_rt.quant.checkpoint import SCALE_SUFFIX
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,23 +15,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+# Bytes per element of the safetensors dtypes a checkpoint may hold.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def model_info(model_dir: str) -> dict:
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)
-    total = expert = 0
-    dtype_bytes = 2
+    total = expert = expert_bytes = 0
+    by_dtype: dict[str, int] = {}
     for name in reader.weight_map:
         shape, dtype = reader.tensor_info(name)
         n = math.prod(shape)
+        if ".experts." in name:
+            expert_bytes += n * DTYPE_BYTES.get(dtype, 2)
+        if reader.fp8 is not None and name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in reader.weight_map:
+            continue  # an FP8 weight's block scales: storage, not parameters
         total += n
         if ".experts." in name:
             expert += n
-        dtype_bytes = {"F32": 4, "F16": 2, "BF16": 2}.get(dtype, dtype_bytes)
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+    # The float dtype most parameters are stored in, FP8 aside (the compute dtype of an FP8 checkpoint).
+    floats = {d: n for d, n in by_dtype.items() if d in ("F32", "F16", "BF16")}
+    dtype_bytes = DTYPE_BYTES[max(floats, key=floats.get)] if floats else 2
     L, E, K = len(spec.moe_layer_ids), spec.num_experts, spec.top_k
     per_expert = 3 * spec.hidden_size * spec.moe.intermediate_size
     active = total - expert + L * K * per_expert
+    q = reader.fp8
     return {
         "architecture": spec.architecture,
+        "quantization": f"fp8 block {q.block[0]}x{q.block[1]}" if q is not None else "none",
         "layers": spec.num_layers,
         "moe_layers": L,
         "hidden_size": spec.hidden_size,
@@ -43,7 +58,8 @@ def model_info(model_dir: str) -> dict:
         "parameters_experts": expert,
         "parameters_active_per_token": active,
         "checkpoint_dtype_bytes": dtype_bytes,
-        "bytes_per_expert": per_expert * dtype_bytes,
+        # as stored (FP8 scales included), from the expert tensors themselves when the names show them
+        "bytes_per_expert": expert_bytes // (L * E) if expert_bytes else per_expert * dtype_bytes,
         "max_position_embeddings": spec.max_position_embeddings,
     }
 

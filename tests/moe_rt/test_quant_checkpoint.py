@@ -108,6 +108,24 @@ def test_fp8_checkpoint_with_quantized_experts_and_bf16(fp8_pair):
     assert torch.isfinite(llm.prompt_logits([3, 4, 5])).all()
 
 
+def test_info_counts_fp8_weights_not_their_scales(fp8_pair, capsys):
+    from moe_rt_app.cli.info import model_info
+
+    fp8_dir, ref_dir = fp8_pair
+    fp8, ref = model_info(str(fp8_dir)), model_info(str(ref_dir))
+    assert (fp8["quantization"], ref["quantization"]) == ("fp8 block 128x128", "none")
+    for key in ("parameters_total", "parameters_experts", "parameters_active_per_token"):
+        assert fp8[key] == ref[key], key
+    assert ref["parameters_experts"] == 2 * 8 * 3 * 64 * 160
+    # one byte per weight plus the float32 block scales: w1, w3 [160, 64] and w2 [64, 160] have 2 each
+    assert fp8["bytes_per_expert"] == 3 * 64 * 160 + 3 * 2 * 4
+    assert ref["bytes_per_expert"] == 3 * 64 * 160 * 4
+    assert fp8["checkpoint_dtype_bytes"] == 4  # the unquantized tensors' float32, not fp8's byte
+    assert main(["info", "--model", str(fp8_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["quantization", "fp8", "block", "128x128"]
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes", "compressed-tensors"])
 def test_unsupported_quantization_method_is_one_line(mixtral_dir, tmp_path, method, capsys):
     d = tmp_path / method

@@ -128,13 +128,6 @@ def test_int4_rows_the_cpu_kernel_cannot_pack_take_the_dequantising_path():
     torch.testing.assert_close(got, reference_experts(hidden, odd, w2, ids, weights), rtol=3e-2, atol=3e-2)
 
 
-def test_expert_parallel_refuses_quantized_experts(mixtral_dir, capsys):
-    from moe_rt_app.cli.main import main
-
-    assert main(["generate", "--model", str(mixtral_dir), "--prompt", "x", "--ep", "2", "--expert-bits", "8"]) == 2
-    assert "--expert-bits 8 does not combine with expert parallelism (--ep > 1) yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("rows, one_copy", [(128, True), (48, False)])
 def test_cpu_int4_keeps_one_copy_of_the_codes_when_the_kernel_order_is_known(rows, one_copy):
     w = torch.randn(3, rows, 64)

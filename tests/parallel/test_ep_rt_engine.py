@@ -29,15 +29,17 @@ class RandomPredictor(Predictor):
         return torch.rand(d, obs.topk_ids.shape[0], self.num_experts, generator=self.gen)
 
 
-def run_schemes(ep, model_dir, schemes):
-    """On every rank: each scheme's greedy tokens, prompt logits and group stats."""
+def run_schemes(ep, model_dir, schemes, llm_options=None):
+    """On every rank: each scheme's greedy tokens, prompt logits and group stats.
+    llm_options: extra LLM options of some schemes, by scheme name (e.g. expert_bits)."""
     from moe_rt_app.ep_llm import EPOptions, build_ep_llm
 
     out = {}
     for name, opts in schemes.items():
         if opts.predictor == "random":
             opts = EPOptions(opts.dispatcher, opts.placement, RandomPredictor(3, 8, 2, seed=ep.rank), opts.slack)
-        llm = build_ep_llm(model_dir, ep, opts, dtype="float32", max_num_seqs=4)
+        extra = (llm_options or {}).get(name, {})
+        llm = build_ep_llm(model_dir, ep, opts, dtype="float32", max_num_seqs=4, **extra)
         toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
         logits = llm.prompt_logits(SCORED)
         out[name] = (toks, logits, llm.moe_stats(group_view=True))
@@ -50,13 +52,18 @@ def model_dir(tmp_path_factory):
                                 num_attention_heads=4, num_key_value_heads=4, num_local_experts=8))
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir):
+def single_process(model_dir, **options):
+    """The single-process engine's greedy tokens and prompt logits."""
     from moe_rt_app import LLM
 
-    llm = LLM(model_dir, dtype="float32", device="cpu", progress=False, max_num_seqs=4)
+    llm = LLM(model_dir, dtype="float32", device="cpu", progress=False, max_num_seqs=4, **options)
     toks = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
     return toks, llm.prompt_logits(SCORED)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return single_process(model_dir)
 
 
 def check_equal(results, reference, baseline="baseline"):
@@ -112,3 +119,32 @@ def test_four_ranks(model_dir, reference):
     check_equal(results, reference)
     s = results[0]["baseline"][2]
     assert s["ranks"] == 4 and s["a2a_bytes"] > 0 and s["bytes_by_collective"]["all_gather"] > 0
+
+
+# int4 groups of 32 columns divide hidden (64) and intermediate (96); int8 has one scale per row.
+INT4 = {"expert_bits": 4, "expert_group_size": 32}
+QUANT = {"int8": {"expert_bits": 8},
+         "int4": {**INT4, "expert_compute": "reference"},
+         "int4 s-TS": INT4}
+
+
+def test_two_ranks_quantized_experts_equal_the_single_process(model_dir, reference):
+    """Each rank keeps its share of the quantized stacks; the dispatch moves activations only,
+    so the EP engine equals the single-process engine with the same expert_bits: within fp32
+    summation noise on the reference compute (fp32 products of the dequantised weights). PyTorch's
+    low-bit CPU kernels (the torch backend) round activations to bfloat16, which can turn that
+    noise into one bfloat16 step of an activation (~1e-3 in these logits): same tokens, looser bound."""
+    from moe_rt_app.ep_llm import EPOptions
+
+    schemes = {"int8": EPOptions("alltoall"), "int4": EPOptions("alltoall"),
+               "int4 s-TS": EPOptions("speculative", predictor="gate_lookahead")}
+    refs = {name: single_process(model_dir, **opts) for name, opts in QUANT.items()}
+    # the quantized engines do differ from the full-precision one (the checks below are not vacuous)
+    assert (refs["int4"][1] - reference[1]).abs().max() > 1e-3
+    results = launch(2, run_schemes, (model_dir, schemes, QUANT), timeout_s=180)
+    for rank_out in results:
+        for name, (toks, logits, _) in rank_out.items():
+            ref_toks, ref_logits = refs[name]
+            assert toks == ref_toks, name
+            tol = 1e-4 if QUANT[name].get("expert_compute") == "reference" else 5e-3
+            torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=0, msg=name)

@@ -133,3 +133,33 @@ def test_setup_errors(tiny):
         check_tp(4, 4, "full", 2)
     # Nothing above touched the model: errors come before any change.
     assert model.layers[0].self_attn.spec.num_heads == 4
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ep_store_cuts_the_quantized_stacks(tmp_path_factory, bits):
+    """Each rank holds exactly its slots of the resident quantized stacks (every operand, the CPU
+    kernels' included), and expert_bytes counts them: the ranks' shares add up to the whole."""
+    from checkpoints import write_checkpoint
+    from moe_rt.loader import load_model
+    from moe_rt.quant.experts import QuantizedStack
+    from parallel.apply import build_ep_store
+    from parallel.placement import default_placement
+
+    d = write_checkpoint(tmp_path_factory.mktemp("ep_quant"), "mixtral", num_attention_heads=4)
+    model, _ = load_model(d, progress=False, expert_bits=bits, expert_group_size=32)
+    whole = model.moe_ctx.store
+    placement = default_placement(2, 8, 2)
+    stores = [build_ep_store(model, placement, r) for r in range(2)]
+    assert sum(s.expert_bytes() for s in stores) == whole.expert_bytes()
+    full_bytes = 2 * 8 * 3 * 64 * 96 * 4  # the same experts in float32
+    assert whole.expert_bytes() < full_bytes * (0.3 if bits == 8 else 0.25)  # scales and zeros included
+    for r, store in enumerate(stores):
+        for m in range(2):
+            mine = placement.experts_on_rank(m, r)
+            assert store.slot_of[m][mine].tolist() == list(range(len(mine)))
+            for got, held in ((store.w13[m], whole.w13[m]), (store.w2[m], whole.w2[m])):
+                assert isinstance(got, QuantizedStack) and got.cpu is not None and got.layout == held.layout
+                assert torch.equal(got.dequantize(), held.dequantize()[mine])
+                assert torch.equal(got.cpu.qweight, held.cpu.qweight[mine])
+                assert torch.equal(got.cpu.scales, held.cpu.scales[mine])
+                assert (got.cpu.qweight is got.codes) == (held.cpu.qweight is held.codes)

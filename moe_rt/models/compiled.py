@@ -1,0 +1,30 @@
+"""`compile=True`: the dense glue between a model's layers, a residual add then an RMSNorm, run
+through torch.compile; attention and the MoE step (whose shapes depend on routing) stay eager.
+
+One compiled function serves every norm site of every layer (the weight is an argument, so layers
+share the graph): the post-attention add + norm, and the next layer's input add + norm, which
+takes the MoE output of the layer before (the final norm likewise). Batch sizes: the first shape
+compiles a static graph, a second one a graph dynamic in T, and T == 1 (batch-1 decode) its own,
+so a run compiles at most three graphs (dynamo's cache limit is 8).
+
+Exactness: inductor fuses the norm's reduction and may sum in another order, so fp32 results move
+by a few ulps (greedy tokens equal, logits within 1e-5 relative; tests/moe_rt/test_compile.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(s, RMSNorm(s)) with s = x + delta, the arithmetic of layers/norm.RMSNorm."""
+    s = x + delta
+    if s.dtype == torch.float32:
+        return s, s * torch.rsqrt((s * s).sum(-1, keepdim=True) / s.shape[-1] + eps) * weight
+    h = s.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return s, weight * h.to(s.dtype)
+
+
+def compile_dense(model) -> None:
+    """Route `model`'s forward through one compiled add_rms_norm (MoEForCausalLM.forward reads it)."""
+    model.glue = torch.compile(add_rms_norm, dynamic=None)

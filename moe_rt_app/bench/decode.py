@@ -1,8 +1,8 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
-(bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 the
-same model with quantized experts is timed in the same runs, as a ratio to the full-precision
-moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
+(bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 (or
+a bits plan, 8,PLAN) the same model with quantized experts is timed in the same runs, as a ratio to
+the full-precision moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
 (bench/profile.py)."""
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_repeats(p, 3)
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--expert-bits", default="",
-                   help="comma-separated 8 and/or 4: also time moe-rt with experts quantized to these bits, "
-                        "interleaved with the full-precision run (columns int8_*, int4_*; ratio to full precision)")
+                   help="comma-separated 8, 4 and/or a bits-plan YAML: also time moe-rt with experts quantized "
+                        "so, interleaved with the full-precision run (columns int8_*, int4_*, plan_*; ratio to "
+                        "full precision)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size (--expert-bits 4)")
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
@@ -113,6 +114,19 @@ def step_weight_bytes(llm, prompts: list[list[int]]) -> float:
     return dense + per_expert * L * (sum(touched) / max(len(touched), 1))
 
 
+def quantized_sides(text: str, group_size: int) -> dict[str, dict]:
+    """--expert-bits "8,4,plan.yaml" -> {"int8": LLM options, "int4": ..., "plan": ...}."""
+    sides: dict[str, dict] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item in ("8", "4"):
+            sides[f"int{item}"] = {"expert_bits": int(item), "expert_group_size": group_size}
+        elif item.isdigit() or "plan" in sides:
+            raise MoeRtError(f"--expert-bits takes 8, 4 and at most one bits-plan file, got '{text}'")
+        else:
+            sides["plan"] = {"expert_bits_plan": item, "expert_group_size": group_size}
+    return sides
+
+
 def run(args) -> int:
     from moe_rt_app.llm import LLM
 
@@ -121,13 +135,11 @@ def run(args) -> int:
         raise MoeRtError("--max-tokens must be >= 2 and --prompt-len >= 1")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    bits = parse_ints(args.expert_bits, "--expert-bits") if args.expert_bits else []
-    if any(b not in (8, 4) for b in bits):
-        raise MoeRtError(f"--expert-bits takes 8 and/or 4, got '{args.expert_bits}'")
+    bits = quantized_sides(args.expert_bits, args.group_size)
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     quantized = {b: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
-                        expert_bits=b, expert_group_size=args.group_size) for b in bits}
+                        **opts) for b, opts in bits.items()}
     device, dtype = llm.engine.device, llm.engine.dtype
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -172,9 +184,9 @@ def run(args) -> int:
             row["ratio_best"] = row["moe_rt_tok_s_best"] / row["hf_tok_s_best"]
         for b, times in qtimes.items():
             q = repeat_stats(times)
-            row[f"int{b}_tok_s"], row[f"int{b}_tok_s_best"] = tokens / q.median, tokens / q.best
-            row[f"int{b}_ratio"] = row[f"int{b}_tok_s"] / row["moe_rt_tok_s"]
-            row[f"int{b}_ratio_best"] = row[f"int{b}_tok_s_best"] / row["moe_rt_tok_s_best"]
+            row[f"{b}_tok_s"], row[f"{b}_tok_s_best"] = tokens / q.median, tokens / q.best
+            row[f"{b}_ratio"] = row[f"{b}_tok_s"] / row["moe_rt_tok_s"]
+            row[f"{b}_ratio_best"] = row[f"{b}_tok_s_best"] / row["moe_rt_tok_s_best"]
         floor_ms = 1e3 * step_weight_bytes(llm, prompts) / bandwidth
         row["floor_ms"] = floor_ms
         row["floor_share"] = floor_ms / row["moe_rt_step_ms"]
@@ -182,7 +194,7 @@ def run(args) -> int:
     extra.update(bandwidth_GBps=round(bandwidth / 1e9, 2), max_tokens=args.max_tokens, repeats=args.repeats)
     if bits:
         extra["expert_group_size"] = args.group_size
-    qcols = [f"int{b}_{c}" for b in bits for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
+    qcols = [f"{b}_{c}" for b in bits for c in ("tok_s", "ratio", "tok_s_best", "ratio_best")]
     emit(rows, args, ["batch", "moe_rt_tok_s", "hf_tok_s", "ratio", "moe_rt_tok_s_best", "hf_tok_s_best", "ratio_best",
                       *qcols, "moe_rt_step_ms", "floor_ms", "floor_share"], extra)
     return 0

@@ -69,6 +69,17 @@ def expert_counts(topk_ids, num_experts: int, progress: bool) -> list[list[int]]
     return out
 
 
+def label(w) -> str:
+    return "full precision" if w == "full" else f"{w} bits"
+
+
+def activation_share(counts: list[list[int]], plan) -> float:
+    """The share of the traced activations that went to experts the plan keeps wider than its default."""
+    total = sum(map(sum, counts))
+    wide = sum(counts[l][e] for l, ws in plan.layers.items() for w, ids in ws.items() if w != plan.default for e in ids)
+    return wide / total if total else 0.0
+
+
 def run(args) -> int:
     import sys
 
@@ -102,19 +113,21 @@ def run(args) -> int:
     per_width = plan.counts(L, E)
     total = sum(n * nbytes[w] for w, n in zip(WIDTHS, per_width.values()))
     uniform = {str(w): L * E * nbytes[w] for w in WIDTHS}
+    hot_share = activation_share(counts, plan)
     header = (f"Bits plan written by moe-rt plan-bits from trace {args.trace}\n"
-              f"({trace.num_rows} tokens, model {model}): {rule} at {args.hot_bits},\n"
-              f"the rest at {args.cold_bits} bits. Experts per width: "
-              + ", ".join(f"{w} {n}" for w, n in per_width.items())
-              + f". Expert bytes {total} ({args.dtype} compute, CPU store).")
+              f"({trace.num_rows} tokens, model {model}): {rule} at {label(args.hot_bits)},\n"
+              f"the rest at {label(args.cold_bits)}; they took {100 * hot_share:.1f}% of the traced activations.\n"
+              f"Experts per width: " + ", ".join(f"{w} {n}" for w, n in per_width.items())
+              + f"; expert bytes {total} ({args.dtype} compute, CPU store).")
     Path(args.out).write_text(plan.to_yaml(header), encoding="utf-8")
-    summary = {"out": args.out, "tokens": trace.num_rows, "experts_per_width": per_width,
+    summary = {"out": args.out, "tokens": trace.num_rows, "experts_per_width": per_width, "hot_share": hot_share,
                "expert_bytes": total, "uniform_expert_bytes": uniform}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"wrote {args.out}: {L} MoE layers x {E} experts from {trace.num_rows} traced tokens")
-    print("experts per width: " + ", ".join(f"{w}: {n}" for w, n in per_width.items()))
+    print("experts per width: " + ", ".join(f"{w}: {n}" for w, n in per_width.items())
+          + f"; the wider ones took {100 * hot_share:.1f}% of the traced activations")
     print(f"expert bytes: {total / 2**20:.2f} MiB; uniform " + ", ".join(
         f"{w}: {b / 2**20:.2f} MiB ({total / b:.2f}x)" for w, b in uniform.items()))
     return 0

@@ -94,18 +94,20 @@ def test_profile_counts_host_reads_and_regions():
     assert res["outside_ops_step"] >= 3  # sum, item, _local_scalar_dense
 
 
-def test_bench_decode_times_quantized_experts_against_full_precision(mixtral_dir, capsys):
+def test_bench_decode_times_quantized_experts_against_full_precision(mixtral_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers: {0: {8: [0, 1]}}\n")
     argv = ["bench", "decode", "--model", str(mixtral_dir), "--batch-sizes", "1", "--max-tokens", "3",
-            "--prompt-len", "4", "--repeats", "2", "--no-transformers", "--expert-bits", "8,4",
+            "--prompt-len", "4", "--repeats", "2", "--no-transformers", "--expert-bits", f"8,4,{plan}",
             "--group-size", "32", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
     (r,) = res["results"]
-    for b in (8, 4):
-        assert r[f"int{b}_tok_s"] > 0
-        assert abs(r[f"int{b}_ratio"] - r[f"int{b}_tok_s"] / r["moe_rt_tok_s"]) < 1e-9
-        assert abs(r[f"int{b}_ratio_best"] - r[f"int{b}_tok_s_best"] / r["moe_rt_tok_s_best"]) < 1e-9
+    for b in ("int8", "int4", "plan"):
+        assert r[f"{b}_tok_s"] > 0
+        assert abs(r[f"{b}_ratio"] - r[f"{b}_tok_s"] / r["moe_rt_tok_s"]) < 1e-9
+        assert abs(r[f"{b}_ratio_best"] - r[f"{b}_tok_s_best"] / r["moe_rt_tok_s_best"]) < 1e-9
     assert res["expert_group_size"] == 32
     assert main(argv[:-5] + ["--expert-bits", "3", "--json"]) == 2
-    assert "--expert-bits takes 8 and/or 4" in capsys.readouterr().err
+    assert "--expert-bits takes 8, 4 and at most one bits-plan file, got '3'" in capsys.readouterr().err

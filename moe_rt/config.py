@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moe_rt.errors import MoeRtError
+from moe_rt.quant.plan import BitsPlan, load_plan
 
 
 class EngineConfig(BaseModel):
@@ -54,6 +57,24 @@ class EngineConfig(BaseModel):
         64, description="int4 experts: input columns per scale and zero (must divide the expert's hidden "
                         "and intermediate sizes); unused for 8 bits"
     )
+    expert_bits_plan: BitsPlan | None = Field(
+        None, description="per-expert widths (docs/quantization.md, 'Per-expert bitwidth plans'): the path "
+                          "of a plan YAML file, or the plan itself inline; read and validated here, expert "
+                          "ranges checked at load. Excludes expert_bits")
+
+    @field_validator("expert_bits_plan", mode="before")
+    @classmethod
+    def _read_plan(cls, v):
+        try:
+            return None if v is None else load_plan(v)
+        except MoeRtError as e:  # pydantic reports ValueErrors, as one line
+            raise ValueError(str(e)) from None
+
+    @model_validator(mode="after")
+    def _one_width_rule(self) -> "EngineConfig":
+        if self.expert_bits is not None and self.expert_bits_plan is not None:
+            raise ValueError("expert_bits (one width for every expert) and a bits plan are both set; give one")
+        return self
 
 
 class ModelConfig(BaseModel):

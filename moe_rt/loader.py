@@ -16,6 +16,8 @@ from .models.model import MoEForCausalLM
 from .models.registry import parse_config
 from .models.spec import ModelSpec
 from .quant.experts import quantize_experts
+from .quant.mixed import group_by_width, stack_by_width
+from .quant.plan import BitsPlan
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
@@ -37,13 +39,15 @@ def load_model(
     progress: bool = True,
     expert_bits: int | None = None,
     expert_group_size: int = 64,
+    expert_bits_plan: BitsPlan | None = None,
 ) -> tuple[MoEForCausalLM, CheckpointReader]:
     """Returns the model (in eval mode) and the open checkpoint reader.
 
     With load_experts=False the experts stay on disk and the caller installs its own store
     (an expert cache) into model.moe_ctx.store. With expert_bits (8 or 4) the resident routed
     experts are quantized from the checkpoint's values (moe_rt/quant/experts.py); every other
-    weight keeps `dtype`.
+    weight keeps `dtype`. With expert_bits_plan each layer's experts take the plan's widths
+    (moe_rt/quant/plan.py), permuted so that each width's slots are contiguous (a MixedStack).
     """
     spec = load_spec(model_dir)
     reader = CheckpointReader(model_dir)
@@ -70,16 +74,24 @@ def load_model(
         for i in layers:
             _load_layer(model, spec, reader, i)
         if load_experts:
-            w13, w2 = [], []
+            plan = expert_bits_plan
+            if plan is not None:  # the plan's ranges need the model
+                plan.check_model(len(spec.moe_layer_ids), spec.num_experts)
+            w13, w2, slot_of = [], [], []
             for l in range(len(spec.moe_layer_ids)):
                 pairs = [reader.read_expert(spec, l, e) for e in range(spec.num_experts)]
+                if plan is not None:
+                    groups, slots = group_by_width(plan.widths(l, spec.num_experts))
+                    slot_of.append(torch.tensor(slots, device=device))
                 for out, i in ((w13, 0), (w2, 1)):
                     w = torch.stack([p[i] for p in pairs]).to(device=device)
-                    if expert_bits is None:
+                    if plan is not None:
+                        out.append(stack_by_width(w, groups, plan.group_size or expert_group_size, dtype))
+                    elif expert_bits is None:
                         out.append(w.to(dtype))
                     else:  # from the checkpoint's values, not from their rounding to dtype
                         out.append(quantize_experts(w, expert_bits, expert_group_size, dtype))
-            model.moe_ctx.store = ResidentExpertStore(w13, w2)
+            model.moe_ctx.store = ResidentExpertStore(w13, w2, slot_of or None)
     model.eval()
     return model, reader
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from expert_cache.config import CacheConfig
 from moe_rt.config import EngineConfig, ModelConfig
 from moe_rt.errors import MoeRtError, validation_detail
+from moe_rt.yaml_file import read_yaml_file
 from parallel.config import ParallelConfig
 from parallel.placement import ExpertParallelPlacement
 from router_predict.config import RESIDUAL_GATE, PredictorConfig
@@ -79,9 +79,16 @@ class RuntimeConfig(BaseModel):
             raise ValueError("scheduler_policy expert_aware runs on one rank; use fcfs under expert "
                              "parallelism (parallel.ep > 1)")
         bits = self.engine.expert_bits
-        if bits is not None and self.offload:  # the cache moves full-precision experts only
-            raise ValueError(f"expert_bits {bits} does not combine with an offloading expert cache yet; "
-                             "drop one of the two")
+        quant = f"expert_bits {bits}" if bits is not None else (
+            "expert_bits_plan" if self.engine.expert_bits_plan is not None else None)
+        if quant and self.offload:  # the cache moves full-precision experts only
+            raise ValueError(f"{quant} does not combine with an offloading expert cache yet; drop one of the two")
+        if self.engine.expert_bits_plan is not None and ep > 1:
+            raise ValueError("expert_bits_plan does not combine with expert parallelism (parallel.ep > 1) yet; "
+                             "use a uniform expert_bits")
+        if self.engine.expert_bits_plan is not None and self.engine.expert_compute not in ("torch", "reference"):
+            raise ValueError(f"expert_bits_plan runs on expert_compute torch or reference, not "
+                             f"{self.engine.expert_compute}")
         if self.engine.compile and ep > 1:  # the EP layer driver replaces the layers compile_dense sets up
             raise ValueError("compile runs on one rank; drop it under expert parallelism (parallel.ep > 1)")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:
@@ -107,15 +114,7 @@ class RuntimeConfig(BaseModel):
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The sections of a config (or expert-placement) YAML file as plain data, structure-checked;
     build_config validates them with everything else, once. Problems are one line."""
-    p = Path(path)
-    if not p.is_file():
-        raise MoeRtError(f"config file {path} does not exist")
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoeRtError(f"config file {path}: cannot read ({e})") from None
-    except yaml.YAMLError as e:
-        raise MoeRtError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    doc = read_yaml_file(path, "config file")
     if doc is None:
         doc = {}
     keys = ", ".join(SCALARS + SECTIONS)

@@ -197,7 +197,8 @@ def why_not_run(cmd: DocCommand, argv: list[str]) -> str | None:
     if not cuda and ("cuda" in rest or (name == "kernel" and "--interpret-smoke" not in rest)):
         return "needs a CUDA GPU"
     for flag, value in zip(rest, rest[1:]):
-        if flag in INPUT_FLAGS and not Path(value).exists():
+        names_file = flag in INPUT_FLAGS or (flag == "--expert-bits" and not re.fullmatch(r"[\d,]+", value))
+        if names_file and not Path(value).exists():  # --expert-bits also takes a bits plan's path
             return f"needs {value}, which the doc does not create"
     return None
 

@@ -58,6 +58,7 @@ class LLMEngine:
         self.model, self.reader = load_model(
             model.model, self.dtype, self.device, load_experts=load_experts, progress=progress,
             expert_bits=engine.expert_bits, expert_group_size=engine.expert_group_size,
+            expert_bits_plan=engine.expert_bits_plan,
         )
         self.spec = self.model.spec
         # name -> callable returning a JSON-able dict; the cache, predictor and expert parallelism

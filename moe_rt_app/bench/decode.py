@@ -1,8 +1,9 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
-(bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 the
-same model with quantized experts, and with --compile the same model with compile=True, is timed
-in the same runs, as a ratio to the plain (full-precision, eager) moe-rt. With --profile, instead: what a decode step costs in aten ops and host reads, per layer
+(bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 (or
+a bits plan, 8,PLAN) the same model with quantized experts, and with --compile the same model with
+compile=True, is timed in the same runs, as a ratio to the plain (full-precision, eager) moe-rt.
+With --profile, instead: what a decode step costs in aten ops and host reads, per layer
 (bench/profile.py)."""
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the llama.cpp baseline's GGUF files are written, once per checkpoint "
                         "(default ~/.cache/moe-rt/gguf)")
     p.add_argument("--expert-bits", default="",
-                   help="comma-separated 8 and/or 4: also time moe-rt with experts quantized to these bits, "
-                        "interleaved with the full-precision run (columns int8_*, int4_*; ratio to full precision)")
+                   help="comma-separated 8, 4 and/or a bits-plan YAML: also time moe-rt with experts quantized "
+                        "so, interleaved with the full-precision run (columns int8_*, int4_*, plan_*; ratio to "
+                        "full precision)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="int4 group size (--expert-bits 4)")
     p.add_argument("--compile", action="store_true",
                    help="also time moe-rt with compile=True, interleaved with the eager run (columns compiled_*; "
@@ -154,6 +156,19 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
+def quantized_sides(text: str, group_size: int) -> dict[str, dict]:
+    """--expert-bits "8,4,plan.yaml" -> {"int8": LLM options, "int4": ..., "plan": ...}."""
+    sides: dict[str, dict] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if item in ("8", "4"):
+            sides[f"int{item}"] = {"expert_bits": int(item), "expert_group_size": group_size}
+        elif item.isdigit() or "plan" in sides:
+            raise MoeRtError(f"--expert-bits takes 8, 4 and at most one bits-plan file, got '{text}'")
+        else:
+            sides["plan"] = {"expert_bits_plan": item, "expert_group_size": group_size}
+    return sides
+
+
 def run(args) -> int:
     from moe_rt_app.llm import LLM
 
@@ -163,13 +178,11 @@ def run(args) -> int:
         raise MoeRtError("--max-tokens must be >= 2 and --prompt-len >= 1")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    bits = parse_ints(args.expert_bits, "--expert-bits") if args.expert_bits else []
-    if any(b not in (8, 4) for b in bits):
-        raise MoeRtError(f"--expert-bits takes 8 and/or 4, got '{args.expert_bits}'")
+    bits = quantized_sides(args.expert_bits, args.group_size)
     model_dir = resolve_model(args)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     # Sides timed beside the plain engine, by column prefix.
-    sides = {f"int{b}": dict(expert_bits=b, expert_group_size=args.group_size) for b in bits}
+    sides = dict(bits)
     if args.compile:
         sides["compiled"] = dict(compile=True)
     others = {name: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),

@@ -1,6 +1,6 @@
 """`moe-rt eval-ppl`: perplexity of a model over a text file (moe_rt/eval/perplexity.py); with
---expert-bits, the same model with quantized experts beside the full-precision one, and the
-fraction of positions where their greedy choices agree."""
+--expert-bits 8|4|PLAN (or the config file's engine section), the same model with quantized experts
+beside the full-precision one, and the fraction of positions where their greedy choices agree."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from pathlib import Path
 from moe_rt.checkpoint import DEMO_MODEL_DIR
 from moe_rt.errors import MoeRtError
 from moe_rt_app.cli.args import positive_int
-from moe_rt_app.cli.flags import add_model_arguments, build_llm
+from moe_rt_app.cli.flags import add_model_arguments, build_llm, config_from_args
 
 # The demo model's held-out verses (Hebrews..Revelation, docs/demo-model.md), in a source checkout.
 DEMO_HELDOUT = Path(__file__).resolve().parents[2] / "data" / "prompts" / "kjv-heldout.txt"
@@ -41,27 +41,43 @@ def read_text(path: Path) -> str:
         raise MoeRtError(f"cannot read --text {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def quantized_side(engine) -> str | None:
+    """The name of the quantized side the engine section asks for (None: full precision only)."""
+    if engine.expert_bits_plan is not None:
+        return "plan"
+    return None if engine.expert_bits is None else f"int{engine.expert_bits}"
+
+
 def run(args) -> int:
     from moe_rt.eval.perplexity import greedy_agreement, score_text
 
     path = Path(args.text) if args.text else default_text(args.model)
     text = read_text(path)
-    sides = {"full": argparse.Namespace(**{**vars(args), "expert_bits": None})}
-    if args.expert_bits is not None:
-        sides[f"int{args.expert_bits}"] = args
+    cfg = config_from_args(args)  # --expert-bits, or the config file's engine section
+    eng = cfg.engine
+    q = quantized_side(eng)
+    full = eng.model_copy(update={"expert_bits": None, "expert_bits_plan": None})
+    # The quantized side loads first: a plan or group size the model refuses fails before any scoring.
+    sides = {q: cfg} if q is not None else {}
+    sides["full"] = cfg.model_copy(update={"engine": full})
     results, scores = {}, {}
-    for name, side_args in sides.items():
-        llm = build_llm(side_args)
+    for name, side_cfg in sides.items():
+        llm = build_llm(args, side_cfg)
         t = time.perf_counter()
         score = score_text(llm.engine, text, args.window)
+        store = llm.model.moe_ctx.store
         results[name] = {"perplexity": score.perplexity, "tokens": score.tokens,
-                         "seconds": round(time.perf_counter() - t, 2)}
+                         "seconds": round(time.perf_counter() - t, 2), "expert_bytes": store.expert_bytes(),
+                         "expert_bytes_by_width": store.bytes_by_width()}
         scores[name] = score
         llm.close()
+    results = {name: results[name] for name in ("full", q) if name}
     out = {"text": str(path), "window": args.window, "results": results}
-    if args.expert_bits is not None:
-        q = f"int{args.expert_bits}"
-        out["expert_group_size"] = (args.expert_group_size or 64) if args.expert_bits == 4 else None
+    if q is not None:
+        plan = eng.expert_bits_plan
+        group = (plan.group_size if plan is not None else None) or eng.expert_group_size
+        uses_int4 = eng.expert_bits == 4 or (plan is not None and "4" in results[q]["expert_bytes_by_width"])
+        out["expert_group_size"] = group if uses_int4 else None
         out["perplexity_change"] = results[q]["perplexity"] / results["full"]["perplexity"] - 1
         out["greedy_agreement"] = greedy_agreement(scores["full"], scores[q])
     if args.json:
@@ -69,8 +85,9 @@ def run(args) -> int:
         return 0
     print(f"text: {path} ({results['full']['tokens']} predicted tokens, windows of {args.window})")
     for name, r in results.items():
-        print(f"{name:>5}: perplexity {r['perplexity']:.3f}")
-    if args.expert_bits is not None:
+        widths = ", ".join(f"{w}: {b / 2**20:.1f}" for w, b in r["expert_bytes_by_width"].items())
+        print(f"{name:>5}: perplexity {r['perplexity']:.3f}, expert MiB {r['expert_bytes'] / 2**20:.1f} ({widths})")
+    if q is not None:
         print(f"perplexity change {100 * out['perplexity_change']:+.2f}%, "
               f"greedy agreement {100 * out['greedy_agreement']:.2f}%")
     return 0

@@ -26,9 +26,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-compute", default=None, choices=["torch", "loop", "triton", "reference"],
                    help="expert kernels: torch (grouped matmul; the default), loop (one matmul pair per "
                         "expert), triton (fused kernel; CUDA, or TRITON_INTERPRET=1 on CPU), reference (slow, dense)")
-    p.add_argument("--expert-bits", type=int, choices=[8, 4],
-                   help="quantize routed experts at load: 8 (int8 per row) or 4 (int4 per group); "
-                        "default: the compute dtype (docs/quantization.md)")
+    p.add_argument("--expert-bits", type=bits_or_plan, metavar="{8,4,PLAN}",
+                   help="quantize routed experts at load: 8 (int8 per row), 4 (int4 per group), or the "
+                        "widths a bits-plan YAML gives each expert (moe-rt plan-bits); default: the compute "
+                        "dtype (docs/quantization.md)")
     p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
                    help="int4 experts: input columns per scale and zero (default 64)")
     p.add_argument("--compile", action="store_true", default=None,
@@ -36,6 +37,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "shape compile; docs/benchmarks.md)")
     add_offload_arguments(p)
     add_scheduling_arguments(p)
+
+
+def bits_or_plan(text: str) -> int | str:
+    """--expert-bits: 8 or 4 (one width for every expert), else the path of a bits plan."""
+    if text.strip() in ("8", "4"):
+        return int(text)
+    if text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"takes 8, 4 or a bits-plan file, got {text}")
+    return text  # the plan is read, and a missing file named, when the config is built
 
 
 def add_scheduling_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +129,8 @@ ENGINE_FLAGS = {
     "scheduler_policy": "--scheduler-policy", "expert_aware_batch": "--expert-aware-batch",
     "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
     "dynamic_topk_top_p": "--dynamic-topk-top-p",
-    "expert_bits": "--expert-bits", "expert_group_size": "--group-size", "compile": "--compile",
+    "expert_bits": "--expert-bits", "expert_group_size": "--group-size", "expert_bits_plan": "--expert-bits",
+    "compile": "--compile",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),
@@ -199,6 +210,10 @@ def config_options(args) -> dict:
     for name in ENGINE_FLAGS:
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
+    bits = getattr(args, "expert_bits", None)
+    if bits is not None:  # one flag for both fields: what it names replaces the file's either
+        plan = isinstance(bits, str)
+        opts["expert_bits"], opts["expert_bits_plan"] = (None, bits) if plan else (bits, None)
     cache = {f: getattr(args, attr) for f, (_, attr) in CACHE_FLAGS.items() if getattr(args, attr, None) is not None}
     if cache:
         opts["cache"] = {**(doc.get("cache") or {}), **cache}

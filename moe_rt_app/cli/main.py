@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack-experts": ("moe_rt_app.cli.pack_experts", "write a model's experts as aligned packs for the disk tier"),
     "plan-placement": ("moe_rt_app.cli.plan_placement", "plan expert-to-rank placement from a trace (s-EG)"),
     "simulate-ep": ("moe_rt_app.cli.simulate_ep", "predict expert-parallel traffic for many ranks from a trace"),
-    "eval-ppl": ("moe_rt_app.cli.eval_ppl", "perplexity over a text file; with --expert-bits, quantized vs full"),
+    "plan-bits": ("moe_rt_app.cli.plan_bits", "write a per-expert bitwidth plan from a trace (hot experts wider)"),
+    "eval-ppl": ("moe_rt_app.cli.eval_ppl", "perplexity over a text file; with --expert-bits 8|4|PLAN, quantized vs full"),
     "version": ("moe_rt_app.cli.main:version", "print the version of moe-rt (also: moe-rt --version)"),
     "bench": ("", "benchmarks: " + ", ".join(["decode", "kernel", "serve", "offload", "ep"])),
 }

@@ -94,18 +94,20 @@ def test_profile_counts_host_reads_and_regions():
     assert res["outside_ops_step"] >= 3  # sum, item, _local_scalar_dense
 
 
-def test_bench_decode_times_quantized_experts_and_compile_against_the_plain_engine(mixtral_dir, capsys):
+def test_bench_decode_times_quantized_experts_and_compile_against_the_plain_engine(mixtral_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers: {0: {8: [0, 1]}}\n")
     argv = ["bench", "decode", "--model", str(mixtral_dir), "--batch-sizes", "1", "--max-tokens", "3",
-            "--prompt-len", "4", "--repeats", "2", "--no-transformers", "--compile", "--expert-bits", "8,4",
+            "--prompt-len", "4", "--repeats", "2", "--no-transformers", "--compile", "--expert-bits", f"8,4,{plan}",
             "--group-size", "32", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
     (r,) = res["results"]
-    for name in ("int8", "int4", "compiled"):
+    for name in ("int8", "int4", "plan", "compiled"):
         assert r[f"{name}_tok_s"] > 0
         assert abs(r[f"{name}_ratio"] - r[f"{name}_tok_s"] / r["moe_rt_tok_s"]) < 1e-9
         assert abs(r[f"{name}_ratio_best"] - r[f"{name}_tok_s_best"] / r["moe_rt_tok_s_best"]) < 1e-9
     assert res["expert_group_size"] == 32
     assert main(argv[:-5] + ["--expert-bits", "3", "--json"]) == 2
-    assert "--expert-bits takes 8 and/or 4" in capsys.readouterr().err
+    assert "--expert-bits takes 8, 4 and at most one bits-plan file, got '3'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(mixtral_dir, capsys)
     assert eager.model.glue is None and compiled.model.glue is not None
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests in this process
     # one batch of two prompts (prefill T=10, then decode T=2), then one prompt alone (T=7, T=1)
     for prompts in (PROMPTS, PROMPTS[:1]):
         want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]

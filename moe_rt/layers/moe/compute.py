@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from moe_rt.errors import MoeRtError
 from moe_rt.quant.experts import QuantizedStack
+from moe_rt.quant.mixed import MixedStack, mixed_experts
 
 from .compute_quant import quantized_experts
 
@@ -34,7 +35,10 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     reading a tensor waits for nothing: a loop over the slots that have rows (small batches), or
     grouped_mm (large ones). Every path does the same matmuls and additions, so they agree bit
     for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized
-    stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts."""
+    stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts; mixed-width ones
+    (moe_rt/quant/mixed.py) run each part through this function."""
+    if isinstance(w13, MixedStack):
+        return mixed_experts(hidden, w13, w2, topk_ids, topk_weights, torch_experts)
     if isinstance(w13, QuantizedStack):
         return quantized_experts(hidden, w13, w2, topk_ids, topk_weights)
     T, K = topk_ids.shape

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_rt.quant.experts import QuantizedStack, as_dense
+from moe_rt.quant.experts import QuantizedStack
+from moe_rt.quant.mixed import MixedStack, as_dense_any
 
 
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -29,8 +30,8 @@ def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Te
 
 def reference_experts(
     hidden: torch.Tensor,  # [T, D]
-    w13: torch.Tensor | QuantizedStack,  # [S, 2I, D]
-    w2: torch.Tensor | QuantizedStack,  # [S, D, I]
+    w13: torch.Tensor | QuantizedStack | MixedStack,  # [S, 2I, D]
+    w2: torch.Tensor | QuantizedStack | MixedStack,  # [S, D, I]
     topk_ids: torch.Tensor,  # [T, K] slot index per choice; -1 means "not computed here"
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:
@@ -38,9 +39,9 @@ def reference_experts(
 
     Accumulates in float32 and returns hidden's dtype. Choices with id -1 contribute nothing
     (expert parallelism marks experts that live on another rank that way). Quantized stacks
-    are dequantised to their compute dtype first.
+    (uniform or mixed-width) are dequantised to their compute dtype first.
     """
-    w13, w2 = as_dense(w13), as_dense(w2)
+    w13, w2 = as_dense_any(w13), as_dense_any(w2)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for t in range(hidden.shape[0]):
         for k in range(topk_ids.shape[1]):

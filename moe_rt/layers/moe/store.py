@@ -16,14 +16,17 @@ from typing import Callable, Sequence
 import torch
 
 from moe_rt.quant.experts import QuantizedStack
+from moe_rt.quant.mixed import MixedStack, stack_bytes_by_width
 
 from .events import Forecast
+
+WeightStack = torch.Tensor | QuantizedStack | MixedStack  # [S, N, K] in any of the stored forms
 
 
 @dataclass
 class LayerExperts:
-    w13: torch.Tensor | QuantizedStack  # [S, 2I, D] gate rows then up rows
-    w2: torch.Tensor | QuantizedStack  # [S, D, I]
+    w13: WeightStack  # [S, 2I, D] gate rows then up rows
+    w2: WeightStack  # [S, D, I]
     slot_of: torch.Tensor | None = None  # [E] int64 slot of each logical expert (-1: not here); None = identity
     # Experts the store chose to run where their weights are (e.g. missed experts computed on the
     # host instead of copied to the GPU, the Fiddler idea): (hidden, topk_ids, topk_weights) -> [T, D]
@@ -53,19 +56,35 @@ class ExpertStore(ABC):
     def expert_bytes(self) -> int:
         return 0
 
+    def bytes_by_width(self) -> dict[str, int]:
+        """{"full" | "8" | "4": bytes of expert weights held at that width}."""
+        n = self.expert_bytes()
+        return {"full": n} if n else {}
+
 
 class ResidentExpertStore(ExpertStore):
     """Every expert of every layer stacked on the compute device (the all-resident ceiling),
-    in the compute dtype or quantized (moe_rt/quant/experts.py)."""
+    in the compute dtype, quantized (moe_rt/quant/experts.py), or at per-expert widths
+    (moe_rt/quant/mixed.py; slot_of then maps each layer's logical experts to their slots)."""
 
-    def __init__(self, w13: list[torch.Tensor | QuantizedStack], w2: list[torch.Tensor | QuantizedStack]) -> None:
+    def __init__(self, w13: list[WeightStack], w2: list[WeightStack], slot_of: list[torch.Tensor] | None = None) -> None:
         self.w13, self.w2 = w13, w2
+        self.slot_of = slot_of  # per layer [E] int64, or None: slot e holds expert e
         self.num_layers = len(w13)
         self.num_experts = w13[0].shape[0]
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
-        return LayerExperts(self.w13[moe_index], self.w2[moe_index])
+        return LayerExperts(self.w13[moe_index], self.w2[moe_index],
+                            None if self.slot_of is None else self.slot_of[moe_index])
 
     def expert_bytes(self) -> int:
-        return sum(t.nbytes() if isinstance(t, QuantizedStack) else t.numel() * t.element_size()
-                   for t in self.w13 + self.w2)
+        """Bytes the stacks really hold (codes, scales and the CPU kernels' copies included)."""
+        return sum(self.bytes_by_width().values())
+
+    def bytes_by_width(self) -> dict[str, int]:
+        """{"full" | "8" | "4": bytes} over every layer."""
+        out: dict[str, int] = {}
+        for t in self.w13 + self.w2:
+            for k, v in stack_bytes_by_width(t).items():
+                out[k] = out.get(k, 0) + v
+        return out

@@ -79,9 +79,6 @@ class RuntimeConfig(BaseModel):
             raise ValueError("scheduler_policy expert_aware runs on one rank; use fcfs under expert "
                              "parallelism (parallel.ep > 1)")
         bits = self.engine.expert_bits
-        if bits is not None and self.offload:  # the cache moves full-precision experts only
-            raise ValueError(f"expert_bits {bits} does not combine with an offloading expert cache yet; "
-                             "drop one of the two")
         if bits is not None and ep > 1:
             raise ValueError(f"expert_bits {bits} does not combine with expert parallelism (parallel.ep > 1) yet")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:

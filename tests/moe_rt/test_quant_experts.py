@@ -112,11 +112,6 @@ def test_expert_options_are_validated(mixtral_dir):
         LLM(mixtral_dir, progress=False, expert_bits=4, expert_group_size=64)
 
 
-def test_quantized_experts_refuse_an_offloading_cache(mixtral_dir):
-    with pytest.raises(MoeRtError, match="expert_bits 8 does not combine with an offloading expert cache yet"):
-        LLM(mixtral_dir, progress=False, expert_bits=8, cache=dict(offload="cpu", capacity_slots=2))
-
-
 def test_int4_rows_the_cpu_kernel_cannot_pack_take_the_dequantising_path():
     odd = quantize_experts(torch.randn(2, 40, 32), 4, 32)  # the packing op refuses N % 16 != 0
     assert odd.cpu is None

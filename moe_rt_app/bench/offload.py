@@ -7,8 +7,9 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
   pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
              training; frequency and coactivation are fitted on a trace of *other* prompts
              recorded in the same run).
-  lru/intB  with --expert-bits: the LRU cache holding, moving and counting quantized experts
-             (records of int8, or int4 in groups of --group-size); its vs_lru and bytes_vs_lru
+  resident/intB, lru/intB  with --expert-bits: every expert resident and quantized (what the
+             low-bit compute alone changes), and the LRU cache holding, moving and counting
+             quantized experts (int8, or int4 in groups of --group-size); lru/intB's vs_lru and bytes_vs_lru
              are against the full-precision LRU row of the same capacity, and speed_target is
              the tok/s ratio that would pay back half the byte saving (1 + (1 - bytes_vs_lru) / 2).
 Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
@@ -208,9 +209,15 @@ def run(args: argparse.Namespace) -> int:
     runs = [_open_config(model, spec, label, pct, cfg, args, prompts) for label, pct, cfg in
             tqdm(configs, desc="offload configs", disable=not progress)]
     res_run = dict(label="resident", pct=100, cfg=None, llm=resident, store=None)
-    _interleaved_repeats([res_run, *runs], prompts, args, progress)
+    # every expert resident and quantized: how much of a quantized cache's gain is its compute
+    res_runs = [res_run] + [dict(label=f"resident/int{b}", pct=100, cfg=None, llm=_llm(model, args, bits=b),
+                                 store=None) for b in widths]
+    for r in res_runs[1:]:
+        _decode_seconds(r["llm"], prompts, 2)  # warm-up
+    _interleaved_repeats([*res_runs, *runs], prompts, args, progress)
     t_res = res_run["times"]
-    rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res.median, tok_s_best=tokens / t_res.best)]
+    rows = [dict(config=r["label"], capacity="100%", tok_s=tokens / r["times"].median,
+                 tok_s_best=tokens / r["times"].best) for r in res_runs]
     for run_ in runs:
         row = _offload_row(run_, tokens, args)
         # the cost model knows full-precision reads only

@@ -41,7 +41,9 @@ class SlowTier(ABC):
 
     @abstractmethod
     def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Fill w13 [2I, D] and w2 [D, I] (any device, compute dtype) with expert `key`."""
+        """Fill w13 [2I, D] and w2 [D, I] (any device, compute dtype) with expert `key`. Tiers
+        of quantized experts (record_tiers.py, a quantized pack) take the slot's record bytes
+        (uint8 [stride]) as w13 and None as w2."""
 
     def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w13, w2) already in host RAM (for computing the expert on the CPU), or None."""

@@ -126,3 +126,18 @@ def test_a_pack_of_other_bits_is_refused_in_one_line(model4, tmp_path):
     with pytest.raises(MoeRtError) as e:
         outputs(model4, 4, dict(offload="disk", capacity_slots=2, pack_dir=str(tmp_path / "p8")))
     assert "\n" not in str(e.value) and "pack-experts --out" in str(e.value)
+
+
+def test_a_byte_budget_buys_quantized_records(model4):
+    """capacity_gb counts record bytes: the budget of 3 int4 records per layer buys 3 slots,
+    where it would buy fewer full-precision experts."""
+    spec = load_spec(model4)
+    fmt = expert_format(spec, 4, GROUP, torch.float32, "cpu")
+    gb = 3 * fmt.record_bytes * 4 / 2**30  # 4 MoE layers
+    _, _, stats = outputs(model4, 4, dict(offload="cpu", capacity_gb=gb * 1.0001, policy="lru"))
+    assert stats["capacity_slots"] == 3 and 3 * fmt.record_bytes < spec.bytes_per_expert(4)
+
+
+def test_a_gpu_fast_tier_with_quantized_experts_is_refused_in_one_line(model4):
+    with pytest.raises(MoeRtError, match="runs on a CPU fast tier only"):
+        expert_format(load_spec(model4), 8, GROUP, torch.bfloat16, "cuda")

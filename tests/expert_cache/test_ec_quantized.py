@@ -141,3 +141,28 @@ def test_a_byte_budget_buys_quantized_records(model4):
 def test_a_gpu_fast_tier_with_quantized_experts_is_refused_in_one_line(model4):
     with pytest.raises(MoeRtError, match="runs on a CPU fast tier only"):
         expert_format(load_spec(model4), 8, GROUP, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("D, I, group, layouts", [
+    (64, 96, 32, ("int4_cpu", "int4_cpu")),  # rows 192 and 64: the kernel order alone
+    (96, 32, 32, ("int4_cpu", "int4_both")),  # w2's 96 rows: not a multiple of 64
+    (72, 32, 8, ("int4_plain", "int4_plain"))])  # groups of 8: no CPU kernel
+def test_every_int4_layout_reads_back_as_the_resident_stack(D, I, group, layouts):
+    """Records of each layout give the same dequantised weights and CPU-kernel operands as the
+    loader's quantize_experts on the same values."""
+    from types import SimpleNamespace
+
+    from moe_rt.quant.experts import quantize_experts
+
+    spec = SimpleNamespace(hidden_size=D, moe=SimpleNamespace(intermediate_size=I))
+    fmt = expert_format(spec, 4, group, torch.float32, "cpu")
+    assert fmt.layouts == layouts
+    torch.manual_seed(0)
+    w13, w2 = torch.randn(3, 2 * I, D), torch.randn(3, D, I)
+    got = fmt.stacks(fmt.encode(w13, w2))
+    for w, q in zip((w13, w2), got):
+        ref = quantize_experts(w, 4, fmt.group_size)
+        assert torch.equal(q.dequantize(), ref.dequantize())
+        assert (q.cpu is None) == (ref.cpu is None)
+        if ref.cpu is not None:
+            assert torch.equal(q.cpu.qweight, ref.cpu.qweight) and torch.equal(q.cpu.scales, ref.cpu.scales)

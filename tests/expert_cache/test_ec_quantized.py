@@ -166,3 +166,21 @@ def test_every_int4_layout_reads_back_as_the_resident_stack(D, I, group, layouts
         assert (q.cpu is None) == (ref.cpu is None)
         if ref.cpu is not None:
             assert torch.equal(q.cpu.qweight, ref.cpu.qweight) and torch.equal(q.cpu.scales, ref.cpu.scales)
+
+
+def test_an_automatic_pack_from_another_torch_is_rewritten(model4, caplog):
+    from expert_cache.packs import PackTier, disk_tier, pack_cache_dir
+
+    spec, reader = load_spec(model4), CheckpointReader(model4)
+    fmt = expert_format(spec, 4, GROUP, torch.float32, "cpu")
+    disk_tier(reader, spec, torch.float32, None, fmt=fmt).close()  # written once
+    index = pack_cache_dir(reader, torch.float32, fmt) / INDEX
+    data = json.loads(index.read_text())
+    data["format"]["torch"] = "1.0.0"  # the int4 kernel order of another torch
+    index.write_text(json.dumps(data))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tier = disk_tier(reader, spec, torch.float32, None, fmt=fmt)
+    tier.close()
+    assert isinstance(tier, PackTier) and "writing an expert pack" in caplog.text
+    assert json.loads(index.read_text())["format"] == fmt.as_json()

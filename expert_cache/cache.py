@@ -41,13 +41,16 @@ from expert_cache.packs import aligned_empty
 from expert_cache.planning import plan_demand, plan_prefetch
 from expert_cache.policies import ExpertKey, Position
 from expert_cache.prefetcher import MovingAverage, Prefetcher
+from expert_cache.records import ExpertFormat
 from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
 from expert_cache.transfer import Ticket, TransferEngine
 from moe_rt.errors import MoeRtError
 from moe_rt.kernels.loop import loop_experts
+from moe_rt.layers.moe.compute_quant import quantized_experts
 from moe_rt.layers.moe.events import Forecast
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
+from moe_rt.quant.experts import QuantizedStack
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +67,31 @@ class LayerCounters:
 
 class ExpertCache(ExpertStore):
     def __init__(self, spec, tier: SlowTier, cfg: CacheConfig, *, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, fmt: ExpertFormat | None = None) -> None:
+        """fmt: the record format of quantized experts (records.py), None for full precision. With
+        one, each pool is a byte arena of records whose QuantizedStack views the model computes
+        from, and `tier` reads records (records.py's tiers)."""
         L, E = len(spec.moe_layer_ids), spec.num_experts
         D, I = spec.hidden_size, spec.moe.intermediate_size
         cfg.check_model(L, E)
         self.spec, self.cfg, self.tier = spec, cfg, tier
         self.device, self.dtype = torch.device(device), dtype
         self.num_layers, self.num_experts = L, E
-        self._expert_bytes = spec.bytes_per_expert(torch.empty((), dtype=dtype).element_size())
+        self.fmt = fmt
+        # Bytes of one expert as stored and moved: every count (capacity, bytes moved) uses it.
+        self._expert_bytes = (spec.bytes_per_expert(torch.empty((), dtype=dtype).element_size())
+                              if fmt is None else fmt.record_bytes)
         self.capacity_slots = cfg.resolve_capacity_slots(self._expert_bytes, L, E)
         self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
         pools = L if cfg.scope == "per_layer" else 1
         S = self.capacity_slots
-        self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
-        self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
+        if fmt is None:
+            self.arenas = None
+            self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
+            self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
+        else:  # slot s of a pool is arenas[pool][s]; the stacks are views of those bytes
+            self.arenas = [fmt.arena(S) for _ in range(pools)]
+            self.w13, self.w2 = (list(t) for t in zip(*(fmt.stacks(a) for a in self.arenas)))
         self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
@@ -115,6 +129,8 @@ class ExpertCache(ExpertStore):
     # -- ExpertStore ------------------------------------------------------------------------------
     def expert_bytes(self) -> int:
         """Bytes of the fast tier (all slots)."""
+        if self.arenas is not None:
+            return sum(a.numel() for a in self.arenas)
         return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
@@ -201,7 +217,7 @@ class ExpertCache(ExpertStore):
             x = hidden.index_select(0, dev_rows).cpu()
             w = topk_weights.index_select(0, dev_rows).cpu()
             t0 = time.perf_counter()
-            y = loop_experts(x, w13, w2, sub_ids, w)
+            y = (quantized_experts if isinstance(w13, QuantizedStack) else loop_experts)(x, w13, w2, sub_ids, w)
             seconds = time.perf_counter() - t0
             out.index_add_(0, dev_rows, y.to(hidden.device))
             pairs = int(mine.sum())
@@ -359,27 +375,37 @@ class ExpertCache(ExpertStore):
                 self.proven_wrong += 1
 
     # -- slots ------------------------------------------------------------------------------------
-    def _slot(self, key: ExpertKey, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot(self, key: ExpertKey, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a load of `key` into `slot` writes: (w13, w2) slot tensors, or for quantized
+        pools (the slot's record bytes [stride], None), as the record tiers read."""
         pool = self.state.pool_of(key)
+        if self.arenas is not None:
+            return self.arenas[pool][slot], None
         return self.w13[pool][slot], self.w2[pool][slot]
 
     def _layer_experts(self, l: int, keys: list[ExpertKey], streamed: list[ExpertKey]):
         """A stack of exactly this layer's experts when some could not get a slot: resident ones
         copied from their slots, streamed ones read from the slow tier. Returns (experts, seconds)."""
         t0 = time.perf_counter()
-        w13s, w2s = self.w13[0], self.w2[0]
         n = len(keys)
-        w13, w2 = self._buffer((n, *w13s.shape[1:])), self._buffer((n, *w2s.shape[1:]))
+        if self.fmt is not None:
+            arena = self.fmt.arena(n)
+            dst = [(arena[i], None) for i in range(n)]
+            w13, w2 = self.fmt.stacks(arena)
+        else:
+            w13 = self._buffer((n, *self.w13[0].shape[1:]))
+            w2 = self._buffer((n, *self.w2[0].shape[1:]))
+            dst = [(w13[i], w2[i]) for i in range(n)]
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
         streamed_set = set(streamed)
         for i, key in enumerate(keys):
             slot_of[key[1]] = i
             if key in streamed_set:
-                self.transfer.load_now(key, w13[i], w2[i])
+                self.transfer.load_now(key, *dst[i])
             else:
-                src13, src2 = self._slot(key, self.state.slot_of(key))
-                w13[i].copy_(src13)
-                w2[i].copy_(src2)
+                for d, src in zip(dst[i], self._slot(key, self.state.slot_of(key))):
+                    if d is not None:
+                        d.copy_(src)
         return LayerExperts(w13, w2, slot_of.to(self.device)), time.perf_counter() - t0
 
     # -- reporting --------------------------------------------------------------------------------
@@ -390,6 +416,7 @@ class ExpertCache(ExpertStore):
             **s,
             "offload": self.tier.name, "policy": self.cfg.policy, "scope": self.cfg.scope,
             "capacity_slots": self.capacity_slots, "expert_bytes": self._expert_bytes,
+            "expert_format": "dense" if self.fmt is None else self.fmt.label(),
             "bytes_moved_total": sum(s["bytes_moved"].values()),
             # a host-computed miss is a fast-tier miss that copied nothing: loads are copies only
             "loads": s["loads"] - self.host_computed,

@@ -7,6 +7,7 @@ import torch
 
 from expert_cache.config import CacheConfig
 from expert_cache.cache import ExpertCache
+from expert_cache.records import expert_format
 from expert_cache.slow_tier import build_slow_tier
 from moe_rt.errors import MoeRtError
 
@@ -14,11 +15,14 @@ log = logging.getLogger(__name__)
 
 
 def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torch.dtype,
-                         predictor=None, progress: bool = False) -> ExpertCache:
+                         predictor=None, progress: bool = False, expert_bits: int | None = None,
+                         expert_group_size: int = 64) -> ExpertCache:
     """Build the cache for `model` (loaded with load_experts=False), make it the model's store.
 
     predictor: a router_predict Predictor object to prefetch with (any policy; required by policy
     predictive), built by the assembly from the config's predictor section.
+    expert_bits: the cache holds, moves and counts quantized experts (records.py), the same
+    numbers the all-resident model with these bits computes with.
     """
     if cfg.offload == "none":
         raise MoeRtError("cache: offload none keeps every expert resident; there is no cache to install")
@@ -27,8 +31,10 @@ def install_expert_cache(model, reader, cfg: CacheConfig, *, device, dtype: torc
     if cfg.cpu_compute_on_miss == "auto" and device.type == "cpu":
         log.info("cache: cpu_compute_on_miss auto never runs a miss on the host here: the model "
                  "computes on the CPU, where the weights already are (use always to force it)")
-    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress, cfg=cfg, pin=device.type == "cuda")
-    cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype)
+    fmt = None if expert_bits is None else expert_format(spec, expert_bits, expert_group_size, dtype, device)
+    tier = build_slow_tier(cfg.offload, reader, spec, dtype, progress=progress, cfg=cfg,
+                           pin=device.type == "cuda", fmt=fmt)
+    cache = ExpertCache(spec, tier, cfg, device=device, dtype=dtype, fmt=fmt)
     if predictor is None and cfg.policy == "predictive":
         raise MoeRtError("cache policy predictive needs a predictor to prefetch with")
     if predictor is not None:

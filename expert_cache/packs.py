@@ -8,7 +8,15 @@ records `[w13 (2I x D) | w2 (D x I) | zero padding to a multiple of 4096 bytes]`
 e x stride, and `index.json`:
 
   version, dtype (torch name), layers, experts, w13_shape, w2_shape, expert_bytes, stride,
-  files [name], file_bytes [int], fingerprint (of the source checkpoint, `source_fingerprint`)
+  files [name], file_bytes [int], fingerprint (of the source checkpoint, `source_fingerprint`),
+  format (absent for full-precision packs; for quantized ones `records.ExpertFormat.as_json`:
+  bits, group_size, layouts, record_bytes, torch)
+
+A quantized pack (`moe-rt pack-experts --bits 8|4`) holds each expert's record (records.py: the
+codes and bf16 scales the CPU kernels take) instead of w13 | w2; `dtype` is then the compute
+dtype it was written for and not checked. It is used only by a cache whose expert_bits and group
+size it matches, and, because the int4 record is in PyTorch's internal kernel order, only under
+the torch version that wrote it (both refused in one line otherwise).
 
 A pack is valid only for the checkpoint it was cut from: `open_pack` refuses one whose index is
 unreadable or inconsistent (corrupt), whose files have the wrong size, or whose fingerprint differs
@@ -70,6 +78,7 @@ class PackIndex:
     files: tuple[str, ...]  # per MoE layer
     file_bytes: tuple[int, ...]
     fingerprint: str
+    format: dict | None = None  # records.ExpertFormat.as_json() of a quantized pack
 
     def as_json(self) -> dict:
         dtype = next(k for k, v in _DTYPES.items() if v == self.dtype)
@@ -77,7 +86,8 @@ class PackIndex:
                 "experts": self.experts, "w13_shape": list(self.w13_shape),
                 "w2_shape": list(self.w2_shape), "expert_bytes": self.expert_bytes,
                 "stride": self.stride, "files": list(self.files),
-                "file_bytes": list(self.file_bytes), "fingerprint": self.fingerprint}
+                "file_bytes": list(self.file_bytes), "fingerprint": self.fingerprint,
+                **({} if self.format is None else {"format": self.format})}
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "PackIndex":
@@ -87,11 +97,14 @@ class PackIndex:
             idx = cls(_DTYPES[data["dtype"]], int(data["layers"]), int(data["experts"]),
                       tuple(data["w13_shape"]), tuple(data["w2_shape"]), int(data["expert_bytes"]),
                       int(data["stride"]), tuple(data["files"]), tuple(data["file_bytes"]),
-                      str(data["fingerprint"]))
+                      str(data["fingerprint"]), data.get("format"))
+            if idx.format is not None:
+                want = int(idx.format["record_bytes"])
         except (KeyError, TypeError, ValueError) as e:
             raise PackError(f"{where}: corrupt pack index ({type(e).__name__}: {e})") from None
-        item = torch.empty((), dtype=idx.dtype).element_size()
-        want = (idx.w13_shape[0] * idx.w13_shape[1] + idx.w2_shape[0] * idx.w2_shape[1]) * item
+        if idx.format is None:
+            item = torch.empty((), dtype=idx.dtype).element_size()
+            want = (idx.w13_shape[0] * idx.w13_shape[1] + idx.w2_shape[0] * idx.w2_shape[1]) * item
         if (idx.expert_bytes != want or idx.stride % ALIGN or idx.stride < want
                 or len(idx.files) != idx.layers or len(idx.file_bytes) != idx.layers
                 or any(b != idx.experts * idx.stride for b in idx.file_bytes)):
@@ -104,10 +117,11 @@ def _stride(expert_bytes: int) -> int:
 
 
 def write_pack(reader, spec, out_dir: str | Path, dtype: torch.dtype | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, fmt=None) -> Path:
     """Cut a pack of the checkpoint's experts into `out_dir` (created; its old pack replaced);
-    `dtype` None keeps the checkpoint's. Files are written under temporary names and the index
-    last, so an interrupted write leaves no pack that `open_pack` would accept."""
+    `dtype` None keeps the checkpoint's. With `fmt` (a records.ExpertFormat) each record is the
+    expert quantized from the checkpoint's values. Files are written under temporary names and
+    the index last, so an interrupted write leaves no pack that `open_pack` would accept."""
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -120,7 +134,7 @@ def write_pack(reader, spec, out_dir: str | Path, dtype: torch.dtype | None = No
     if dtype not in _DTYPES.values():
         raise PackError(f"packs hold float32, bfloat16 or float16 experts, not {dtype}")
     item = torch.empty((), dtype=dtype).element_size()
-    expert_bytes = 3 * D * I * item
+    expert_bytes = 3 * D * I * item if fmt is None else fmt.record_bytes
     stride = _stride(expert_bytes)
     fingerprint = source_fingerprint(reader)
     record = torch.zeros(stride, dtype=torch.uint8)
@@ -129,15 +143,20 @@ def write_pack(reader, spec, out_dir: str | Path, dtype: torch.dtype | None = No
         name = f"layer_{l:03d}.bin"
         tmp = out / (name + ".tmp")
         with open(tmp, "wb") as f:
-            for e in range(E):
-                w13, w2 = reader.read_expert(spec, l, e)
-                flat = torch.cat([w13.to(dtype).reshape(-1), w2.to(dtype).reshape(-1)])
-                record[:expert_bytes] = flat.view(torch.uint8)
-                f.write(record.numpy().tobytes())
+            if fmt is not None:  # a layer at once: quantize_experts over [E, N, K], as the loader does
+                pairs = [reader.read_expert(spec, l, e) for e in range(E)]
+                arena = fmt.encode(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                f.write(arena.numpy().tobytes())
+            else:
+                for e in range(E):
+                    w13, w2 = reader.read_expert(spec, l, e)
+                    flat = torch.cat([w13.to(dtype).reshape(-1), w2.to(dtype).reshape(-1)])
+                    record[:expert_bytes] = flat.view(torch.uint8)
+                    f.write(record.numpy().tobytes())
         os.replace(tmp, out / name)
         files.append(name)
     index = PackIndex(dtype, L, E, (2 * I, D), (D, I), expert_bytes, stride, tuple(files),
-                      tuple([E * stride] * L), fingerprint)
+                      tuple([E * stride] * L), fingerprint, None if fmt is None else fmt.as_json())
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index.as_json(), indent=1))
     os.replace(tmp, out / INDEX)
@@ -163,9 +182,10 @@ def read_index(pack_dir: str | Path) -> PackIndex:
     return idx
 
 
-def open_pack(pack_dir: str | Path, reader, spec) -> "PackTier":
-    """A PackTier over `pack_dir` if it is a sound pack of this checkpoint and model, else
-    PackError saying why (corrupt, stale, or cut for another model)."""
+def open_pack(pack_dir: str | Path, reader, spec, fmt=None) -> "PackTier":
+    """A PackTier over `pack_dir` if it is a sound pack of this checkpoint and model in format
+    `fmt` (a records.ExpertFormat; None: full precision), else PackError saying why (corrupt,
+    stale, cut for another model, or holding experts of other bits)."""
     idx = read_index(pack_dir)
     if idx.fingerprint != source_fingerprint(reader):
         raise PackError(f"expert pack in {pack_dir} is stale: its checkpoint {reader.dir} changed "
@@ -174,7 +194,23 @@ def open_pack(pack_dir: str | Path, reader, spec) -> "PackTier":
     if (idx.layers, idx.experts, idx.w13_shape, idx.w2_shape) != (
             len(spec.moe_layer_ids), spec.num_experts, (2 * I, D), (D, I)):
         raise PackError(f"expert pack in {pack_dir} does not match the model's expert shapes")
+    _check_format(pack_dir, idx.format, fmt)
     return PackTier(Path(pack_dir), idx)
+
+
+def _check_format(pack_dir, held: dict | None, fmt) -> None:
+    """PackError unless the pack's records are `fmt`'s (same bits, group size, layouts, torch)."""
+    name = lambda f: "full-precision" if f is None else (  # noqa: E731
+        f"int{f['bits']}" + ("" if f["bits"] == 8 else f" group {f['group_size']}"))
+    want = None if fmt is None else fmt.as_json()
+    if (held is None) != (want is None) or (held is not None and (
+            held["bits"], held["group_size"]) != (want["bits"], want["group_size"])):
+        raise PackError(f"expert pack in {pack_dir} holds {name(held)} experts, the config asks for "
+                        f"{name(want)} (pack-experts --bits/--group-size)")
+    if held is not None and (held.get("torch") != want["torch"] or list(held["layouts"]) != want["layouts"]
+                             or held["record_bytes"] != want["record_bytes"]):
+        raise PackError(f"expert pack in {pack_dir} was written under torch {held.get('torch')} with "
+                        f"record layouts {held['layouts']}; this torch ({want['torch']}) needs {want['layouts']}")
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -242,11 +278,21 @@ class PackTier(SlowTier):
             buf = self._local.buf = aligned_empty((self.index.stride,), torch.uint8)
         return buf
 
-    def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor | None) -> None:
+        """Full-precision packs: fill w13 [2I, D] and w2 [D, I]. Quantized packs: w13 is the
+        destination record (uint8 [stride], a slot of a records arena) and w2 None."""
         l, e = key
         idx = self.index
         fd, offset = self._fds[l], e * idx.stride
-        if self._direct_into(w13, idx.w13_shape) and self._direct_into(w2, idx.w2_shape):
+        if idx.format is not None:
+            record = w13
+            if record.data_ptr() % ALIGN == 0 and record.numel() == idx.stride and record.is_contiguous():
+                _read_full(fd, [_bytes(record)], offset, self.dir / idx.files[l])  # straight into the slot
+            else:
+                buf = self._buffer()
+                _read_full(fd, [_bytes(buf)], offset, self.dir / idx.files[l])
+                record.copy_(buf[: record.numel()])
+        elif self._direct_into(w13, idx.w13_shape) and self._direct_into(w2, idx.w2_shape):
             # Straight into the destination (an aligned slot or pinned staging buffer): one
             # read, no copy. w2 follows w13 at an aligned offset because w13's size is aligned.
             _read_full(fd, [_bytes(w13), _bytes(w2)], offset, self.dir / idx.files[l])
@@ -281,39 +327,42 @@ class PackTier(SlowTier):
 PACK_CACHE_ENV = "MOE_RT_PACK_CACHE"
 
 
-def pack_cache_dir(reader, dtype: torch.dtype) -> Path:
-    """Where the automatic pack of this checkpoint in `dtype` lives: $MOE_RT_PACK_CACHE (tests,
-    other disks) or ~/.cache/moe-rt/packs, then <fingerprint>-<dtype>."""
+def pack_cache_dir(reader, dtype: torch.dtype, fmt=None) -> Path:
+    """Where the automatic pack of this checkpoint in `dtype` (or quantized as `fmt`) lives:
+    $MOE_RT_PACK_CACHE (tests, other disks) or ~/.cache/moe-rt/packs, then
+    <fingerprint>-<dtype> or <fingerprint>-<int8 | int4-gN>."""
     base = os.environ.get(PACK_CACHE_ENV) or os.path.expanduser("~/.cache/moe-rt/packs")
-    return Path(base) / f"{source_fingerprint(reader)}-{str(dtype).removeprefix('torch.')}"
+    kind = str(dtype).removeprefix("torch.") if fmt is None else fmt.label()
+    return Path(base) / f"{source_fingerprint(reader)}-{kind}"
 
 
 def disk_tier(reader, spec, dtype: torch.dtype, pack_dir: str | None, *,
-              progress: bool = False) -> SlowTier:
-    """The disk tier: over `pack_dir` (refused with one line if stale or corrupt), else over the
-    automatic pack, written (or rewritten, if stale or corrupt) on first use with a one-line
-    notice; if it cannot be written there, over the safetensors files as before."""
+              progress: bool = False, fmt=None) -> SlowTier:
+    """The disk tier: over `pack_dir` (refused with one line if stale, corrupt or of other bits),
+    else over the automatic pack, written (or rewritten, if stale, corrupt or of another format)
+    on first use with a one-line notice; if it cannot be written there, over the safetensors
+    files as before (quantizing each expert as it is read when `fmt` is given)."""
     import logging
 
-    from expert_cache.slow_tier import DiskTier
+    from expert_cache.slow_tier import checkpoint_tier
 
     log = logging.getLogger(__name__)
     if pack_dir is not None:
         try:
-            return open_pack(pack_dir, reader, spec)
+            return open_pack(pack_dir, reader, spec, fmt)
         except PackError as e:
             raise MoeRtError(f"cache: {e}; rewrite it with moe-rt pack-experts --out {pack_dir}") from None
-    folder = pack_cache_dir(reader, dtype)
+    folder = pack_cache_dir(reader, dtype, fmt)
     try:
-        return open_pack(folder, reader, spec)
+        return open_pack(folder, reader, spec, fmt)
     except PackError:
         pass
     log.warning("cache: writing an expert pack of %s to %s (once; one aligned read per expert)",
                 reader.dir, folder)
     try:
-        write_pack(reader, spec, folder, dtype, progress=progress)
-        return open_pack(folder, reader, spec)
+        write_pack(reader, spec, folder, dtype, progress=progress, fmt=fmt)
+        return open_pack(folder, reader, spec, fmt)
     except (OSError, PackError) as e:
         log.warning("cache: cannot use an expert pack in %s (%s); reading the checkpoint files",
                     folder, e)
-        return DiskTier(reader, spec)
+        return checkpoint_tier(reader, spec, fmt)

@@ -41,7 +41,9 @@ class SlowTier(ABC):
 
     @abstractmethod
     def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Fill w13 [2I, D] and w2 [D, I] (any device, compute dtype) with expert `key`."""
+        """Fill w13 [2I, D] and w2 [D, I] (any device, compute dtype) with expert `key`. Tiers
+        of quantized experts (record_tiers.py, a quantized pack) take the slot's record bytes
+        (uint8 [stride]) as w13 and None as w2."""
 
     def host_weights(self, key: ExpertKey) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(w13, w2) already in host RAM (for computing the expert on the CPU), or None."""
@@ -220,17 +222,32 @@ class DiskTier(SlowTier):
         self._fds = {}
 
 
+def checkpoint_tier(reader, spec, fmt=None) -> SlowTier:
+    """The disk tier over the safetensors files; with `fmt` (records.ExpertFormat) each expert
+    is quantized into its record as it is read (correct, slower than a quantized pack)."""
+    if fmt is None:
+        return DiskTier(reader, spec)
+    from expert_cache.record_tiers import QuantizingTier
+
+    return QuantizingTier(DiskTier(reader, spec), fmt)
+
+
 def build_slow_tier(offload: str, reader, spec, dtype: torch.dtype, *,
-                    progress: bool = False, cfg=None, pin: bool = False) -> SlowTier:
+                    progress: bool = False, cfg=None, pin: bool = False, fmt=None) -> SlowTier:
     """The tier for `offload`; for disk, over an expert pack when cfg (a CacheConfig) names one
     or allows the automatic one (packs.disk_tier), else over the safetensors files. pin: the host
-    tier is page-locked (when the fast tier is a GPU)."""
+    tier is page-locked (when the fast tier is a GPU). fmt: quantized experts' record format
+    (records.py); the tier then reads whole records into record slots."""
     if offload == "cpu":
+        if fmt is not None:
+            from expert_cache.record_tiers import RecordHostTier
+
+            return RecordHostTier(reader, spec, fmt, progress=progress)
         return HostTier(reader, spec, dtype, pin=pin, progress=progress)
     if offload == "disk":
         if cfg is not None and (cfg.pack_dir is not None or cfg.auto_pack):
             from expert_cache.packs import disk_tier
 
-            return disk_tier(reader, spec, dtype, cfg.pack_dir, progress=progress)
-        return DiskTier(reader, spec)
+            return disk_tier(reader, spec, dtype, cfg.pack_dir, progress=progress, fmt=fmt)
+        return checkpoint_tier(reader, spec, fmt)
     raise MoeRtError(f"cache: offload {offload!r} has no slow tier (use cpu or disk)")

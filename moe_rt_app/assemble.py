@@ -44,7 +44,8 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
                 predictor = _predictor(engine, cfg, cfg.cache.forecast_depth)
             built.expert_cache = install_expert_cache(
                 engine.model, engine.reader, cfg.cache, device=engine.device, dtype=engine.dtype,
-                predictor=predictor,
+                predictor=predictor, expert_bits=cfg.engine.expert_bits,
+                expert_group_size=cfg.engine.expert_group_size,
             )
             engine.attach("cache", built.expert_cache.stats, built.expert_cache.close)
             if built.expert_cache.forecaster is not None:  # the one predictor: its recall is reported too

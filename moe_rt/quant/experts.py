@@ -12,7 +12,8 @@ Formats (docs/quantization.md):
           the high one), scales and zeros [S, N, G]. This is the convention of PyTorch's int4 CPU
           kernel (zero = min + 8 * scale), so the same numbers feed it, the Triton kernel and the
           reference dequantisation.
-Scales and zeros are kept in float32; each path rounds them to what its kernel takes.
+Scales and zeros are bfloat16 values (held in float32 here): the CPU kernels take bfloat16, so
+every path computes with the same numbers (and an expert cache stores only the bfloat16 ones).
 """
 from __future__ import annotations
 
@@ -94,13 +95,14 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64, dtype: torch.dtyp
     """w [S, N, K] (any float dtype) -> QuantizedStack standing in for `dtype` (default w.dtype).
 
     int8 rounds w / scale to nearest with scale = max|w[n]| / 127; int4 maps each group's
-    [min, max] onto 0..15 (scale = (max - min) / 15) and rounds to nearest.
+    [min, max] onto 0..15 (scale = (max - min) / 15) and rounds to nearest. Scales and zeros are
+    rounded to bfloat16 values first and the codes chosen against the rounded ones.
     """
     wf = w.float()
     dtype = dtype or w.dtype
     S, N, K = wf.shape
     if bits == 8:
-        scales = (wf.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+        scales = _bf16((wf.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12))
         q = torch.round(wf / scales).clamp(-127, 127).to(torch.int8)
         return QuantizedStack(8, K, q.contiguous(), scales.contiguous(), None, dtype)
     if bits != 4:
@@ -110,11 +112,18 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 64, dtype: torch.dtyp
                          f"matrix; choose 32, 64 or 128 dividing the hidden and intermediate sizes")
     wg = wf.unflatten(-1, (K // group_size, group_size))  # [S, N, G, g]
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(-2)
+    scales = _bf16(((hi - lo) / 15).clamp(min=1e-12))
+    zeros = _bf16(lo + 8 * scales)
+    q = torch.round((wg - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.uint8).flatten(-2)
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
-    return QuantizedStack(4, group_size, packed.contiguous(), scales.contiguous(), (lo + 8 * scales).contiguous(),
-                          dtype)
+    return QuantizedStack(4, group_size, packed.contiguous(), scales.contiguous(), zeros.contiguous(), dtype)
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest bfloat16 values, kept in float32. Scales and zeros are chosen so,
+    because the CPU kernels take them in bfloat16: every path (kernel, dequantisation, an expert
+    cache's bf16-only records) then computes with the same numbers, so their outputs agree."""
+    return x.to(torch.bfloat16).float()
 
 
 def with_cpu_operands(stack: QuantizedStack) -> QuantizedStack:

@@ -7,6 +7,11 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
   pred+NAME  policy predictive with prefetch, for each predictor (gate_lookahead needs no
              training; frequency and coactivation are fitted on a trace of *other* prompts
              recorded in the same run).
+  resident/intB, lru/intB  with --expert-bits: every expert resident and quantized (what the
+             low-bit compute alone changes), and the LRU cache holding, moving and counting
+             quantized experts (int8, or int4 in groups of --group-size); lru/intB's vs_lru and bytes_vs_lru
+             are against the full-precision LRU row of the same capacity, and speed_target is
+             the tok/s ratio that would pay back half the byte saving (1 + (1 - bytes_vs_lru) / 2).
 Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
 bench compares scheduling policies instead (offload_schedule.py). Experts are read from expert packs
 (expert_cache/packs.py, written on first use) with O_DIRECT, which bypasses the page cache, so
@@ -47,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", default="gate_lookahead,frequency,coactivation",
                    help="predictors to prefetch with (policy predictive); empty for none")
     p.add_argument("--lookahead", default="1", help="prefetch depth: an integer or auto")
+    p.add_argument("--expert-bits", default="",
+                   help="also run the LRU cache with quantized experts at these widths (e.g. 8,4)")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="--expert-bits 4: input columns per scale")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per sequence")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
@@ -91,10 +100,11 @@ def _decode_seconds(llm, prompts, max_tokens: int) -> float:
     return time_moe_rt(llm, prompts, max_tokens)
 
 
-def _llm(model: str, args, cache=None):
+def _llm(model: str, args, cache=None, bits: int | None = None):
     from moe_rt_app import LLM
 
-    return LLM(model, dtype=args.dtype, device=args.device, progress=False, cache=cache)
+    return LLM(model, dtype=args.dtype, device=args.device, progress=False, cache=cache,
+               expert_bits=bits, expert_group_size=args.group_size)
 
 
 def _disk_tier(llm, args):
@@ -149,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
     if not rules or any(r not in ("cost", "always") for r in rules):
         raise MoeRtError("--prefetch-rules takes cost and/or always, comma-separated")
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
+    widths = parse_ints(args.expert_bits, "--expert-bits") if args.expert_bits else []
+    if any(b not in (8, 4) for b in widths):
+        raise MoeRtError("--expert-bits takes 8 and/or 4, comma-separated")
     progress = not args.no_progress
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -177,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     for pct in pcts:
         slots = max(1, round(E * pct / 100))
         configs.append(("lru", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
+        for b in widths:  # the same cache, quantized experts (bits read from the label)
+            configs.append((f"lru/int{b}", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
         for name in predictors:
             for rule in rules:
                 cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
@@ -194,13 +209,20 @@ def run(args: argparse.Namespace) -> int:
     runs = [_open_config(model, spec, label, pct, cfg, args, prompts) for label, pct, cfg in
             tqdm(configs, desc="offload configs", disable=not progress)]
     res_run = dict(label="resident", pct=100, cfg=None, llm=resident, store=None)
-    _interleaved_repeats([res_run, *runs], prompts, args, progress)
+    # every expert resident and quantized: how much of a quantized cache's gain is its compute
+    res_runs = [res_run] + [dict(label=f"resident/int{b}", pct=100, cfg=None, llm=_llm(model, args, bits=b),
+                                 store=None) for b in widths]
+    for r in res_runs[1:]:
+        _decode_seconds(r["llm"], prompts, 2)  # warm-up
+    _interleaved_repeats([*res_runs, *runs], prompts, args, progress)
     t_res = res_run["times"]
-    rows = [dict(config="resident", capacity="100%", tok_s=tokens / t_res.median, tok_s_best=tokens / t_res.best)]
+    rows = [dict(config=r["label"], capacity="100%", tok_s=tokens / r["times"].median,
+                 tok_s_best=tokens / r["times"].best) for r in res_runs]
     for run_ in runs:
         row = _offload_row(run_, tokens, args)
-        row["predicted_tok_s"] = _predict(row, run_["cfg"], eval_trace, args, t_res.median,
-                                          t_read if args.no_pack else t_read_tier, L, fit_trace)
+        # the cost model knows full-precision reads only
+        row["predicted_tok_s"] = None if _bits(run_["label"]) else _predict(
+            row, run_["cfg"], eval_trace, args, t_res.median, t_read if args.no_pack else t_read_tier, L, fit_trace)
         rows.append(row)
     resident_row, naive = rows[0], next(r for r in rows if r["config"] == "naive")
     for r in rows:  # ratios of medians, and of the fastest runs
@@ -218,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
              "tier_read_ms_per_expert": round(t_read_tier * 1e3, 3),
              "mixtral_8x7b_24gb_pcie4": _mixtral_table()}
     emit(rows, args, ["config", "capacity", "tok_s", "tok_s_best", "vs_resident", "vs_naive", "vs_lru",
-                      "vs_lru_best", "hit_rate", "mb_per_token", "bytes_vs_lru", "stall_ms_per_token",
+                      "vs_lru_best", "hit_rate", "mb_per_token", "bytes_vs_lru", "speed_target",
+                      "stall_ms_per_token",
                       "prefetches", "prefetch_hits", "wasted", "predicted_tok_s"],
          extra)
     if args.plot:
@@ -240,10 +263,15 @@ def _open_config(model, spec, label, pct, cfg, args, prompts) -> dict:
                                     dtype=llm.engine.dtype)
         llm.model.moe_ctx.store = store
     else:
-        llm = _llm(model, args, cfg)
+        llm = _llm(model, args, cfg, _bits(label))  # a quantized pack is written here, untimed
         store = llm.expert_cache
     _decode_seconds(llm, prompts, 1)
     return dict(label=label, pct=pct, cfg=cfg, llm=llm, store=store)
+
+
+def _bits(label: str) -> int | None:
+    """The expert width of a configuration labelled lru/intB, else None (full precision)."""
+    return int(label.rsplit("/int", 1)[1]) if "/int" in label else None
 
 
 def _interleaved_repeats(runs: list[dict], prompts, args, progress: bool) -> None:
@@ -291,6 +319,8 @@ def _ratios_to_lru(rows: list[dict]) -> None:
         r["vs_lru"] = r["tok_s"] / base["tok_s"]
         r["vs_lru_best"] = r["tok_s_best"] / base["tok_s_best"]
         r["bytes_vs_lru"] = r["mb_per_token"] / base["mb_per_token"] if base["mb_per_token"] else None
+        if _bits(r["config"]) and r["bytes_vs_lru"] is not None:  # #16: half the byte saving in tok/s
+            r["speed_target"] = 1 + (1 - r["bytes_vs_lru"]) / 2
 
 
 def _schedule_bench(args, model: str, pct: int, params) -> int:

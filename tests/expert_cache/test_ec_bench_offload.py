@@ -48,3 +48,30 @@ def test_bench_offload_compares_scheduling_policies_against_fcfs(tmp_path, capsy
     assert rows[("tok_s", "expert_aware")]["best"] >= rows[("tok_s", "expert_aware")]["median"] > 0
     assert rows[("ttft_ms", "fcfs")]["best"] <= rows[("ttft_ms", "fcfs")]["median"]
     assert res["scheduler_stats_last"]["expert_aware"]["partial_steps"] > 0
+
+
+def test_bench_offload_adds_quantized_lru_rows_against_the_full_precision_one(tmp_path, capsys):
+    import torch
+
+    from expert_cache.records import expert_format
+    from moe_rt.loader import load_spec
+
+    argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
+            "--predictors", "", "--expert-bits", "8,4", "--group-size", "32", "--fit-prompts", "2",
+            "--max-tokens", "3", "--repeats", "1", "--torch-threads", "1", "--no-progress", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    rows = {r["config"]: r for r in res["results"]}
+    assert list(rows) == ["resident", "resident/int8", "resident/int4", "naive", "lru", "lru/int8", "lru/int4"]
+    assert abs(rows["resident/int8"]["vs_resident"] - rows["resident/int8"]["tok_s"] / rows["resident"]["tok_s"]) < 1e-9
+    spec = load_spec(res["model"])
+    lru = rows["lru"]
+    assert abs(lru["gb_moved"] * 1e9 / lru["loads"] - spec.bytes_per_expert(4)) < 1e-3  # fp32 experts
+    for bits in (8, 4):
+        r = rows[f"lru/int{bits}"]
+        record = expert_format(spec, bits, 32, torch.float32, "cpu").record_bytes
+        assert abs(r["gb_moved"] * 1e9 / r["loads"] - record) < 1e-3  # one record per load
+        assert abs(r["bytes_vs_lru"] - r["mb_per_token"] / lru["mb_per_token"]) < 1e-9
+        assert abs(r["vs_lru"] - r["tok_s"] / lru["tok_s"]) < 1e-9
+        assert abs(r["speed_target"] - (1 + (1 - r["bytes_vs_lru"]) / 2)) < 1e-9

@@ -12,22 +12,30 @@ from moe_rt.quant.experts import QuantizedStack, quantize, quantize_experts
 
 
 def test_int8_format_by_hand():
-    w = torch.tensor([[[1.27, -0.635, 0.0, 0.01]]])  # one slot, one row: scale 0.01
+    s = 2.0 ** -7  # one slot, one row: scale max|w| / 127 = 2^-7, a bfloat16 value
+    w = torch.tensor([[[127 * s, -63.5 * s, 0.0, s]]])
     q = quantize(w, 8)
     assert q.qweight.tolist() == [[[127, -64, 0, 1]]]  # -63.5 rounds to even
-    torch.testing.assert_close(q.scales, torch.tensor([[[0.01]]]))
+    torch.testing.assert_close(q.scales, torch.tensor([[[s]]]))
     assert q.shape == w.shape and q.dtype == w.dtype
 
 
 def test_int4_format_by_hand():
-    # one group of 4 columns from -1 to 2: scale 0.2, zero = min + 8 * scale = 0.6
-    w = torch.tensor([[[-1.0, 2.0, 0.0, 0.41]]])
+    # one group of 4 columns from -1 to 14: scale 1, zero = min + 8 * scale = 7
+    w = torch.tensor([[[-1.0, 14.0, 4.0, 5.4]]])
     q = quantize(w, 4, group_size=4)
-    codes = [0, 15, 5, 7]  # (w - min) / scale rounded
+    codes = [0, 15, 5, 6]  # (w - min) / scale rounded
     assert q.qweight.tolist() == [[[codes[0] | codes[1] << 4, codes[2] | codes[3] << 4]]]
-    torch.testing.assert_close(q.scales, torch.tensor([[[0.2]]]))
-    torch.testing.assert_close(q.zeros, torch.tensor([[[0.6]]]))
-    torch.testing.assert_close(q.dequantize(), torch.tensor([[[-1.0, 2.0, 0.0, 0.4]]]))
+    torch.testing.assert_close(q.scales, torch.tensor([[[1.0]]]))
+    torch.testing.assert_close(q.zeros, torch.tensor([[[7.0]]]))
+    torch.testing.assert_close(q.dequantize(), torch.tensor([[[-1.0, 14.0, 4.0, 5.0]]]))
+
+
+def test_scales_and_zeros_are_bfloat16_values():
+    """The CPU kernels take bfloat16 scales: every path computes with exactly those numbers."""
+    q = quantize(torch.randn(2, 64, 128), 4, 32)
+    for t in (q.scales, q.zeros, quantize(torch.randn(2, 64, 128), 8).scales):
+        assert torch.equal(t.to(torch.bfloat16).float(), t)
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
@@ -110,11 +118,6 @@ def test_expert_options_are_validated(mixtral_dir):
     # 64 divides the hidden size (64) but not the intermediate size (96)
     with pytest.raises(MoeRtError, match="expert_group_size 64 does not divide the input size 96"):
         LLM(mixtral_dir, progress=False, expert_bits=4, expert_group_size=64)
-
-
-def test_quantized_experts_refuse_an_offloading_cache(mixtral_dir):
-    with pytest.raises(MoeRtError, match="expert_bits 8 does not combine with an offloading expert cache yet"):
-        LLM(mixtral_dir, progress=False, expert_bits=8, cache=dict(offload="cpu", capacity_slots=2))
 
 
 def test_int4_rows_the_cpu_kernel_cannot_pack_take_the_dequantising_path():

@@ -153,7 +153,10 @@ def test_llm_with_a_plan_matches_experts_dequantised_at_their_widths(mixtral_dir
     torch.testing.assert_close(slow.prompt_logits(ids), want.prompt_logits(ids), rtol=1e-5, atol=1e-5)
     fast = LLM(mixtral_dir, dtype="float32", progress=False, expert_bits_plan=plan.model_dump())  # inline
     a, b = fast.prompt_logits(ids), want.prompt_logits(ids)
-    assert (a - b).norm() / b.norm() < 1.5e-2  # bfloat16 activations in the CPU low-bit kernels
+    # bfloat16 activations in the CPU low-bit kernels: ~0.4% per layer, and where that flips a
+    # near-tied routing choice one position's logits move further, so most positions are checked
+    rel = (a - b).norm(dim=-1) / b.norm(dim=-1)
+    assert rel.median() < 5e-3 and (rel < 1e-2).float().mean() > 0.9
     # real bytes, by width: 3 full + 2 int8 + 11 int4 experts
     by_width = store.bytes_by_width()
     assert set(by_width) == {"full", "8", "4"} and store.expert_bytes() == sum(by_width.values())

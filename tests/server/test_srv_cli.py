@@ -55,8 +55,6 @@ def test_serve_rejects_a_folder_without_a_model(tmp_path, capsys):
     (["--offload", "disk", "--expert-cache-slots", "0"], "--expert-cache-slots must be >= 1, got 0"),
     (["--offload", "disk"], "offload flags: give exactly one of --expert-cache-slots and --expert-cache-gb"),
     (["--ep", "2", "--offload", "cpu", "--expert-cache-slots", "2"], "expert parallelism (--ep > 1) does not combine with an expert cache yet; remove the cache section or run on one rank"),
-    (["--offload", "cpu", "--expert-cache-slots", "2", "--expert-bits", "4"],
-     "--expert-bits 4 does not combine with an offloading expert cache yet; drop one of the two"),
 ])
 def test_serve_rejects_bad_flags_before_binding(mixtral_dir, capsys, argv, message):
     assert cli_serve.main(["--model", str(mixtral_dir), "--port", "0", *argv]) == 2

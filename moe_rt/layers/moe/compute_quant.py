@@ -40,13 +40,15 @@ def _project(x: torch.Tensor, w: QuantizedStack, s: int) -> torch.Tensor:
 
 
 def quantized_experts(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids, topk_weights) -> torch.Tensor:
-    """Pairs grouped by slot, one matmul pair per slot with rows, weighted outputs added in fp32."""
+    """Pairs grouped by slot, one matmul pair per slot with rows, weighted outputs added in fp32
+    in the order of the K choices. That order, not the slots', fixes the sum: an expert cache
+    numbers slots its own way, and its output must equal the all-resident model's bit for bit."""
     T, K = topk_ids.shape
     if T == 1:
         return _one_token(hidden, w13, w2, topk_ids, topk_weights)
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     if T == 0:
-        return out.to(hidden.dtype)
+        return torch.zeros_like(hidden)
+    per_pair = torch.zeros((T * K, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)  # pairs grouped by slot, -1 first
     slots = flat[order].tolist()
@@ -62,18 +64,24 @@ def quantized_experts(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids,
         tokens = pairs // K
         h = _project(hidden[tokens], w13, s)
         y = _project(F.silu(h[:, :I]) * h[:, I:], w2, s)
-        out.index_add_(0, tokens, y.float() * weights[pairs].float()[:, None])
+        per_pair[pairs] = y.float() * weights[pairs].float()[:, None]
         start = end
+    by_choice = per_pair.view(T, K, -1)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for k in range(K):
+        out += by_choice[:, k]
     return out.to(hidden.dtype)
 
 
 def _one_token(hidden, w13: QuantizedStack, w2: QuantizedStack, topk_ids, topk_weights) -> torch.Tensor:
     """T == 1 (batch-1 decode): the same products on the token's own row, without index tensors;
-    the weighted outputs are added in slot order in fp32, as index_add_ into zeros would."""
+    the weighted outputs are added in fp32 in the order of the choices, as the batched path does."""
     I = w2.shape[2]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     weights = topk_weights[0]
-    for s, k in sorted((s, k) for k, s in enumerate(topk_ids[0].tolist()) if s >= 0):
+    for k, s in enumerate(topk_ids[0].tolist()):
+        if s < 0:
+            continue
         h = _project(hidden, w13, s)
         out += _project(F.silu(h[:, :I]) * h[:, I:], w2, s).float() * weights[k : k + 1].float()
     return out.to(hidden.dtype)

@@ -29,7 +29,7 @@ from moe_rt.layers.moe.store import LayerExperts, ResidentExpertStore
 from moe_rt.quant.experts import QuantizedStack
 from parallel.dispatchers import DispatcherSetup, EPDispatcher, build_dispatcher
 from parallel.dispatchers.comm import Comm, pack_rows, unpack_rows
-from parallel.expert_slots import take_slots
+from parallel.expert_slots import by_part, take_mixed_slots
 from parallel.groups import EPGroup
 from parallel.placement import ExpertParallelPlacement
 from parallel.stats import EPStats
@@ -56,7 +56,8 @@ def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=
     """Cut (from the resident store) or load (from the checkpoint reader) this rank's experts.
 
     The resident store comes first: it holds the experts as the model computes with them (in the
-    compute dtype, or quantized with expert_bits), so the rank's experts are those very weights.
+    compute dtype, quantized with expert_bits, or at a bits plan's widths), so the rank's experts
+    are those very weights.
     The reader is for a model built without experts; it gives full-precision weights only."""
     spec = model.spec
     L, E = len(spec.moe_layer_ids), spec.num_experts
@@ -68,17 +69,22 @@ def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=
     w13s, w2s, slots = [], [], []
     for m in range(L):
         mine = placement.experts_on_rank(m, rank)
-        slot_of = torch.full((E,), -1, dtype=torch.int64, device=ref.device)
-        slot_of[mine] = torch.arange(len(mine), device=ref.device)
         if old is not None:
-            idx = torch.tensor(mine, dtype=torch.int64, device=old.w13[m].device)
-            w13s.append(take_slots(old.w13[m], idx))
-            w2s.append(take_slots(old.w2[m], idx))
+            # The resident store's slot of each of this rank's experts (a bits plan permutes
+            # them), grouped by width part; the rank's slots follow that order.
+            at = old.slot_of[m].tolist() if old.slot_of is not None else list(range(E))
+            picked = by_part(old.w13[m], [at[e] for e in mine])
+            mine = [at.index(s) for s in picked]
+            idx = torch.tensor(picked, dtype=torch.int64, device=ref.device)
+            w13s.append(take_mixed_slots(old.w13[m], idx))
+            w2s.append(take_mixed_slots(old.w2[m], idx))
         else:
             I, D = spec.moe.intermediate_size, spec.hidden_size
             pairs = [reader.read_expert(spec, m, e) for e in mine]
             w13s.append(torch.stack([p[0] for p in pairs]).to(ref) if pairs else ref.new_empty(0, 2 * I, D))
             w2s.append(torch.stack([p[1] for p in pairs]).to(ref) if pairs else ref.new_empty(0, D, I))
+        slot_of = torch.full((E,), -1, dtype=torch.int64, device=ref.device)
+        slot_of[mine] = torch.arange(len(mine), device=ref.device)
         slots.append(slot_of)
     return EPExpertStore(w13s, w2s, slots, E)
 

@@ -125,7 +125,10 @@ def test_four_ranks(model_dir, reference):
 INT4 = {"expert_bits": 4, "expert_group_size": 32}
 QUANT = {"int8": {"expert_bits": 8},
          "int4": {**INT4, "expert_compute": "reference"},
-         "int4 s-TS": INT4}
+         "int4 s-TS": INT4,
+         # a bits plan: per-expert widths, the resident slots permuted (widest first)
+         "plan": {"expert_bits_plan": {"group_size": 32, "default": 4, "layers": {0: {"full": [1], 8: [3, 5]}}},
+                  "expert_compute": "reference"}}
 
 
 def test_two_ranks_quantized_experts_equal_the_single_process(model_dir, reference):
@@ -137,7 +140,7 @@ def test_two_ranks_quantized_experts_equal_the_single_process(model_dir, referen
     from moe_rt_app.ep_llm import EPOptions
 
     schemes = {"int8": EPOptions("alltoall"), "int4": EPOptions("alltoall"),
-               "int4 s-TS": EPOptions("speculative", predictor="gate_lookahead")}
+               "int4 s-TS": EPOptions("speculative", predictor="gate_lookahead"), "plan": EPOptions("alltoall")}
     refs = {name: single_process(model_dir, **opts) for name, opts in QUANT.items()}
     # the quantized engines do differ from the full-precision one (the checks below are not vacuous)
     assert (refs["int4"][1] - reference[1]).abs().max() > 1e-3

@@ -163,3 +163,36 @@ def test_ep_store_cuts_the_quantized_stacks(tmp_path_factory, bits):
                 assert torch.equal(got.cpu.qweight, held.cpu.qweight[mine])
                 assert torch.equal(got.cpu.scales, held.cpu.scales[mine])
                 assert (got.cpu.qweight is got.codes) == (held.cpu.qweight is held.codes)
+
+
+# A bits plan permutes the resident slots (widest first): layer 0 holds expert 1 at full
+# precision and 3, 5 at 8 bits, the rest at 4; layer 1 is uniform int4.
+PLAN = {"group_size": 32, "default": 4, "layers": {0: {"full": [1], 8: [3, 5]}}}
+
+
+def test_ep_store_cuts_a_bits_plan(tmp_path_factory):
+    """With a plan, each rank holds its experts at their planned widths, grouped by width, and
+    every logical expert maps to the rank slot whose weights are the resident store's for it."""
+    from checkpoints import write_checkpoint
+    from moe_rt.loader import load_model
+    from moe_rt.quant.mixed import MixedStack
+    from moe_rt.quant.plan import load_plan
+    from parallel.apply import build_ep_store
+    from parallel.placement import default_placement
+
+    d = write_checkpoint(tmp_path_factory.mktemp("ep_plan"), "mixtral", num_attention_heads=4)
+    model, _ = load_model(d, progress=False, expert_bits_plan=load_plan(PLAN))
+    whole = model.moe_ctx.store
+    placement = default_placement(2, 8, 2)  # experts 0-3 on rank 0, 4-7 on rank 1
+    stores = [build_ep_store(model, placement, r) for r in range(2)]
+    assert sum(s.expert_bytes() for s in stores) == whole.expert_bytes()
+    assert stores[0].w13[0].widths == ("full", 8, 4) and stores[1].w13[0].widths == (8, 4)
+    for r, store in enumerate(stores):
+        for m in range(2):
+            mine = placement.experts_on_rank(m, r)
+            assert sorted(store.slot_of[m][mine].tolist()) == list(range(len(mine)))
+            for got, held in ((store.w13[m], whole.w13[m]), (store.w2[m], whole.w2[m])):
+                assert isinstance(got, MixedStack)
+                dense, full = got.dequantize(), held.dequantize()
+                for e in mine:
+                    assert torch.equal(dense[store.slot_of[m][e]], full[whole.slot_of[m][e]]), (r, m, e)

@@ -1,7 +1,9 @@
 """How many bytes the paged KV cache gets.
 
 An explicit `kv_cache_memory_gb` is taken as given. Without one, a CPU engine takes 1 GiB (host
-memory is shared with everything else on the machine, and a CPU decodes few sequences at once), and a
+memory is shared with everything else on the machine, and a CPU decodes few sequences at once), or
+less when that is more than the engine could ever fill (`max_num_seqs` sequences of the full
+context: a small model would otherwise hold a gigabyte of cache it never touches), and a
 CUDA engine takes what `gpu_memory_utilization` of the device leaves once the model's weights are
 loaded and the bytes the assembly reserves (an expert cache's slots) are set aside, as vLLM sizes
 its cache: the KV cache, not a fixed guess, grows with the GPU.
@@ -17,11 +19,14 @@ GIB = 2**30
 CPU_DEFAULT_BYTES = 1 * GIB
 
 
-def kv_cache_bytes(engine: EngineConfig, device: torch.device, reserve_bytes: int = 0) -> int:
+def kv_cache_bytes(engine: EngineConfig, device: torch.device, reserve_bytes: int = 0,
+                   most_bytes: int | None = None) -> int:
+    """most_bytes: what the engine could ever use (every running sequence at the full context);
+    caps the CPU default only."""
     if engine.kv_cache_memory_gb is not None:
         return int(engine.kv_cache_memory_gb * GIB)
     if device.type != "cuda":
-        return CPU_DEFAULT_BYTES
+        return CPU_DEFAULT_BYTES if most_bytes is None else min(CPU_DEFAULT_BYTES, most_bytes)
     free, total = torch.cuda.mem_get_info(device)
     return gpu_budget(total, total - free, reserve_bytes, engine.gpu_memory_utilization)
 

@@ -72,7 +72,9 @@ class LLMEngine:
         ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only
         bytes_per_block = self.spec.num_layers * ec.kv_block_size * per_token
-        budget = kv_cache_bytes(ec, self.device, reserve_bytes)
+        context = ec.max_model_len or self.spec.max_position_embeddings
+        most = ec.max_num_seqs * -(-context // ec.kv_block_size) * bytes_per_block
+        budget = kv_cache_bytes(ec, self.device, reserve_bytes, most_bytes=most)
         budget_gb = ec.kv_cache_memory_gb if ec.kv_cache_memory_gb is not None else f"{budget / 2**30:.4g}"
         num_blocks = int(budget // bytes_per_block)
         capacity = num_blocks * ec.kv_block_size

@@ -96,7 +96,8 @@ def test_top_k_and_top_p_filters_exact():
 
 
 def test_kv_budget_rules():
-    """Given: taken as is. Not given: 1 GiB on CPU; on CUDA utilization x total, less what the
+    """Given: taken as is. Not given: 1 GiB on CPU, or what every running sequence at the full
+    context could fill when that is less; on CUDA utilization x total, less what the
     weights use and the expert cache reserves, refused in one line when nothing is left."""
     from moe_rt.engine.kv_budget import CPU_DEFAULT_BYTES, GIB, gpu_budget, kv_cache_bytes
     from moe_rt.errors import MoeRtError
@@ -104,6 +105,20 @@ def test_kv_budget_rules():
     cpu = torch.device("cpu")
     assert kv_cache_bytes(EngineConfig(kv_cache_memory_gb=0.5), cpu) == GIB // 2
     assert kv_cache_bytes(EngineConfig(), cpu, reserve_bytes=10 * GIB) == CPU_DEFAULT_BYTES
+    assert kv_cache_bytes(EngineConfig(), cpu, most_bytes=5 * 2**20) == 5 * 2**20
+    assert kv_cache_bytes(EngineConfig(), cpu, most_bytes=4 * GIB) == CPU_DEFAULT_BYTES
+    assert kv_cache_bytes(EngineConfig(kv_cache_memory_gb=0.5), cpu, most_bytes=2**20) == GIB // 2
     assert gpu_budget(total=140 * GIB, used=30 * GIB, reserve_bytes=20 * GIB, utilization=0.9) == 76 * GIB
     with pytest.raises(MoeRtError, match="no GPU memory is left for the KV cache"):
         gpu_budget(total=80 * GIB, used=60 * GIB, reserve_bytes=15 * GIB, utilization=0.9)
+
+
+def test_cpu_kv_cache_holds_what_the_running_sequences_can_fill(mixtral_dir):
+    """Without kv_cache_memory_gb, a CPU engine's cache is max_num_seqs full contexts when that is
+    under 1 GiB (the tiny model's 256 positions), not a gigabyte it never touches."""
+    from moe_rt_app import LLM
+
+    llm = LLM(mixtral_dir, progress=False, max_num_seqs=3, max_model_len=100, kv_block_size=16)
+    bs = 16
+    assert llm.engine.max_model_len == 100
+    assert llm.engine.blocks.num_blocks == 3 * -(-100 // bs)

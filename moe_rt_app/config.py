@@ -78,9 +78,6 @@ class RuntimeConfig(BaseModel):
             # every rank must decode the same sequences each step or the all-to-all hangs
             raise ValueError("scheduler_policy expert_aware runs on one rank; use fcfs under expert "
                              "parallelism (parallel.ep > 1)")
-        if self.engine.expert_bits_plan is not None and self.offload:  # one record format per cache
-            raise ValueError("expert_bits_plan does not combine with an offloading expert cache yet; "
-                             "use a uniform expert_bits")
         if self.engine.expert_bits_plan is not None and ep > 1:
             raise ValueError("expert_bits_plan does not combine with expert parallelism (parallel.ep > 1) yet; "
                              "use a uniform expert_bits")

@@ -176,8 +176,12 @@ def test_a_plan_is_refused_where_it_does_not_run(mixtral_dir, tmp_path):
         LLM(mixtral_dir, progress=False, expert_bits_plan={"layers": {5: {8: [0]}}})
     with pytest.raises(MoeRtError, match="expert_bits .* and a bits plan are both set; give one"):
         LLM(mixtral_dir, progress=False, expert_bits=8, expert_bits_plan={})
-    with pytest.raises(MoeRtError, match="expert_bits_plan does not combine with an offloading expert cache yet"):
-        LLM(mixtral_dir, progress=False, expert_bits_plan={}, cache=dict(offload="cpu", capacity_slots=2))
+    with pytest.raises(MoeRtError, match="cpu_compute_on_miss does not combine with expert_bits_plan yet"):
+        LLM(mixtral_dir, progress=False, expert_bits_plan={}, cache=dict(offload="cpu", capacity_slots=2,
+                                                                         cpu_compute_on_miss="always"))
+    with pytest.raises(MoeRtError, match="pack_dir does not combine with expert_bits_plan"):
+        LLM(mixtral_dir, progress=False, expert_bits_plan={},
+            cache=dict(offload="disk", capacity_slots=2, pack_dir=str(tmp_path / "pack")))
     with pytest.raises(MoeRtError, match="expert_bits_plan runs on expert_compute torch or reference, not loop"):
         LLM(mixtral_dir, progress=False, expert_bits_plan={}, expert_compute="loop")
     with pytest.raises(MoeRtError, match=f"bits plan {tmp_path}/none.yaml does not exist"):

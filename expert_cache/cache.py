@@ -45,12 +45,15 @@ from expert_cache.records import ExpertFormat
 from expert_cache.slow_tier import SlowTier
 from expert_cache.state import CacheState
 from expert_cache.transfer import Ticket, TransferEngine
+from expert_cache.widths import WidthPlan, check_pins, pool_slots
 from moe_rt.errors import MoeRtError
 from moe_rt.kernels.loop import loop_experts
 from moe_rt.layers.moe.compute_quant import quantized_experts
 from moe_rt.layers.moe.events import Forecast
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
 from moe_rt.quant.experts import QuantizedStack
+from moe_rt.quant.mixed import MixedStack
+from moe_rt.quant.plan import WIDTHS
 
 log = logging.getLogger(__name__)
 
@@ -67,31 +70,36 @@ class LayerCounters:
 
 class ExpertCache(ExpertStore):
     def __init__(self, spec, tier: SlowTier, cfg: CacheConfig, *, device: torch.device,
-                 dtype: torch.dtype, fmt: ExpertFormat | None = None) -> None:
+                 dtype: torch.dtype, fmt: ExpertFormat | None = None, plan: WidthPlan | None = None) -> None:
         """fmt: the record format of quantized experts (records.py), None for full precision. With
         one, each pool is a byte arena of records whose QuantizedStack views the model computes
-        from, and `tier` reads records (records.py's tiers)."""
+        from, and `tier` reads records (records.py's tiers). plan: an expert bits plan (widths.py;
+        not with fmt): one pool per (layer or global, width), each in its width's form, and each
+        layer's experts handed to the model as MixedStacks of its pools."""
         L, E = len(spec.moe_layer_ids), spec.num_experts
         D, I = spec.hidden_size, spec.moe.intermediate_size
         cfg.check_model(L, E)
         self.spec, self.cfg, self.tier = spec, cfg, tier
         self.device, self.dtype = torch.device(device), dtype
         self.num_layers, self.num_experts = L, E
-        self.fmt = fmt
-        # Bytes of one expert as stored and moved: every count (capacity, bytes moved) uses it.
-        self._expert_bytes = (spec.bytes_per_expert(torch.empty((), dtype=dtype).element_size())
-                              if fmt is None else fmt.record_bytes)
-        self.capacity_slots = cfg.resolve_capacity_slots(self._expert_bytes, L, E)
-        self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
-        pools = L if cfg.scope == "per_layer" else 1
-        S = self.capacity_slots
-        if fmt is None:
-            self.arenas = None
-            self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
-            self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
-        else:  # slot s of a pool is arenas[pool][s]; the stacks are views of those bytes
-            self.arenas = [fmt.arena(S) for _ in range(pools)]
-            self.w13, self.w2 = (list(t) for t in zip(*(fmt.stacks(a) for a in self.arenas)))
+        self.fmt, self.plan = fmt, plan
+        if plan is not None:
+            self._init_width_pools(cfg, plan, tier.name)
+        else:
+            # Bytes of one expert as stored and moved: every count (capacity, bytes moved) uses it.
+            self._expert_bytes = (spec.bytes_per_expert(torch.empty((), dtype=dtype).element_size())
+                                  if fmt is None else fmt.record_bytes)
+            self.capacity_slots = cfg.resolve_capacity_slots(self._expert_bytes, L, E)
+            self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
+            pools = L if cfg.scope == "per_layer" else 1
+            S = self.capacity_slots
+            if fmt is None:
+                self.arenas = None
+                self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
+                self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
+            else:  # slot s of a pool is arenas[pool][s]; the stacks are views of those bytes
+                self.arenas = [fmt.arena(S) for _ in range(pools)]
+                self.w13, self.w2 = (list(t) for t in zip(*(fmt.stacks(a) for a in self.arenas)))
         self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
@@ -119,6 +127,46 @@ class ExpertCache(ExpertStore):
             slot = self.state.pin(key, now=-1)
             self.transfer.load_now(key, *self._slot(key, slot))
 
+    def _init_width_pools(self, cfg: CacheConfig, plan: WidthPlan, source: str) -> None:
+        """Pools per (layer or global, width) sized by widths.pool_slots; per layer the MixedStacks
+        of its non-empty pools (parts widest first, as the resident store orders them) and each
+        class's first virtual slot, so slot_of = part offset + slot in the width's pool."""
+        L, C = self.num_layers, len(WIDTHS)
+        slots = pool_slots(cfg, plan)
+        check_pins(cfg, plan, slots)
+        self.state = CacheState(L, max(slots.values()), cfg.scope, 0, source, class_of=plan.class_of,
+                                classes=C, pool_slots=slots, class_bytes=plan.class_bytes)
+        per_base = [sum(slots[b * C + c] for c in range(C)) for b in range(len(slots) // C)]
+        self.capacity_slots = max(per_base)  # slots of the largest layer (or of the global pools)
+        every = [plan.class_bytes[plan.class_of((l, e))] for l in range(L) for e in range(self.num_experts)]
+        self._expert_bytes = sum(every) // len(every)  # mean real bytes per expert (rates, stats)
+        self.arenas, self.w13, self.w2 = [], [], []
+        for pool in range(len(slots)):
+            width, S = WIDTHS[pool % C], slots[pool]
+            fmt = plan.fmt(width)
+            a13, a2, arena = self._staging(fmt, S)
+            self.arenas.append(arena)
+            self.w13.append(a13)
+            self.w2.append(a2)
+        self._mixed: list[tuple[MixedStack, MixedStack, list[int]]] = []
+        for l in range(L):
+            base = (l if cfg.scope == "per_layer" else 0) * C
+            used = [base + c for c in range(C) if slots[base + c] > 0]
+            offsets, o = [0] * C, 0
+            for p in used:
+                offsets[p - base] = o
+                o += slots[p]
+            self._mixed.append((MixedStack(tuple(self.w13[p] for p in used)),
+                                MixedStack(tuple(self.w2[p] for p in used)), offsets))
+
+    def _staging(self, fmt: ExpertFormat | None, n: int):
+        """n slots in one width's form: (w13, w2, records arena or None for dense slots)."""
+        if fmt is None:
+            D, I = self.spec.hidden_size, self.spec.moe.intermediate_size
+            return self._buffer((n, 2 * I, D)), self._buffer((n, D, I)), None
+        arena = fmt.arena(n)
+        return (*fmt.stacks(arena), arena)
+
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A fast-tier buffer; on the CPU page-aligned, so the disk tier reads straight into its
         slots (packs.PackTier, O_DIRECT)."""
@@ -129,9 +177,9 @@ class ExpertCache(ExpertStore):
     # -- ExpertStore ------------------------------------------------------------------------------
     def expert_bytes(self) -> int:
         """Bytes of the fast tier (all slots)."""
-        if self.arenas is not None:
-            return sum(a.numel() for a in self.arenas)
-        return sum(t.numel() * t.element_size() for t in self.w13 + self.w2)
+        arenas = self.arenas or [None] * len(self.w13)
+        return sum(a.numel() if a is not None else b.numel() * b.element_size() + c.numel() * c.element_size()
+                   for a, b, c in zip(arenas, self.w13, self.w2))
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
         enter = time.perf_counter()
@@ -173,15 +221,24 @@ class ExpertCache(ExpertStore):
         counters.stall_s += stall
         issued = self._prefetch(now, predicted, position)
         if out is None:
-            pool = st.pool_of((l, 0))
-            slot_of = torch.tensor(st.slot_map(l, self.num_experts), dtype=torch.int64)
-            out = LayerExperts(self.w13[pool], self.w2[pool], slot_of.to(self.device))
+            out = self._resident_experts(l)
         if host:
             out.host_compute = self._host_compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
         self._last = (l, time.perf_counter(), issued, len(plan.loads) + len(plan.streamed))
         return out
+
+    def _resident_experts(self, l: int) -> LayerExperts:
+        """Layer l's pools and slot map (under a plan: its MixedStacks, virtual slots)."""
+        slots = self.state.slot_map(l, self.num_experts)
+        if self.plan is None:
+            pool = self.state.pool_of((l, 0))
+            w13, w2 = self.w13[pool], self.w2[pool]
+        else:
+            w13, w2, offsets = self._mixed[l]
+            slots = [s if s < 0 else offsets[self.plan.class_of((l, e))] + s for e, s in enumerate(slots)]
+        return LayerExperts(w13, w2, torch.tensor(slots, dtype=torch.int64).to(self.device))
 
     # -- host compute of misses --------------------------------------------------------------------
     def _host_experts(self, l: int, topk_ids: torch.Tensor, missed: list[ExpertKey]) -> list[int]:
@@ -379,7 +436,7 @@ class ExpertCache(ExpertStore):
         """Where a load of `key` into `slot` writes: (w13, w2) slot tensors, or for quantized
         pools (the slot's record bytes [stride], None), as the record tiers read."""
         pool = self.state.pool_of(key)
-        if self.arenas is not None:
+        if self.arenas is not None and self.arenas[pool] is not None:
             return self.arenas[pool][slot], None
         return self.w13[pool][slot], self.w2[pool][slot]
 
@@ -387,25 +444,30 @@ class ExpertCache(ExpertStore):
         """A stack of exactly this layer's experts when some could not get a slot: resident ones
         copied from their slots, streamed ones read from the slow tier. Returns (experts, seconds)."""
         t0 = time.perf_counter()
-        n = len(keys)
-        if self.fmt is not None:
-            arena = self.fmt.arena(n)
-            dst = [(arena[i], None) for i in range(n)]
-            w13, w2 = self.fmt.stacks(arena)
-        else:
-            w13 = self._buffer((n, *self.w13[0].shape[1:]))
-            w2 = self._buffer((n, *self.w2[0].shape[1:]))
-            dst = [(w13[i], w2[i]) for i in range(n)]
-        slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        groups: dict[int, list[ExpertKey]] = {}  # width class (0 without a plan) -> keys, in order
+        for key in keys:
+            groups.setdefault(0 if self.plan is None else self.plan.class_of(key), []).append(key)
+        parts13, parts2, dst, slot_of = [], [], {}, torch.full((self.num_experts,), -1, dtype=torch.int64)
+        for c in sorted(groups):  # widest first: the order of the resident parts
+            fmt = self.fmt if self.plan is None else self.plan.fmt(WIDTHS[c])
+            w13, w2, arena = self._staging(fmt, len(groups[c]))
+            for i, key in enumerate(groups[c]):
+                slot_of[key[1]] = sum(p.shape[0] for p in parts13) + i
+                dst[key] = (arena[i], None) if arena is not None else (w13[i], w2[i])
+            parts13.append(w13)
+            parts2.append(w2)
         streamed_set = set(streamed)
-        for i, key in enumerate(keys):
-            slot_of[key[1]] = i
+        for key in keys:
             if key in streamed_set:
-                self.transfer.load_now(key, *dst[i])
+                self.transfer.load_now(key, *dst[key])
             else:
-                for d, src in zip(dst[i], self._slot(key, self.state.slot_of(key))):
+                for d, src in zip(dst[key], self._slot(key, self.state.slot_of(key))):
                     if d is not None:
                         d.copy_(src)
+        if self.plan is None:
+            w13, w2 = parts13[0], parts2[0]
+        else:
+            w13, w2 = MixedStack(tuple(parts13)), MixedStack(tuple(parts2))
         return LayerExperts(w13, w2, slot_of.to(self.device)), time.perf_counter() - t0
 
     # -- reporting --------------------------------------------------------------------------------
@@ -416,7 +478,10 @@ class ExpertCache(ExpertStore):
             **s,
             "offload": self.tier.name, "policy": self.cfg.policy, "scope": self.cfg.scope,
             "capacity_slots": self.capacity_slots, "expert_bytes": self._expert_bytes,
-            "expert_format": "dense" if self.fmt is None else self.fmt.label(),
+            "expert_format": self._format_label(),
+            **({} if self.plan is None else {
+                "expert_bytes_by_width": {str(w): b for w, b in zip(WIDTHS, self.plan.class_bytes) if b},
+                "pool_slots_by_width": self._slots_by_width()}),
             "bytes_moved_total": sum(s["bytes_moved"].values()),
             # a host-computed miss is a fast-tier miss that copied nothing: loads are copies only
             "loads": s["loads"] - self.host_computed,
@@ -438,6 +503,20 @@ class ExpertCache(ExpertStore):
         }
         if self._source is not None and hasattr(self._source, "stats"):
             out["predictor"] = self._source.stats()
+        return out
+
+    def _format_label(self) -> str:
+        if self.plan is not None:
+            return "plan(" + ", ".join("full" if w == "full" else self.plan.fmt(w).label()
+                                       for w, b in zip(WIDTHS, self.plan.class_bytes) if b) + ")"
+        return "dense" if self.fmt is None else self.fmt.label()
+
+    def _slots_by_width(self) -> dict[str, int]:
+        """Fast-tier slots of each width, over all pools."""
+        out: dict[str, int] = {}
+        for pool, n in self.state.pool_slots.items():
+            w = str(WIDTHS[pool % len(WIDTHS)])
+            out[w] = out.get(w, 0) + n
         return out
 
     def close(self) -> None:

@@ -198,7 +198,7 @@ def plan_keep(state: "CacheState", loaded: Iterable[ExpertKey],
     evict, admit, streamed = [], [], []
     for pool, keys in pools.items():
         movable = state.candidates(pool)  # needed is cleared: all but pinned and in flight
-        room = state.capacity_slots - (len(state.pool_keys[pool]) - len(movable))
+        room = state.capacity(pool) - (len(state.pool_keys[pool]) - len(movable))
         keep = belady_keep(movable, keys, room, inputs)
         evict.extend(sorted(movable - keep))
         for key in keys:

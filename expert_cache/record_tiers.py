@@ -63,3 +63,55 @@ class QuantizingTier(SlowTier):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class PlanHostTier(SlowTier):
+    """offload cpu under a bits plan (widths.py): each expert once in host RAM at its own width,
+    full-width ones as tensors in the compute dtype, quantized ones as records (one arena per
+    layer and width), made from the checkpoint's values as the all-resident loader makes them."""
+
+    name = "cpu"
+
+    def __init__(self, reader, spec, wp, dtype: torch.dtype, *, progress: bool = False) -> None:
+        from tqdm import tqdm
+
+        self._dense: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._records: dict[ExpertKey, torch.Tensor] = {}  # a row [stride] of its layer's arena
+        for l in tqdm(range(len(wp.widths)), desc="Experts to host RAM", disable=not progress, leave=False):
+            for width in {w: None for w in wp.widths[l]}:
+                ids = wp.experts_of(l, width)
+                pairs = [reader.read_expert(spec, l, e) for e in ids]
+                if width == "full":
+                    for e, (a, b) in zip(ids, pairs):
+                        self._dense[(l, e)] = (a.to(dtype), b.to(dtype))
+                    continue
+                arena = wp.fmt(width).encode(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+                for i, e in enumerate(ids):
+                    self._records[(l, e)] = arena[i]
+
+    def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor | None = None) -> None:
+        record = self._records.get(key)
+        if record is not None:
+            w13.copy_(record)  # w13: the destination record
+            return
+        a, b = self._dense[key]
+        w13.copy_(a)
+        w2.copy_(b)
+
+
+class PlanDiskTier(SlowTier):
+    """offload disk under a bits plan: full-width experts read from the safetensors files as
+    DiskTier reads them, quantized ones read the same way and quantized into their record."""
+
+    name = "disk"
+
+    def __init__(self, inner: DiskTier, wp) -> None:
+        self.inner, self.wp = inner, wp
+        self._quantizing = {w: QuantizingTier(inner, fmt) for w, fmt in wp.formats.items()}
+
+    def read_into(self, key: ExpertKey, w13: torch.Tensor, w2: torch.Tensor | None = None) -> None:
+        width = self.wp.width(key)
+        (self.inner if width == "full" else self._quantizing[width]).read_into(key, w13, w2)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -13,7 +13,7 @@ Terms follow the glossary in docs/expert-cache.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 from expert_cache.planning import DemandPlan, KeepPlan, Load, PrefetchPlan
 from expert_cache.policies import ExpertKey, PolicyInputs
@@ -85,6 +85,12 @@ class CacheState:
 
     scope "per_layer": one pool per MoE layer, each with `capacity_slots` slots.
     scope "global": one pool (id 0) of `capacity_slots` slots shared by all layers.
+
+    Width classes (an expert bits plan, docs/expert-cache.md "Width pools"): with `class_of`,
+    each key has a class c in [0, classes) and its pool is base * classes + c (base: its layer,
+    or 0 for scope global), so a key only ever takes or frees a slot of its own width;
+    `pool_slots` gives each pool its own capacity and `class_bytes` each class's bytes per
+    expert. Without them (the default) there is one class and everything is as described above.
     """
 
     num_layers: int  # L, MoE layers
@@ -115,6 +121,10 @@ class CacheState:
     known: dict[int, set[ExpertKey]] = field(default_factory=dict)  # layer -> keys ever used
     _now: int = 0  # tick of the latest access (evictions are stamped with it)
     stats: CacheStats = field(default_factory=CacheStats)
+    class_of: Callable[[ExpertKey], int] | None = None  # key -> width class (None: one class)
+    classes: int = 1
+    pool_slots: dict[int, int] | None = None  # pool -> slots (None: capacity_slots for every pool)
+    class_bytes: tuple[int, ...] | None = None  # bytes of one expert of each class
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
@@ -124,9 +134,10 @@ class CacheState:
         if self.scope not in ("per_layer", "global"):
             raise ValueError(f"scope must be per_layer or global, got {self.scope!r}")
         if not self.free_slots and not self.entries:
-            pools = range(self.num_layers) if self.scope == "per_layer" else range(1)
+            bases = self.num_layers if self.scope == "per_layer" else 1
+            pools = range(bases * self.classes)
             # Reversed so pop() hands out slot 0 first: deterministic, easy to read in tests.
-            self.free_slots = {p: list(reversed(range(self.capacity_slots))) for p in pools}
+            self.free_slots = {p: list(reversed(range(self.capacity(p)))) for p in pools}
             self.pool_keys = {p: set() for p in pools}
 
     # ---- queries ----
@@ -134,7 +145,16 @@ class CacheState:
         layer = key[0]
         if not 0 <= layer < self.num_layers:
             raise CacheStateError(f"key {key} names MoE layer {layer}, outside [0, {self.num_layers})")
-        return layer if self.scope == "per_layer" else 0
+        base = layer if self.scope == "per_layer" else 0
+        return base if self.class_of is None else base * self.classes + self.class_of(key)
+
+    def capacity(self, pool: int) -> int:
+        """Slots of `pool`."""
+        return self.capacity_slots if self.pool_slots is None else self.pool_slots[pool]
+
+    def key_bytes(self, key: ExpertKey) -> int:
+        """Bytes one load of `key` moves (its width class's, or expert_bytes)."""
+        return self.expert_bytes if self.class_bytes is None else self.class_bytes[self.class_of(key)]
 
     def is_resident(self, key: ExpertKey) -> bool:
         return key in self.entries
@@ -225,7 +245,7 @@ class CacheState:
         # A fresh load counts as a use for recency, so LRU does not evict it before it is read.
         self.last_use[key] = now
         self.load_count[key] = self.load_count.get(key, 0) + 1
-        self._count_bytes()
+        self._count_bytes(key)
         if prefetch:
             self.stats.prefetches_issued += 1
         return slot
@@ -246,7 +266,7 @@ class CacheState:
         self.evicted_at[key] = self._now
         if e.prefetched_unused:
             self.stats.wasted_prefetches += 1
-            self.stats.wasted_prefetch_bytes += self.expert_bytes
+            self.stats.wasted_prefetch_bytes += self.key_bytes(key)
         return e.slot
 
     def can_abort(self, key: ExpertKey) -> bool:
@@ -265,7 +285,7 @@ class CacheState:
         self.in_flight_keys.discard(key)
         self.load_count[key] -= 1
         moved = self.stats.bytes_moved
-        moved[self.source_tier] -= self.expert_bytes
+        moved[self.source_tier] -= self.key_bytes(key)
         if e.prefetched:
             self.stats.prefetches_issued -= 1
         return e.slot
@@ -339,7 +359,7 @@ class CacheState:
         """A missed key was loaded into staging only; its bytes still moved."""
         self.load_count[key] = self.load_count.get(key, 0) + 1
         self.stats.streamed_misses += 1
-        self._count_bytes()
+        self._count_bytes(key)
 
     # ---- applying plans (planning.py) ----
     def apply_demand(self, plan: DemandPlan, now: int, *,
@@ -388,7 +408,7 @@ class CacheState:
             problems.append("pool_keys differ from entries")
         for pool, keys in self.pool_keys.items():
             used = sorted(self.entries[k].slot for k in keys)
-            if sorted(used + self.free_slots[pool]) != list(range(self.capacity_slots)):
+            if sorted(used + self.free_slots[pool]) != list(range(self.capacity(pool))):
                 problems.append(f"pool {pool}: used + free slots are not each slot once")
         if self.pinned_keys != {k for k, e in self.entries.items() if e.pinned}:
             problems.append("pinned_keys differ from entries")
@@ -400,6 +420,6 @@ class CacheState:
     def add_stall(self, seconds: float) -> None:
         self.stats.stall_s += seconds
 
-    def _count_bytes(self) -> None:
+    def _count_bytes(self, key: ExpertKey) -> None:
         moved = self.stats.bytes_moved
-        moved[self.source_tier] = moved.get(self.source_tier, 0) + self.expert_bytes
+        moved[self.source_tier] = moved.get(self.source_tier, 0) + self.key_bytes(key)

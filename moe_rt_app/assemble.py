@@ -46,6 +46,7 @@ def build_engine(cfg: RuntimeConfig, *, progress: bool = True) -> Assembly:
                 engine.model, engine.reader, cfg.cache, device=engine.device, dtype=engine.dtype,
                 predictor=predictor, expert_bits=cfg.engine.expert_bits,
                 expert_group_size=cfg.engine.expert_group_size,
+                expert_bits_plan=cfg.engine.expert_bits_plan,
             )
             engine.attach("cache", built.expert_cache.stats, built.expert_cache.close)
             if built.expert_cache.forecaster is not None:  # the one predictor: its recall is reported too

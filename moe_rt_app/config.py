@@ -78,9 +78,6 @@ class RuntimeConfig(BaseModel):
             # every rank must decode the same sequences each step or the all-to-all hangs
             raise ValueError("scheduler_policy expert_aware runs on one rank; use fcfs under expert "
                              "parallelism (parallel.ep > 1)")
-        if self.engine.expert_bits_plan is not None and self.offload:  # one record format per cache
-            raise ValueError("expert_bits_plan does not combine with an offloading expert cache yet; "
-                             "use a uniform expert_bits")
         if self.engine.expert_bits_plan is not None and self.engine.expert_compute not in ("torch", "reference"):
             raise ValueError(f"expert_bits_plan runs on expert_compute torch or reference, not "
                              f"{self.engine.expert_compute}")

@@ -12,6 +12,8 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
              quantized experts (int8, or int4 in groups of --group-size); lru/intB's vs_lru and bytes_vs_lru
              are against the full-precision LRU row of the same capacity, and speed_target is
              the tok/s ratio that would pay back half the byte saving (1 + (1 - bytes_vs_lru) / 2).
+  resident/plan, lru/plan  the same with a bits-plan file among --expert-bits (each expert at its
+             planned width, through width pools: expert_cache/widths.py).
 Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
 bench compares scheduling policies instead (offload_schedule.py). Experts are read from expert packs
 (expert_cache/packs.py, written on first use) with O_DIRECT, which bypasses the page cache, so
@@ -39,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from expert_cache import cost_model as cm
+from moe_rt_app.bench.decode import quantized_sides
 from moe_rt_app.bench.common import (add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
                                  repeat_stats, resolve_model)
 from moe_rt.errors import MoeRtError
@@ -53,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="predictors to prefetch with (policy predictive); empty for none")
     p.add_argument("--lookahead", default="1", help="prefetch depth: an integer or auto")
     p.add_argument("--expert-bits", default="",
-                   help="also run the LRU cache with quantized experts at these widths (e.g. 8,4)")
+                   help="also run the LRU cache with quantized experts at these widths and/or one "
+                        "bits-plan file (e.g. 8,4,plan.yaml)")
     p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
                    help="--expert-bits 4: input columns per scale")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -100,11 +104,12 @@ def _decode_seconds(llm, prompts, max_tokens: int) -> float:
     return time_moe_rt(llm, prompts, max_tokens)
 
 
-def _llm(model: str, args, cache=None, bits: int | None = None):
+def _llm(model: str, args, cache=None, side: dict | None = None):
+    """side: LLM options of a quantized side (bench.decode.quantized_sides), None for full precision."""
     from moe_rt_app import LLM
 
     return LLM(model, dtype=args.dtype, device=args.device, progress=False, cache=cache,
-               expert_bits=bits, expert_group_size=args.group_size)
+               **(side or {}))
 
 
 def _disk_tier(llm, args):
@@ -159,9 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if not rules or any(r not in ("cost", "always") for r in rules):
         raise MoeRtError("--prefetch-rules takes cost and/or always, comma-separated")
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
-    widths = parse_ints(args.expert_bits, "--expert-bits") if args.expert_bits else []
-    if any(b not in (8, 4) for b in widths):
-        raise MoeRtError("--expert-bits takes 8 and/or 4, comma-separated")
+    sides = quantized_sides(args.expert_bits, args.group_size)  # "int8", "int4", "plan" -> LLM options
     progress = not args.no_progress
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -190,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
     for pct in pcts:
         slots = max(1, round(E * pct / 100))
         configs.append(("lru", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
-        for b in widths:  # the same cache, quantized experts (bits read from the label)
-            configs.append((f"lru/int{b}", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
+        for name in sides:  # the same cache, quantized experts (the side read from the label)
+            configs.append((f"lru/{name}", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
         for name in predictors:
             for rule in rules:
                 cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
@@ -206,12 +209,12 @@ def run(args: argparse.Namespace) -> int:
             if args.scope == "global":
                 cfg.update(scope="global", capacity_slots=cfg["capacity_slots"] * L)
     tokens = args.batch * args.max_tokens
-    runs = [_open_config(model, spec, label, pct, cfg, args, prompts) for label, pct, cfg in
+    runs = [_open_config(model, spec, label, pct, cfg, args, prompts, sides) for label, pct, cfg in
             tqdm(configs, desc="offload configs", disable=not progress)]
     res_run = dict(label="resident", pct=100, cfg=None, llm=resident, store=None)
     # every expert resident and quantized: how much of a quantized cache's gain is its compute
-    res_runs = [res_run] + [dict(label=f"resident/int{b}", pct=100, cfg=None, llm=_llm(model, args, bits=b),
-                                 store=None) for b in widths]
+    res_runs = [res_run] + [dict(label=f"resident/{name}", pct=100, cfg=None, llm=_llm(model, args, side=side),
+                                 store=None) for name, side in sides.items()]
     for r in res_runs[1:]:
         _decode_seconds(r["llm"], prompts, 2)  # warm-up
     _interleaved_repeats([*res_runs, *runs], prompts, args, progress)
@@ -221,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     for run_ in runs:
         row = _offload_row(run_, tokens, args)
         # the cost model knows full-precision reads only
-        row["predicted_tok_s"] = None if _bits(run_["label"]) else _predict(
+        row["predicted_tok_s"] = None if _side(run_["label"]) else _predict(
             row, run_["cfg"], eval_trace, args, t_res.median, t_read if args.no_pack else t_read_tier, L, fit_trace)
         rows.append(row)
     resident_row, naive = rows[0], next(r for r in rows if r["config"] == "naive")
@@ -250,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_config(model, spec, label, pct, cfg, args, prompts) -> dict:
+def _open_config(model, spec, label, pct, cfg, args, prompts, sides: dict) -> dict:
     """One configuration's LLM and expert store, warmed (prefill path, predictor), cache not
     reset. The naive one has no cache: every expert use reads the slow tier."""
     from expert_cache.on_demand import OnDemandExpertStore
@@ -263,15 +266,17 @@ def _open_config(model, spec, label, pct, cfg, args, prompts) -> dict:
                                     dtype=llm.engine.dtype)
         llm.model.moe_ctx.store = store
     else:
-        llm = _llm(model, args, cfg, _bits(label))  # a quantized pack is written here, untimed
+        side = _side(label)
+        llm = _llm(model, args, cfg, sides[side] if side else None)  # a quantized pack is written here, untimed
         store = llm.expert_cache
     _decode_seconds(llm, prompts, 1)
     return dict(label=label, pct=pct, cfg=cfg, llm=llm, store=store)
 
 
-def _bits(label: str) -> int | None:
-    """The expert width of a configuration labelled lru/intB, else None (full precision)."""
-    return int(label.rsplit("/int", 1)[1]) if "/int" in label else None
+def _side(label: str) -> str | None:
+    """The quantized side of a configuration labelled lru/SIDE (intB or plan), else None."""
+    head, _, side = label.partition("/")
+    return side if head == "lru" and side else None
 
 
 def _interleaved_repeats(runs: list[dict], prompts, args, progress: bool) -> None:
@@ -319,7 +324,7 @@ def _ratios_to_lru(rows: list[dict]) -> None:
         r["vs_lru"] = r["tok_s"] / base["tok_s"]
         r["vs_lru_best"] = r["tok_s_best"] / base["tok_s_best"]
         r["bytes_vs_lru"] = r["mb_per_token"] / base["mb_per_token"] if base["mb_per_token"] else None
-        if _bits(r["config"]) and r["bytes_vs_lru"] is not None:  # #16: half the byte saving in tok/s
+        if _side(r["config"]) and r["bytes_vs_lru"] is not None:  # #16: half the byte saving in tok/s
             r["speed_target"] = 1 + (1 - r["bytes_vs_lru"]) / 2
 
 

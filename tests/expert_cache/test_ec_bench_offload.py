@@ -56,14 +56,17 @@ def test_bench_offload_adds_quantized_lru_rows_against_the_full_precision_one(tm
     from expert_cache.records import expert_format
     from moe_rt.loader import load_spec
 
+    plan = tmp_path / "plan.yaml"  # layer 0's experts 0 and 1 at int8, every other at int4
+    plan.write_text("default: 4\nlayers: {0: {8: [0, 1]}}\n")
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
-            "--predictors", "", "--expert-bits", "8,4", "--group-size", "32", "--fit-prompts", "2",
+            "--predictors", "", "--expert-bits", f"8,4,{plan}", "--group-size", "32", "--fit-prompts", "2",
             "--max-tokens", "3", "--repeats", "1", "--torch-threads", "1", "--no-progress", "--json"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{"):])
     rows = {r["config"]: r for r in res["results"]}
-    assert list(rows) == ["resident", "resident/int8", "resident/int4", "naive", "lru", "lru/int8", "lru/int4"]
+    assert list(rows) == ["resident", "resident/int8", "resident/int4", "resident/plan", "naive", "lru", "lru/int8",
+                          "lru/int4", "lru/plan"]
     assert abs(rows["resident/int8"]["vs_resident"] - rows["resident/int8"]["tok_s"] / rows["resident"]["tok_s"]) < 1e-9
     spec = load_spec(res["model"])
     lru = rows["lru"]
@@ -75,3 +78,6 @@ def test_bench_offload_adds_quantized_lru_rows_against_the_full_precision_one(tm
         assert abs(r["bytes_vs_lru"] - r["mb_per_token"] / lru["mb_per_token"]) < 1e-9
         assert abs(r["vs_lru"] - r["tok_s"] / lru["tok_s"]) < 1e-9
         assert abs(r["speed_target"] - (1 + (1 - r["bytes_vs_lru"]) / 2)) < 1e-9
+    records = [expert_format(spec, bits, 32, torch.float32, "cpu").record_bytes for bits in (4, 8)]
+    per_load = rows["lru/plan"]["gb_moved"] * 1e9 / rows["lru/plan"]["loads"]  # each load its own width's bytes
+    assert records[0] <= per_load <= records[1] and rows["lru/plan"]["speed_target"] > 1

@@ -27,10 +27,11 @@ def model4(tmp_path_factory):
     return str(write_checkpoint(tmp_path_factory.mktemp("qmix4"), "mixtral", num_hidden_layers=4))
 
 
-def outputs(model, bits, cache=None):
-    """(prompt logits, greedy tokens, cache stats or None) of the model with `bits` experts."""
+def outputs(model, bits, cache=None, **engine):
+    """(prompt logits, greedy tokens, cache stats or None) of the model with `bits` experts
+    (or, with bits None, what `engine` names, e.g. expert_bits_plan)."""
     llm = LLM(model, dtype="float32", device="cpu", progress=False, expert_bits=bits,
-              expert_group_size=GROUP, cache=cache)
+              expert_group_size=GROUP, cache=cache, **engine)
     try:
         logits = llm.prompt_logits(PROMPT)
         tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]

@@ -176,9 +176,28 @@ def test_a_plan_is_refused_where_it_does_not_run(mixtral_dir, tmp_path):
         LLM(mixtral_dir, progress=False, expert_bits_plan={"layers": {5: {8: [0]}}})
     with pytest.raises(MoeRtError, match="expert_bits .* and a bits plan are both set; give one"):
         LLM(mixtral_dir, progress=False, expert_bits=8, expert_bits_plan={})
-    with pytest.raises(MoeRtError, match="expert_bits_plan does not combine with an offloading expert cache yet"):
-        LLM(mixtral_dir, progress=False, expert_bits_plan={}, cache=dict(offload="cpu", capacity_slots=2))
+    with pytest.raises(MoeRtError, match="cpu_compute_on_miss does not combine with expert_bits_plan yet"):
+        LLM(mixtral_dir, progress=False, expert_bits_plan={}, cache=dict(offload="cpu", capacity_slots=2,
+                                                                         cpu_compute_on_miss="always"))
+    with pytest.raises(MoeRtError, match="pack_dir does not combine with expert_bits_plan"):
+        LLM(mixtral_dir, progress=False, expert_bits_plan={},
+            cache=dict(offload="disk", capacity_slots=2, pack_dir=str(tmp_path / "pack")))
     with pytest.raises(MoeRtError, match="expert_bits_plan runs on expert_compute torch or reference, not loop"):
         LLM(mixtral_dir, progress=False, expert_bits_plan={}, expert_compute="loop")
     with pytest.raises(MoeRtError, match=f"bits plan {tmp_path}/none.yaml does not exist"):
         LLM(mixtral_dir, progress=False, expert_bits_plan=str(tmp_path / "none.yaml"))
+
+
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_the_part_sum_does_not_depend_on_slot_numbering(T):
+    """An expert cache numbers the slots of each width's pool as its loads happen: the same experts
+    at other slots (each width's part reordered) give the same output bit for bit."""
+    hidden, w13, w2, ids, weights = _problem(T)
+    outs = []
+    for groups in ([("full", [0, 4]), (8, [1]), (4, [2, 3, 5])], [("full", [4, 0]), (8, [1]), (4, [5, 2, 3])]):
+        slot_of = torch.full((6,), -1, dtype=torch.int64)
+        for slot, e in enumerate(e for _, g in groups for e in g):
+            slot_of[e] = slot
+        slots = torch.where(ids >= 0, slot_of[ids.clamp(min=0)], -1)
+        outs.append(torch_experts(hidden, _mixed(w13, groups), _mixed(w2, groups), slots, weights))
+    assert torch.equal(outs[0], outs[1])

@@ -92,14 +92,9 @@ class ExpertCache(ExpertStore):
             self.capacity_slots = cfg.resolve_capacity_slots(self._expert_bytes, L, E)
             self.state = CacheState(L, self.capacity_slots, cfg.scope, self._expert_bytes, tier.name)
             pools = L if cfg.scope == "per_layer" else 1
-            S = self.capacity_slots
-            if fmt is None:
-                self.arenas = None
-                self.w13 = [self._buffer((S, 2 * I, D)) for _ in range(pools)]
-                self.w2 = [self._buffer((S, D, I)) for _ in range(pools)]
-            else:  # slot s of a pool is arenas[pool][s]; the stacks are views of those bytes
-                self.arenas = [fmt.arena(S) for _ in range(pools)]
-                self.w13, self.w2 = (list(t) for t in zip(*(fmt.stacks(a) for a in self.arenas)))
+            # quantized: slot s of a pool is arenas[pool][s], the stacks are views of those bytes
+            staged = [self._staging(fmt, self.capacity_slots) for _ in range(pools)]
+            self.w13, self.w2, self.arenas = (list(t) for t in zip(*staged))
         self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
@@ -140,14 +135,9 @@ class ExpertCache(ExpertStore):
         self.capacity_slots = max(per_base)  # slots of the largest layer (or of the global pools)
         every = [plan.class_bytes[plan.class_of((l, e))] for l in range(L) for e in range(self.num_experts)]
         self._expert_bytes = sum(every) // len(every)  # mean real bytes per expert (rates, stats)
-        self.arenas, self.w13, self.w2 = [], [], []
-        for pool in range(len(slots)):
-            width, S = WIDTHS[pool % C], slots[pool]
-            fmt = plan.fmt(width)
-            a13, a2, arena = self._staging(fmt, S)
-            self.arenas.append(arena)
-            self.w13.append(a13)
-            self.w2.append(a2)
+        staged = [self._staging(plan.fmt(WIDTHS[pool % C]), slots[pool]) for pool in range(len(slots))]
+        self.w13, self.w2, self.arenas = (list(t) for t in zip(*staged))
+        # per layer: its MixedStacks and each expert's first virtual slot (its part's offset)
         self._mixed: list[tuple[MixedStack, MixedStack, list[int]]] = []
         for l in range(L):
             base = (l if cfg.scope == "per_layer" else 0) * C
@@ -157,7 +147,8 @@ class ExpertCache(ExpertStore):
                 offsets[p - base] = o
                 o += slots[p]
             self._mixed.append((MixedStack(tuple(self.w13[p] for p in used)),
-                                MixedStack(tuple(self.w2[p] for p in used)), offsets))
+                                MixedStack(tuple(self.w2[p] for p in used)),
+                                [offsets[plan.class_of((l, e))] for e in range(self.num_experts)]))
 
     def _staging(self, fmt: ExpertFormat | None, n: int):
         """n slots in one width's form: (w13, w2, records arena or None for dense slots)."""
@@ -177,9 +168,8 @@ class ExpertCache(ExpertStore):
     # -- ExpertStore ------------------------------------------------------------------------------
     def expert_bytes(self) -> int:
         """Bytes of the fast tier (all slots)."""
-        arenas = self.arenas or [None] * len(self.w13)
         return sum(a.numel() if a is not None else b.numel() * b.element_size() + c.numel() * c.element_size()
-                   for a, b, c in zip(arenas, self.w13, self.w2))
+                   for a, b, c in zip(self.arenas, self.w13, self.w2))
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
         enter = time.perf_counter()
@@ -236,8 +226,8 @@ class ExpertCache(ExpertStore):
             pool = self.state.pool_of((l, 0))
             w13, w2 = self.w13[pool], self.w2[pool]
         else:
-            w13, w2, offsets = self._mixed[l]
-            slots = [s if s < 0 else offsets[self.plan.class_of((l, e))] + s for e, s in enumerate(slots)]
+            w13, w2, first = self._mixed[l]
+            slots = [s if s < 0 else f + s for s, f in zip(slots, first)]
         return LayerExperts(w13, w2, torch.tensor(slots, dtype=torch.int64).to(self.device))
 
     # -- host compute of misses --------------------------------------------------------------------
@@ -436,7 +426,7 @@ class ExpertCache(ExpertStore):
         """Where a load of `key` into `slot` writes: (w13, w2) slot tensors, or for quantized
         pools (the slot's record bytes [stride], None), as the record tiers read."""
         pool = self.state.pool_of(key)
-        if self.arenas is not None and self.arenas[pool] is not None:
+        if self.arenas[pool] is not None:
             return self.arenas[pool][slot], None
         return self.w13[pool][slot], self.w2[pool][slot]
 

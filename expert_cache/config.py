@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moe_rt.errors import MoeRtError, validation_detail
+from moe_rt.errors import MoeRtError, validate_mapping
 
 GIB = 1024 ** 3
 
@@ -189,11 +189,4 @@ class CacheConfig(BaseModel):
 
 def load_cache_config(data: Any, where: str = "cache") -> CacheConfig:
     """Build a CacheConfig from parsed YAML/JSON; any problem raises a one-line MoeRtError."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise MoeRtError(f"{where}: must be a mapping, got {type(data).__name__}")
-    try:
-        return CacheConfig.model_validate(data)
-    except ValidationError as e:
-        raise MoeRtError(f"{where}: {validation_detail(e)}") from None
+    return validate_mapping(CacheConfig, {} if data is None else data, where)

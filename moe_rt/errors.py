@@ -16,3 +16,16 @@ def validation_detail(e) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
+
+
+def validate_mapping(model, data, where: str):
+    """`model.model_validate(data)` for a section parsed from YAML/JSON: data that is not a
+    mapping, or that the model refuses, raises a one-line MoeRtError naming `where`."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise MoeRtError(f"{where}: must be a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise MoeRtError(f"{where}: {validation_detail(e)}") from None

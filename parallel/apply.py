@@ -74,7 +74,8 @@ def build_ep_store(model, placement: ExpertParallelPlacement, rank: int, reader=
             # them), grouped by width part; the rank's slots follow that order.
             at = old.slot_of[m].tolist() if old.slot_of is not None else list(range(E))
             picked = by_part(old.w13[m], [at[e] for e in mine])
-            mine = [at.index(s) for s in picked]
+            expert_at = {s: e for e, s in enumerate(at)}
+            mine = [expert_at[s] for s in picked]
             idx = torch.tensor(picked, dtype=torch.int64, device=ref.device)
             w13s.append(take_mixed_slots(old.w13[m], idx))
             w2s.append(take_mixed_slots(old.w2[m], idx))

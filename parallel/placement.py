@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moe_rt.errors import MoeRtError, validation_detail
+from moe_rt.errors import MoeRtError, validate_mapping
 
 SECTION = "expert_parallel"
 
@@ -144,12 +144,7 @@ def default_placement(num_layers: int, num_experts: int, ranks: int) -> ExpertPa
 
 def placement_from_section(section: Any, where: str = "expert_parallel") -> ExpertParallelPlacement:
     """Validate a parsed `expert_parallel:` mapping; problems become one-line MoeRtErrors."""
-    if not isinstance(section, dict):
-        raise MoeRtError(f"{where}: must be a mapping, got {type(section).__name__}")
-    try:
-        return ExpertParallelPlacement.model_validate(section)
-    except ValidationError as e:
-        raise MoeRtError(f"{where}: {validation_detail(e)}") from None
+    return validate_mapping(ExpertParallelPlacement, section, where)
 
 
 def save_placement_yaml(path: str | os.PathLike, placement: ExpertParallelPlacement) -> None:

@@ -2,6 +2,16 @@ import torch
 from torch import nn
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's arithmetic (float32 for low-precision inputs, cast back), as a plain function for
+    callers that trace it (compile=True, moe_rt/models/compiled.py)."""
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * weight
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back, as Hugging Face does (parity depends on it)."""
 
@@ -21,7 +31,4 @@ class RMSNorm(nn.Module):
                 c = self._consts = (torch.tensor(float(x.shape[-1]), device=x.device),
                                     torch.tensor(self.eps, dtype=torch.float32, device=x.device))
             return x * torch.rsqrt((x * x).sum(-1, keepdim=True) / c[0] + c[1]) * self.weight
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)

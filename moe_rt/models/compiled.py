@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from moe_rt.layers.norm import rms_norm
+
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(s, RMSNorm(s)) with s = x + delta, the arithmetic of layers/norm.RMSNorm."""
+    """(s, RMSNorm(s)) with s = x + delta."""
     s = x + delta
-    if s.dtype == torch.float32:
-        return s, s * torch.rsqrt((s * s).sum(-1, keepdim=True) / s.shape[-1] + eps) * weight
-    h = s.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return s, weight * h.to(s.dtype)
+    return s, rms_norm(s, weight, eps)
 
 
 def compile_dense(model) -> None:

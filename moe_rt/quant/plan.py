@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moe_rt.errors import MoeRtError, validation_detail
+from moe_rt.errors import MoeRtError, validate_mapping
 from moe_rt.yaml_file import read_yaml_file
 
 # No torch here: the config tree imports this module.
@@ -93,12 +93,7 @@ class BitsPlan(BaseModel):
     def from_data(cls, data: Any, where: str) -> "BitsPlan":
         if isinstance(data, BitsPlan):
             return data
-        if not isinstance(data, dict):
-            raise MoeRtError(f"{where} must be a mapping with keys version, group_size, default, layers")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise MoeRtError(f"{where}: {validation_detail(e)}") from None
+        return validate_mapping(cls, data, where)
 
     def check_model(self, num_moe_layers: int, num_experts: int, where: str = "bits plan") -> None:
         """Layer indices and expert ids in range for a model (one line on the first problem)."""

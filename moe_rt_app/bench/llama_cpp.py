@@ -39,13 +39,17 @@ def _importable(name: str) -> bool:
 
 
 def gguf_for(model_dir: str | Path, cache_dir: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
-    """The GGUF file of `model_dir` in `cache_dir`, written once: its name carries a fingerprint
-    of the checkpoint's files (names, sizes, mtimes), so a changed checkpoint gets a new file."""
+    """The GGUF file of `model_dir` in `cache_dir`, written once: its name carries the checkpoint's
+    fingerprint (the one expert packs are checked against) and its config and tokenizer files'
+    sizes and mtimes, so a changed checkpoint gets a new file."""
+    from expert_cache.packs import source_fingerprint
+    from moe_rt.checkpoint import CheckpointReader
+
     from .gguf_export import export_gguf
 
     model_dir = Path(model_dir).resolve()
-    h = hashlib.sha256(str(model_dir).encode())
-    for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json", model_dir / "tokenizer.json"]:
+    h = hashlib.sha256(source_fingerprint(CheckpointReader(model_dir)).encode())
+    for f in (model_dir / "config.json", model_dir / "tokenizer.json"):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())

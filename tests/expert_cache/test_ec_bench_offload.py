@@ -5,13 +5,18 @@ import json
 from moe_rt_app.cli.main import main
 
 
+def _run_json(argv: list[str], capsys) -> dict:
+    """Run a --json bench command (exit status 0) and return its JSON result."""
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
 def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "50",
             "--predictors", "frequency", "--prefetch-rules", "cost,always", "--fit-prompts", "2",
             "--max-tokens", "3", "--repeats", "2", "--torch-threads", "1", "--no-progress", "--json"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    res = json.loads(out[out.index("{"):])
+    res = _run_json(argv, capsys)
     rows = {r["config"]: r for r in res["results"]}
     assert list(rows) == ["resident", "naive", "lru", "pred+frequency", "pred+frequency/always"]
     assert res["max_tokens"] == 3 and res["repeats"] == 2
@@ -35,9 +40,7 @@ def test_bench_offload_compares_scheduling_policies_against_fcfs(tmp_path, capsy
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
             "--scheduler-policy", "expert_aware", "--concurrency", "4", "--expert-aware-batch", "2",
             "--max-tokens", "4", "--repeats", "2", "--torch-threads", "1", "--no-progress", "--json"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    res = json.loads(out[out.index("{"):])
+    res = _run_json(argv, capsys)
     rows = {(r["figure"], r["policy"]): r for r in res["results"]}
     figures = {f for f, _ in rows}
     assert {"tok_s", "experts_per_layer_step", "ttft_ms", "tpot_p99_ms"} <= figures
@@ -61,9 +64,7 @@ def test_bench_offload_adds_quantized_lru_rows_against_the_full_precision_one(tm
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
             "--predictors", "", "--expert-bits", f"8,4,{plan}", "--group-size", "32", "--fit-prompts", "2",
             "--max-tokens", "3", "--repeats", "1", "--torch-threads", "1", "--no-progress", "--json"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    res = json.loads(out[out.index("{"):])
+    res = _run_json(argv, capsys)
     rows = {r["config"]: r for r in res["results"]}
     assert list(rows) == ["resident", "resident/int8", "resident/int4", "resident/plan", "naive", "lru", "lru/int8",
                           "lru/int4", "lru/plan"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from moe_rt.models.spec import AttentionSpec
 
+from .linear import Linear
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
@@ -113,8 +114,8 @@ class Attention(nn.Module):
         self.spec = spec
         h, kv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = h * hd, kv * hd
-        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=False)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=False)
         if spec.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, eps), RMSNorm(hd, eps)
         elif spec.qk_norm == "full":

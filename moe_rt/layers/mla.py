@@ -25,6 +25,7 @@ from torch import nn
 from moe_rt.models.spec import AttentionSpec
 
 from .attention import AttentionMetadata, LayerKV, prefill_attention
+from .linear import Linear
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
 
@@ -39,17 +40,17 @@ class MLAttention(nn.Module):
         self.spec = spec
         H, bias = spec.num_heads, m.attention_bias
         if m.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, H * m.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden, H * m.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, m.q_lora_rank, bias=bias)
             # eps 1e-6, not rms_norm_eps: DeepSeek's code (and transformers) build both latent norms
             # with the RMSNorm default
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * m.v_head_dim, hidden, bias=bias)
+        self.kv_b_proj = Linear(m.kv_lora_rank, H * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = Linear(H * m.v_head_dim, hidden, bias=bias)
         self.rope = rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: LayerKV | None):

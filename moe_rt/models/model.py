@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_rt.layers.attention import Attention, AttentionMetadata, LayerKV
+from moe_rt.layers.linear import Linear
 from moe_rt.layers.mla import MLAttention
 from moe_rt.layers.mlp import DenseMLP
 from moe_rt.layers.moe.block import MoEBlock, MoEContext
@@ -49,7 +50,7 @@ class MoEForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rope, self.moe_ctx) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # compile=True: a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py)

@@ -2,6 +2,7 @@
 torch expert backend against the slow reference, and the observer hub."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_rt.layers.moe.block import MoEBlock, MoEContext
 from moe_rt.layers.moe.compute import loop_experts, torch_experts
@@ -89,7 +90,11 @@ def test_hub_sees_every_moe_layer_with_batch_info(mixtral_llm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,K", [(1, 2), (1, 4), (5, 2), (16, 2), (40, 3)])
 def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
-    """The CPU used-slot loops and grouped_mm do the same matmuls and additions: equal, not close."""
+    """The CPU used-slot loops and grouped_mm do the same products and additions. In half precision
+    they are equal, not close. In float32 the loops' matmuls take layers.linear's (w·xᵀ)ᵀ form,
+    whose BLAS may add a dot product's terms in another order: equal to the loops' own definition
+    (each used slot's rows through linear), close to grouped_mm."""
+    from moe_rt.layers.linear import linear
     from moe_rt.layers.moe.compute import _grouped, _one_token, _used_slots
 
     S, D, I = 8, 32, 48
@@ -99,12 +104,26 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
     w2 = (torch.randn(S, D, I, generator=g) / I**0.5).to(dtype)
     ids = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g)
+
+    def by_definition(case):  # each used slot's rows through linear, added per token in slot order
+        out = torch.zeros_like(x)
+        for s in sorted(set(case[case >= 0].tolist())):
+            rows, ks = (case == s).nonzero(as_tuple=True)
+            h = linear(x[rows], w13[s])
+            out.index_add_(0, rows, linear(F.silu(h[:, :I]) * h[:, I:], w2[s]) * w[rows, ks][:, None])
+        return out
+
     for case in (ids, torch.where(torch.rand(T, K, generator=g) < 0.3, -1, ids)):  # with choices computed elsewhere
         ref = _grouped(x, w13, w2, case, w)
-        assert torch.equal(_used_slots(x, w13, w2, case, w), ref)
+        loop = _used_slots(x, w13, w2, case, w)
+        if dtype == torch.float32:
+            assert torch.equal(loop, by_definition(case))
+            torch.testing.assert_close(loop, ref, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(loop, ref)
         if T == 1:
-            assert torch.equal(_one_token(x, w13, w2, case, w), ref)
-        assert torch.equal(torch_experts(x, w13, w2, case, w), ref)
+            assert torch.equal(_one_token(x, w13, w2, case, w), loop)
+        assert torch.equal(torch_experts(x, w13, w2, case, w), loop)
     for fn in (_grouped, _used_slots) + ((_one_token,) if T == 1 else ()):
         assert fn(x, w13, w2, torch.full_like(ids, -1), w).abs().max() == 0
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_rt.models.spec import MoESpec
 
+from ..linear import Linear, linear
 from ..mlp import DenseMLP
 from .compute import ExpertCompute, torch_experts
 from .dispatch import Dispatcher, LocalDispatcher
@@ -40,19 +40,19 @@ class MoEBlock(nn.Module):
         super().__init__()
         r = spec.routing
         self.spec, self.moe_index, self.layer_id, self.ctx = spec, moe_index, layer_id, ctx
-        self.gate = nn.Linear(hidden, r.num_experts, bias=False)
+        self.gate = Linear(hidden, r.num_experts, bias=False)
         if r.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(r.num_experts))
         else:
             self.e_score_correction_bias = None
         self.shared_expert = DenseMLP(hidden, spec.shared_intermediate_size) if spec.shared_intermediate_size else None
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if spec.shared_gate and self.shared_expert else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if spec.shared_gate and self.shared_expert else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self.ctx
         r = self.spec.routing
         w = self.gate.weight
-        logits = F.linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else F.linear(x, w)
+        logits = linear(x.float(), w.float()) if r.logits_fp32 and x.dtype != torch.float32 else linear(x, w)
         weights, ids = route(logits, r, self.e_score_correction_bias)
         if ctx.dynamic_topk is not None:  # before observers: they see the experts actually computed
             weights, ids = ctx.dynamic_topk(weights, ids, r)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_rt.errors import MoeRtError
+from moe_rt.layers.linear import linear
 from moe_rt.quant.experts import QuantizedStack
 from moe_rt.quant.mixed import MixedStack, mixed_experts
 
@@ -23,9 +24,14 @@ ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 
 # A CPU step with at most this many (token, choice) pairs runs one matmul pair per expert it uses,
 # looping in Python; above it, one grouped_mm per projection. (grouped_mm on CPU is itself a loop
-# over every slot, used or not, with one host read of each group's end.) Chosen by measurement,
-# scripts/expert_loop_crossover.py; see docs/benchmarks.md ("Decode overhead").
-CPU_LOOP_MAX_PAIRS = 8
+# over every slot, used or not, each matmul in BLAS's x·wᵀ form.) Float32 loops through
+# layers.linear, whose (w·xᵀ)ᵀ form streams a weight 1.5-4× faster at the few rows an expert gets
+# in decode, so the loop wins up to large batches: mixtral-56m batch 16, 402 -> 802 tok/s; batch 64,
+# 1101 -> 1452. Half precision takes F.linear either way, and there grouped_mm's lower overhead wins
+# above 8 pairs (mixtral-56m bf16 batch 16: 738 vs 646 tok/s). Measured with `moe-rt bench decode`;
+# see docs/benchmarks.md ("Decode overhead").
+CPU_LOOP_MAX_PAIRS = {torch.float32: 256}
+CPU_LOOP_MAX_PAIRS_DEFAULT = 8
 
 
 def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
@@ -33,8 +39,9 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     weights' dtype, adding the weighted results in slot order. On a GPU: one grouped GEMM per
     projection (torch.nn.functional.grouped_mm) and no host read of the routing. On a CPU, where
     reading a tensor waits for nothing: a loop over the slots that have rows (small batches), or
-    grouped_mm (large ones). Every path does the same matmuls and additions, so they agree bit
-    for bit. Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized
+    grouped_mm (large ones). Every path does the same products and the same additions in the same
+    order; the loop's matmuls go through layers.linear, whose BLAS call may sum a dot product in
+    another order, so loop and grouped agree to rounding (exactly for half precision). Shapes grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized
     stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts; mixed-width ones
     (moe_rt/quant/mixed.py) run each part through this function."""
     if isinstance(w13, MixedStack):
@@ -51,7 +58,7 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
         return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
     if cpu and T == 1:
         return _one_token(hidden, w13, w2, topk_ids, topk_weights)
-    if cpu and T * K <= CPU_LOOP_MAX_PAIRS:
+    if cpu and T * K <= CPU_LOOP_MAX_PAIRS.get(hidden.dtype, CPU_LOOP_MAX_PAIRS_DEFAULT):
         return _used_slots(hidden, w13, w2, topk_ids, topk_weights)
     return _grouped(hidden, w13, w2, topk_ids, topk_weights)
 
@@ -87,15 +94,14 @@ def _used_slots(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     order = order[first:]
     tokens = order // K
     x = hidden[tokens]
-    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
     I = w2.shape[2]
     ys, start = [], first
     for end in range(first + 1, len(slots) + 1):
         if end < len(slots) and slots[end] == slots[start]:
             continue
         s = slots[start]
-        h = torch.mm(x[start - first : end - first], w13t[s])
-        ys.append(torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]))
+        h = linear(x[start - first : end - first], w13[s])
+        ys.append(linear(F.silu(h[:, :I]) * h[:, I:], w2[s]))
         start = end
     y = torch.cat(ys) * topk_weights.reshape(-1)[order, None]
     return _combine(hidden, tokens, y)
@@ -123,13 +129,12 @@ def _one_token(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     I = w2.shape[2]
     dtype = hidden.dtype
     acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-    w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
     ids, weights = topk_ids[0].tolist(), topk_weights[0]
     out = None
     for s, k in sorted((s, k) for k, s in enumerate(ids) if s >= 0):
-        h = torch.mm(hidden, w13t[s])
+        h = linear(hidden, w13[s])
         # weights[k : k + 1], not weights[k]: a 0-d weight would not promote bf16 rows to float32
-        y = torch.mm(F.silu(h[:, :I]) * h[:, I:], w2t[s]) * weights[k : k + 1]
+        y = linear(F.silu(h[:, :I]) * h[:, I:], w2[s]) * weights[k : k + 1]
         if y.dtype != dtype:
             y = y.to(dtype).to(acc)
         out = y if out is None else out + y

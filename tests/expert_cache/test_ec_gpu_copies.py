@@ -176,6 +176,21 @@ def test_demand_shortfall_and_reclaim_exact():
     assert prefetches_to_reclaim([(2, 1)], {}, pool) == []
 
 
+def test_link_clock_drops_withdrawn_prefetches_as_the_runtime_does():
+    from expert_cache.link_clock import LinkClock
+
+    def queued_after(forecast):
+        clock = LinkClock(read_s=2.0, layer_s=1.0)
+        clock.begin_layer(0, [(0, 0)], 0)
+        clock.issue([(1, 0), (2, 0), (2, 1)])  # (1,0) starts at once, the others wait
+        clock.end_layer()
+        assert clock.begin_layer(1, [(1, 0)], 0, forecast) == 1.0  # (1,0) lands at 2
+        return clock.queued()
+
+    assert queued_after(None) == 2
+    assert queued_after({(2, 0): Prediction(1, 1.0)}) == 1  # (2,1) withdrawn, never read
+
+
 # -- the cache cancelling queued prefetches ---------------------------------------------------------
 def ids(*experts):
     return torch.tensor([list(experts)])

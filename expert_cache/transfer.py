@@ -171,9 +171,11 @@ class TransferEngine:
 
     # -- the worker -----------------------------------------------------------------------------
     def _retire_finished(self) -> None:
-        """Under the lock: free the cap's places of copies the device has finished (query only)."""
+        """Under the lock: free the cap's places of copies the device has finished (query only).
+        A ticket not done is still being read or enqueued by the worker, which retires it itself
+        if it was synchronous or failed."""
         for t in list(self._copies.submitted):
-            if self._copier.finished(t, wait=False):
+            if t.is_done() and self._copier.finished(t, wait=False):
                 self._copies.retire(t)
 
     def _run(self) -> None:

@@ -305,3 +305,25 @@ def test_cuda_ids_read_once_and_slot_maps_sent_without_a_wait():
     assert host.device.type == "cpu" and host.is_pinned() and used_experts(host) == [0, 3]
     m = slot_map([1, -1, 0], torch.device("cuda"))
     assert m.is_cuda and m.tolist() == [1, -1, 0]
+
+
+def test_pending_while_a_read_is_in_progress_keeps_the_worker_alive():
+    """Asking how many copies are pending while the worker is inside a read must not retire that
+    read early (the worker retires it when the read returns)."""
+    tier = ec_fakes.FakeTier()
+    tier.hold = {(0, 0)}
+    eng = TransferEngine(tier, torch.device("cpu"), max_queued=4)
+    w13, w2 = torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)
+    try:
+        a = eng.submit((0, 0), w13[0], w2[0])
+        assert tier.entered.wait(timeout=30)
+        assert eng.pending() == 1  # being read
+        b = eng.submit((0, 1), w13[1], w2[1])
+        assert eng.pending() == 2
+        tier.gate.set()
+        eng.wait(a)
+        eng.wait(b)
+        assert eng.pending() == 0 and w13[1].eq(1).all()
+    finally:
+        tier.gate.set()
+        eng.close()

@@ -9,19 +9,32 @@ executor of the pure parts: the planners (planning.py, shared with the replay si
 what to load, prefetch and evict, CacheState applies their plans, and this class moves bytes.
 
 Per MoE layer, `prepare(l, topk_ids)`:
-  1. completes finished prefetches; cancels queued prefetches for layer l that l does not use
-     (proven wrong), and counts started ones as proven wrong (wasted if evicted unused);
-  2. marks l's experts needed (never evicted while needed or in flight), and waits for the
+  1. reads the routed ids to the host (the one host read per layer on CUDA: device_io.py) and
+     folds the device timings that have completed (device_timing.py; queries only);
+  2. completes landed prefetches; cancels queued prefetches (still in the host queue, not on the
+     device: copy_queue.py) for layer l that l does not use (proven wrong) and for other layers
+     that the forecast in force no longer names (withdrawn); counts submitted ones of l as
+     proven wrong (wasted if evicted unused);
+  3. marks l's experts needed (never evicted while needed or in flight), and waits for the
      copies of l's experts that a prefetch is still landing;
-  3. with cpu_compute_on_miss, picks the misses that run on the host where their weights are
+  4. with cpu_compute_on_miss, picks the misses that run on the host where their weights are
      (cost_model.choose_host_experts; they stay unmapped, LayerExperts.host_compute);
-  4. plans the visit (planning.plan_demand: each other miss takes a free slot or the policy's
+  5. cancels queued prefetches whose slots the misses need (planning.prefetches_to_reclaim), then
+     plans the visit (planning.plan_demand: each other miss takes a free slot or the policy's
      victim, or is streamed through staging when every slot of the pool is pinned, needed or in
-     flight), applies it to CacheState and loads the misses synchronously (stall time counted);
-  5. issues prefetches for layers l+1..l+d from the latest forecast (planning.plan_prefetch;
+     flight), applies it to CacheState and loads the misses on this thread (stall counted);
+  6. issues prefetches for layers l+1..l+d from the latest forecast (planning.plan_prefetch;
      they overlap l's compute);
-  6. returns LayerExperts(slot buffers, slot_of [E] from CacheState.slot_map).
+  7. returns LayerExperts(slot buffers, slot_of [E] from CacheState.slot_map, sent to the device
+     without a host wait).
 All CacheState changes happen on the model's thread; the transfer worker only writes bytes.
+
+Timing (lookahead auto, the cost rule, stall_s): on the CPU the host clock, as the work is done
+when a call returns. On CUDA a copy or kernel only enqueues, so copy times, layer times and
+stalls are elapsed times of events on the streams (device_timing.EventTimer), folded in when
+they have completed: a copy's time is the time between events around it on its stream, a
+layer's the compute stream's time from leaving one prepare to entering the next, a stall the
+compute stream's time inside prepare (demand copies and waits for landing prefetches).
 
 Shape legend: L MoE layers, E experts per layer, S slots per pool, I expert intermediate size,
 D hidden size, T tokens, K experts per token.
@@ -32,13 +45,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 
 from expert_cache.config import CacheConfig
 from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_experts
+from expert_cache.device_io import HostCopies, ids_on_host, pinned_zeros, slot_map, to_device, used_experts
+from expert_cache.device_timing import device_timer
 from expert_cache.packs import aligned_empty
-from expert_cache.planning import plan_demand, plan_prefetch
+from expert_cache.planning import (demand_shortfall, plan_demand, plan_prefetch, prefetches_to_drop,
+                                   prefetches_to_reclaim)
 from expert_cache.policies import ExpertKey, Position
 from expert_cache.prefetcher import MovingAverage, Prefetcher
 from expert_cache.records import ExpertFormat
@@ -70,12 +87,14 @@ class LayerCounters:
 
 class ExpertCache(ExpertStore):
     def __init__(self, spec, tier: SlowTier, cfg: CacheConfig, *, device: torch.device,
-                 dtype: torch.dtype, fmt: ExpertFormat | None = None, plan: WidthPlan | None = None) -> None:
+                 dtype: torch.dtype, fmt: ExpertFormat | None = None, plan: WidthPlan | None = None,
+                 timer=None) -> None:
         """fmt: the record format of quantized experts (records.py), None for full precision. With
         one, each pool is a byte arena of records whose QuantizedStack views the model computes
         from, and `tier` reads records (records.py's tiers). plan: an expert bits plan (widths.py;
         not with fmt): one pool per (layer or global, width), each in its width's form, and each
-        layer's experts handed to the model as MixedStacks of its pools."""
+        layer's experts handed to the model as MixedStacks of its pools. timer: how work on the
+        device is timed (device_timing.device_timer(device) unless a test injects one)."""
         L, E = len(spec.moe_layer_ids), spec.num_experts
         D, I = spec.hidden_size, spec.moe.intermediate_size
         cfg.check_model(L, E)
@@ -95,17 +114,22 @@ class ExpertCache(ExpertStore):
             # quantized: slot s of a pool is arenas[pool][s], the stacks are views of those bytes
             staged = [self._staging(fmt, self.capacity_slots) for _ in range(pools)]
             self.w13, self.w2, self.arenas = (list(t) for t in zip(*staged))
-        self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue))
+        self.timer = device_timer(self.device) if timer is None else timer
+        self.transfer = TransferEngine(tier, self.device, max_queued=max(1, 2 * cfg.prefetch_queue),
+                                       copies_in_flight=cfg.copies_in_flight, timer=self.timer)
+        self._slot_maps: dict[int, tuple[list[int], torch.Tensor]] = {}  # layer -> (map, on device)
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
         self._source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
         self._tick = 0
-        # (layer, time leaving prepare, prefetches issued, demand loads) of the last prepare
-        self._last: tuple[int, float, int, int] | None = None
+        # (layer, timer mark leaving prepare, prefetches issued, demand loads) of the last prepare
+        self._last: tuple[int, object, int, int] | None = None
         self.queued_reads = MovingAverage()  # transfer queue occupancy when prefetches are planned
         self.prefetches_declined = 0  # forecast keys not issued (cost rule, no slot)
         self.layers = [LayerCounters() for _ in range(L)]
-        self.cancelled = 0  # prefetches cancelled before they started (moved no bytes)
+        self.cancelled = 0  # prefetches cancelled before they were submitted (moved no bytes)
+        # ... by reason: its layer ran without it, its forecast was withdrawn, a miss took its slot
+        self.cancelled_by = {"wrong": 0, "withdrawn": 0, "demand": 0}
         self.proven_wrong = 0  # prefetches already copying when their layer ran without them
         self._closed = False
         # Host compute of misses (cpu_compute_on_miss). The tier must hold whole layers in RAM.
@@ -121,6 +145,7 @@ class ExpertCache(ExpertStore):
         for key in cfg.pinned_keys():
             slot = self.state.pin(key, now=-1)
             self.transfer.load_now(key, *self._slot(key, slot))
+        self._host_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # (device ids, host copy)
 
     def _init_width_pools(self, cfg: CacheConfig, plan: WidthPlan, source: str) -> None:
         """Pools per (layer or global, width) sized by widths.pool_slots; per layer the MixedStacks
@@ -172,25 +197,30 @@ class ExpertCache(ExpertStore):
                    for a, b, c in zip(self.arenas, self.w13, self.w2))
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
-        enter = time.perf_counter()
+        timer = self.timer
+        timer.poll()  # device timings that completed since (queries only, never a wait)
+        mark = timer.mark()
         self._tick += 1
         now, l = self._tick, moe_index
         if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
-            self.prefetcher.record_layer(enter - self._last[1], self._last[2], self._last[3])
-        ids = topk_ids[topk_ids >= 0].unique().tolist()
-        keys = [(l, e) for e in ids]
+            _, left, issued, loads = self._last
+            timer.measure(left, mark, partial(self.prefetcher.record_layer, issued=issued, misses=loads))
+        ids = ids_on_host(topk_ids)  # the one host read of the layer (device_io.py)
+        self._host_ids = (topk_ids, ids)
+        keys = [(l, e) for e in used_experts(ids)]
         if self.prefetcher is not None:
             self.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
         predicted, position = self._forecast(l, now)
         self._reap()
-        self._drop_wrong_prefetches(l, set(keys))
+        self._drop_prefetches(l, keys, predicted)
         st, counters = self.state, self.layers[l]
         st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
         st.mark_needed(keys)
         stall = self._land(keys)
-        host = self._host_experts(l, topk_ids, [k for k in keys if not st.is_resident(k)])
-        plan = plan_demand(st, keys, self.cfg.policy, predicted, skip=[(l, e) for e in host],
-                           position=position)
+        host = self._host_experts(l, ids, [k for k in keys if not st.is_resident(k)])
+        skip = [(l, e) for e in host]
+        self._reclaim_slots(keys, skip)
+        plan = plan_demand(st, keys, self.cfg.policy, predicted, skip=skip, position=position)
         # Each load is in flight until its copy is done, so a failed read can be aborted.
         results = st.apply_demand(plan, now, in_flight=True)
         counters.hits += len(plan.hits)
@@ -207,8 +237,10 @@ class ExpertCache(ExpertStore):
             skipped = set(plan.skipped)
             out, seconds = self._layer_experts(l, [k for k in keys if k not in skipped], plan.streamed)
             stall += seconds
-        st.add_stall(stall)
-        counters.stall_s += stall
+        if timer.deferred:  # CUDA: the compute stream's time in here (its copies and waits)
+            timer.measure(mark, timer.mark(), partial(self._add_stall, l))
+        else:
+            self._add_stall(l, stall)
         issued = self._prefetch(now, predicted, position)
         if out is None:
             out = self._resident_experts(l)
@@ -216,11 +248,16 @@ class ExpertCache(ExpertStore):
             out.host_compute = self._host_compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
-        self._last = (l, time.perf_counter(), issued, len(plan.loads) + len(plan.streamed))
+        self._last = (l, timer.mark(), issued, len(plan.loads) + len(plan.streamed))
         return out
 
+    def _add_stall(self, l: int, seconds: float) -> None:
+        self.state.add_stall(seconds)
+        self.layers[l].stall_s += seconds
+
     def _resident_experts(self, l: int) -> LayerExperts:
-        """Layer l's pools and slot map (under a plan: its MixedStacks, virtual slots)."""
+        """Layer l's pools and slot map (under a plan: its MixedStacks, virtual slots). The map on
+        the device is sent again only when CacheState's view of the layer changed."""
         slots = self.state.slot_map(l, self.num_experts)
         if self.plan is None:
             pool = self.state.pool_of((l, 0))
@@ -228,14 +265,19 @@ class ExpertCache(ExpertStore):
         else:
             w13, w2, first = self._mixed[l]
             slots = [s if s < 0 else f + s for s, f in zip(slots, first)]
-        return LayerExperts(w13, w2, torch.tensor(slots, dtype=torch.int64).to(self.device))
+        sent = self._slot_maps.get(l)
+        if sent is None or sent[0] != slots:
+            sent = (slots, slot_map(slots, self.device))
+            self._slot_maps[l] = sent
+        return LayerExperts(w13, w2, sent[1])
 
     # -- host compute of misses --------------------------------------------------------------------
-    def _host_experts(self, l: int, topk_ids: torch.Tensor, missed: list[ExpertKey]) -> list[int]:
-        """Missed expert ids of layer l to run on the host (cost_model.choose_host_experts)."""
+    def _host_experts(self, l: int, ids: torch.Tensor, missed: list[ExpertKey]) -> list[int]:
+        """Missed expert ids of layer l to run on the host (cost_model.choose_host_experts);
+        ids: the layer's routed ids [T, K], on the host."""
         if not missed or self.host_mode is False:
             return []
-        flat = topk_ids[topk_ids >= 0].cpu()
+        flat = ids[ids >= 0]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         rule = HostRule(self._expert_bytes, self.link_bps.value or PCIE4_BYTES_PER_S,
                         self._flops_per_row, self.host_row_s.value)
@@ -244,34 +286,42 @@ class ExpertCache(ExpertStore):
 
     def _host_compute_fn(self, l: int, host: list[int]):
         """LayerExperts.host_compute for layer l: the weighted sum over the choices routed to the
-        `host` experts, computed with the host tier's weights (no copy of them is made)."""
+        `host` experts, computed with the host tier's weights (no copy of them is made).
+
+        Called before the device kernels of the layer are queued, it only starts the copies of
+        its inputs to the host; the `finish` it returns, called after them, waits for those
+        copies (queued before the device experts, so not for them), runs the host GEMMs while
+        the device computes, and sends the partial output back without a host wait."""
         w13, w2 = self.tier.host_layer(l)  # [E, 2I, D], [E, D, I] by logical id
         on_host = torch.zeros(self.num_experts, dtype=torch.bool)
         on_host[host] = True
+        seen = self._host_ids  # the routed ids prepare read: not copied again
 
-        def host_compute(hidden: torch.Tensor, topk_ids: torch.Tensor,
-                         topk_weights: torch.Tensor) -> torch.Tensor:
-            ids = topk_ids.cpu()
-            mine = (ids >= 0) & on_host[ids.clamp(min=0)]  # [T, K] choices computed here
-            rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one such choice
-            out = torch.zeros_like(hidden)
-            if rows.numel() == 0:
-                return out
-            sub_ids = torch.where(mine[rows], ids[rows], -1)  # other choices ran on the device
-            dev_rows = rows.to(hidden.device)
-            # On CUDA these copies wait for the device experts enqueued before them; only the
-            # host GEMMs are timed, so host_row_s measures the host, not that wait.
-            x = hidden.index_select(0, dev_rows).cpu()
-            w = topk_weights.index_select(0, dev_rows).cpu()
-            t0 = time.perf_counter()
-            y = (quantized_experts if isinstance(w13, QuantizedStack) else loop_experts)(x, w13, w2, sub_ids, w)
-            seconds = time.perf_counter() - t0
-            out.index_add_(0, dev_rows, y.to(hidden.device))
-            pairs = int(mine.sum())
-            self.host_rows += pairs
-            self.host_s += seconds
-            self.host_row_s.add(seconds / pairs)
-            return out
+        def host_compute(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+            known = seen is not None and topk_ids is seen[0]
+            copies = HostCopies(hidden, topk_weights, *(() if known else (topk_ids,)))
+
+            def finish() -> torch.Tensor:
+                x_all, w_all, *rest = copies.wait()
+                ids = seen[1] if known else rest[0]
+                mine = (ids >= 0) & on_host[ids.clamp(min=0)]  # [T, K] choices computed here
+                rows = mine.any(dim=1).nonzero().squeeze(1)  # tokens with at least one such choice
+                out = pinned_zeros(hidden)
+                if rows.numel() == 0:
+                    return to_device(out, hidden.device)
+                sub_ids = torch.where(mine[rows], ids[rows], -1)  # other choices ran on the device
+                x, w = x_all.index_select(0, rows), w_all.index_select(0, rows)
+                t0 = time.perf_counter()
+                y = (quantized_experts if isinstance(w13, QuantizedStack) else loop_experts)(x, w13, w2, sub_ids, w)
+                seconds = time.perf_counter() - t0
+                out.index_add_(0, rows, y)
+                pairs = int(mine.sum())
+                self.host_rows += pairs
+                self.host_s += seconds
+                self.host_row_s.add(seconds / pairs)
+                return to_device(out, hidden.device)
+
+            return finish
 
         return host_compute
 
@@ -324,9 +374,25 @@ class ExpertCache(ExpertStore):
                     self.state.abort_load(rest.key)
                 raise
             self.state.complete(load.key)
-            if self.prefetcher is not None:  # a demand read costs what a prefetch read does
-                self.prefetcher.record_transfer(ticket.seconds)
+            self._time_copy(ticket)  # a demand read costs what a prefetch read does
         return time.perf_counter() - t0
+
+    def _time_copy(self, ticket: Ticket) -> None:
+        """Fold a copy's time into the measured read time (lookahead auto, the cost rule) and, on
+        CUDA, the link bandwidth (host compute's rule), once known: at once on the CPU, when its
+        events have completed on CUDA (device_timing.py)."""
+        if ticket.start is None or ticket.end is None:
+            return
+        cuda, nbytes = self.device.type == "cuda", self.state.key_bytes(ticket.key)
+
+        def done(device_s: float) -> None:
+            ticket.seconds = ticket.host_s + device_s
+            if self.prefetcher is not None:
+                self.prefetcher.record_transfer(ticket.seconds)
+            if cuda and device_s > 0:
+                self.link_bps.add(nbytes / device_s)
+
+        self.timer.measure(ticket.start, ticket.end, done)
 
     def _forecast(self, l: int, now: int):
         """The forecast in force with probabilities, and where it was made (ranks demand victims
@@ -346,7 +412,7 @@ class ExpertCache(ExpertStore):
         candidates = p.candidates(st.entries)
         costs = None
         if self.cfg.prefetch_rule == "cost":
-            queued = sum(not t.is_done() for t in self._tickets.values())
+            queued = self.transfer.pending()  # waiting, or on the device and not finished
             self.queued_reads.add(queued)
             # demand reads per visit as replay counts them (ticks count visits)
             costs = p.costs(queued, st.victim_reuse(), st.stats.misses / max(now, 1))
@@ -367,8 +433,10 @@ class ExpertCache(ExpertStore):
             self._finish(key, ticket)
 
     def _reap(self) -> None:
+        """Complete the prefetches that have landed (on CUDA: whose copy the device finished, so
+        the compute stream is never made to wait for a copy a later layer needs)."""
         for key, ticket in list(self._tickets.items()):
-            if ticket.is_done():
+            if self.transfer.landed(ticket):
                 self._finish(key, ticket)
 
     def _land(self, keys: list[ExpertKey]) -> float:
@@ -400,26 +468,49 @@ class ExpertCache(ExpertStore):
             self.state.abort_load(key)
             raise
         self.state.complete(key)
-        if self.prefetcher is not None and ticket.prefetch and not ticket.cancelled:
-            self.prefetcher.record_transfer(ticket.seconds)
+        if ticket.prefetch and not ticket.cancelled:
+            self._time_copy(ticket)
 
     def _abort(self, key: ExpertKey) -> None:
         """The copy into key's slot never happened: free the slot, take back the load's counts."""
         del self._tickets[key]
         self.state.abort_load(key)
 
-    def _drop_wrong_prefetches(self, layer: int, needed: set[ExpertKey]) -> None:
-        """Layer `layer` is about to run without these prefetched experts: cancel queued copies
-        (their slots were never written: no bytes counted, not an eviction nor a wasted prefetch),
-        count started ones as proven wrong."""
-        for key, ticket in list(self._tickets.items()):
-            if key[0] != layer or key in needed:
-                continue
-            if self.transfer.cancel(ticket):
-                self._abort(key)
-                self.cancelled += 1
-            else:
-                self.proven_wrong += 1
+    def _queued_keys(self) -> list[ExpertKey]:
+        """Prefetches still in the host queue (not submitted: cancellable), in issue order."""
+        return [k for k, t in self._tickets.items() if not t.started and not t.is_done()]
+
+    def _cancel(self, key: ExpertKey, reason: str) -> bool:
+        """Cancel key's queued copy (its slot was never written: no bytes counted, not an
+        eviction nor a wasted prefetch); False if the worker submitted it meanwhile."""
+        if not self.transfer.cancel(self._tickets[key]):
+            return False
+        self._abort(key)
+        self.cancelled += 1
+        self.cancelled_by[reason] += 1
+        return True
+
+    def _drop_prefetches(self, layer: int, used: list[ExpertKey], predicted) -> None:
+        """Layer `layer` is about to run with `used`: cancel queued prefetches it proves wrong or
+        whose forecast was withdrawn (planning.prefetches_to_drop); count submitted ones of
+        `layer` it does not use as proven wrong (they land and may be wasted)."""
+        wrong, withdrawn = prefetches_to_drop(self._queued_keys(), layer, used, predicted)
+        for key in wrong:
+            self._cancel(key, "wrong")
+        for key in withdrawn:
+            self._cancel(key, "withdrawn")
+        needed = set(used)
+        self.proven_wrong += sum(k[0] == layer and k not in needed for k in self._tickets)
+
+    def _reclaim_slots(self, keys: list[ExpertKey], skip: list[ExpertKey]) -> None:
+        """A miss with no slot left would be streamed: cancel queued prefetches of its pool to
+        free theirs first (planning.demand_shortfall, prefetches_to_reclaim)."""
+        if not self._tickets:
+            return
+        short = demand_shortfall(self.state, keys, skip)
+        if short:
+            for key in prefetches_to_reclaim(self._queued_keys(), short, self.state.pool_of):
+                self._cancel(key, "demand")
 
     # -- slots ------------------------------------------------------------------------------------
     def _slot(self, key: ExpertKey, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -458,10 +549,11 @@ class ExpertCache(ExpertStore):
             w13, w2 = parts13[0], parts2[0]
         else:
             w13, w2 = MixedStack(tuple(parts13)), MixedStack(tuple(parts2))
-        return LayerExperts(w13, w2, slot_of.to(self.device)), time.perf_counter() - t0
+        return LayerExperts(w13, w2, to_device(slot_of, self.device)), time.perf_counter() - t0
 
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict:
+        self.timer.poll(wait=True)  # a report, not a layer: wait for the device timings
         s = self.state.stats.as_dict()
         p = self.prefetcher
         out = {
@@ -479,7 +571,8 @@ class ExpertCache(ExpertStore):
             "host_computed_rows": self.host_rows, "host_compute_s": self.host_s,
             "host_bytes_not_moved": self.host_computed * self._expert_bytes,
             "host_row_s_avg": self.host_row_s.value, "link_bytes_per_s": self.link_bps.value,
-            "prefetches_cancelled": self.cancelled, "prefetches_proven_wrong": self.proven_wrong,
+            "prefetches_cancelled": self.cancelled, "prefetches_cancelled_by": dict(self.cancelled_by),
+            "prefetches_proven_wrong": self.proven_wrong, "copies_in_flight": self.cfg.copies_in_flight,
             "prefetch_rule": self.cfg.prefetch_rule, "prefetches_declined": self.prefetches_declined,
             "read_bytes_per_s": (None if p is None or not p.transfer_s.value
                                  else self._expert_bytes / p.transfer_s.value),

@@ -53,6 +53,14 @@ class CacheConfig(BaseModel):
         8, ge=0,
         description="Most prefetches issued after one layer; further ones are dropped, nearest "
                     "layers and highest scores kept. 0 disables prefetch.")
+    copies_in_flight: int = Field(
+        2, ge=1,
+        description="GPU fast tier: most prefetch copies submitted to the copy stream at once. "
+                    "The rest wait in a host-side queue, where a prefetch whose forecast is "
+                    "withdrawn, whose layer runs without it, or whose slot a miss needs is "
+                    "dropped without moving a byte; a copy on the stream cannot be taken back. "
+                    "2 keeps the link busy (one copying, the next queued behind it). On a CPU "
+                    "fast tier the one transfer worker reads one expert at a time anyway.")
     prefetch_rule: Literal["cost", "always"] = Field(
         "cost",
         description="Which forecast experts a prefetch loads. cost: only those whose expected "

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from expert_cache.device_io import ids_on_host, to_device, used_experts
 from expert_cache.slow_tier import SlowTier
 from moe_rt.layers.moe.store import ExpertStore, LayerExperts
 
@@ -24,14 +25,14 @@ class OnDemandExpertStore(ExpertStore):
 
     def prepare(self, moe_index: int, topk_ids: torch.Tensor) -> LayerExperts:
         t0 = time.perf_counter()
-        ids = topk_ids[topk_ids >= 0].unique().tolist()
+        ids = used_experts(ids_on_host(topk_ids))  # the one host read of the layer (device_io.py)
         slot_of = torch.full((self.num_experts,), -1, dtype=torch.int64)
         for i, e in enumerate(ids):
             self.tier.read_into((moe_index, e), self.w13[i], self.w2[i])
             slot_of[e] = i
         self.loads += len(ids)
         self.stall_s += time.perf_counter() - t0
-        return LayerExperts(self.w13, self.w2, slot_of.to(self.device))
+        return LayerExperts(self.w13, self.w2, to_device(slot_of, self.device))
 
     def stats(self) -> dict:
         return {"misses": self.loads, "hits": 0, "loads": self.loads, "stall_s": self.stall_s,

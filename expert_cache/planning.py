@@ -204,3 +204,51 @@ def plan_keep(state: "CacheState", loaded: Iterable[ExpertKey],
         for key in keys:
             (admit if key in keep else streamed).append(key)
     return KeepPlan(tuple(evict), tuple(admit), tuple(streamed))
+
+
+# -- cancelling queued prefetches (copy_queue.py: only copies not yet submitted can be) ----------
+def prefetches_to_drop(queued: Iterable[ExpertKey], layer: int, used: Iterable[ExpertKey],
+                       predicted: Mapping[ExpertKey, Prediction] | None) -> tuple[list[ExpertKey], list[ExpertKey]]:
+    """(proven wrong, withdrawn) among the queued prefetches as layer `layer` is about to run with
+    `used`: one of `layer` that it does not use is proven wrong; one of another layer that the
+    forecast in force (`predicted`, made after the previous layer routed) no longer names was
+    withdrawn. Without a forecast nothing is withdrawn. Both keep queue order."""
+    used = set(used)
+    queued = list(queued)
+    wrong = [k for k in queued if k[0] == layer and k not in used]
+    withdrawn = [] if predicted is None else [k for k in queued if k[0] != layer and k not in predicted]
+    return wrong, withdrawn
+
+
+def demand_shortfall(state: "CacheState", keys: Iterable[ExpertKey],
+                     skip: Iterable[ExpertKey] = ()) -> dict[int, int]:
+    """Per pool, how many of the visit's misses plan_demand would stream for want of a slot:
+    misses (not resident, not in `skip`) beyond the pool's free slots and eviction candidates.
+    Call with the visit's keys marked needed, as plan_demand is."""
+    skip = set(skip)
+    misses: dict[int, int] = {}
+    for key in dict.fromkeys(keys):
+        if not state.is_resident(key) and key not in skip:
+            pool = state.pool_of(key)
+            misses[pool] = misses.get(pool, 0) + 1
+    out = {}
+    for pool, n in misses.items():
+        short = n - state.num_free(pool) - len(state.candidates(pool))
+        if short > 0:
+            out[pool] = short
+    return out
+
+
+def prefetches_to_reclaim(queued: Iterable[ExpertKey], shortfall: Mapping[int, int],
+                          pool_of) -> list[ExpertKey]:
+    """Queued prefetches whose slots the visit's misses take instead of streaming: per pool up to
+    its shortfall, the latest queued first (prefetches are queued nearest layer and likeliest
+    first, so the last is the one that matters least)."""
+    need = dict(shortfall)
+    out = []
+    for key in reversed(list(queued)):
+        pool = pool_of(key)
+        if need.get(pool, 0) > 0:
+            out.append(key)
+            need[pool] -= 1
+    return out

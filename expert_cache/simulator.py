@@ -251,7 +251,8 @@ def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
     demand = plan_demand(state, keys, policy, predicted, position=position)
     state.apply_demand(demand, tick)
     if clock is not None:
-        clock.begin_layer(keys[0][0] if keys else 0, keys, len(demand.loads) + len(demand.streamed))
+        clock.begin_layer(keys[0][0] if keys else 0, keys, len(demand.loads) + len(demand.streamed),
+                          predicted)
     if costs is not None:
         demand = state.stats.misses / max(tick + 1, 1)  # per visit so far (ticks count visits)
         costs = PrefetchCosts(costs.read_s, costs.layer_s, 0 if clock is None else clock.queued(),

@@ -69,9 +69,12 @@ stage_bench() {  # each figure beside its baseline from the same run (transforme
     $MOE bench decode --device cuda --dtype bfloat16 --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 \
         --json 2>&1 | tee "$OUT/bench_decode_demo.txt"
     $MOE bench kernel --json-out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.txt"
-    # GPU memory as the fast tier, pinned host RAM as the slow one: resident, naive, LRU, predictive
+    # GPU memory as the fast tier, pinned host RAM as the slow one: resident, naive, LRU, LRU with host
+    # compute of misses (the rule decides), predictive with lookahead auto from event-timed copies and
+    # layers, 2 prefetch copies on the stream at once (the rest cancellable; cancelled per row)
     $MOE bench offload --synthetic mixtral-gpu --cache-dir /tmp/moe-rt-synthetic --device cuda --dtype bfloat16 \
-        --tier cpu --capacities 25,50 --predictors gate_lookahead --max-tokens 32 --repeats 3 --no-progress \
+        --tier cpu --capacities 25,50 --predictors gate_lookahead --lookahead auto --cpu-compute-on-miss auto \
+        --copies-in-flight 2 --max-tokens 32 --repeats 3 --no-progress \
         --json 2>&1 | tee "$OUT/bench_offload_gpu.txt"
 }
 

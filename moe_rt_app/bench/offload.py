@@ -14,6 +14,8 @@ Compared in one run, on the same prompts (greedy, so every configuration routes 
              the tok/s ratio that would pay back half the byte saving (1 + (1 - bytes_vs_lru) / 2).
   resident/plan, lru/plan  the same with a bits-plan file among --expert-bits (each expert at its
              planned width, through width pools: expert_cache/widths.py).
+  lru+host   with --cpu-compute-on-miss (--tier cpu): the LRU cache whose misses may run on the
+             host where their weights are (cpu_compute_on_miss auto or always) instead of loading.
 Capacities are percentages of each layer's experts. With --scheduler-policy fcfs,expert_aware the
 bench compares scheduling policies instead (offload_schedule.py). Experts are read from expert packs
 (expert_cache/packs.py, written on first use) with O_DIRECT, which bypasses the page cache, so
@@ -72,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefetch_rule of the predictive configurations, comma-separated (cost, "
                         "always): one row per predictor and rule; rows of rule always are "
                         "labelled pred+NAME/always")
+    p.add_argument("--cpu-compute-on-miss", choices=("auto", "always"), default=None,
+                   help="add an lru+host row per capacity: the LRU cache with cpu_compute_on_miss set so "
+                        "(needs --tier cpu)")
+    p.add_argument("--copies-in-flight", type=int, default=2,
+                   help="copies_in_flight of the predictive configurations: prefetch copies submitted to "
+                        "the GPU at once, the rest cancellable in a host queue (>= 1)")
     p.add_argument("--device", default="cpu", help="where the model and the fast tier live: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
     p.add_argument("--tier", choices=("disk", "cpu"), default="disk",
@@ -164,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     if not rules or any(r not in ("cost", "always") for r in rules):
         raise MoeRtError("--prefetch-rules takes cost and/or always, comma-separated")
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
+    if args.cpu_compute_on_miss and args.tier != "cpu":
+        raise MoeRtError("--cpu-compute-on-miss needs --tier cpu (the weights must be in host RAM)")
+    if args.copies_in_flight < 1:
+        raise MoeRtError(f"--copies-in-flight must be >= 1, got {args.copies_in_flight}")
     sides = quantized_sides(args.expert_bits, args.group_size)  # "int8", "int4", "plan" -> LLM options
     progress = not args.no_progress
     if args.torch_threads:
@@ -193,12 +205,15 @@ def run(args: argparse.Namespace) -> int:
     for pct in pcts:
         slots = max(1, round(E * pct / 100))
         configs.append(("lru", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
+        if args.cpu_compute_on_miss:
+            configs.append(("lru+host", pct, dict(offload="cpu", capacity_slots=slots, policy="lru",
+                                                  cpu_compute_on_miss=args.cpu_compute_on_miss)))
         for name in sides:  # the same cache, quantized experts (the side read from the label)
             configs.append((f"lru/{name}", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
         for name in predictors:
             for rule in rules:
                 cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
-                           lookahead=lookahead, prefetch_rule=rule)
+                           lookahead=lookahead, prefetch_rule=rule, copies_in_flight=args.copies_in_flight)
                 if name in ID_ONLY:
                     cfg["predictor_dir"] = fit_path
                 configs.append((f"pred+{name}" + ("" if rule == "cost" else f"/{rule}"), pct, cfg))
@@ -245,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     emit(rows, args, ["config", "capacity", "tok_s", "tok_s_best", "vs_resident", "vs_naive", "vs_lru",
                       "vs_lru_best", "hit_rate", "mb_per_token", "bytes_vs_lru", "speed_target",
                       "stall_ms_per_token",
-                      "prefetches", "prefetch_hits", "wasted", "predicted_tok_s"],
+                      "prefetches", "prefetch_hits", "wasted", "cancelled", "host_computed", "predicted_tok_s"],
          extra)
     if args.plot:
         _plot(eval_trace, args.plot, E, predictors, progress)
@@ -310,6 +325,8 @@ def _offload_row(r: dict, tokens: int, args) -> dict:
                 prefetches=None if cfg is None else delta("prefetches_issued"),
                 prefetch_hits=None if cfg is None else delta("prefetch_hits"),
                 wasted=None if cfg is None else delta("wasted_prefetches"),
+                cancelled=None if cfg is None else delta("prefetches_cancelled"),
+                host_computed=None if cfg is None else delta("host_computed"),
                 gb_moved=delta("bytes_moved_total") / 1e9, stall_s=delta("stall_s"))
 
 

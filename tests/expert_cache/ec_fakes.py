@@ -64,14 +64,14 @@ class Source:
 
 
 def make_cache(num_layers: int, num_experts: int, slots: int, prefetch: bool = True,
-               depth: int = 1, **cfg):
+               depth: int = 1, timer=None, **cfg):
     tier = FakeTier()
     # Prefetch every forecast key by default: these tests drive the plumbing by hand and must not
     # depend on measured times (the cost rule has its own tests).
     cfg.setdefault("prefetch_rule", "always")
     cfg = CacheConfig(offload="disk", capacity_slots=slots, **cfg)
     cache = ExpertCache(fake_spec(num_layers, num_experts), tier, cfg,
-                        device=torch.device("cpu"), dtype=torch.float32)
+                        device=torch.device("cpu"), dtype=torch.float32, timer=timer)
     src = Source(cache, num_experts)
     if prefetch:
         cache.start_prefetch(depth=depth, max_depth=depth)

@@ -82,3 +82,18 @@ def test_bench_offload_adds_quantized_lru_rows_against_the_full_precision_one(tm
     records = [expert_format(spec, bits, 32, torch.float32, "cpu").record_bytes for bits in (4, 8)]
     per_load = rows["lru/plan"]["gb_moved"] * 1e9 / rows["lru/plan"]["loads"]  # each load its own width's bytes
     assert records[0] <= per_load <= records[1] and rows["lru/plan"]["speed_target"] > 1
+
+
+def test_bench_offload_host_compute_row_and_copies_in_flight(tmp_path, capsys):
+    argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "25",
+            "--tier", "cpu", "--cpu-compute-on-miss", "always", "--predictors", "gate_lookahead",
+            "--copies-in-flight", "1", "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "1",
+            "--torch-threads", "1", "--no-progress", "--json"]
+    rows = {r["config"]: r for r in _run_json(argv, capsys)["results"]}
+    assert list(rows) == ["resident", "naive", "lru", "lru+host", "pred+gate_lookahead"]
+    host, lru = rows["lru+host"], rows["lru"]
+    assert host["host_computed"] > 0 and lru["host_computed"] == 0
+    assert host["mb_per_token"] < lru["mb_per_token"]  # host-computed misses copy nothing
+    assert rows["pred+gate_lookahead"]["cancelled"] >= 0
+    assert main(argv[:argv.index("--tier")] + argv[argv.index("--cpu-compute-on-miss"):]) == 2  # disk tier
+    assert "needs --tier cpu" in capsys.readouterr().err

@@ -46,6 +46,8 @@ CONFIGS = [
     dict(offload="cpu", capacity_slots=3, pinned={0: [1, 2], 3: [0]}, **GATE),
     dict(offload="disk", capacity_gb=0.0008, policy="lru"),  # 11 experts: 2 per layer
     dict(offload="disk", capacity_slots=2, lookahead=2, policy="predictive", predictor="gate_lookahead_output"),
+    # one copy at a time: more prefetches wait in the host queue, where they may be cancelled
+    dict(offload="disk", capacity_slots=6, scope="global", lookahead=3, copies_in_flight=1, **GATE),
 ]
 
 

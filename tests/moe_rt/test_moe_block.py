@@ -189,3 +189,43 @@ def test_grouped_path_reads_nothing_back():
         return False
 
     assert [e.name for e in prof.events() if e.name in SYNC_OPS and not in_grouped_mm(e)] == []
+
+
+def test_host_part_starts_before_the_device_kernels_and_finishes_after():
+    """LayerExperts.host_compute's two phases: started before the device kernels are queued (so
+    it waits only for its inputs), finished after (so the host computes while the device does);
+    the two partial outputs add up to the block's output with every expert on the device."""
+    from moe_rt.layers.moe.store import LayerExperts
+    from moe_rt.models.spec import MoESpec, RoutingSpec
+
+    D, I, E = 8, 6, 4
+    g = torch.Generator().manual_seed(3)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+    x = torch.randn(5, D, generator=g)
+    order = []
+
+    class SplitStore(ResidentExpertStore):  # experts 2 and 3 run "on the host"
+        def prepare(self, moe_index, topk_ids):
+            def host_compute(hidden, ids, weights):
+                order.append("host start")
+
+                def finish():
+                    order.append("host finish")
+                    return loop_experts(hidden, w13, w2, torch.where(ids >= 2, ids, -1), weights)
+
+                return finish
+
+            return LayerExperts(w13, w2, torch.tensor([0, 1, -1, -1]), host_compute)
+
+    def device(*args):
+        order.append("device")
+        return torch_experts(*args)
+
+    spec = MoESpec(RoutingSpec(E, 2), I)
+    split = MoEBlock(spec, D, 0, 0, MoEContext(store=SplitStore([w13], [w2]), compute=device))
+    whole = MoEBlock(spec, D, 0, 0, MoEContext(store=ResidentExpertStore([w13], [w2])))
+    with torch.no_grad():
+        whole.gate.weight.copy_(split.gate.weight)
+        got, want = split(x), whole(x)
+    assert order == ["host start", "device", "host finish"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

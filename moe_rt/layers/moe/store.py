@@ -29,9 +29,13 @@ class LayerExperts:
     w2: WeightStack  # [S, D, I]
     slot_of: torch.Tensor | None = None  # [E] int64 slot of each logical expert (-1: not here); None = identity
     # Experts the store chose to run where their weights are (e.g. missed experts computed on the
-    # host instead of copied to the GPU, the Fiddler idea): (hidden, topk_ids, topk_weights) -> [T, D]
-    # partial output for exactly the choices whose slot_of is -1. None = every needed expert is in a slot.
-    host_compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # host instead of copied to the GPU, the Fiddler idea), for exactly the choices whose slot_of
+    # is -1. Two phases, so the host work overlaps the device kernels: host_compute(hidden,
+    # topk_ids, topk_weights) is called BEFORE the device kernels of the layer are queued (it may
+    # start copying its inputs) and returns `finish`; finish() is called AFTER they are queued and
+    # returns the [T, D] partial output on hidden's device, added to theirs. None = every needed
+    # expert is in a slot.
+    host_compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]] | None = None
 
     def slots(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Map logical ids [T, K] (-1 = skip) to slot ids in w13/w2 (-1 = skip)."""

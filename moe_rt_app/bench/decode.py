@@ -1,8 +1,9 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
 (bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 (or
-a bits plan, 8,PLAN) the same model with quantized experts, and with --compile the same model with
-compile=True, is timed in the same runs, as a ratio to the plain (full-precision, eager) moe-rt.
+a bits plan, 8,PLAN) the same model with quantized experts, with --compile the same model with
+compile=True, and with --cuda-graphs (CUDA) the same model replaying decode steps from CUDA graphs,
+is timed in the same runs, as a ratio to the plain (full-precision, eager) moe-rt.
 With --profile, instead: what a decode step costs in aten ops and host reads, per layer
 (bench/profile.py)."""
 from __future__ import annotations
@@ -46,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time moe-rt with compile=True, interleaved with the eager run (columns compiled_*; "
                         "ratio to eager); its graphs compile in the warm-up")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: also time moe-rt with cuda_graphs=True, interleaved with the eager run (columns "
+                        "cuda_graphs_*; ratio to eager); its warm-up decodes every shape the timed runs "
+                        "reach, so the graphs are captured before timing")
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
@@ -185,6 +190,8 @@ def run(args) -> int:
     sides = dict(bits)
     if args.compile:
         sides["compiled"] = dict(compile=True)
+    if args.cuda_graphs:
+        sides["cuda_graphs"] = dict(cuda_graphs=True)
     others = {name: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
                         **opts) for name, opts in sides.items()}
     device, dtype = llm.engine.device, llm.engine.dtype
@@ -228,8 +235,10 @@ def run(args) -> int:
         if llama is not None:
             _, theirs_tokens = llama.run(prompts, args.max_tokens)
             llama_agree = agreement(greedy_tokens(llm, prompts, args.max_tokens), theirs_tokens)
-        for q in others.values():
-            time_moe_rt(q, prompts, 4)  # compile=True: compiles its graphs for this batch here
+        for name, q in others.items():
+            # compile=True compiles its graphs for this batch here; cuda_graphs captures one per
+            # block-table width, so its warm-up runs as long as the timed runs
+            time_moe_rt(q, prompts, args.max_tokens if name == "cuda_graphs" else 4)
         # Interleaved, so every side sees the same machine conditions.
         ours, theirs, lcpp, qtimes = [], [], [], {name: [] for name in others}
         for _ in range(args.repeats):

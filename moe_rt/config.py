@@ -93,6 +93,9 @@ class EngineConfig(BaseModel):
         if self.scheduler_policy != "fcfs":
             raise ValueError("cuda_graphs needs scheduler_policy fcfs (expert_aware reads every step's "
                              "routing on the host)")
+        if self.expert_compute in ("loop", "reference"):
+            raise ValueError(f"cuda_graphs needs expert_compute torch or triton ({self.expert_compute} reads "
+                             "the routing back on the host)")
 
 
 class ModelConfig(BaseModel):

@@ -110,7 +110,7 @@ class DecodeGraphs:
         """Logits [n, V] of the n rows, from the step captured for their padded shape. The engine
         keeps n <= max_num_seqs and every table within max_model_len, so a shape always exists."""
         B, W = bucket(len(rows), self.shapes.batch_sizes), bucket(rows.width, self.shapes.widths)
-        step = self._step(B, W)
+        step = self._step(B, W)  # before the load: a capture fills the buffer with padding rows
         self._load(rows.padded(B, W, self.scratch_slot))
         out = step()
         self.replays += 1

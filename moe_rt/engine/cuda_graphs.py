@@ -116,6 +116,10 @@ class DecodeGraphs:
         self.replays += 1
         return out[: len(rows)].clone()  # the next replay overwrites out
 
+    def stats(self) -> dict:
+        """For moe_stats (and the server's /metrics): graphs captured, decode steps replayed."""
+        return {"captured": len(self.steps), "replayed_steps": self.replays}
+
     def _load(self, values: list[int]) -> None:
         self.flat[: len(values)].copy_(torch.tensor(values, dtype=torch.int64))
 

@@ -105,6 +105,8 @@ class LLMEngine:
             self.attach("routing", self.model.moe_ctx.dynamic_topk.stats)
         graphs = GraphShapes.for_engine(ec.max_num_seqs, max_len, ec.kv_block_size) if ec.cuda_graphs else None
         self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device, graphs)
+        if self.runner.graphs is not None:
+            self.attach("cuda_graphs", self.runner.graphs.stats)
         self.generator = torch.Generator().manual_seed(ec.seed)
         self._seq_counter = itertools.count()
         self._req_counter = itertools.count()

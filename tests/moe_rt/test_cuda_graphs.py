@@ -115,6 +115,7 @@ def test_static_decode_path_pads_and_matches_eager_on_cpu(family, mixtral_dir, t
     assert {b for b, _ in runner.graphs.steps} == {1, 4, 8}
     assert {w for _, w in runner.graphs.steps} >= {1, 2, 4}
     assert runner.graphs.replays == 3 * (GREEDY.max_tokens - 1)
+    assert runner.graphs.stats() == {"captured": len(runner.graphs.steps), "replayed_steps": 15}
     scratch = eng.blocks.num_blocks * 8
     for mine, theirs in zip(runner.kv, eager.engine.runner.kv):
         assert mine.k.shape[0] == theirs.k.shape[0] + 1
@@ -196,6 +197,7 @@ def test_graph_replay_matches_eager_on_cuda(mixtral_dir, dtype, backend, rtol):
         assert tokens[0] == tokens[1]
     _assert_same_steps(got, want, rtol, ties=dtype != "float32")
     assert {b for b, _ in captured.steps} == {1, 4, 8} and captured.replays == 3 * (GREEDY.max_tokens - 1)
+    assert graphs.engine.moe_stats()["cuda_graphs"] == {"captured": len(captured.steps), "replayed_steps": 15}
     # a second run replays the graphs already captured, and agrees with the first
     shapes = set(captured.steps)
     assert _run_batches(graphs) == tokens[0] and set(captured.steps) == shapes

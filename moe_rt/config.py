@@ -78,12 +78,13 @@ class EngineConfig(BaseModel):
     def _one_width_rule(self) -> "EngineConfig":
         if self.expert_bits is not None and self.expert_bits_plan is not None:
             raise ValueError("expert_bits (one width for every expert) and a bits plan are both set; give one")
-        if self.cuda_graphs:
-            self._check_graphs()
         return self
 
-    def _check_graphs(self) -> None:
+    @model_validator(mode="after")
+    def _graph_rules(self) -> "EngineConfig":
         """A captured step replays fixed kernels: what decides per step on the host is refused."""
+        if not self.cuda_graphs:
+            return self
         if self.compile:
             raise ValueError("compile and cuda_graphs do not combine (a graph would check the compiled "
                              "region's guards once, at capture); choose one")
@@ -96,6 +97,7 @@ class EngineConfig(BaseModel):
         if self.expert_compute in ("loop", "reference"):
             raise ValueError(f"cuda_graphs needs expert_compute torch or triton ({self.expert_compute} reads "
                              "the routing back on the host)")
+        return self
 
 
 class ModelConfig(BaseModel):

@@ -50,7 +50,8 @@ def test_decode_rows_and_their_padded_layout():
     assert flat == [7, 1, 0, 0,  2, 5, 0, 0,  14, 17, 99, 99,  3, 6, 1, 1,
                     3, 0, 0,  0, 4, 0,  0, 0, 0,  0, 0, 0]
     ids, pos, slots, lens, tables = decode_views(torch.tensor(flat + [-1] * 5), 4, 3)
-    assert tables.tolist() == [[3, 0, 0], [0, 4, 0], [0, 0, 0], [0, 0, 0]] and slots.tolist() == [14, 17, 99, 99]
+    assert [t.tolist() for t in (ids, pos, slots, lens)] == [[7, 1, 0, 0], [2, 5, 0, 0], [14, 17, 99, 99], [3, 6, 1, 1]]
+    assert tables.tolist() == [[3, 0, 0], [0, 4, 0], [0, 0, 0], [0, 0, 0]]  # the trailing -1s are not viewed
     assert rows.padded(2, 2, 99)[:2] == [7, 1]  # no padding needed
     with pytest.raises(ValueError):
         rows.padded(1, 2, 99)

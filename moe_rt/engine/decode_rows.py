@@ -78,7 +78,8 @@ class DecodeRows:
 def decode_views(flat: torch.Tensor, batch: int, width: int) -> tuple[torch.Tensor, ...]:
     """(ids [B], positions [B], slots [B], context lens [B], block tables [B, W]) viewed in `flat`."""
     B = batch
-    return flat[:B], flat[B : 2 * B], flat[2 * B : 3 * B], flat[3 * B : 4 * B], flat[4 * B : 4 * B + B * width].view(B, width)
+    tables = flat[4 * B : 4 * B + B * width].view(B, width)
+    return flat[:B], flat[B : 2 * B], flat[2 * B : 3 * B], flat[3 * B : 4 * B], tables
 
 
 def doubling_sizes(limit: int) -> tuple[int, ...]:

@@ -53,7 +53,8 @@ class LLMEngine:
         cache's slots); a CUDA engine sizes its KV cache around it (engine/kv_budget.py)."""
         self.device = resolve_device(model.device)
         if engine.cuda_graphs and self.device.type != "cuda":
-            raise MoeRtError(f"cuda_graphs captures decode steps on a CUDA device; this engine runs on {self.device.type}")
+            raise MoeRtError("cuda_graphs captures decode steps on a CUDA device; this engine runs on "
+                             f"{self.device.type}")
         self.dtype = resolve_dtype(model.dtype, self.device)
         read_config(model.model)  # a missing or broken folder is reported before anything else
         self.tokenizer = Tokenizer(model.model)

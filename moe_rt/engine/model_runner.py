@@ -33,7 +33,8 @@ class ModelRunner:
         self.kv = [LayerKV.allocate(model.spec.attention, slots + extra, dtype, device)
                    for _ in range(model.spec.num_layers)]
         self.step_count = 0
-        self.graphs = None if graphs is None else DecodeGraphs(self._logits, graphs, block_size, slots, torch.device(device))
+        self.graphs = None if graphs is None else DecodeGraphs(self._logits, graphs, block_size, slots,
+                                                               torch.device(device))
         self._blocked: str | None = None  # the last reason a decode step could not replay, logged once
 
     def _slot(self, seq: Sequence, pos: int) -> int:

@@ -158,7 +158,8 @@ def test_cuda_graphs_flag_is_refused_on_a_cpu_and_with_what_it_excludes(mixtral_
     base = ["generate", "--model", str(mixtral_dir), "--prompt", "In the beginning", "--max-tokens", "2",
             "--temperature", "0", "--device", "cpu", "--no-stream", "--cuda-graphs"]
     assert main(base) == 2
-    assert capsys.readouterr().err == "moe-rt: error: --cuda-graphs captures decode steps on a CUDA device; this engine runs on cpu\n"
+    assert capsys.readouterr().err == ("moe-rt: error: --cuda-graphs captures decode steps on a CUDA device; "
+                                       "this engine runs on cpu\n")
     assert main(base + ["--ep", "2"]) == 2
     assert capsys.readouterr().err == ("moe-rt: error: --cuda-graphs runs on one rank; drop it under expert "
                                        "parallelism (--ep > 1)\n")

@@ -174,6 +174,25 @@ def quantized_sides(text: str, group_size: int) -> dict[str, dict]:
     return sides
 
 
+def gpu_kv_options(model_dir: str, args, batch: int) -> dict:
+    """On CUDA, with sides built beside the plain engine: each engine's KV cache sized to the run
+    (`batch` sequences of prompt_len + max_tokens, a block spare each) instead of taking what
+    gpu_memory_utilization leaves, which the first engine would take whole. {} on the CPU."""
+    from moe_rt.config import EngineConfig
+    from moe_rt.device import resolve_device, resolve_dtype
+    from moe_rt.loader import load_spec
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        return {}
+    spec = load_spec(model_dir)
+    block = EngineConfig().kv_block_size
+    max_len = args.prompt_len + args.max_tokens
+    blocks = batch * (-(-max_len // block) + 1)
+    per_token = spec.num_layers * spec.attention.kv_bytes_per_token(resolve_dtype(args.dtype, device).itemsize)
+    return {"max_model_len": max_len, "kv_cache_memory_gb": blocks * block * per_token / 2**30}
+
+
 def run(args) -> int:
     from moe_rt_app.llm import LLM
 
@@ -185,15 +204,16 @@ def run(args) -> int:
         torch.set_num_threads(args.torch_threads)
     bits = quantized_sides(args.expert_bits, args.group_size)
     model_dir = resolve_model(args)
-    llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     # Sides timed beside the plain engine, by column prefix.
     sides = dict(bits)
     if args.compile:
         sides["compiled"] = dict(compile=True)
     if args.cuda_graphs:
         sides["cuda_graphs"] = dict(cuda_graphs=True)
-    others = {name: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
-                        **opts) for name, opts in sides.items()}
+    common = dict(dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
+                  **(gpu_kv_options(model_dir, args, max(batches)) if sides else {}))
+    llm = LLM(model_dir, **common)
+    others = {name: LLM(model_dir, **common, **opts) for name, opts in sides.items()}
     device, dtype = llm.engine.device, llm.engine.dtype
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),

@@ -188,8 +188,9 @@ def test_graph_replay_matches_eager_on_cuda(mixtral_dir, dtype, backend, rtol):
     """fp32: the eager engine's greedy tokens, logits within 1e-4 (a padded batch may take other
     GEMM tiles). bf16 (the GPU default, grouped_mm's fused path): logits within bf16 rounding, and a
     token may differ only at a near tie of eager's logits."""
+    # an explicit KV budget: by default the first engine would take the device's memory whole
     opts = dict(dtype=dtype, device="cuda", progress=False, max_num_seqs=8, max_model_len=64, kv_block_size=8,
-                expert_compute=backend)
+                expert_compute=backend, kv_cache_memory_gb=0.05)
     eager, graphs = LLM(mixtral_dir, **opts), LLM(mixtral_dir, cuda_graphs=True, **opts)
     captured = graphs.engine.runner.graphs
     assert captured.capture and set(captured.steps) == {(8, 1)}  # the start-up probe
@@ -213,7 +214,7 @@ def test_a_step_that_reads_the_gpu_from_the_host_is_refused_before_capture(mixtr
     refuses it by name, so it is put in behind the config's back here."""
     from moe_rt.kernels.loop import loop_experts
 
-    llm = LLM(mixtral_dir, dtype="float32", device="cuda", progress=False, max_num_seqs=4)
+    llm = LLM(mixtral_dir, dtype="float32", device="cuda", progress=False, max_num_seqs=4, kv_cache_memory_gb=0.05)
     eng = llm.engine
     eng.model.moe_ctx.compute = loop_experts
     shapes = GraphShapes.for_engine(4, eng.max_model_len, 16)

@@ -47,6 +47,10 @@ class EngineConfig(BaseModel):
     compile: bool = Field(
         False, description="run each decoder layer's residual adds and RMSNorms through torch.compile (the "
                            "attention and the expert step stay eager); docs/benchmarks.md has what it gains")
+    cuda_graphs: bool = Field(
+        False, description="CUDA only: replay decode-only steps from CUDA graphs captured per batch size "
+                           "(padded up to 1, 2, 4, ... max_num_seqs) and block-table width; prefill and "
+                           "mixed steps stay eager (docs/benchmarks.md, 'CUDA graphs')")
 
     # Quantized experts (docs/quantization.md): routed experts only; dense weights keep the dtype.
     expert_bits: Literal[8, 4] | None = Field(
@@ -74,6 +78,25 @@ class EngineConfig(BaseModel):
     def _one_width_rule(self) -> "EngineConfig":
         if self.expert_bits is not None and self.expert_bits_plan is not None:
             raise ValueError("expert_bits (one width for every expert) and a bits plan are both set; give one")
+        return self
+
+    @model_validator(mode="after")
+    def _graph_rules(self) -> "EngineConfig":
+        """A captured step replays fixed kernels: what decides per step on the host is refused."""
+        if not self.cuda_graphs:
+            return self
+        if self.compile:
+            raise ValueError("compile and cuda_graphs do not combine (a graph would check the compiled "
+                             "region's guards once, at capture); choose one")
+        if self.dynamic_topk_threshold > 0 or self.dynamic_topk_top_p < 1:
+            raise ValueError("cuda_graphs does not combine with dynamic top-k (dynamic_topk_threshold, "
+                             "dynamic_topk_top_p), which counts each step's kept choices on the host")
+        if self.scheduler_policy != "fcfs":
+            raise ValueError("cuda_graphs needs scheduler_policy fcfs (expert_aware reads every step's "
+                             "routing on the host)")
+        if self.expert_compute in ("loop", "reference"):
+            raise ValueError(f"cuda_graphs needs expert_compute torch or triton ({self.expert_compute} reads "
+                             "the routing back on the host)")
         return self
 
 

@@ -83,6 +83,15 @@ class RuntimeConfig(BaseModel):
                              f"{self.engine.expert_compute}")
         if self.engine.compile and ep > 1:  # the EP layer driver replaces the layers compile_dense sets up
             raise ValueError("compile runs on one rank; drop it under expert parallelism (parallel.ep > 1)")
+        if self.engine.cuda_graphs:  # a captured step cannot wait on a collective, a cache or a predictor
+            if ep > 1:
+                raise ValueError("cuda_graphs runs on one rank; drop it under expert parallelism (parallel.ep > 1)")
+            if self.offload:
+                raise ValueError("cuda_graphs does not combine with an expert cache, whose resident experts "
+                                 "change step by step; remove the cache section or cuda_graphs")
+            if self.predictor is not None:
+                raise ValueError("cuda_graphs does not combine with a predictor, which reads every step's "
+                                 "routing on the host; remove the predictor or cuda_graphs")
         if self.expert_parallel is not None and ep > 1 and self.expert_parallel.ranks != ep:
             raise ValueError(f"expert_parallel is for {self.expert_parallel.ranks} ranks but parallel.ep is {ep}")
         return self

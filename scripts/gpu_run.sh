@@ -46,13 +46,13 @@ print("moe-rt imports: ok")
 EOF
 }
 
-stage_tests() {  # the CUDA-marked tests (kernels, device paths), then the CPU suite's engine core
+stage_tests() {  # the CUDA-marked tests (kernels, device paths, CUDA-graph replay against eager)
     $PY -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.txt"
 }
 
-stage_e2e() {  # the demo model on the GPU: resident, offloaded behind the cache, fused Triton experts
+stage_e2e() {  # the demo model on the GPU: resident, offloaded behind the cache, fused Triton experts, CUDA graphs
     {
-        for extra in "" "--offload cpu --expert-cache-slots 4" "--offload cpu --expert-cache-slots 4 --cache-policy predictive --predictor gate_lookahead" "--expert-compute triton"; do
+        for extra in "" "--offload cpu --expert-cache-slots 4" "--offload cpu --expert-cache-slots 4 --cache-policy predictive --predictor gate_lookahead" "--expert-compute triton" "--cuda-graphs"; do
             echo "== generate --device cuda --dtype bfloat16 $extra"
             # shellcheck disable=SC2086
             $MOE generate --device cuda --dtype bfloat16 --prompt "In the beginning" --max-tokens 32 \
@@ -66,6 +66,10 @@ stage_e2e() {  # the demo model on the GPU: resident, offloaded behind the cache
 stage_bench() {  # each figure beside its baseline from the same run (transformers, the per-expert loop)
     $MOE bench decode --synthetic mixtral-gpu --cache-dir /tmp/moe-rt-synthetic --device cuda --dtype bfloat16 \
         --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 --json 2>&1 | tee "$OUT/bench_decode_gpu.txt"
+    # decode steps replayed from CUDA graphs beside eager ones (columns cuda_graphs_*, ratio to eager)
+    $MOE bench decode --synthetic mixtral-gpu --cache-dir /tmp/moe-rt-synthetic --device cuda --dtype bfloat16 \
+        --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 --no-transformers --cuda-graphs \
+        --json 2>&1 | tee "$OUT/bench_decode_cuda_graphs.txt"
     $MOE bench decode --device cuda --dtype bfloat16 --batch-sizes 1,16,64 --max-tokens 64 --repeats 3 \
         --json 2>&1 | tee "$OUT/bench_decode_demo.txt"
     $MOE bench kernel --json-out "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.txt"

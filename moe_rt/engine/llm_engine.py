@@ -32,6 +32,7 @@ from .block_manager import BlockManager
 from .kv_budget import kv_cache_bytes
 from .decode_policy import make_decode_policy
 from .core import CoreStats
+from .cuda_graphs import GraphShapes
 from .model_runner import ModelRunner
 from .sampler import sample, token_logprobs
 from .scheduler import Scheduler
@@ -51,6 +52,9 @@ class LLMEngine:
         """reserve_bytes: device memory the parts installed after construction will take (an expert
         cache's slots); a CUDA engine sizes its KV cache around it (engine/kv_budget.py)."""
         self.device = resolve_device(model.device)
+        if engine.cuda_graphs and self.device.type != "cuda":
+            raise MoeRtError("cuda_graphs captures decode steps on a CUDA device; this engine runs on "
+                             f"{self.device.type}")
         self.dtype = resolve_dtype(model.dtype, self.device)
         read_config(model.model)  # a missing or broken folder is reported before anything else
         self.tokenizer = Tokenizer(model.model)
@@ -100,7 +104,10 @@ class LLMEngine:
         self.model.moe_ctx.dynamic_topk = DynamicTopK.from_config(ec.dynamic_topk_threshold, ec.dynamic_topk_top_p)
         if self.model.moe_ctx.dynamic_topk is not None:
             self.attach("routing", self.model.moe_ctx.dynamic_topk.stats)
-        self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device)
+        graphs = GraphShapes.for_engine(ec.max_num_seqs, max_len, ec.kv_block_size) if ec.cuda_graphs else None
+        self.runner = ModelRunner(self.model, num_blocks, ec.kv_block_size, self.dtype, self.device, graphs)
+        if self.runner.graphs is not None:
+            self.attach("cuda_graphs", self.runner.graphs.stats)
         self.generator = torch.Generator().manual_seed(ec.seed)
         self._seq_counter = itertools.count()
         self._req_counter = itertools.count()

@@ -4,23 +4,38 @@ Shape legend: T tokens in the step, B sequences, V vocabulary, KV key/value head
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from moe_rt.layers.attention import AttentionMetadata, LayerKV
 from moe_rt.layers.moe.events import BatchInfo
 from moe_rt.models.model import MoEForCausalLM
 
+from .cuda_graphs import DecodeGraphs, GraphShapes, graph_blocker
+from .decode_rows import DecodeRows
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device,
+                 graphs: GraphShapes | None = None) -> None:
+        """graphs: the shapes decode-only steps replay from captured CUDA graphs (cuda_graphs.py;
+        uncaptured on a CPU); None runs every step eager."""
         self.model = model
         self.block_size = block_size
         self.device = device
         slots = num_blocks * block_size
-        self.kv = [LayerKV.allocate(model.spec.attention, slots, dtype, device) for _ in range(model.spec.num_layers)]
+        # With graphs, one slot past the last block: the padding rows of a captured step write there.
+        extra = 1 if graphs is not None else 0
+        self.kv = [LayerKV.allocate(model.spec.attention, slots + extra, dtype, device)
+                   for _ in range(model.spec.num_layers)]
         self.step_count = 0
+        self.graphs = None if graphs is None else DecodeGraphs(self._logits, graphs, block_size, slots,
+                                                               torch.device(device))
+        self._blocked: str | None = None  # the last reason a decode step could not replay, logged once
 
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -28,7 +43,7 @@ class ModelRunner:
     def _prepare(self, prefill: list[Sequence], decode: list[Sequence]):
         """Rows: every prefilled sequence's whole token list, then each decoding sequence's last token.
         Every integer the step needs (ids, positions, slots, context lengths, block tables) goes to
-        the device as one tensor; the parts are views of it."""
+        the device as one tensor; the parts are views of it (the layout in decode_rows.py)."""
         ids, pos, slots, seq_rows = [], [], [], []
         for s in prefill:
             n = len(s)
@@ -36,23 +51,13 @@ class ModelRunner:
             pos.extend(range(n))
             slots.extend(self._slot(s, p) for p in range(n))
             seq_rows.extend([s.seq_id] * n)
-        lens, tables, width = [], [], 0
-        if decode:
-            bs = self.block_size
-            for s in decode:
-                n = len(s)
-                ids.append(s.token_ids[-1])
-                pos.append(n - 1)
-                slots.append(s.block_table[(n - 1) // bs] * bs + (n - 1) % bs)
-                seq_rows.append(s.seq_id)
-                lens.append(n)
-            width = max(len(s.block_table) for s in decode)
-            # Padding entries point at block 0; the context-length mask hides them.
-            for s in decode:
-                tables.extend(s.block_table)
-                tables.extend([0] * (width - len(s.block_table)))
-        T, B = len(ids), len(decode)
-        buf = self._t(ids + pos + slots + lens + tables)
+        rows = DecodeRows.of(decode, self.block_size)
+        ids += rows.ids
+        pos += rows.pos
+        slots += rows.slots
+        seq_rows.extend(s.seq_id for s in decode)
+        T, B, width = len(ids), len(decode), rows.width
+        buf = self._t(ids + pos + slots + rows.lens + rows.flat_tables(B, width))
         meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=buf[2 * T : 3 * T], block_size=self.block_size)
         if decode:
             meta.context_lens = buf[3 * T : 3 * T + B]
@@ -66,6 +71,9 @@ class ModelRunner:
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
         """Forward one step; returns logits [B, V] of each sequence's last position, in the order
         prefill + decode."""
+        if not prefill and self._replayable(decode):
+            self.step_count += 1  # a replayed step takes its number too, as _batch_info does
+            return self.graphs.run(DecodeRows.of(decode, self.block_size))
         ids, pos, meta, seq_rows = self._prepare(prefill, decode)
         # The step context reaches each MoE layer's router event for this forward only.
         with self.model.hub.forward(self._batch_info(ids, pos, seq_rows)):
@@ -77,6 +85,22 @@ class ModelRunner:
         if decode:
             last = torch.cat([last, torch.arange(P, P + len(decode), device=self.device)])
         return self.model.compute_logits(hidden[last])
+
+    def _logits(self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """A decode-only step's logits [B, V]: the region the graphs capture."""
+        return self.model.compute_logits(self.model(ids, pos, meta, self.kv))
+
+    def _replayable(self, decode: list[Sequence]) -> bool:
+        """Whether this decode-only step replays a graph: graphs on, and nothing reading the
+        step's routing on the host (an observer attached after start-up sends it down the eager
+        path, with one log line each time the reason changes)."""
+        if self.graphs is None or not decode:
+            return False
+        why = graph_blocker(self.model.moe_ctx)
+        if why != self._blocked and why is not None:
+            log.info("cuda_graphs: decode steps run eager while %s", why)
+        self._blocked = why
+        return why is None
 
     def _batch_info(self, ids: torch.Tensor, pos: torch.Tensor, seq_rows: list[int]) -> BatchInfo | None:
         """This step's rows for the MoE layers' observers and forecaster; None (and no device-to-host

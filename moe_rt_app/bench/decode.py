@@ -1,8 +1,9 @@
 """`moe-rt bench decode`: decode tokens/s of moe-rt next to transformers' generate on the same
 weights in the same run, and how close each decode step comes to the memory-bandwidth floor
 (bytes of weights the step must read / bandwidth measured in this run). With --expert-bits 8,4 (or
-a bits plan, 8,PLAN) the same model with quantized experts, and with --compile the same model with
-compile=True, is timed in the same runs, as a ratio to the plain (full-precision, eager) moe-rt.
+a bits plan, 8,PLAN) the same model with quantized experts, with --compile the same model with
+compile=True, and with --cuda-graphs (CUDA) the same model replaying decode steps from CUDA graphs,
+is timed in the same runs, as a ratio to the plain (full-precision, eager) moe-rt.
 With --profile, instead: what a decode step costs in aten ops and host reads, per layer
 (bench/profile.py)."""
 from __future__ import annotations
@@ -46,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time moe-rt with compile=True, interleaved with the eager run (columns compiled_*; "
                         "ratio to eager); its graphs compile in the warm-up")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: also time moe-rt with cuda_graphs=True, interleaved with the eager run (columns "
+                        "cuda_graphs_*; ratio to eager); its warm-up decodes every shape the timed runs "
+                        "reach, so the graphs are captured before timing")
     add_torch_threads(p, where=", both sides")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing, profile moe-rt's decode steps: aten ops and host reads per layer "
@@ -169,6 +174,25 @@ def quantized_sides(text: str, group_size: int) -> dict[str, dict]:
     return sides
 
 
+def gpu_kv_options(model_dir: str, args, batch: int) -> dict:
+    """On CUDA, with sides built beside the plain engine: each engine's KV cache sized to the run
+    (`batch` sequences of prompt_len + max_tokens, a block spare each) instead of taking what
+    gpu_memory_utilization leaves, which the first engine would take whole. {} on the CPU."""
+    from moe_rt.config import EngineConfig
+    from moe_rt.device import resolve_device, resolve_dtype
+    from moe_rt.loader import load_spec
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        return {}
+    spec = load_spec(model_dir)
+    block = EngineConfig().kv_block_size
+    max_len = args.prompt_len + args.max_tokens
+    blocks = batch * (-(-max_len // block) + 1)
+    per_token = spec.num_layers * spec.attention.kv_bytes_per_token(resolve_dtype(args.dtype, device).itemsize)
+    return {"max_model_len": max_len, "kv_cache_memory_gb": blocks * block * per_token / 2**30}
+
+
 def run(args) -> int:
     from moe_rt_app.llm import LLM
 
@@ -180,13 +204,16 @@ def run(args) -> int:
         torch.set_num_threads(args.torch_threads)
     bits = quantized_sides(args.expert_bits, args.group_size)
     model_dir = resolve_model(args)
-    llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches))
     # Sides timed beside the plain engine, by column prefix.
     sides = dict(bits)
     if args.compile:
         sides["compiled"] = dict(compile=True)
-    others = {name: LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
-                        **opts) for name, opts in sides.items()}
+    if args.cuda_graphs:
+        sides["cuda_graphs"] = dict(cuda_graphs=True)
+    common = dict(dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max(batches),
+                  **(gpu_kv_options(model_dir, args, max(batches)) if sides else {}))
+    llm = LLM(model_dir, **common)
+    others = {name: LLM(model_dir, **common, **opts) for name, opts in sides.items()}
     device, dtype = llm.engine.device, llm.engine.dtype
     extra = {
         "model": model_dir, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
@@ -228,8 +255,10 @@ def run(args) -> int:
         if llama is not None:
             _, theirs_tokens = llama.run(prompts, args.max_tokens)
             llama_agree = agreement(greedy_tokens(llm, prompts, args.max_tokens), theirs_tokens)
-        for q in others.values():
-            time_moe_rt(q, prompts, 4)  # compile=True: compiles its graphs for this batch here
+        for name, q in others.items():
+            # compile=True compiles its graphs for this batch here; cuda_graphs captures one per
+            # block-table width, so its warm-up runs as long as the timed runs
+            time_moe_rt(q, prompts, args.max_tokens if name == "cuda_graphs" else 4)
         # Interleaved, so every side sees the same machine conditions.
         ours, theirs, lcpp, qtimes = [], [], [], {name: [] for name in others}
         for _ in range(args.repeats):

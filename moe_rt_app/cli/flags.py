@@ -35,6 +35,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="residual adds and RMSNorms through torch.compile (the first steps of each batch "
                         "shape compile; docs/benchmarks.md)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="CUDA: replay decode steps from CUDA graphs captured per padded batch size "
+                        "(prefill stays eager; docs/benchmarks.md)")
     add_offload_arguments(p)
     add_scheduling_arguments(p)
 
@@ -130,7 +133,7 @@ ENGINE_FLAGS = {
     "expert_aware_max_skips": "--expert-aware-max-skips", "dynamic_topk_threshold": "--dynamic-topk-threshold",
     "dynamic_topk_top_p": "--dynamic-topk-top-p",
     "expert_bits": "--expert-bits", "expert_group_size": "--group-size", "expert_bits_plan": "--expert-bits",
-    "compile": "--compile",
+    "compile": "--compile", "cuda_graphs": "--cuda-graphs",
 }
 CACHE_FLAGS = {  # cache field -> (flag, args attribute)
     "offload": ("--offload", "offload"),

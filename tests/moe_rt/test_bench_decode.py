@@ -111,3 +111,26 @@ def test_bench_decode_times_quantized_experts_and_compile_against_the_plain_engi
     assert res["expert_group_size"] == 32
     assert main(argv[:-5] + ["--expert-bits", "3", "--json"]) == 2
     assert "--expert-bits takes 8, 4 and at most one bits-plan file, got '3'" in capsys.readouterr().err
+
+
+def test_bench_sides_on_a_gpu_get_the_kv_cache_the_run_needs(mixtral_dir, monkeypatch):
+    """With sides (--compile, --expert-bits, --cuda-graphs) on CUDA every engine's KV cache is sized
+    to the run, or the first would take the device whole. The sizing, checked on the CPU: an
+    engine with those options holds every sequence of the run at its full length."""
+    import argparse
+    import math
+
+    import torch
+
+    import moe_rt.device
+    from moe_rt_app import LLM
+    from moe_rt_app.bench.decode import gpu_kv_options
+
+    args = argparse.Namespace(device="cuda", dtype="float32", prompt_len=20, max_tokens=30)
+    assert gpu_kv_options(str(mixtral_dir), argparse.Namespace(**{**vars(args), "device": "cpu"}), 5) == {}
+    monkeypatch.setattr(moe_rt.device, "resolve_device", lambda name: torch.device("cuda"))
+    opts = gpu_kv_options(str(mixtral_dir), args, 5)
+    monkeypatch.undo()
+    assert opts["max_model_len"] == 50
+    eng = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, max_num_seqs=5, **opts).engine
+    assert eng.max_model_len == 50 and eng.blocks.num_blocks >= 5 * math.ceil(50 / eng.blocks.block_size)

@@ -40,8 +40,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     # as rows are (rows, N) with strides (1, r).
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = torch.mm(w, x2.as_strided((K, r), (1, K))).as_strided((rows, N), (1, r))
-    y = y.clone(memory_format=torch.contiguous_format)  # callers view the result
+    y_t = torch.mm(w, x2.as_strided((K, r), (1, K))).as_strided((rows, N), (1, r))
+    # Callers view the result, so it is written out row-major (empty + copy_: two dispatched ops
+    # where clone takes four).
+    y = torch.empty((rows, N), dtype=y_t.dtype, device=y_t.device).copy_(y_t)
     if bias is not None:
         y = y + bias
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)

@@ -91,12 +91,12 @@ class TokenRouteTable:
     are a forecast of its route: on the demo model they overlap the true route about three
     times better than the sequence's previous route does (docs/scheduling.md).
 
-    counts[l] [V, E] int32. Off (predict gives None) when V x L x E exceeds MAX_TABLE_ENTRIES."""
+    counts [L, V, E] int32. Off (predict gives None) when V x L x E exceeds MAX_TABLE_ENTRIES."""
 
     def __init__(self, vocab_size: int, num_layers: int, num_experts: int, top_k: int) -> None:
         self.num_experts, self.top_k = num_experts, top_k
         on = vocab_size * num_layers * num_experts <= MAX_TABLE_ENTRIES
-        self.counts = [torch.zeros(vocab_size, num_experts, dtype=torch.int32) for _ in range(num_layers)] if on else None
+        self.counts = torch.zeros(num_layers, vocab_size, num_experts, dtype=torch.int32) if on else None
 
     def observe(self, layer: int, tokens: torch.Tensor, ids: torch.Tensor) -> None:
         """tokens [T] int64 input token per row; ids [T, K] int64 experts (-1 = dropped)."""
@@ -108,14 +108,21 @@ class TokenRouteTable:
 
     def predict(self, token: int) -> list[frozenset[int]] | None:
         """[L] the token's top_k most frequent experts per layer; None if it was never seen."""
-        if self.counts is None or not 0 <= token < self.counts[0].shape[0]:
-            return None
-        rows = torch.stack([c[token] for c in self.counts])  # [L, E]
-        if int(rows[0].sum()) == 0:
-            return None
+        return self.predict_many([token])[0]
+
+    def predict_many(self, tokens: list[int]) -> list[list[frozenset[int]] | None]:
+        """predict for each of `tokens`, in one gather and one topk (a step asks for every
+        running sequence at once)."""
+        if self.counts is None:
+            return [None] * len(tokens)
+        V = self.counts.shape[1]
+        ok = [0 <= t < V for t in tokens]
+        rows = self.counts[:, torch.tensor([t if k else 0 for t, k in zip(tokens, ok)], dtype=torch.int64)]  # [L, N, E]
+        seen = (rows[0].sum(-1) > 0).tolist()
         top = rows.topk(self.top_k, dim=-1)
-        return [frozenset(e for e, n in zip(i, v) if n > 0)
-                for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        ids, counts = top.indices.transpose(0, 1).tolist(), top.values.transpose(0, 1).tolist()  # [N, L, K]
+        return [[frozenset(e for e, n in zip(i, v) if n > 0) for i, v in zip(ids[j], counts[j])]
+                if ok[j] and seen[j] else None for j in range(len(tokens))]
 
 
 class RouteRecord:
@@ -143,8 +150,12 @@ class RouteRecord:
 
     def predict(self, seq_id: int, next_token: int) -> list[frozenset[int]] | None:
         """The forecast route of `seq_id`'s next token: the token table's, else its last route."""
-        route = self.table.predict(next_token) if self.table is not None else None
-        return route if route is not None else self.routes.get(seq_id)
+        return self.predict_many([(seq_id, next_token)])[0]
+
+    def predict_many(self, pending: list[tuple[int, int]]) -> list[list[frozenset[int]] | None]:
+        """predict for each (seq_id, next_token) of `pending`."""
+        table = self.table.predict_many([t for _, t in pending]) if self.table is not None else [None] * len(pending)
+        return [r if r is not None else self.routes.get(sid) for r, (sid, _) in zip(table, pending)]
 
     def forget(self, seq_id: int) -> None:
         self.routes.pop(seq_id, None)
@@ -240,7 +251,8 @@ class ExpertAware:
             start, n, (loads, load_s) = self._step
             if self._rows == n:
                 self.costs.add(n, now - start, clock[0] - loads, clock[1] - load_s)
-        routes = {s.seq_id: r for s in candidates if (r := self.record.predict(s.seq_id, s.token_ids[-1])) is not None}
+        forecast = self.record.predict_many([(s.seq_id, s.token_ids[-1]) for s in candidates]) if candidates else []
+        routes = {s.seq_id: r for s, r in zip(candidates, forecast) if r is not None}
         resident = None if probe is None else [probe.resident_experts(l) for l in range(self.record.num_layers)]
         chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm,
                                          self.costs.estimate() or TAKE_ALL, resident))

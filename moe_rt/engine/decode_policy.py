@@ -7,7 +7,8 @@ forecast experts overlap or are resident in the expert cache; the others wait. H
 default the number that decodes the most tokens per second, |S| / (fixed + token x |S| + read x
 expected loads of S), with the step's fixed and per-token time and an expert's read time measured
 while serving (step_costs.py); so where loads are cheap next to a step, every sequence is taken
-(fcfs), and only where loads dominate does the batch shrink. With `expert_aware_batch` set, that
+(fcfs), and only where loads dominate does the batch shrink, and only while epochs of shrinking
+measurably decode faster than epochs of whole batches (step_costs.ShrinkGate). With `expert_aware_batch` set, that
 many (the fixed-size rule trace replay also uses). A sequence's route is forecast from what the scheduler has seen of routing
 (`RouteRecord`, fed by the model's RoutingHub: the core needs no expert cache to know it): the
 experts its next input token usually takes (`TokenRouteTable`), else those its previous token took.
@@ -37,7 +38,7 @@ from moe_rt.models.spec import ModelSpec
 
 from .expert_groups import Route, StepCosts, fastest_group, grow_group
 from .sequence import Sequence
-from .step_costs import StepCostModel
+from .step_costs import ShrinkGate, StepCostModel
 
 TAKE_ALL = StepCosts(1.0, 0.0, 0.0)  # nothing measured yet: loads cost nothing, every sequence steps
 
@@ -221,14 +222,16 @@ class ExpertAware:
     """Steps the subset of the running sequences BatchChooser picks from their forecast routes.
 
     Timing: a step runs from one select to the next (the forward and postprocess between them,
-    and this choice itself). It is a sample of StepCostModel only when its forward held exactly
-    the decode rows chosen (no prefill mixed in), and the load seconds within it come from the
-    store's CacheProbe; with no probe (every expert resident) loads cost nothing."""
+    and this choice itself). It is a sample of StepCostModel and ShrinkGate only when its forward
+    held exactly the decode rows chosen (no prefill mixed in), and the load seconds within it come
+    from the store's CacheProbe; with no probe (every expert resident) loads cost nothing. The
+    costs shape the batch only while the ShrinkGate finds that shrinking pays."""
 
     def __init__(self, ctx: MoEContext, record: RouteRecord, batch_size: int | None, max_skips: int) -> None:
         self.ctx, self.record = ctx, record
         self.chooser = BatchChooser(record.num_layers, batch_size, max_skips)
         self.costs = StepCostModel()
+        self.gate = ShrinkGate()
         self._step: tuple[float, int, tuple[int, float]] | None = None  # (start, rows chosen, load clock)
         self._rows = 0  # rows of the last forward (its first MoE layer's)
         self._unsubscribe = ctx.hub.subscribe(self._on_event)
@@ -251,11 +254,12 @@ class ExpertAware:
             start, n, (loads, load_s) = self._step
             if self._rows == n:
                 self.costs.add(n, now - start, clock[0] - loads, clock[1] - load_s)
+                self.gate.add(n, now - start)
         forecast = self.record.predict_many([(s.seq_id, s.token_ids[-1]) for s in candidates]) if candidates else []
         routes = {s.seq_id: r for s, r in zip(candidates, forecast) if r is not None}
         resident = None if probe is None else [probe.resident_experts(l) for l in range(self.record.num_layers)]
-        chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm,
-                                         self.costs.estimate() or TAKE_ALL, resident))
+        costs = (self.costs.estimate() if self.gate.shrink else None) or TAKE_ALL
+        chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm, costs, resident))
         self._step, self._rows = ((now, len(chosen), clock) if chosen else None), 0
         return [s for s in candidates if s.seq_id in chosen]
 
@@ -267,7 +271,7 @@ class ExpertAware:
         c = self.costs.estimate()
         measured = {} if c is None else {"step_fixed_ms": 1e3 * c.fixed_s, "step_token_ms": 1e3 * c.token_s,
                                          "expert_read_ms": 1e3 * c.read_s}
-        return {**self.chooser.stats(), **measured}
+        return {**self.chooser.stats(), **measured, **self.gate.stats()}
 
     def close(self) -> None:
         self._unsubscribe()

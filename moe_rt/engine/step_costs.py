@@ -57,3 +57,65 @@ class StepCostModel:
                  / sum((n - mean_n) ** 2 for n in ns))
         slope = min(max(slope, 0.0), mean_r / mean_n)  # neither negative nor above the whole step
         return StepCosts(mean_r - slope * mean_n, slope, read_s)
+
+
+EPOCH = 8  # decode steps per trial of one mode
+KEEP = 3  # epochs of each mode the comparison looks back over (their median)
+REVISIT = 6  # after this many epochs in the chosen mode, one epoch of the other
+SHRINK_GAIN = 1.03  # shrinking must have been this much faster than the whole batch to stay on
+
+
+class ShrinkGate:
+    """Whether the throughput choice may shrink batches now, by what shrinking measurably did.
+
+    The choice is myopic: a smaller batch decodes its tokens faster per second, but the
+    sequences it skips still need their experts later, so where routes do not cluster (a group
+    does not reuse its experts next step) shrinking costs a step and saves no loads. Whether it
+    pays is measured, not assumed: decode steps run in epochs of EPOCH steps, each epoch in one
+    mode, `whole` (every sequence) or `shrink` (the fastest batch); each epoch's tokens per
+    second is recorded. After one epoch of each, the mode whose median over its last KEEP epochs
+    is faster runs (shrink only if SHRINK_GAIN times faster), and every REVISIT epochs the other
+    mode gets one epoch again, so a change of workload is noticed. Pure: fed (tokens, seconds)
+    of each decode-only step."""
+
+    def __init__(self) -> None:
+        self.rates: dict[str, collections.deque[float]] = {m: collections.deque(maxlen=KEEP)
+                                                           for m in ("whole", "shrink")}
+        self.mode = "whole"
+        self._tokens, self._seconds, self._steps = 0, 0.0, 0
+        self._since_revisit = 0
+
+    @property
+    def shrink(self) -> bool:
+        return self.mode == "shrink"
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens < 1 or seconds <= 0:
+            return
+        self._tokens += tokens
+        self._seconds += seconds
+        self._steps += 1
+        if self._steps >= EPOCH:
+            self.rates[self.mode].append(self._tokens / self._seconds)
+            self._tokens, self._seconds, self._steps = 0, 0.0, 0
+            self.mode = self._next()
+
+    def _next(self) -> str:
+        if not self.rates["shrink"]:
+            return "shrink"  # not tried yet
+        if not self.rates["whole"]:
+            return "whole"
+        whole, shrink = (statistics.median(self.rates[m]) for m in ("whole", "shrink"))
+        best = "shrink" if shrink > SHRINK_GAIN * whole else "whole"
+        if self.mode != best:
+            self._since_revisit = 0
+            return best
+        self._since_revisit += 1
+        if self._since_revisit >= REVISIT:
+            self._since_revisit = 0
+            return "whole" if best == "shrink" else "shrink"
+        return best
+
+    def stats(self) -> dict:
+        return {"shrink_allowed": self.shrink,
+                **{f"{m}_epoch_tok_s": statistics.median(r) for m, r in self.rates.items() if r}}

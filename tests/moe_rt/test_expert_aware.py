@@ -20,7 +20,9 @@ def model4(tmp_path_factory):
 
 
 class _Costs:
-    """A StepCostModel stand-in whose estimate is fixed: decisions that do not hang on timing."""
+    """Stand-in for StepCostModel and ShrinkGate: fixed costs, shrinking always allowed, so the
+    decisions do not hang on timing."""
+    shrink = True
 
     def __init__(self, costs):
         self.costs = costs
@@ -31,12 +33,15 @@ class _Costs:
     def estimate(self):
         return self.costs
 
+    def stats(self):
+        return {}
+
 
 def _run(model, params, costs=None, **opts):
     llm = LLM(model, dtype="float32", device="cpu", progress=False, cache=CACHE, **opts)
     try:
         if costs is not None:
-            llm.engine.scheduler.policy.costs = _Costs(costs)
+            llm.engine.scheduler.policy.costs = llm.engine.scheduler.policy.gate = _Costs(costs)
         outs = llm.generate(PROMPTS, params)
         return [[c.token_ids for c in o.outputs] for o in outs], llm.engine.moe_stats()
     finally:

@@ -1,7 +1,7 @@
 """StepCostModel: the fixed, per-token and per-load parts of a decode step, from samples."""
 import pytest
 
-from moe_rt.engine.step_costs import MIN_SAMPLES, StepCostModel
+from moe_rt.engine.step_costs import EPOCH, KEEP, MIN_SAMPLES, REVISIT, SHRINK_GAIN, ShrinkGate, StepCostModel
 
 
 def test_no_estimate_until_enough_steps():
@@ -45,3 +45,37 @@ def test_outliers_and_bad_samples_are_dropped_and_slope_clamped():
     for n, step in [(4, 0.02), (8, 0.01), (4, 0.02), (8, 0.01)]:  # bigger steps faster: noise, not a rule
         m2.add(n, step, 0, 0.0)
     assert m2.estimate().token_s == 0.0
+
+
+def _epochs(gate, rates: dict[str, float], epochs: int) -> list[str]:
+    """Run `epochs` epochs, each step of a mode at its tokens/s in `rates`; the modes run."""
+    modes = []
+    for _ in range(epochs):
+        modes.append(gate.mode)
+        for _ in range(EPOCH):
+            gate.add(10, 10 / rates[gate.mode])
+    return modes
+
+
+def test_shrink_gate_tries_both_then_keeps_the_faster_and_revisits():
+    gate = ShrinkGate()
+    modes = _epochs(gate, {"whole": 100.0, "shrink": 90.0}, 2 + 2 * (REVISIT + 1))
+    assert modes[:2] == ["whole", "shrink"]
+    rest = modes[2:]
+    assert rest.count("shrink") == 2 and rest[REVISIT] == "shrink"  # one revisit per REVISIT epochs
+    assert gate.stats()["shrink_epoch_tok_s"] == pytest.approx(90.0)
+    gate = ShrinkGate()
+    modes = _epochs(gate, {"whole": 100.0, "shrink": 120.0}, 2 + REVISIT + 1)
+    assert modes[1:1 + REVISIT] == ["shrink"] * REVISIT and modes[1 + REVISIT] == "whole"
+    assert gate.stats()["whole_epoch_tok_s"] == pytest.approx(100.0)
+    assert gate.stats()["shrink_epoch_tok_s"] == pytest.approx(120.0)
+
+
+def test_shrink_gate_needs_a_clear_gain_and_follows_a_change():
+    gate = ShrinkGate()
+    assert _epochs(gate, {"whole": 100.0, "shrink": 100.0 * SHRINK_GAIN * 0.99}, 6)[2:] == ["whole"] * 4
+    modes = _epochs(gate, {"whole": 100.0, "shrink": 200.0}, 3 * REVISIT)  # shrinking starts to pay
+    assert modes[-2 * REVISIT:].count("whole") <= 2  # found at the next revisit, kept since
+    gate.add(0, 1.0)  # no tokens: not a sample
+    gate.add(5, 0.0)
+    assert gate._steps == 0

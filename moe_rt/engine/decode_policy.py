@@ -6,10 +6,11 @@ by pre-computed routes, ExpertFlow's regrouping) steps a subset of the running s
 forecast experts overlap or are resident in the expert cache; the others wait. How many: by
 default the number that decodes the most tokens per second, |S| / (fixed + token x |S| + read x
 expected loads of S), with the step's fixed and per-token time and an expert's read time measured
-while serving (step_costs.py); so where loads are cheap next to a step, every sequence is taken
+while serving (step_costs.py): where loads are cheap next to a step every sequence is taken
 (fcfs), and only where loads dominate does the batch shrink, and only while epochs of shrinking
-measurably decode faster than epochs of whole batches (step_costs.ShrinkGate). With `expert_aware_batch` set, that
-many (the fixed-size rule trace replay also uses). A sequence's route is forecast from what the scheduler has seen of routing
+measurably decode faster than epochs of whole batches (step_costs.ShrinkGate). With
+`expert_aware_batch` set, that many (the fixed-size rule trace replay also uses). A sequence's
+route is forecast from what the scheduler has seen of routing
 (`RouteRecord`, fed by the model's RoutingHub: the core needs no expert cache to know it): the
 experts its next input token usually takes (`TokenRouteTable`), else those its previous token took.
 What the fast tier holds and how long loads take, the policy asks the model's expert store through
@@ -255,10 +256,13 @@ class ExpertAware:
             if self._rows == n:
                 self.costs.add(n, now - start, clock[0] - loads, clock[1] - load_s)
                 self.gate.add(n, now - start)
-        forecast = self.record.predict_many([(s.seq_id, s.token_ids[-1]) for s in candidates]) if candidates else []
-        routes = {s.seq_id: r for s, r in zip(candidates, forecast) if r is not None}
-        resident = None if probe is None else [probe.resident_experts(l) for l in range(self.record.num_layers)]
         costs = (self.costs.estimate() if self.gate.shrink else None) or TAKE_ALL
+        routes, resident = {}, None
+        if candidates and (self.chooser.batch_size is not None or costs is not TAKE_ALL):  # else all go
+            forecast = self.record.predict_many([(s.seq_id, s.token_ids[-1]) for s in candidates])
+            routes = {s.seq_id: r for s, r in zip(candidates, forecast) if r is not None}
+            if probe is not None:
+                resident = [probe.resident_experts(l) for l in range(self.record.num_layers)]
         chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm, costs, resident))
         self._step, self._rows = ((now, len(chosen), clock) if chosen else None), 0
         return [s for s in candidates if s.seq_id in chosen]

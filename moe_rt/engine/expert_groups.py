@@ -76,6 +76,8 @@ def fastest_group(seed: Sequence[int], candidates: Sequence[int], routes: Mappin
     time the whole of `candidates` is taken (fcfs); when they dominate, the batch shrinks to
     sequences that share (or find resident) their experts. At least one id is returned when
     there are candidates."""
+    if costs.read_s <= 0:  # loads free: the rate only grows with the batch
+        return list(seed) + [i for i in candidates if i not in set(seed)]
     order, loads, union = [], 0.0, _union_of((), routes, num_layers)
     prefix_loads = []  # prefix_loads[n - 1]: expected loads of order[:n]
     for i in seed:

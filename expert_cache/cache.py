@@ -551,6 +551,13 @@ class ExpertCache(ExpertStore):
             w13, w2 = MixedStack(tuple(parts13)), MixedStack(tuple(parts2))
         return LayerExperts(w13, w2, to_device(slot_of, self.device)), time.perf_counter() - t0
 
+    # -- residency probe (moe_rt.engine.decode_policy.CacheProbe: what expert_aware asks) ------
+    def resident_experts(self, layer: int) -> frozenset[int]:
+        return frozenset(self.state.layer_slots.get(layer, {}))
+
+    def load_clock(self) -> tuple[int, float]:
+        return self.state.stats.loads - self.host_computed, self.state.stats.stall_s
+
     # -- reporting --------------------------------------------------------------------------------
     def stats(self) -> dict:
         self.timer.poll(wait=True)  # a report, not a layer: wait for the device timings

@@ -34,7 +34,8 @@ class EngineConfig(BaseModel):
         "fcfs", description="which running sequences decode together: fcfs (all of them every step) or "
                             "expert_aware (a subset whose predicted experts overlap; docs/scheduling.md)")
     expert_aware_batch: int | None = Field(
-        None, ge=1, description="expert_aware: sequences decoded per step (default: half the running ones, rounded up)")
+        None, ge=1, description="expert_aware: sequences decoded per step (default: as many as decode the most "
+                                    "tokens per second under measured step and expert-read times)")
     expert_aware_max_skips: int = Field(
         3, ge=1, description="expert_aware: a sequence left out this many steps in a row decodes in the next")
     dynamic_topk_threshold: float = Field(

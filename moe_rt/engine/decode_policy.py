@@ -3,10 +3,18 @@
 With experts offloaded a decode step costs, layer by layer, the union of the experts its tokens
 route to (each distinct expert is loaded once for the batch). `expert_aware` (Read-ME's batching
 by pre-computed routes, ExpertFlow's regrouping) steps a subset of the running sequences whose
-forecast experts overlap, preferring experts the previous step used (probably still resident);
-the others wait. A sequence's route is forecast from what the scheduler has seen of routing
+forecast experts overlap or are resident in the expert cache; the others wait. How many: by
+default the number that decodes the most tokens per second, |S| / (fixed + token x |S| + read x
+expected loads of S), with the step's fixed and per-token time and an expert's read time measured
+while serving (step_costs.py): where loads are cheap next to a step every sequence is taken
+(fcfs), and only where loads dominate does the batch shrink, and only while epochs of shrinking
+measurably decode faster than epochs of whole batches (step_costs.ShrinkGate). With
+`expert_aware_batch` set, that many (the fixed-size rule trace replay also uses). A sequence's
+route is forecast from what the scheduler has seen of routing
 (`RouteRecord`, fed by the model's RoutingHub: the core needs no expert cache to know it): the
 experts its next input token usually takes (`TokenRouteTable`), else those its previous token took.
+What the fast tier holds and how long loads take, the policy asks the model's expert store through
+the narrow CacheProbe protocol (the core never imports the cache that implements it).
 
 Invariants:
   * no starvation: a sequence left out `max_skips` steps in a row is in the next step's batch
@@ -19,16 +27,32 @@ Shape legend: L MoE layers, T rows of a forward, K experts per token.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence as Seq
+import time
+from typing import Protocol, Sequence as Seq, runtime_checkable
 
 import torch
 
 from moe_rt.config import EngineConfig
-from moe_rt.layers.moe.events import RouterEvent, RoutingHub
+from moe_rt.layers.moe.block import MoEContext
+from moe_rt.layers.moe.events import RouterEvent
 from moe_rt.models.spec import ModelSpec
 
-from .expert_groups import Route, grow_group
+from .expert_groups import Route, StepCosts, fastest_group, grow_group
 from .sequence import Sequence
+from .step_costs import ShrinkGate, StepCostModel
+
+TAKE_ALL = StepCosts(1.0, 0.0, 0.0)  # nothing measured yet: loads cost nothing, every sequence steps
+
+
+@runtime_checkable
+class CacheProbe(Protocol):
+    """What expert_aware asks of an expert store that offloads (expert_cache.ExpertCache)."""
+
+    def resident_experts(self, layer: int) -> frozenset[int]:
+        """Experts of MoE layer `layer` in the fast tier now (a step using them loads nothing)."""
+
+    def load_clock(self) -> tuple[int, float]:
+        """(expert loads, seconds the model waited on them), both cumulative since start."""
 
 
 class DecodePolicy(Protocol):
@@ -69,12 +93,12 @@ class TokenRouteTable:
     are a forecast of its route: on the demo model they overlap the true route about three
     times better than the sequence's previous route does (docs/scheduling.md).
 
-    counts[l] [V, E] int32. Off (predict gives None) when V x L x E exceeds MAX_TABLE_ENTRIES."""
+    counts [L, V, E] int32. Off (predict gives None) when V x L x E exceeds MAX_TABLE_ENTRIES."""
 
     def __init__(self, vocab_size: int, num_layers: int, num_experts: int, top_k: int) -> None:
         self.num_experts, self.top_k = num_experts, top_k
         on = vocab_size * num_layers * num_experts <= MAX_TABLE_ENTRIES
-        self.counts = [torch.zeros(vocab_size, num_experts, dtype=torch.int32) for _ in range(num_layers)] if on else None
+        self.counts = torch.zeros(num_layers, vocab_size, num_experts, dtype=torch.int32) if on else None
 
     def observe(self, layer: int, tokens: torch.Tensor, ids: torch.Tensor) -> None:
         """tokens [T] int64 input token per row; ids [T, K] int64 experts (-1 = dropped)."""
@@ -86,14 +110,21 @@ class TokenRouteTable:
 
     def predict(self, token: int) -> list[frozenset[int]] | None:
         """[L] the token's top_k most frequent experts per layer; None if it was never seen."""
-        if self.counts is None or not 0 <= token < self.counts[0].shape[0]:
-            return None
-        rows = torch.stack([c[token] for c in self.counts])  # [L, E]
-        if int(rows[0].sum()) == 0:
-            return None
+        return self.predict_many([token])[0]
+
+    def predict_many(self, tokens: list[int]) -> list[list[frozenset[int]] | None]:
+        """predict for each of `tokens`, in one gather and one topk (a step asks for every
+        running sequence at once)."""
+        if self.counts is None:
+            return [None] * len(tokens)
+        V = self.counts.shape[1]
+        ok = [0 <= t < V for t in tokens]
+        rows = self.counts[:, torch.tensor([t if k else 0 for t, k in zip(tokens, ok)], dtype=torch.int64)]  # [L, N, E]
+        seen = (rows[0].sum(-1) > 0).tolist()
         top = rows.topk(self.top_k, dim=-1)
-        return [frozenset(e for e, n in zip(i, v) if n > 0)
-                for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        ids, counts = top.indices.transpose(0, 1).tolist(), top.values.transpose(0, 1).tolist()  # [N, L, K]
+        return [[frozenset(e for e, n in zip(i, v) if n > 0) for i, v in zip(ids[j], counts[j])]
+                if ok[j] and seen[j] else None for j in range(len(tokens))]
 
 
 class RouteRecord:
@@ -121,27 +152,37 @@ class RouteRecord:
 
     def predict(self, seq_id: int, next_token: int) -> list[frozenset[int]] | None:
         """The forecast route of `seq_id`'s next token: the token table's, else its last route."""
-        route = self.table.predict(next_token) if self.table is not None else None
-        return route if route is not None else self.routes.get(seq_id)
+        return self.predict_many([(seq_id, next_token)])[0]
+
+    def predict_many(self, pending: list[tuple[int, int]]) -> list[list[frozenset[int]] | None]:
+        """predict for each (seq_id, next_token) of `pending`."""
+        table = self.table.predict_many([t for _, t in pending]) if self.table is not None else [None] * len(pending)
+        return [r if r is not None else self.routes.get(sid) for r, (sid, _) in zip(table, pending)]
 
     def forget(self, seq_id: int) -> None:
         self.routes.pop(seq_id, None)
 
 
-def choose_batch(candidates: Seq[int], routes: dict[int, Route], skips: dict[int, int], size: int,
-                 max_skips: int, num_layers: int, warm: Seq[frozenset[int]] | None = None) -> list[int]:
+def choose_batch(candidates: Seq[int], routes: dict[int, Route], skips: dict[int, int], size: int | None,
+                 max_skips: int, num_layers: int, warm: Seq[frozenset[int]] | None = None, *,
+                 costs: StepCosts | None = None, resident: Seq[frozenset[int]] | None = None) -> list[int]:
     """Pure: which of `candidates` (ids, oldest first) decode this step. Those skipped
-    `max_skips` times in a row come first (all of them); the batch is then grown to `size` by
-    least marginal cost over predicted experts (expert_groups.grow_group). Returned in
-    candidate order."""
+    `max_skips` times in a row come first (all of them); the batch is then grown by least
+    marginal cost over predicted experts: to `size` (expert_groups.grow_group, `warm` experts
+    cheaper), or, given `costs`, to the size that decodes the most tokens per second
+    (expert_groups.fastest_group, `resident` experts free). Returned in candidate order."""
     forced = [i for i in candidates if skips.get(i, 0) >= max_skips]
-    group = set(grow_group(forced, candidates, routes, size, num_layers, warm))
+    if costs is not None:
+        group = set(fastest_group(forced, candidates, routes, num_layers, costs, resident))
+    else:
+        group = set(grow_group(forced, candidates, routes, size, num_layers, warm))
     return [i for i in candidates if i in group]
 
 
 class BatchChooser:
     """choose_batch plus the skip counts it needs: the one decision shared by the engine
-    (ExpertAware) and trace replay (expert_cache/schedule_replay.py). `batch_size` None means half
+    (ExpertAware) and trace replay (expert_cache/schedule_replay.py). `batch_size` None means the
+    fastest size under the `costs` given to choose, or, given none (replay has no clock), half
     of the candidates, rounded up."""
 
     def __init__(self, num_layers: int, batch_size: int | None, max_skips: int) -> None:
@@ -149,11 +190,15 @@ class BatchChooser:
         self.skips: dict[int, int] = {}  # id -> steps skipped in a row
         self.steps = self.partial_steps = self.skipped = self.max_skips_seen = 0
 
-    def choose(self, ids: list[int], routes: dict[int, Route], warm: Seq[frozenset[int]] | None) -> list[int]:
+    def choose(self, ids: list[int], routes: dict[int, Route], warm: Seq[frozenset[int]] | None,
+               costs: StepCosts | None = None, resident: Seq[frozenset[int]] | None = None) -> list[int]:
         if not ids:
             return []
+        if self.batch_size is not None:
+            costs = None
         size = self.batch_size or math.ceil(len(ids) / 2)
-        chosen = choose_batch(ids, routes, self.skips, size, self.max_skips, self.num_layers, warm)
+        chosen = choose_batch(ids, routes, self.skips, size, self.max_skips, self.num_layers, warm,
+                              costs=costs, resident=resident)
         picked = set(chosen)
         self.steps += 1
         self.partial_steps += len(chosen) < len(ids)
@@ -175,21 +220,51 @@ class BatchChooser:
 
 
 class ExpertAware:
-    """Steps the subset of the running sequences BatchChooser picks from their forecast routes."""
+    """Steps the subset of the running sequences BatchChooser picks from their forecast routes.
 
-    def __init__(self, hub: RoutingHub, record: RouteRecord, batch_size: int | None, max_skips: int) -> None:
-        self.record = record
+    Timing: a step runs from one select to the next (the forward and postprocess between them,
+    and this choice itself). It is a sample of StepCostModel and ShrinkGate only when its forward
+    held exactly the decode rows chosen (no prefill mixed in), and the load seconds within it come
+    from the store's CacheProbe; with no probe (every expert resident) loads cost nothing. The
+    costs shape the batch only while the ShrinkGate finds that shrinking pays."""
+
+    def __init__(self, ctx: MoEContext, record: RouteRecord, batch_size: int | None, max_skips: int) -> None:
+        self.ctx, self.record = ctx, record
         self.chooser = BatchChooser(record.num_layers, batch_size, max_skips)
-        self._unsubscribe = hub.subscribe(self._on_event)
+        self.costs = StepCostModel()
+        self.gate = ShrinkGate()
+        self._step: tuple[float, int, tuple[int, float]] | None = None  # (start, rows chosen, load clock)
+        self._rows = 0  # rows of the last forward (its first MoE layer's)
+        self._unsubscribe = ctx.hub.subscribe(self._on_event)
 
     def _on_event(self, event: RouterEvent) -> None:
         b = event.batch
         if b is not None:  # None: a scoring pass outside the engine's steps
             self.record.observe(event.moe_index, b.seq_ids, b.token_ids, event.topk_ids.detach().cpu())
+            if event.moe_index == 0:
+                self._rows = len(b.seq_ids)
+
+    def _probe(self) -> CacheProbe | None:
+        store = self.ctx.store
+        return store if isinstance(store, CacheProbe) else None
 
     def select(self, candidates: list[Sequence]) -> list[Sequence]:
-        routes = {s.seq_id: r for s in candidates if (r := self.record.predict(s.seq_id, s.token_ids[-1])) is not None}
-        chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm))
+        now, probe = time.perf_counter(), self._probe()
+        clock = probe.load_clock() if probe is not None else (0, 0.0)
+        if self._step is not None and candidates:
+            start, n, (loads, load_s) = self._step
+            if self._rows == n:
+                self.costs.add(n, now - start, clock[0] - loads, clock[1] - load_s)
+                self.gate.add(n, now - start)
+        costs = (self.costs.estimate() if self.gate.shrink else None) or TAKE_ALL
+        routes, resident = {}, None
+        if candidates and (self.chooser.batch_size is not None or costs is not TAKE_ALL):  # else all go
+            forecast = self.record.predict_many([(s.seq_id, s.token_ids[-1]) for s in candidates])
+            routes = {s.seq_id: r for s, r in zip(candidates, forecast) if r is not None}
+            if probe is not None:
+                resident = [probe.resident_experts(l) for l in range(self.record.num_layers)]
+        chosen = set(self.chooser.choose([s.seq_id for s in candidates], routes, self.record.warm, costs, resident))
+        self._step, self._rows = ((now, len(chosen), clock) if chosen else None), 0
         return [s for s in candidates if s.seq_id in chosen]
 
     def forget(self, seq: Sequence) -> None:
@@ -197,16 +272,21 @@ class ExpertAware:
         self.record.forget(seq.seq_id)
 
     def stats(self) -> dict:
-        return self.chooser.stats()
+        c = self.costs.estimate()
+        measured = {} if c is None else {"step_fixed_ms": 1e3 * c.fixed_s, "step_token_ms": 1e3 * c.token_s,
+                                         "expert_read_ms": 1e3 * c.read_s}
+        return {**self.chooser.stats(), **measured, **self.gate.stats()}
 
     def close(self) -> None:
         self._unsubscribe()
 
 
-def make_decode_policy(cfg: EngineConfig, hub: RoutingHub, spec: ModelSpec) -> DecodePolicy:
-    """The policy `cfg.scheduler_policy` names, listening to `hub` where it needs routing."""
+def make_decode_policy(cfg: EngineConfig, ctx: MoEContext, spec: ModelSpec) -> DecodePolicy:
+    """The policy `cfg.scheduler_policy` names, listening to the model's routing (ctx.hub) and
+    asking its expert store (ctx.store, looked up each step: the cache is installed later) where
+    it needs them."""
     if cfg.scheduler_policy == "fcfs":
         return FCFS()
     L = len(spec.moe_layer_ids)
     record = RouteRecord(L, TokenRouteTable(spec.vocab_size, L, spec.num_experts, spec.top_k))
-    return ExpertAware(hub, record, cfg.expert_aware_batch, cfg.expert_aware_max_skips)
+    return ExpertAware(ctx, record, cfg.expert_aware_batch, cfg.expert_aware_max_skips)

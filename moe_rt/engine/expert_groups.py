@@ -6,27 +6,49 @@ previous token used: consecutive tokens of one sequence tend to share experts). 
 sequences together costs, per layer, the union of their routes: an offloaded expert is loaded
 once for the whole batch, so sequences whose routes overlap are cheap to step together.
 
-`marginal_cost` is the one cost rule; `greedy_groups` (partition) and `grow_group` (one step's
-batch) apply it. Expert sets are plain frozensets of ints, so the functions carry no torch and
+`marginal_cost` is the one cost rule; `greedy_groups` (partition), `grow_group` (one step's batch
+of a given size) and `fastest_group` (one step's batch of the size that decodes fastest under
+measured StepCosts) apply it. Expert sets are plain frozensets of ints, so the functions carry no torch and
 their outputs are exact (tests/moe_rt/test_expert_groups.py).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
 
 Route = Sequence[frozenset[int]]  # [L] experts per MoE layer
 WARM_COST = 0.25  # an expert in the warm set (probably resident) costs this much of a cold one
 
 
-def marginal_cost(route: Route, union: Sequence[set[int]], warm: Sequence[frozenset[int]] | None = None) -> float:
+@dataclass(frozen=True)
+class StepCosts:
+    """What one decode step takes, measured (step_costs.StepCostModel): fixed_s whatever its
+    size (attention launch, Python, cache bookkeeping), token_s per token stepped, read_s per
+    expert loaded from the slow tier."""
+    fixed_s: float
+    token_s: float
+    read_s: float
+
+    def rate(self, tokens: int, loads: float) -> float:
+        """Tokens per second of a step of `tokens` tokens that loads `loads` experts."""
+        t = self.fixed_s + self.token_s * tokens + self.read_s * loads
+        return tokens / t if t > 0 else float(tokens)
+
+
+MIN_GAIN = 1.1  # a smaller batch must promise this much more tokens/s than the larger one
+
+
+def marginal_cost(route: Route, union: Sequence[set[int]], warm: Sequence[frozenset[int]] | None = None,
+                  resident: Sequence[frozenset[int]] | None = None) -> float:
     """What adding `route` to a batch whose per-layer union is `union` costs: each expert not yet
-    in the union costs 1, or WARM_COST if it is in `warm` (an estimate of what the fast tier
-    holds: loading it is free, computing it is not)."""
+    in the union costs 1; 0 if it is in `resident` (what the fast tier holds now: no load), else
+    WARM_COST if it is in `warm` (an estimate of what the fast tier holds: probably no load)."""
     cost = 0.0
     for l, experts in enumerate(route):
         for e in experts:
-            if e not in union[l]:
-                cost += WARM_COST if warm is not None and e in warm[l] else 1.0
+            if e in union[l] or (resident is not None and e in resident[l]):
+                continue
+            cost += WARM_COST if warm is not None and e in warm[l] else 1.0
     return cost
 
 
@@ -37,16 +59,57 @@ def grow_group(seed: Sequence[int], candidates: Sequence[int], routes: Mapping[i
     batch holds `size`. A candidate without a route (nothing known about it yet) costs nothing,
     so it is taken first: it is about to tell us its route."""
     group = list(seed)
-    union: list[set[int]] = [set() for _ in range(num_layers)]
-    for i in group:
-        _add(union, routes.get(i))
-    rest = [i for i in candidates if i not in set(group)]
-    while len(group) < size and rest:
-        best = min(range(len(rest)), key=lambda j: (_cost(routes.get(rest[j]), union, warm), j))
-        pick = rest.pop(best)
-        group.append(pick)
-        _add(union, routes.get(pick))
+    for i, _ in _growth(seed, candidates, routes, num_layers, warm, None):
+        if len(group) >= size:
+            break
+        group.append(i)
     return group
+
+
+def fastest_group(seed: Sequence[int], candidates: Sequence[int], routes: Mapping[int, Route],
+                  num_layers: int, costs: StepCosts, resident: Sequence[frozenset[int]] | None = None) -> list[int]:
+    """The batch that decodes the most tokens per second: `seed` (always kept) plus the first
+    candidates in grow_group's order (least marginal cost first, experts in `resident` free),
+    as many as maximise costs.rate(size, expected loads). A smaller batch is taken only when it
+    promises MIN_GAIN times the rate of the whole: the forecast is imperfect and a skipped
+    sequence's step is only put off, not saved. So when loads are cheap next to a step's fixed
+    time the whole of `candidates` is taken (fcfs); when they dominate, the batch shrinks to
+    sequences that share (or find resident) their experts. At least one id is returned when
+    there are candidates."""
+    if costs.read_s <= 0:  # loads free: the rate only grows with the batch
+        return list(seed) + [i for i in candidates if i not in set(seed)]
+    order, loads, union = [], 0.0, _union_of((), routes, num_layers)
+    prefix_loads = []  # prefix_loads[n - 1]: expected loads of order[:n]
+    for i in seed:
+        loads += _cost(routes.get(i), union, None, resident)
+        _add(union, routes.get(i))
+        order.append(i)
+        prefix_loads.append(loads)
+    for i, cost in _growth(seed, candidates, routes, num_layers, None, resident):
+        order.append(i)
+        loads += cost
+        prefix_loads.append(loads)
+    if not order:
+        return []
+    sizes = range(max(len(seed), 1), len(order) + 1)
+    rates = {n: costs.rate(n, prefix_loads[n - 1]) for n in sizes}
+    best = max(sizes, key=lambda n: (rates[n], n))
+    return order[:best] if rates[best] > MIN_GAIN * rates[len(order)] else order
+
+
+def _growth(seed: Sequence[int], candidates: Sequence[int], routes: Mapping[int, Route], num_layers: int,
+            warm, resident) -> Iterator[tuple[int, float]]:
+    """The candidates not in `seed`, each the one of least marginal cost over the union so far
+    (ties: earliest in `candidates`), with that cost."""
+    union = _union_of(seed, routes, num_layers)
+    taken = set(seed)
+    rest = [i for i in candidates if i not in taken]
+    while rest:
+        costs = [_cost(routes.get(i), union, warm, resident) for i in rest]
+        best = min(range(len(rest)), key=lambda j: (costs[j], j))
+        pick = rest.pop(best)
+        _add(union, routes.get(pick))
+        yield pick, costs[best]
 
 
 def greedy_groups(items: Sequence[int], routes: Mapping[int, Route], cap: int,
@@ -68,14 +131,18 @@ def greedy_groups(items: Sequence[int], routes: Mapping[int, Route], cap: int,
 
 def union_sizes(group: Sequence[int], routes: Mapping[int, Route], num_layers: int) -> list[int]:
     """[L] distinct experts the group's routes use per layer."""
+    return [len(u) for u in _union_of(group, routes, num_layers)]
+
+
+def _union_of(group: Sequence[int], routes: Mapping[int, Route], num_layers: int) -> list[set[int]]:
     union: list[set[int]] = [set() for _ in range(num_layers)]
     for i in group:
         _add(union, routes.get(i))
-    return [len(u) for u in union]
+    return union
 
 
-def _cost(route: Route | None, union, warm) -> float:
-    return 0.0 if route is None else marginal_cost(route, union, warm)
+def _cost(route: Route | None, union, warm, resident=None) -> float:
+    return 0.0 if route is None else marginal_cost(route, union, warm, resident)
 
 
 def _add(union: list[set[int]], route: Route | None) -> None:

@@ -97,7 +97,7 @@ class LLMEngine:
             )
         self.max_model_len = max_len
         self.blocks = BlockManager(num_blocks, ec.kv_block_size)
-        policy = make_decode_policy(ec, self.model.hub, self.spec)
+        policy = make_decode_policy(ec, self.model.moe_ctx, self.spec)
         self.scheduler = Scheduler(ec, self.blocks, policy)
         if ec.scheduler_policy != "fcfs":  # fcfs has nothing to report or stop
             self.attach("scheduler", policy.stats, policy.close)

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "running, the first of --capacities, fcfs as the baseline (offload_schedule.py)")
     p.add_argument("--concurrency", type=int, default=16, help="--scheduler-policy: sequences running at once")
     p.add_argument("--expert-aware-batch", type=int, default=None,
-                   help="--scheduler-policy: sequences per expert_aware step (default: half the running ones)")
+                   help="--scheduler-policy: sequences per expert_aware step (default: the fastest number, measured)")
     p.add_argument("--expert-aware-max-skips", type=int, default=3,
                    help="--scheduler-policy: steps an expert_aware sequence may wait in a row (default 3)")
     add_repeats(p, 3)

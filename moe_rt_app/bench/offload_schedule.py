@@ -117,7 +117,7 @@ def run_schedule_bench(args, model: str, policies: list[str], prompts, params, c
                          f"vs_{base}": med / b if b else None})
     extra = {"model": model, "concurrency": args.concurrency, "prompts": len(prompts),
              "max_tokens": params.max_tokens, "capacity": f"{capacity_pct}% (lru, disk)",
-             "expert_aware_batch": args.expert_aware_batch or "half the running sequences",
+             "expert_aware_batch": args.expert_aware_batch or "fastest under measured costs",
              "expert_aware_max_skips": args.expert_aware_max_skips,
              "repeats": args.repeats, "scheduler_stats_last": sched}
     return rows, extra

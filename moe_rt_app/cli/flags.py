@@ -57,7 +57,8 @@ def add_scheduling_arguments(p: argparse.ArgumentParser) -> None:
                    help="fcfs: every running sequence decodes every step (the default); expert_aware: a subset "
                         "whose forecast experts overlap, so an expert cache loads fewer experts per step")
     g.add_argument("--expert-aware-batch", type=positive_int, default=None,
-                   help="expert_aware: sequences decoded per step (default: half the running ones)")
+                   help="expert_aware: sequences decoded per step (default: the number that decodes the most tokens "
+                        "per second, from measured step and expert-read times)")
     g.add_argument("--expert-aware-max-skips", type=positive_int, default=None,
                    help="expert_aware: a sequence left out this many steps in a row decodes next (default 3)")
     g.add_argument("--dynamic-topk-threshold", type=float_in(0, 1, hi_open=True), default=None,

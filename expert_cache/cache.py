@@ -40,6 +40,7 @@ from expert_cache.cost_model import PCIE4_BYTES_PER_S, HostRule, choose_host_exp
 from expert_cache.packs import aligned_empty
 from expert_cache.planning import plan_demand, plan_prefetch
 from expert_cache.policies import ExpertKey, Position
+from expert_cache.prefetch_switch import PrefetchSwitch, ShadowLRU
 from expert_cache.prefetcher import MovingAverage, Prefetcher
 from expert_cache.records import ExpertFormat
 from expert_cache.slow_tier import SlowTier
@@ -99,6 +100,10 @@ class ExpertCache(ExpertStore):
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
         self._source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
+        # prefetch_switch measured: prediction on only while it pays (prefetch_switch.py)
+        self.switch: PrefetchSwitch | None = None
+        self._spent_seen = 0.0  # the source's host seconds already handed to the switch
+        self._feed_s = 0.0  # host seconds in prefetch() (forecasts fed) since the last prepare
         self._tick = 0
         # (layer, time leaving prepare, prefetches issued, demand loads) of the last prepare
         self._last: tuple[int, float, int, int] | None = None
@@ -175,15 +180,24 @@ class ExpertCache(ExpertStore):
         enter = time.perf_counter()
         self._tick += 1
         now, l = self._tick, moe_index
+        sw = self.switch
+        if sw is not None and l == 0 and sw.step_boundary():
+            self._predict(sw.on)
+        predicting = self.prefetcher is not None and (sw is None or sw.on)
         if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
             self.prefetcher.record_layer(enter - self._last[1], self._last[2], self._last[3])
         ids = topk_ids[topk_ids >= 0].unique().tolist()
         keys = [(l, e) for e in ids]
-        if self.prefetcher is not None:
+        t_host = time.perf_counter()
+        if predicting:
             self.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
-        predicted, position = self._forecast(l, now)
-        self._reap()
-        self._drop_wrong_prefetches(l, set(keys))
+            predicted, position = self._forecast(l, now)
+        else:
+            predicted = position = None
+        if self._tickets:
+            self._reap()
+            self._drop_wrong_prefetches(l, set(keys))
+        host_s = time.perf_counter() - t_host
         st, counters = self.state, self.layers[l]
         st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
         st.mark_needed(keys)
@@ -209,7 +223,13 @@ class ExpertCache(ExpertStore):
             stall += seconds
         st.add_stall(stall)
         counters.stall_s += stall
-        issued = self._prefetch(now, predicted, position)
+        t_pre = time.perf_counter()
+        issued = self._prefetch(now, predicted, position) if predicting else 0
+        if sw is not None:
+            spent = self._source_spent()
+            sw.add(host_s=host_s + time.perf_counter() - t_pre + spent, stall_s=stall,
+                   loads=len(plan.loads) + len(plan.streamed) + issued)
+            sw.visit(keys)
         if out is None:
             out = self._resident_experts(l)
         if host:
@@ -297,7 +317,31 @@ class ExpertCache(ExpertStore):
             raise MoeRtError("the expert cache already has a prefetcher")
         self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, self.cfg.prefetch_queue)
         self._source = owner
+        if self.cfg.prefetch_switch == "measured":
+            st = self.state
+            room = {pool: st.capacity(pool) - sum(st.pool_of(k) == pool for k in st.pinned_keys)
+                    for pool in range(len(st.pool_keys))}
+            shadow = ShadowLRU(st.pool_of, room.__getitem__, st.pinned_keys)
+            # a window of 8 steps at batch 1: enough visits that one slow read does not decide
+            self.switch = PrefetchSwitch(shadow, 8 * self.num_layers)
         return self.prefetcher
+
+    def _predict(self, on: bool) -> None:
+        """The switch turned prediction on or off: pause or resume the forecaster (off, the
+        cache is LRU: no forecast ranks victims and nothing is prefetched)."""
+        self.prefetcher.pause()
+        source = self._source
+        if source is not None and hasattr(source, "pause"):
+            source.resume() if on else source.pause()
+
+    def _source_spent(self) -> float:
+        """Host seconds the forecaster and forecast feeding took since the last call."""
+        spent, self._feed_s = self._feed_s, 0.0
+        total = getattr(self._source, "spent_s", None)
+        if total is not None:
+            spent += total - self._spent_seen
+            self._spent_seen = total
+        return spent
 
     @property
     def forecaster(self):
@@ -308,9 +352,11 @@ class ExpertCache(ExpertStore):
         """ExpertStore.prefetch: the forecasts made after layer l routed, before prepare(l). They
         only replace the prefetcher's forecast here; prepare(l) issues the copies once l's own
         demand loads are done, so a prefetch never takes a slot or the link from the layer running."""
-        if self.prefetcher is not None:
+        if self.prefetcher is not None and forecasts:
+            t0 = time.perf_counter()
             for forecast in forecasts:
                 self.prefetcher.feed(forecast)
+            self._feed_s += time.perf_counter() - t0
 
     def _load_misses(self, loads) -> float:
         """Demand-load the planned misses on this thread; returns the seconds taken. If a read
@@ -326,6 +372,8 @@ class ExpertCache(ExpertStore):
             self.state.complete(load.key)
             if self.prefetcher is not None:  # a demand read costs what a prefetch read does
                 self.prefetcher.record_transfer(ticket.seconds)
+            if self.switch is not None:
+                self.switch.record_read(ticket.seconds, quiet=not self._tickets)
         return time.perf_counter() - t0
 
     def _forecast(self, l: int, now: int):
@@ -489,6 +537,7 @@ class ExpertCache(ExpertStore):
             "lookahead": None if p is None else p.depth,
             "transfer_s_avg": None if p is None else p.transfer_s.value,
             "layer_s_avg": None if p is None else p.layer_s.value,
+            **({} if self.switch is None else self.switch.stats()),
             "per_layer": {l: asdict(c) for l, c in enumerate(self.layers)},
         }
         if self._source is not None and hasattr(self._source, "stats"):

@@ -184,8 +184,11 @@ class ExpertCache(ExpertStore):
         if sw is not None and l == 0 and sw.step_boundary():
             self._predict(sw.on)
         predicting = self.prefetcher is not None and (sw is None or sw.on)
-        if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
-            self.prefetcher.record_layer(enter - self._last[1], self._last[2], self._last[3])
+        if self._last is not None and self._last[0] == l - 1:
+            if self.prefetcher is not None:
+                self.prefetcher.record_layer(enter - self._last[1], self._last[2], self._last[3])
+            if sw is not None:
+                sw.between(topk_ids.shape[0], enter - self._last[1])
         ids = topk_ids[topk_ids >= 0].unique().tolist()
         keys = [(l, e) for e in ids]
         t_host = time.perf_counter()
@@ -226,9 +229,8 @@ class ExpertCache(ExpertStore):
         t_pre = time.perf_counter()
         issued = self._prefetch(now, predicted, position) if predicting else 0
         if sw is not None:
-            spent = self._source_spent()
-            sw.add(host_s=host_s + time.perf_counter() - t_pre + spent, stall_s=stall,
-                   loads=len(plan.loads) + len(plan.streamed) + issued)
+            sw.add(inside_s=host_s + time.perf_counter() - t_pre, forecaster_s=self._source_spent(),
+                   stall_s=stall, loads=len(plan.loads) + len(plan.streamed) + issued)
             sw.visit(keys)
         if out is None:
             out = self._resident_experts(l)
@@ -324,6 +326,8 @@ class ExpertCache(ExpertStore):
             shadow = ShadowLRU(st.pool_of, room.__getitem__, st.pinned_keys)
             # a window of 8 steps at batch 1: enough visits that one slow read does not decide
             self.switch = PrefetchSwitch(shadow, 8 * self.num_layers)
+            if not self.switch.on and owner is not None and hasattr(owner, "pause"):
+                owner.pause()  # the first window measures the baseline, prediction off
         return self.prefetcher
 
     def _predict(self, on: bool) -> None:
@@ -352,7 +356,7 @@ class ExpertCache(ExpertStore):
         """ExpertStore.prefetch: the forecasts made after layer l routed, before prepare(l). They
         only replace the prefetcher's forecast here; prepare(l) issues the copies once l's own
         demand loads are done, so a prefetch never takes a slot or the link from the layer running."""
-        if self.prefetcher is not None and forecasts:
+        if self.prefetcher is not None and forecasts and (self.switch is None or self.switch.on):
             t0 = time.perf_counter()
             for forecast in forecasts:
                 self.prefetcher.feed(forecast)

@@ -2,23 +2,30 @@
 
 The cost rule (cost_model.prefetch_gain) weighs disk time against layer time per prefetch; it
 cannot see what the machinery costs the host: running the predictor after every layer, turning its
-votes into probabilities, planning and issuing prefetches, reaping tickets. On a GPU that work
-overlaps the device; on a CPU-only machine it runs on the cores the model computes on, and on the
-demo model it costs more than the reads it saves. So the cache measures both sides per window of
-layer visits, while prediction is on:
+votes into probabilities, planning and issuing prefetches, reaping tickets, and a transfer thread
+taking the GIL and a core from the compute. On a GPU most of that overlaps the device; on a
+CPU-only machine it runs on the cores the model computes on, and on the demo model it costs more
+than the reads it saves. So the cache measures both sides per window of layer visits:
 
   benefit = lru_loads x read_s - stall_s
       what the same visits would have stalled under plain LRU (a shadow LRU run on the same
       accesses counts its loads; each costs a demand read measured with no prefetch in flight)
       minus the stall measured (demand loads, waits for landing prefetches, streamed misses);
-  cost    = host_s, the host seconds spent in the prediction and prefetch machinery.
+  cost    = inside_s + max(outside_extra_s, forecaster_s)
+      inside_s: host seconds of the machinery inside prepare (forecast bookkeeping, reaping,
+      prefetch planning and issue), timed directly; outside_extra_s: how much longer the time
+      between consecutive prepares of a forward (the layer's compute, the next attention and
+      router, the predictor) was than with prediction off, per visit of the same batch size
+      (measured in the off windows); forecaster_s: the predictor's own timed seconds, a floor
+      for that extra when the off baseline is noisy.
 
 `next_switch` (pure) turns windows into on/off with hysteresis: prediction stays on while
-benefit >= cost and its loads stay within max_bytes x the shadow LRU's; once off, the predictor is
+benefit >= cost and its loads stay within max_bytes x the shadow LRU's; when off, the predictor is
 paused and the cache behaves as LRU (no forecast: the predictive victim order is LRU's, nothing is
-prefetched). After `backoff` windows off it probes one window, which must clear the higher bar
-benefit >= (1 + margin) x cost to stay on; a failed probe doubles the backoff (up to max_backoff),
-so a configuration where prediction never pays spends about 1/(backoff+1) of its time probing.
+prefetched). It starts off for one window (the baseline), then probes. A probe must clear the
+higher bar benefit >= (1 + margin) x cost to stay on; a failed probe doubles the backoff (windows
+off before the next probe, up to max_backoff), so where prediction never pays about
+1/(backoff+1) of the time goes to probing.
 
 Shape legend: none (counts and seconds).
 """
@@ -35,7 +42,7 @@ from expert_cache.policies import ExpertKey
 class Window:
     """What one window of layer visits with prediction on measured."""
 
-    host_s: float  # host seconds of the prediction/prefetch machinery
+    cost_s: float  # host seconds the prediction/prefetch machinery cost (module docstring)
     stall_s: float  # measured stall (demand reads, waits for prefetches, streamed misses)
     lru_loads: int  # loads a plain LRU cache of the same capacity made on the same accesses
     loads: int  # loads this cache made: demand loads plus prefetches issued
@@ -48,10 +55,10 @@ class Window:
 
 @dataclass(frozen=True)
 class SwitchState:
-    on: bool = True
+    on: bool = False  # starts off: the first window measures the baseline the probes are held to
     probe: bool = False  # this on-window is a probe after a spell off (must clear the margin)
     off_windows: int = 0  # windows spent off since switching off
-    backoff: int = 4  # windows off before the next probe
+    backoff: int = 1  # windows off before the next probe
     changes: int = 0  # on/off transitions so far (reporting)
 
 
@@ -68,7 +75,7 @@ def next_switch(state: SwitchState, window: Window | None, *, margin: float = 0.
         return replace(state, off_windows=off)
     if window is None:
         return state
-    bar = window.host_s * ((1.0 + margin) if state.probe else 1.0)
+    bar = window.cost_s * ((1.0 + margin) if state.probe else 1.0)
     pays = window.benefit_s >= bar and window.loads <= max_bytes * window.lru_loads
     if pays:
         return replace(state, probe=False, backoff=min_backoff)
@@ -115,23 +122,24 @@ class ShadowLRU:
 
 
 class PrefetchSwitch:
-    """The cache's side of the switch: sums one window of measurements while prediction is on,
-    runs the shadow LRU on every visit (so it is warm when a probe starts), and at a step
-    boundary once `window_visits` visits have passed applies next_switch. The cache pauses
-    and resumes the predictor on `on` changes."""
+    """The cache's side of the switch: sums one window of measurements, runs the shadow LRU on
+    every visit (so it is warm when a probe starts), keeps the off baseline of the time between
+    prepares per batch size, and at a step boundary once `window_visits` visits have passed
+    applies next_switch. The cache pauses and resumes the predictor on `on` changes."""
 
     def __init__(self, shadow: ShadowLRU, window_visits: int) -> None:
         self.shadow, self.window_visits = shadow, max(1, window_visits)
         self.state = SwitchState()
         self.read_s: float | None = None  # moving average, demand reads with no prefetch in flight
         self._busy_read_s: float | None = None  # the same over every demand read (until a quiet one)
+        self.base_s: dict[int, float] = {}  # rows -> time between prepares with prediction off
         self.visits_on = self.visits = 0
         self.windows: list[Window] = []  # every measured window (reporting)
         self._reset()
 
     def _reset(self) -> None:
         self._visits = self._lru = self._loads = 0
-        self._host = self._stall = 0.0
+        self._inside = self._outside = self._forecaster = self._stall = 0.0
 
     @property
     def on(self) -> bool:
@@ -145,9 +153,18 @@ class PrefetchSwitch:
             self.visits_on += 1
             self._lru += lru
 
-    def add(self, *, host_s: float = 0.0, stall_s: float = 0.0, loads: int = 0) -> None:
+    def between(self, rows: int, seconds: float) -> None:
+        """The time from one prepare's end to the next prepare of the same forward, `rows` tokens."""
+        if not self.state.on:
+            self.base_s[rows] = _ema(self.base_s.get(rows), seconds)
+        elif rows in self.base_s:
+            self._outside += seconds - self.base_s[rows]
+
+    def add(self, *, inside_s: float = 0.0, forecaster_s: float = 0.0, stall_s: float = 0.0,
+            loads: int = 0) -> None:
         if self.state.on:
-            self._host += host_s
+            self._inside += inside_s
+            self._forecaster += forecaster_s
             self._stall += stall_s
             self._loads += loads
 
@@ -167,7 +184,8 @@ class PrefetchSwitch:
         if self._visits < self.window_visits or (before and read_s is None):
             return False
         if before:
-            window = Window(self._host, self._stall, self._lru, self._loads, read_s)
+            cost = self._inside + max(self._outside, self._forecaster)
+            window = Window(cost, self._stall, self._lru, self._loads, read_s)
             self.windows.append(window)
             self.state = next_switch(self.state, window)
         else:
@@ -182,7 +200,7 @@ class PrefetchSwitch:
                 "prefetch_on_visits": self.visits_on, "switch_visits": self.visits,
                 "switch_windows": len(w),
                 "switch_benefit_ms": sum(x.benefit_s for x in w) * 1e3,
-                "switch_host_ms": sum(x.host_s for x in w) * 1e3}
+                "switch_cost_ms": sum(x.cost_s for x in w) * 1e3}
 
 
 def _ema(old: float | None, x: float, alpha: float = 0.1) -> float:

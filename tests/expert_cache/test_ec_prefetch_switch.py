@@ -14,24 +14,34 @@ def win(host_ms, stall_ms, lru_loads=10, loads=10, read_ms=1.0):
     return Window(host_ms / 1e3, stall_ms / 1e3, lru_loads, loads, read_ms / 1e3)
 
 
+ON = SwitchState(on=True)
+
+
+def test_starts_off_for_one_baseline_window_then_probes():
+    s = SwitchState()
+    assert not s.on
+    s = next_switch(s, None)
+    assert s.on and s.probe and s.changes == 1
+
+
 def test_stays_on_while_the_saved_stall_pays_for_the_host_time():
     # LRU would have stalled 10 x 1 ms; 4 ms measured: 6 ms saved for 5 ms of host work
-    s = next_switch(SwitchState(), win(5, 4))
+    s = next_switch(ON, win(5, 4))
     assert s.on and s.changes == 0
 
 
 def test_turns_off_when_the_host_time_exceeds_the_saving():
-    s = next_switch(SwitchState(), win(7, 4))
+    s = next_switch(ON, win(7, 4))
     assert not s.on and s.changes == 1 and s.backoff == 4
 
 
 def test_turns_off_when_loads_exceed_the_byte_budget_even_if_faster():
-    assert not next_switch(SwitchState(), win(0, 0, lru_loads=10, loads=12)).on
-    assert next_switch(SwitchState(), win(0, 0, lru_loads=10, loads=11)).on  # 1.1x: allowed
+    assert not next_switch(ON, win(0, 0, lru_loads=10, loads=12)).on
+    assert next_switch(ON, win(0, 0, lru_loads=10, loads=11)).on  # 1.1x: allowed
 
 
 def test_probes_after_the_backoff_and_a_probe_must_clear_the_margin():
-    s = next_switch(SwitchState(), win(7, 4))
+    s = next_switch(ON, win(7, 4))
     for _ in range(3):
         s = next_switch(s, None)
         assert not s.on
@@ -122,12 +132,32 @@ def test_the_cache_pauses_a_forecaster_that_costs_more_than_it_saves_then_probes
     assert issued_while_paused == 0
     assert stats["prefetches_issued"] > 0  # it did prefetch while measuring
     assert 0 < stats["prefetch_on_fraction"] < 0.5
-    assert stats["switch_host_ms"] > stats["switch_benefit_ms"]
+    assert stats["switch_cost_ms"] > stats["switch_benefit_ms"]
 
 
 def test_a_switch_that_never_measured_a_read_keeps_prediction_on():
     sw = PrefetchSwitch(ShadowLRU(lambda k: k[0], lambda p: 1), window_visits=2)
-    sw.add(host_s=10.0)
+    for _ in range(2):
+        sw.visit([(0, 1)])
+    assert sw.step_boundary() and sw.on  # the baseline window passed: probing
+    sw.add(inside_s=10.0)
     for _ in range(4):
         sw.visit([(0, 1)])
     assert not sw.step_boundary() and sw.on  # no read time known: nothing to weigh yet
+
+
+def test_the_time_between_prepares_counts_against_its_off_baseline_per_batch_size():
+    sw = PrefetchSwitch(ShadowLRU(lambda k: k[0], lambda p: 1), window_visits=1)
+    sw.between(1, 0.010)  # off: baseline of one-token visits
+    sw.between(16, 0.050)  # and of 16-token ones
+    sw.visit([(0, 1)])
+    sw.record_read(0.001, quiet=True)
+    assert sw.step_boundary() and sw.on
+    sw.between(1, 0.013)  # 3 ms slower than off
+    sw.between(16, 0.050)
+    sw.between(4, 0.5)  # no baseline for 4 rows: not counted
+    sw.add(inside_s=0.001, forecaster_s=0.002, stall_s=0.0)
+    sw.visit([(0, 2)])  # an LRU load: 1 ms of stall saved
+    assert sw.step_boundary() and not sw.on
+    (w,) = sw.windows
+    assert w.cost_s == pytest.approx(0.001 + 0.003) and w.benefit_s == pytest.approx(0.001)

@@ -79,7 +79,7 @@ def next_switch(state: SwitchState, window: Window | None, *, margin: float = 0.
     pays = window.benefit_s >= bar and window.loads <= max_bytes * window.lru_loads
     if pays:
         return replace(state, probe=False, backoff=min_backoff)
-    backoff = min(2 * state.backoff, max_backoff) if state.probe else min_backoff
+    backoff = min(max(2 * state.backoff, min_backoff), max_backoff) if state.probe else min_backoff
     return SwitchState(on=False, probe=False, off_windows=0, backoff=backoff, changes=state.changes + 1)
 
 

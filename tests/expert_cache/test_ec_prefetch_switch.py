@@ -24,6 +24,19 @@ def test_starts_off_for_one_baseline_window_then_probes():
     assert s.on and s.probe and s.changes == 1
 
 
+def test_where_prediction_never_pays_probes_come_after_1_4_8_16_windows_off():
+    s, offs, run = SwitchState(), [], 0
+    while len(offs) < 5:
+        if s.on:
+            offs.append(run)
+            run = 0
+            s = next_switch(s, win(100, 0))
+        else:
+            run += 1
+            s = next_switch(s, None)
+    assert offs == [1, 4, 8, 16, 32]
+
+
 def test_stays_on_while_the_saved_stall_pays_for_the_host_time():
     # LRU would have stalled 10 x 1 ms; 4 ms measured: 6 ms saved for 5 ms of host work
     s = next_switch(ON, win(5, 4))

@@ -320,12 +320,8 @@ class ExpertCache(ExpertStore):
         self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, self.cfg.prefetch_queue)
         self._source = owner
         if self.cfg.prefetch_switch == "measured":
-            st = self.state
-            room = {pool: st.capacity(pool) - sum(st.pool_of(k) == pool for k in st.pinned_keys)
-                    for pool in range(len(st.pool_keys))}
-            shadow = ShadowLRU(st.pool_of, room.__getitem__, st.pinned_keys)
             # a window of 8 steps at batch 1: enough visits that one slow read does not decide
-            self.switch = PrefetchSwitch(shadow, 8 * self.num_layers)
+            self.switch = PrefetchSwitch(ShadowLRU.of(self.state), 8 * self.num_layers)
             if not self.switch.on and owner is not None and hasattr(owner, "pause"):
                 owner.pause()  # the first window measures the baseline, prediction off
         return self.prefetcher

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from expert_cache.policies import ExpertKey
+
+if TYPE_CHECKING:
+    from expert_cache.state import CacheState
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class ShadowLRU:
         self.pool_of, self.capacity_of = pool_of, capacity_of
         self.pinned = set(pinned)
         self.pools: dict[int, OrderedDict[ExpertKey, None]] = {}
+
+    @classmethod
+    def of(cls, state: "CacheState") -> "ShadowLRU":
+        """The LRU twin of a CacheState's pools: each pool's slots less its pinned keys."""
+        room = {pool: state.capacity(pool) - sum(state.pool_of(k) == pool for k in state.pinned_keys)
+                for pool in state.pool_keys}
+        return cls(state.pool_of, room.__getitem__, state.pinned_keys)
 
     def visit(self, keys: Iterable[ExpertKey]) -> int:
         """Access `keys` (one layer visit); returns how many LRU would have loaded. As in the

@@ -88,9 +88,7 @@ def test_shadow_lru_counts_the_loads_the_lru_cache_makes(seed, scope, slots):
     trace = random_trace(seed, n=80, num_layers=L, num_experts=E)
     pinned = {1: [0]}
     cache, _, _ = ec_fakes.make_cache(L, E, slots, prefetch=False, policy="lru", scope=scope, pinned=pinned)
-    st = cache.state
-    room = {p: st.capacity(p) - sum(st.pool_of(k) == p for k in st.pinned_keys) for p in range(len(st.pool_keys))}
-    shadow = ShadowLRU(st.pool_of, room.__getitem__, st.pinned_keys)
+    shadow = ShadowLRU.of(cache.state)
     shadow_loads = 0
     try:
         for l, topk in _accesses(trace, L):

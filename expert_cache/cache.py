@@ -57,6 +57,7 @@ from expert_cache.packs import aligned_empty
 from expert_cache.planning import (demand_shortfall, plan_demand, plan_prefetch, prefetches_to_drop,
                                    prefetches_to_reclaim)
 from expert_cache.policies import ExpertKey, Position
+from expert_cache.prefetch_switch import PrefetchSwitch, ShadowLRU
 from expert_cache.prefetcher import MovingAverage, Prefetcher
 from expert_cache.records import ExpertFormat
 from expert_cache.slow_tier import SlowTier
@@ -121,6 +122,10 @@ class ExpertCache(ExpertStore):
         self._tickets: dict[ExpertKey, Ticket] = {}  # in-flight prefetches
         self.prefetcher: Prefetcher | None = None
         self._source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
+        # prefetch_switch measured: prediction on only while it pays (prefetch_switch.py)
+        self.switch: PrefetchSwitch | None = None
+        self._spent_seen = 0.0  # the source's host seconds already handed to the switch
+        self._feed_s = 0.0  # host seconds in prefetch() (forecasts fed) since the last prepare
         self._tick = 0
         # (layer, timer mark leaving prepare, prefetches issued, demand loads) of the last prepare
         self._last: tuple[int, object, int, int] | None = None
@@ -200,19 +205,32 @@ class ExpertCache(ExpertStore):
         timer = self.timer
         timer.poll()  # device timings that completed since (queries only, never a wait)
         mark = timer.mark()
+        enter = time.perf_counter()
         self._tick += 1
         now, l = self._tick, moe_index
-        if self._last is not None and self.prefetcher is not None and self._last[0] == l - 1:
+        sw = self.switch
+        if sw is not None and l == 0 and sw.step_boundary():
+            self._predict(sw.on)
+        predicting = self.prefetcher is not None and (sw is None or sw.on)
+        if self._last is not None and self._last[0] == l - 1:
             _, left, issued, loads = self._last
-            timer.measure(left, mark, partial(self.prefetcher.record_layer, issued=issued, misses=loads))
+            if self.prefetcher is not None:
+                timer.measure(left, mark, partial(self.prefetcher.record_layer, issued=issued, misses=loads))
+            if sw is not None:  # the switch weighs host time: how much longer layers take with prediction on
+                sw.between(topk_ids.shape[0], enter - self._left_s)
         ids = ids_on_host(topk_ids)  # the one host read of the layer (device_io.py)
         self._host_ids = (topk_ids, ids)
         keys = [(l, e) for e in used_experts(ids)]
-        if self.prefetcher is not None:
+        t_host = time.perf_counter()
+        if predicting:
             self.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
-        predicted, position = self._forecast(l, now)
-        self._reap()
-        self._drop_prefetches(l, keys, predicted)
+            predicted, position = self._forecast(l, now)
+        else:
+            predicted = position = None
+        if self._tickets:
+            self._reap()
+            self._drop_prefetches(l, keys, predicted)
+        host_s = time.perf_counter() - t_host
         st, counters = self.state, self.layers[l]
         st.clear_needed()  # the previous layer has run (on CUDA: was enqueued before this one)
         st.mark_needed(keys)
@@ -241,7 +259,12 @@ class ExpertCache(ExpertStore):
             timer.measure(mark, timer.mark(), partial(self._add_stall, l))
         else:
             self._add_stall(l, stall)
-        issued = self._prefetch(now, predicted, position)
+        t_pre = time.perf_counter()
+        issued = self._prefetch(now, predicted, position) if predicting else 0
+        if sw is not None:
+            sw.add(inside_s=host_s + time.perf_counter() - t_pre, forecaster_s=self._source_spent(),
+                   stall_s=stall, loads=len(plan.loads) + len(plan.streamed) + issued)
+            sw.visit(keys)
         if out is None:
             out = self._resident_experts(l)
         if host:
@@ -249,6 +272,7 @@ class ExpertCache(ExpertStore):
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
         self._last = (l, timer.mark(), issued, len(plan.loads) + len(plan.streamed))
+        self._left_s = time.perf_counter()  # the same moment on the host clock (the switch's)
         return out
 
     def _add_stall(self, l: int, seconds: float) -> None:
@@ -347,7 +371,29 @@ class ExpertCache(ExpertStore):
             raise MoeRtError("the expert cache already has a prefetcher")
         self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, self.cfg.prefetch_queue)
         self._source = owner
+        if self.cfg.prefetch_switch == "measured":
+            # a window of 8 steps at batch 1: enough visits that one slow read does not decide
+            self.switch = PrefetchSwitch(ShadowLRU.of(self.state), 8 * self.num_layers)
+            if not self.switch.on and owner is not None and hasattr(owner, "pause"):
+                owner.pause()  # the first window measures the baseline, prediction off
         return self.prefetcher
+
+    def _predict(self, on: bool) -> None:
+        """The switch turned prediction on or off: pause or resume the forecaster (off, the
+        cache is LRU: no forecast ranks victims and nothing is prefetched)."""
+        self.prefetcher.pause()
+        source = self._source
+        if source is not None and hasattr(source, "pause"):
+            source.resume() if on else source.pause()
+
+    def _source_spent(self) -> float:
+        """Host seconds the forecaster and forecast feeding took since the last call."""
+        spent, self._feed_s = self._feed_s, 0.0
+        total = getattr(self._source, "spent_s", None)
+        if total is not None:
+            spent += total - self._spent_seen
+            self._spent_seen = total
+        return spent
 
     @property
     def forecaster(self):
@@ -358,9 +404,11 @@ class ExpertCache(ExpertStore):
         """ExpertStore.prefetch: the forecasts made after layer l routed, before prepare(l). They
         only replace the prefetcher's forecast here; prepare(l) issues the copies once l's own
         demand loads are done, so a prefetch never takes a slot or the link from the layer running."""
-        if self.prefetcher is not None:
+        if self.prefetcher is not None and forecasts and (self.switch is None or self.switch.on):
+            t0 = time.perf_counter()
             for forecast in forecasts:
                 self.prefetcher.feed(forecast)
+            self._feed_s += time.perf_counter() - t0
 
     def _load_misses(self, loads) -> float:
         """Demand-load the planned misses on this thread; returns the seconds taken. If a read
@@ -374,21 +422,25 @@ class ExpertCache(ExpertStore):
                     self.state.abort_load(rest.key)
                 raise
             self.state.complete(load.key)
-            self._time_copy(ticket)  # a demand read costs what a prefetch read does
+            self._time_copy(ticket, demand=True)  # a demand read costs what a prefetch read does
         return time.perf_counter() - t0
 
-    def _time_copy(self, ticket: Ticket) -> None:
+    def _time_copy(self, ticket: Ticket, demand: bool = False) -> None:
         """Fold a copy's time into the measured read time (lookahead auto, the cost rule) and, on
         CUDA, the link bandwidth (host compute's rule), once known: at once on the CPU, when its
-        events have completed on CUDA (device_timing.py)."""
+        events have completed on CUDA (device_timing.py). A demand read also tells the prefetch
+        switch what a load costs (quiet: no prefetch shared the link with it)."""
         if ticket.start is None or ticket.end is None:
             return
         cuda, nbytes = self.device.type == "cuda", self.state.key_bytes(ticket.key)
+        quiet = not self._tickets
 
         def done(device_s: float) -> None:
             ticket.seconds = ticket.host_s + device_s
             if self.prefetcher is not None:
                 self.prefetcher.record_transfer(ticket.seconds)
+            if demand and self.switch is not None:
+                self.switch.record_read(ticket.seconds, quiet=quiet)
             if cuda and device_s > 0:
                 self.link_bps.add(nbytes / device_s)
 
@@ -589,6 +641,7 @@ class ExpertCache(ExpertStore):
             "lookahead": None if p is None else p.depth,
             "transfer_s_avg": None if p is None else p.transfer_s.value,
             "layer_s_avg": None if p is None else p.layer_s.value,
+            **({} if self.switch is None else self.switch.stats()),
             "per_layer": {l: asdict(c) for l, c in enumerate(self.layers)},
         }
         if self._source is not None and hasattr(self._source, "stats"):

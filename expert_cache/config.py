@@ -69,6 +69,15 @@ class CacheConfig(BaseModel):
                     "of it and the value of the expert it would evict. always: every forecast "
                     "expert up to prefetch_queue that may displace its victim (the rule replay "
                     "uses unless given costs).")
+    prefetch_switch: Literal["measured", "on"] = Field(
+        "measured",
+        description="Whether prediction stays on when it does not pay. measured: the cache "
+                    "measures, per window of layer visits, the host time the predictor and "
+                    "prefetch bookkeeping cost and the stall they save against a shadow LRU on "
+                    "the same accesses, and turns prediction off (the cache then acts as LRU) "
+                    "while the saving is below the cost or the loads exceed 1.1x LRU's, probing "
+                    "again with a growing backoff (expert_cache/prefetch_switch.py). on: always "
+                    "predict and prefetch.")
     pack_dir: str | None = Field(
         None,
         description="offload disk: read experts from this expert pack (written by moe-rt "

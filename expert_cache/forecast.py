@@ -41,9 +41,8 @@ def aggregate_scores(scores: torch.Tensor, top_k: int, first_layer: int) -> dict
 def predictions(forecast: Forecast) -> dict[ExpertKey, Prediction]:
     """One layer's batch forecast as per-key Predictions: every expert with a positive score
     (votes), at the forecast's distance. Replay and the runtime's prefetcher both read forecasts so."""
-    scores = forecast.scores
-    return {(forecast.target, e): Prediction(forecast.distance, float(scores[e]))
-            for e in torch.nonzero(scores > 0).flatten().tolist()}
+    t, d = forecast.target, forecast.distance
+    return {(t, e): Prediction(d, float(v)) for e, v in enumerate(forecast.scores.tolist()) if v > 0}
 
 
 def prefetch_order(predicted: Mapping[ExpertKey, Prediction], resident: Iterable[ExpertKey] | set,
@@ -93,6 +92,9 @@ class ForecastAccuracy:
             old = self._precision.get(d, self.prior)
             self._precision[d] = (1 - self.alpha) * old + self.alpha * right
             self.visits[d] = self.visits.get(d, 0) + 1
+
+    def drop_pending(self) -> None:
+        self._pending.clear()
 
     def precision(self, distance: int) -> float:
         return self._precision.get(distance, self.prior)

@@ -63,6 +63,12 @@ class Prefetcher:
         self.accuracy.record(new)
         self.predicted.update(new)
 
+    def pause(self) -> None:
+        """Prediction switched off or back on: drop the forecast in force and the votes still
+        waiting to be scored (the layers they were for may run unforecast)."""
+        self.predicted = {}
+        self.accuracy.drop_pending()
+
     # -- decisions ----------------------------------------------------------------------------
     @property
     def depth(self) -> int:

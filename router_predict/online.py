@@ -41,7 +41,7 @@ import torch
 from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import Forecast, RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
-from router_predict.evaluate import ranked_experts
+from router_predict.evaluate import ranked_rows
 from router_predict.layer_output import hook_layer_outputs
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
@@ -86,10 +86,11 @@ class OnlinePredictor:
         self._forward: tuple | None = _FRESH  # identifies the batch being routed
         self._last_index = -1
         self._batch_cols: tuple | None = None  # (token_ids, positions, prev_token_ids) of this batch
-        self._pending: dict[tuple[int, int], torch.Tensor] = {}  # (target, d) -> predicted top-k [T, k]
+        self._pending: dict[tuple[int, int], list[list[int]]] = {}  # (target, d) -> predicted top-k, T rows
         self._tally: dict[tuple[int, int], _Tally] = {}  # (target, d) -> running counts
         self._tokens = 0
         self._spent_ns = 0
+        self.paused = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, *, forecaster: bool = False) -> "OnlinePredictor":
@@ -116,10 +117,28 @@ class OnlinePredictor:
         if self._detach is not None:
             self._detach()
             self._detach = None
+        self._drop_pending()
+
+    def pause(self) -> None:
+        """Stop predicting (a consumer found it does not pay) but stay joined: each router event
+        then costs one attribute check. Pending forecasts are dropped, unscored."""
+        self.paused = True
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
         self._pending.clear()
         self._awaiting.clear()
         self._ready.clear()
         self._forward = _FRESH
+
+    def resume(self) -> None:
+        """Predict again from the next router event (which starts a new forward's bookkeeping)."""
+        self.paused = False
+
+    @property
+    def spent_s(self) -> float:
+        """Host seconds spent forecasting (predict and bookkeeping) so far."""
+        return self._spent_ns * 1e-9
 
     def __enter__(self) -> "OnlinePredictor":
         return self.start()
@@ -163,6 +182,8 @@ class OnlinePredictor:
     def forecast(self, event: RouterEvent) -> list[Forecast]:
         """Score what was forecast for this layer, forecast the next ones; returns every Forecast
         made since the previous router event (from this event, or from the previous layer's output)."""
+        if self.paused:
+            return []
         start = time.perf_counter_ns()
         self._observe(event)
         ready, self._ready = self._ready, []
@@ -173,6 +194,8 @@ class OnlinePredictor:
         self.forecast(event)
 
     def _on_layer_output(self, moe_index: int, output: torch.Tensor) -> None:
+        if self.paused:
+            return
         start = time.perf_counter_ns()
         event = self._awaiting.pop(moe_index, None)
         if event is not None:
@@ -194,14 +217,16 @@ class OnlinePredictor:
         if forward != self._forward or l <= self._last_index:
             self._new_forward(event, batch, forward)
         self._last_index = l
-        true_ids = event.topk_ids.detach().to("cpu", torch.long)  # [T, k]
+        true_ids = None
         for d in range(1, self.depth + 1):
             picked = self._pending.pop((l, d), None)
             if picked is not None:
+                if true_ids is None:
+                    true_ids = event.topk_ids.tolist()  # [T][k]
                 tally = self._tally.setdefault((l, d), _Tally())
-                tally.rows += true_ids.shape[0]
-                # hit_counts' rule (true experts inside the predicted top-k) on the stored top-k.
-                tally.hits += int((picked[:, :, None] == true_ids[:, None, :]).any(1).sum())
+                tally.rows += len(true_ids)
+                # hit_counts' rule: the true experts inside the predicted top-k, on the stored top-k.
+                tally.hits += sum(x in p for p, true in zip(picked, true_ids) for x in true)
         if self.predictor.lookahead(l, self.depth) == 0:
             return
         if getattr(self.predictor, "needs_layer_output", False):
@@ -223,14 +248,17 @@ class OnlinePredictor:
             scores = self.predictor.predict(obs, self.depth).float().cpu()  # [d, T, E]
         d_max, t, e = scores.shape
         # One ranking for all distances; ties go to the lower expert id, as in offline replay.
-        picked = ranked_experts(scores.reshape(d_max * t, e), self.predictor.top_k).reshape(d_max, t, -1)
-        agg = torch.zeros(d_max, e).scatter_add_(1, picked.reshape(d_max, -1),
-                                                  torch.ones(d_max, picked.shape[1] * picked.shape[2]))
+        picked = ranked_rows(scores.reshape(d_max * t, e), self.predictor.top_k)  # d_max*T rows of k ids
         for d in range(1, d_max + 1):
             target = l + d
-            self._pending[(target, d)] = picked[d - 1]  # [T, k]
-            self._latest[target] = agg[d - 1]  # [E]
-            self._ready.append(Forecast(target, agg[d - 1], d))
+            rows = picked[(d - 1) * t: d * t]
+            votes = [0.0] * e
+            for row in rows:
+                for x in row:
+                    votes[x] += 1.0
+            self._pending[(target, d)] = rows
+            self._latest[target] = agg = torch.tensor(votes)  # [E]
+            self._ready.append(Forecast(target, agg, d))
 
     def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
         self._forward = forward

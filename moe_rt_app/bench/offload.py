@@ -80,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copies-in-flight", type=int, default=2,
                    help="copies_in_flight of the predictive configurations: prefetch copies submitted to "
                         "the GPU at once, the rest cancellable in a host queue (>= 1)")
+    p.add_argument("--prefetch-switches", default="measured",
+                   help="prefetch_switch of the predictive configurations, comma-separated (measured, "
+                        "on): one row per predictor, rule and switch; rows of switch on are "
+                        "labelled .../on")
     p.add_argument("--device", default="cpu", help="where the model and the fast tier live: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
     p.add_argument("--tier", choices=("disk", "cpu"), default="disk",
@@ -171,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
     rules = [r for r in args.prefetch_rules.split(",") if r]
     if not rules or any(r not in ("cost", "always") for r in rules):
         raise MoeRtError("--prefetch-rules takes cost and/or always, comma-separated")
+    switches = [w for w in args.prefetch_switches.split(",") if w]
+    if not switches or any(w not in ("measured", "on") for w in switches):
+        raise MoeRtError("--prefetch-switches takes measured and/or on, comma-separated")
     lookahead = args.lookahead if args.lookahead == "auto" else parse_ints(args.lookahead, "--lookahead")[0]
     if args.cpu_compute_on_miss and args.tier != "cpu":
         raise MoeRtError("--cpu-compute-on-miss needs --tier cpu (the weights must be in host RAM)")
@@ -212,11 +219,15 @@ def run(args: argparse.Namespace) -> int:
             configs.append((f"lru/{name}", pct, dict(offload=args.tier, capacity_slots=slots, policy="lru")))
         for name in predictors:
             for rule in rules:
-                cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
-                           lookahead=lookahead, prefetch_rule=rule, copies_in_flight=args.copies_in_flight)
-                if name in ID_ONLY:
-                    cfg["predictor_dir"] = fit_path
-                configs.append((f"pred+{name}" + ("" if rule == "cost" else f"/{rule}"), pct, cfg))
+                for switch in switches:
+                    cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
+                               lookahead=lookahead, prefetch_rule=rule, prefetch_switch=switch,
+                               copies_in_flight=args.copies_in_flight)
+                    if name in ID_ONLY:
+                        cfg["predictor_dir"] = fit_path
+                    label = (f"pred+{name}" + ("" if rule == "cost" else f"/{rule}")
+                             + ("" if switch == "measured" else "/on"))
+                    configs.append((label, pct, cfg))
     for _, _, cfg in configs:
         if cfg is not None:
             if args.tier == "disk":
@@ -260,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
     emit(rows, args, ["config", "capacity", "tok_s", "tok_s_best", "vs_resident", "vs_naive", "vs_lru",
                       "vs_lru_best", "hit_rate", "mb_per_token", "bytes_vs_lru", "speed_target",
                       "stall_ms_per_token",
-                      "prefetches", "prefetch_hits", "wasted", "cancelled", "host_computed", "predicted_tok_s"],
+                      "prefetches", "prefetch_hits", "wasted", "cancelled", "host_computed", "prediction_on",
+                      "predicted_tok_s"],
          extra)
     if args.plot:
         _plot(eval_trace, args.plot, E, predictors, progress)
@@ -327,6 +339,9 @@ def _offload_row(r: dict, tokens: int, args) -> dict:
                 wasted=None if cfg is None else delta("wasted_prefetches"),
                 cancelled=None if cfg is None else delta("prefetches_cancelled"),
                 host_computed=None if cfg is None else delta("host_computed"),
+                # share of layer visits with prediction on (prefetch_switch measured), timed runs only
+                prediction_on=(delta("prefetch_on_visits") / delta("switch_visits")
+                               if delta("switch_visits") else None),
                 gb_moved=delta("bytes_moved_total") / 1e9, stall_s=delta("stall_s"))
 
 

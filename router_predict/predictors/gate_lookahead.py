@@ -128,6 +128,18 @@ class GateLookaheadPredictor(RouterLookahead):
             raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
         d = self.lookahead(obs.moe_index, depth)
         l = obs.moe_index
+        # One [T, H] x [H, d*E] matmul per layer: the later routers, rescaled for layer l's norm,
+        # are fused once per (l, d) (predict runs after every MoE layer of every step, and
+        # rescaling [d, E, H] each time cost ten times the matmul at batch 1).
+        fused = self._fused.get((l, d))
+        if fused is None:
+            fused = self._fused[(l, d)] = self.lookahead_weights(l, d).reshape(-1, self.weights.shape[2]).t().contiguous()
+        t = obs.hidden.shape[0]
+        logits = (obs.hidden.float() @ fused).reshape(t, d, -1).transpose(0, 1)  # [d, T, E]
+        return self._ranking_scores(logits, l, d)
+
+    def lookahead_weights(self, l: int, d: int) -> torch.Tensor:
+        """[d, E, H] the routers of layers l+1..l+d as applied to layer l's router input."""
         w = self.weights[l + 1: l + 1 + d]  # [d, E, H]
         if self.norms is not None:
             # hidden / g_l * g_t is the router input layer t would see for the same residual stream
@@ -135,8 +147,15 @@ class GateLookaheadPredictor(RouterLookahead):
             src = self.norms[l]
             inv = torch.where(src.abs() > 1e-8, 1.0 / src, torch.zeros_like(src))
             w = w * (self.norms[l + 1: l + 1 + d] * inv)[:, None, :]
-        logits = torch.einsum("th,deh->dte", obs.hidden.float(), w)
-        return self._ranking_scores(logits, l, d)
+        return w
+
+    @property
+    def _fused(self) -> dict:
+        """(l, d) -> [H, d*E] fused look-ahead weights, on the predictor's device (dropped by to())."""
+        cache = self.__dict__.get("_fused_cache")
+        if cache is None or cache[0] != self.weights.device:
+            cache = self.__dict__["_fused_cache"] = (self.weights.device, {})
+        return cache[1]
 
 
 def moe_layer_ids(config: dict) -> list[int]:

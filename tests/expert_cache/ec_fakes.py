@@ -69,6 +69,7 @@ def make_cache(num_layers: int, num_experts: int, slots: int, prefetch: bool = T
     # Prefetch every forecast key by default: these tests drive the plumbing by hand and must not
     # depend on measured times (the cost rule has its own tests).
     cfg.setdefault("prefetch_rule", "always")
+    cfg.setdefault("prefetch_switch", "on")  # nor on the measured on/off switch (its own tests)
     cfg = CacheConfig(offload="disk", capacity_slots=slots, **cfg)
     cache = ExpertCache(fake_spec(num_layers, num_experts), tier, cfg,
                         device=torch.device("cpu"), dtype=torch.float32, timer=timer)

@@ -14,11 +14,15 @@ def _run_json(argv: list[str], capsys) -> dict:
 
 def test_bench_offload_reports_ratios_and_repeats(tmp_path, capsys):
     argv = ["bench", "offload", "--synthetic", "mixtral-tiny", "--cache-dir", str(tmp_path), "--capacities", "50",
-            "--predictors", "frequency", "--prefetch-rules", "cost,always", "--fit-prompts", "2",
-            "--max-tokens", "3", "--repeats", "2", "--torch-threads", "1", "--no-progress", "--json"]
+            "--predictors", "frequency", "--prefetch-rules", "cost,always", "--prefetch-switches", "measured,on",
+            "--fit-prompts", "2", "--max-tokens", "3", "--repeats", "2", "--torch-threads", "1", "--no-progress",
+            "--json"]
     res = _run_json(argv, capsys)
     rows = {r["config"]: r for r in res["results"]}
-    assert list(rows) == ["resident", "naive", "lru", "pred+frequency", "pred+frequency/always"]
+    assert list(rows) == ["resident", "naive", "lru", "pred+frequency", "pred+frequency/on",
+                          "pred+frequency/always", "pred+frequency/always/on"]
+    assert 0 <= rows["pred+frequency"]["prediction_on"] <= 1  # the measured switch reports its share
+    assert rows["pred+frequency/on"]["prediction_on"] is None and rows["lru"]["prediction_on"] is None
     assert res["max_tokens"] == 3 and res["repeats"] == 2
     for r in rows.values():
         assert 0 < r["tok_s"] <= r["tok_s_best"]

@@ -125,7 +125,8 @@ def test_greedy_output_with_packs_equals_all_resident(model, tmp_path):
            LLM(model, dtype="float32", device="cpu", progress=False).generate(PROMPTS, PARAMS)]
     assert main(["pack-experts", "--model", model, "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     for cache in (dict(offload="disk", capacity_slots=2, pack_dir=str(tmp_path / "p")),
-                  dict(offload="disk", capacity_slots=3, policy="predictive", predictor="gate_lookahead"),
+                  dict(offload="disk", capacity_slots=3, policy="predictive", predictor="gate_lookahead",
+                       prefetch_switch="on"),
                   dict(offload="disk", capacity_slots=2, auto_pack=False)):
         llm = LLM(model, dtype="float32", device="cpu", progress=False, cache=cache)
         try:

@@ -30,7 +30,8 @@ def run(model, cache):
         llm.expert_cache.close()
 
 
-GATE = dict(policy="predictive", predictor="gate_lookahead")
+# prediction always on (a measured switch would spend these short runs measuring its baseline)
+GATE = dict(policy="predictive", predictor="gate_lookahead", prefetch_switch="on")
 CONFIGS = [
     dict(offload="disk", capacity_slots=1),  # every layer streams most experts
     dict(offload="cpu", capacity_slots=1, policy="lfu"),
@@ -45,9 +46,11 @@ CONFIGS = [
     dict(offload="disk", capacity_slots=8, policy="lru"),  # everything fits
     dict(offload="cpu", capacity_slots=3, pinned={0: [1, 2], 3: [0]}, **GATE),
     dict(offload="disk", capacity_gb=0.0008, policy="lru"),  # 11 experts: 2 per layer
-    dict(offload="disk", capacity_slots=2, lookahead=2, policy="predictive", predictor="gate_lookahead_output"),
+    dict(offload="disk", capacity_slots=2, lookahead=2, policy="predictive", predictor="gate_lookahead_output",
+         prefetch_switch="on"),
     # one copy at a time: more prefetches wait in the host queue, where they may be cancelled
     dict(offload="disk", capacity_slots=6, scope="global", lookahead=3, copies_in_flight=1, **GATE),
+    dict(offload="disk", capacity_slots=2, policy="predictive", predictor="gate_lookahead"),  # measured switch
 ]
 
 
@@ -65,10 +68,33 @@ def test_cached_greedy_output_equals_all_resident(model4, reference, cache):
 @pytest.mark.parametrize("predictor", ["gate_lookahead", "gate_lookahead_output"])
 def test_predictive_cache_gets_prefetch_hits(model4, reference, predictor):
     out, stats = run(model4, dict(offload="cpu", capacity_slots=4, lookahead=2, policy="predictive",
-                                  predictor=predictor))
+                                  predictor=predictor, prefetch_switch="on"))
     assert out == reference
     assert stats["prefetches_issued"] > 0 and stats["prefetch_hits"] > 0
     assert stats["lookahead"] == 2 and stats["predictor"]["predictor"] == predictor
+
+
+@pytest.mark.parametrize("predictor", ["gate_lookahead", "gate_lookahead_output"])
+def test_greedy_output_is_unchanged_when_the_switch_turns_prediction_on_and_off(model4, reference, predictor,
+                                                                              monkeypatch):
+    """The switch flipped at every step boundary (its rule replaced; the measurements are its own
+    tests'): the forecaster paused and resumed mid-generation, prefetches in flight at a switch-off."""
+    import expert_cache.prefetch_switch as ps
+
+    monkeypatch.setattr(ps, "next_switch", lambda state, window: ps.SwitchState(
+        on=not state.on, changes=state.changes + 1))
+    llm = LLM(model4, dtype="float32", device="cpu", progress=False,
+              cache=dict(offload="disk", capacity_slots=2, lookahead=2, policy="predictive", predictor=predictor,
+                         prefetch_rule="always"))  # prefetches not subject to measured times
+    try:
+        llm.expert_cache.switch.window_visits = 1
+        out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+        stats = llm.expert_cache.stats()
+    finally:
+        llm.expert_cache.close()
+    assert out == reference
+    assert stats["prefetch_switch_changes"] >= 8 and stats["prefetches_issued"] > 0
+    assert 0.3 < stats["prefetch_on_fraction"] < 0.7
 
 
 def test_accesses_equal_distinct_experts_the_model_used(model4):

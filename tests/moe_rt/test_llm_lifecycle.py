@@ -44,7 +44,8 @@ def test_one_predictor_serves_the_cache_and_reports_its_recall(mixtral_dir, mixt
     the prefetches, its live recall is the engine's "predictor" figure, and it leaves the model
     when the engine closes."""
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    cache = {"offload": "cpu", "capacity_slots": 4, "policy": "predictive"}
+    # prediction always on: the measured switch would spend 5 tokens on its baseline window
+    cache = {"offload": "cpu", "capacity_slots": 4, "policy": "predictive", "prefetch_switch": "on"}
     with LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, predictor="gate_lookahead",
              cache=cache) as llm:
         out = llm.generate("In the beginning", params)[0]

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from router_predict.evaluate import (Counts, exact_set_accuracy, hit_counts, plot_recall_per_layer,
@@ -50,3 +51,12 @@ def test_replay_on_planted_trace(tmp_path):
     plot_recall_per_layer([co, fr], str(out))
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert co.to_dict()["per_layer_recall"]["1"][0] is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_ranked_rows_matches_ranked_experts_ties_included(rows):
+    from router_predict.evaluate import ranked_experts, ranked_rows
+
+    g = torch.Generator().manual_seed(rows)
+    scores = torch.randint(0, 4, (rows, 16), generator=g).float()  # many ties
+    assert ranked_rows(scores, 3) == ranked_experts(scores, 3).tolist()

@@ -104,3 +104,27 @@ def test_hidden_predictor_on_trace_without_hidden_is_a_user_error():
     trace, _ = shared_router_trace(e=8)
     with pytest.raises(MoeRtError, match="is for 2 MoE layers x 8 experts but the trace has 4 x 8"):
         replay(trace, GateLookaheadPredictor([w] * 2, top_k=2), depth=1, progress=False)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_lookahead_matches_the_routers_applied_one_by_one(tokens):
+    """predict's one fused matmul per layer against each later router applied to the rescaled
+    router input (the definition), with norms and a correction bias."""
+    from router_predict.base import LayerObservation
+
+    g = torch.Generator().manual_seed(3)
+    L, E, H = 5, 8, 16
+    ws = [torch.randn(E, H, generator=g) for _ in range(L)]
+    norms = [torch.rand(H, generator=g) + 0.5 for _ in range(L)]
+    biases = [torch.randn(E, generator=g) for _ in range(L)]
+    p = GateLookaheadPredictor(ws, top_k=2, biases=biases, norm_weights=norms)
+    h = torch.randn(tokens, H, generator=g)
+    for l in range(L - 1):
+        obs = LayerObservation(l, torch.zeros(tokens, 2, dtype=torch.long), torch.ones(tokens, 2), h,
+                               None, None, None)
+        got = p.predict(obs, 3)
+        for d in range(got.shape[0]):
+            t = l + 1 + d
+            want = torch.sigmoid((h / norms[l] * norms[t]) @ ws[t].T) + biases[t]
+            torch.testing.assert_close(got[d], want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (1, tokens, E)  # the last layer but one sees one layer ahead

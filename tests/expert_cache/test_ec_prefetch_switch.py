@@ -123,7 +123,7 @@ def test_the_cache_pauses_a_forecaster_that_costs_more_than_it_saves_then_probes
     L, E = 3, 6
     cache, tier, _ = ec_fakes.make_cache(L, E, 2, policy="predictive", prefetch_switch="measured")
     src = PausableSource(cache, E, cost_per_forecast_s=0.05)  # 50 ms per forecast: never pays
-    cache._source = src
+    cache.prediction.source = src
     trace = random_trace(0, n=400, num_layers=L, num_experts=E, tokens_per_step=1)
     issued_while_paused = 0
     try:

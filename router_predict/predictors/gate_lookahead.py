@@ -135,7 +135,8 @@ class GateLookaheadPredictor(RouterLookahead):
         if fused is None:
             fused = self._fused[(l, d)] = self.lookahead_weights(l, d).reshape(-1, self.weights.shape[2]).t().contiguous()
         t = obs.hidden.shape[0]
-        logits = (obs.hidden.float() @ fused).reshape(t, d, -1).transpose(0, 1)  # [d, T, E]
+        # E spelled out: an expert-parallel rank may route no tokens in a step (t == 0)
+        logits = (obs.hidden.float() @ fused).reshape(t, d, fused.shape[1] // d).transpose(0, 1)  # [d, T, E]
         return self._ranking_scores(logits, l, d)
 
     def lookahead_weights(self, l: int, d: int) -> torch.Tensor:

@@ -106,7 +106,7 @@ def test_hidden_predictor_on_trace_without_hidden_is_a_user_error():
         replay(trace, GateLookaheadPredictor([w] * 2, top_k=2), depth=1, progress=False)
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [0, 1, 5])  # 0: an expert-parallel rank routed nothing this step
 def test_fused_lookahead_matches_the_routers_applied_one_by_one(tokens):
     """predict's one fused matmul per layer against each later router applied to the rescaled
     router input (the definition), with norms and a correction bias."""

@@ -112,8 +112,9 @@ class ExpertCache(ExpertStore):
         self.tickets = PrefetchTickets(self.state, self.transfer, self._time_copy)
         self.prediction = Prediction(L)
         self._tick = 0
-        # (layer, timer mark leaving prepare, prefetches issued, demand loads) of the last prepare
-        self._last: tuple[int, object, int, int] | None = None
+        # (layer, timer mark leaving prepare, host clock then, prefetches issued, demand loads) of
+        # the last prepare
+        self._last: tuple[int, object, float, int, int] | None = None
         self.queued_reads = MovingAverage()  # transfer queue occupancy when prefetches are planned
         self.prefetches_declined = 0  # forecast keys not issued (cost rule, no slot)
         self.layers = [LayerCounters() for _ in range(L)]
@@ -143,11 +144,11 @@ class ExpertCache(ExpertStore):
             pred.turn(sw.on)
         predicting = pred.predicting
         if self._last is not None and self._last[0] == l - 1:
-            _, left, issued, loads = self._last
+            _, left, left_s, issued, loads = self._last
             if pred.prefetcher is not None:
                 timer.measure(left, mark, partial(pred.prefetcher.record_layer, issued=issued, misses=loads))
             if sw is not None:  # the switch weighs host time: how much longer layers take with prediction on
-                sw.between(topk_ids.shape[0], enter - self._left_s)
+                sw.between(topk_ids.shape[0], enter - left_s)
         ids = ids_on_host(topk_ids)  # the one host read of the layer (device_io.py)
         self.host.saw(topk_ids, ids)
         keys = [(l, e) for e in used_experts(ids)]
@@ -202,8 +203,8 @@ class ExpertCache(ExpertStore):
             out.host_compute = self.host.compute_fn(l, host)
         # Layer time for lookahead auto: from leaving this prepare to entering the next, i.e. the
         # compute of this layer (stalls are inside prepare, so excluded).
-        self._last = (l, timer.mark(), issued, len(plan.loads) + len(plan.streamed))
-        self._left_s = time.perf_counter()  # the same moment on the host clock (the switch's)
+        # The same moment on the host clock too: the switch weighs host time.
+        self._last = (l, timer.mark(), time.perf_counter(), issued, len(plan.loads) + len(plan.streamed))
         return out
 
     def _add_stall(self, l: int, seconds: float) -> None:

@@ -4,8 +4,11 @@ growing token counts, on the shapes of the shipped benchmark models, and prints 
 
     .venv/bin/python scripts/expert_loop_crossover.py [--threads 1,2] [--repeats 200]
 
-Both paths do the same matmuls on the used slots, so they agree bit for bit; only their overhead
-differs. The rule in moe_rt/layers/moe/compute.py (CPU_LOOP_MAX_PAIRS) was read off this table.
+The loop's matmuls go through moe_rt.layers.linear, so in float32 both paths agree to rounding
+(checked for every row count). The weights here are one layer's, hot in cache; a decode step streams every
+layer's from memory, which favours the loop more, so the rule in moe_rt/layers/moe/compute.py
+(CPU_LOOP_MAX_PAIRS) was set from whole-model `moe-rt bench decode` runs (docs/benchmarks.md,
+"The matmul form"); this table shows the kernel-level side.
 """
 from __future__ import annotations
 

@@ -35,11 +35,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         x2 = torch.cat((x2, x2))
     r = x2.shape[0]
     # The transposes as one as_strided view each (not .t() and a slice: fewer dispatched ops on a
-    # path every projection takes). x2 is contiguous (a cat, or a caller's rows), so its transpose
-    # is (K, r) with strides (1, K); w·x2ᵀ is [N, r] contiguous, whose first `rows` columns read
-    # as rows are (rows, N) with strides (1, r).
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    # path every projection takes). x2 is contiguous, so its transpose is (K, r) with strides
+    # (1, K); w·x2ᵀ is [N, r] contiguous, whose first `rows` columns read as rows are (rows, N)
+    # with strides (1, r).
+    x2 = x2.contiguous()  # a no-op (no dispatch) for the usual contiguous rows
     y_t = torch.mm(w, x2.as_strided((K, r), (1, K))).as_strided((rows, N), (1, r))
     # Callers view the result, so it is written out row-major (empty + copy_: two dispatched ops
     # where clone takes four).

@@ -123,6 +123,10 @@ class GateLookaheadPredictor(RouterLookahead):
     name = "gate_lookahead"
     needs_hidden = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._fused: dict[tuple[int, int], torch.Tensor] = {}  # (l, d) -> [H, d*E] fused look-ahead weights
+
     def predict(self, obs: LayerObservation, depth: int) -> torch.Tensor:
         if obs.hidden is None:
             raise MoeRtError("gate_lookahead needs the hidden state at each MoE layer")
@@ -150,13 +154,9 @@ class GateLookaheadPredictor(RouterLookahead):
             w = w * (self.norms[l + 1: l + 1 + d] * inv)[:, None, :]
         return w
 
-    @property
-    def _fused(self) -> dict:
-        """(l, d) -> [H, d*E] fused look-ahead weights, on the predictor's device (dropped by to())."""
-        cache = self.__dict__.get("_fused_cache")
-        if cache is None or cache[0] != self.weights.device:
-            cache = self.__dict__["_fused_cache"] = (self.weights.device, {})
-        return cache[1]
+    def to(self, device: torch.device | str) -> "GateLookaheadPredictor":
+        self._fused = {}  # rebuilt on the new device as predict asks
+        return super().to(device)
 
 
 def moe_layer_ids(config: dict) -> list[int]:

@@ -91,10 +91,11 @@ def test_hub_sees_every_moe_layer_with_batch_info(mixtral_llm):
 @pytest.mark.parametrize("T,K", [(1, 2), (1, 4), (5, 2), (16, 2), (40, 3)])
 def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
     """The CPU used-slot loops and grouped_mm do the same products and additions. In half precision
-    they are equal, not close. In float32 the loops' matmuls take layers.linear's (w·xᵀ)ᵀ form,
-    whose BLAS may add a dot product's terms in another order: equal to the loops' own definition
-    (each used slot's rows through linear), close to grouped_mm."""
-    from moe_rt.layers.linear import linear
+    they are equal, not close. In float32 the row loops' matmuls take layers.linear's (w·xᵀ)ᵀ form
+    and the backend takes the column loop (compute_columns.py), whose BLAS may add a dot product's
+    terms in another order: each equal to its own definition (each used slot's rows through linear;
+    each used slot's rows as columns, a lone row beside a second column), close to grouped_mm."""
+    from moe_rt.layers.linear import ROW_MAJOR_MAX_ROWS, linear
     from moe_rt.layers.moe.compute import _grouped, _one_token, _used_slots
 
     S, D, I = 8, 32, 48
@@ -113,17 +114,40 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
             out.index_add_(0, rows, linear(F.silu(h[:, :I]) * h[:, I:], w2[s]) * w[rows, ks][:, None])
         return out
 
+    def by_columns(case):  # each used slot's rows as columns of one [D, pairs + 1] product (BLAS's
+        # result depends on the output's row stride), a lone row beside a second column, groups
+        # over linear's row limit as x·wᵀ; added per token in slot order
+        used = sorted(set(case[case >= 0].tolist()))
+        P = int((case >= 0).sum())
+        y, col, out = torch.zeros(D, P + 1), 0, torch.zeros_like(x)
+        xs = torch.cat((x, torch.randn(1, D, generator=g)))  # row T: a second column for a lone row
+        for s in used:
+            rows, ks = (case == s).nonzero(as_tuple=True)
+            cols = torch.cat((rows, torch.tensor([T]))) if len(rows) == 1 else rows
+            if len(rows) > ROW_MAJOR_MAX_ROWS:  # many rows: x·wᵀ, as linear's rule says
+                h = x[rows] @ w13[s].t()
+                y[:, col : col + len(rows)] = ((F.silu(h[:, :I]) * h[:, I:]) @ w2[s].t()).t()
+            else:
+                h = w13[s] @ xs[cols].t()
+                torch.mm(w2[s], F.silu(h[:I]) * h[I:], out=y[:, col : col + len(cols)])
+            out.index_add_(0, rows, y[:, col : col + len(rows)].t() * w[rows, ks][:, None])
+            col += len(rows)
+        return out
+
     for case in (ids, torch.where(torch.rand(T, K, generator=g) < 0.3, -1, ids)):  # with choices computed elsewhere
         ref = _grouped(x, w13, w2, case, w)
         loop = _used_slots(x, w13, w2, case, w)
         if dtype == torch.float32:
             assert torch.equal(loop, by_definition(case))
             torch.testing.assert_close(loop, ref, rtol=1e-5, atol=1e-6)
+            want = by_columns(case)
+            torch.testing.assert_close(want, ref, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(loop, ref)
+            want = loop
         if T == 1:
             assert torch.equal(_one_token(x, w13, w2, case, w), loop)
-        assert torch.equal(torch_experts(x, w13, w2, case, w), loop)
+        assert torch.equal(torch_experts(x, w13, w2, case, w), want)
     for fn in (_grouped, _used_slots) + ((_one_token,) if T == 1 else ()):
         assert fn(x, w13, w2, torch.full_like(ids, -1), w).abs().max() == 0
 

@@ -17,6 +17,7 @@ from moe_rt.layers.linear import linear
 from moe_rt.quant.experts import QuantizedStack
 from moe_rt.quant.mixed import MixedStack, mixed_experts
 
+from . import compute_columns as columns
 from .compute_quant import quantized_experts
 
 ExpertCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,9 +57,13 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     # grouped_mm wants 16-byte-aligned row strides; odd toy shapes take the per-expert loop.
     if not _HAS_GROUPED_MM or (w2.shape[1] * esize) % 16 or (w2.shape[2] * esize) % 16:
         return loop_experts(hidden, w13, w2, topk_ids, topk_weights)
+    small = cpu and T * K <= CPU_LOOP_MAX_PAIRS.get(hidden.dtype, CPU_LOOP_MAX_PAIRS_DEFAULT)
+    if small and hidden.dtype == torch.float32 and w13.dtype == torch.float32 and columns.supports(w13, w2):
+        one = columns.one_token_columns if T == 1 else columns.used_slots_columns
+        return one(hidden, w13, w2, topk_ids, topk_weights)
     if cpu and T == 1:
         return _one_token(hidden, w13, w2, topk_ids, topk_weights)
-    if cpu and T * K <= CPU_LOOP_MAX_PAIRS.get(hidden.dtype, CPU_LOOP_MAX_PAIRS_DEFAULT):
+    if small:
         return _used_slots(hidden, w13, w2, topk_ids, topk_weights)
     return _grouped(hidden, w13, w2, topk_ids, topk_weights)
 

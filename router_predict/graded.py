@@ -41,10 +41,12 @@ def vote_grades(scores: torch.Tensor, picked: Sequence[Sequence[int]], top_k: in
     if not len(picked):
         return []
     share = torch.softmax(scores.float(), dim=-1) * scores.shape[-1]  # 1: a uniform router's share
-    edges = torch.tensor(SHARE_EDGES, dtype=share.dtype)
-    buckets = torch.bucketize(share, edges, right=True).tolist()  # [N][E]
-    return [[buckets[i][e] + (NUM_SHARES if r >= top_k else 0) for r, e in enumerate(row)]
-            for i, row in enumerate(picked)]
+    # only the picks' shares leave torch (a prefill's [N, E] as lists would cost more than this)
+    share = share.gather(1, torch.tensor(picked, dtype=torch.long).reshape(len(picked), -1))
+    buckets = torch.bucketize(share, torch.tensor(SHARE_EDGES, dtype=share.dtype), right=True)
+    if buckets.shape[1] > top_k:
+        buckets[:, top_k:] += NUM_SHARES
+    return buckets.tolist()
 
 
 def grade_counts(rows: Sequence[Sequence[int]], grades: Sequence[Sequence[int]]) -> dict[int, tuple[int, ...]]:

@@ -67,8 +67,8 @@ class CacheConfig(BaseModel):
                     "saving is positive (cost_model.prefetch_gain), from the forecast's "
                     "probability, the measured read and layer times, the transfer queue ahead "
                     "of it and the value of the expert it would evict. always: every forecast "
-                    "expert up to prefetch_queue that may displace its victim (the rule replay "
-                    "uses unless given costs).")
+                    "expert up to prefetch_queue that may displace its victim (replay: "
+                    "moe-rt simulate-cache --prefetch-rule always).")
     prefetch_switch: Literal["measured", "on"] = Field(
         "measured",
         description="Whether prediction stays on when it does not pay. measured: the cache "

@@ -88,6 +88,15 @@ class PrefetchCosts:
             raise MoeRtError(f"prefetch costs: victim_reuse must be in [0, 1], got {self.victim_reuse}")
 
 
+def bytes_only_costs() -> PrefetchCosts:
+    """The cost rule with no times known (replay without --read-ms/--layer-ms): an idle link
+    on which every prefetch lands in time, so a right one saves a whole read and a wasted one
+    costs a read plus its victim's reuse: prefetch_gain > 0 iff p > (1 + v) / (2 + v), i.e.
+    0.5 into a free slot and more the likelier the victim is needed. Weighs the bytes a prefetch
+    moves against the demand reads it saves, which is what a bytes-bound link pays."""
+    return PrefetchCosts(read_s=1.0, layer_s=math.inf)
+
+
 def hidden_seconds(distance: int, position: int, c: PrefetchCosts) -> float:
     """How much of one read a prefetch hides: it has `distance` layer-times until its layer
     runs, and the link first serves the `position` reads ahead of it (queued + those issued
@@ -99,27 +108,33 @@ def hidden_seconds(distance: int, position: int, c: PrefetchCosts) -> float:
 
 
 def prefetch_gain(prob: float, distance: int, position: int, victim_prob: float | None,
-                  c: PrefetchCosts) -> float:
+                  c: PrefetchCosts, victim_now: float = 0.0) -> float:
     """Expected seconds a prefetch saves (> 0: issue it).
 
-      gain = p * hidden - (1 - p) * read_s * (1 + v)
+      gain = p * hidden - (1 - p) * read_s * (1 + v) - u * (hidden + read_s)
 
     p: chance the key is used at its layer; hidden: hidden_seconds; v: the displaced key's
-    chance of being needed again (its forecast probability when forecast, c.victim_reuse when
-    not, 0 for a free slot: `victim_prob` None). When the prefetch is right, the victim would
-    have gone anyway (the demand load it replaces evicts the same one), so only a wasted
-    prefetch pays for it."""
+    chance of being needed again later (its measured reuse, c.victim_reuse when unknown, 0 for a
+    free slot: `victim_prob` None); u (`victim_now`): the displaced key's chance of being used
+    at its own forecast visit (its forecast probability; 0 when unforecast). A wasted prefetch
+    costs its read and, with chance v, reading the victim back; when the prefetch is right and
+    the victim was not needed now, the demand load it replaces would have evicted some such key
+    anyway, so only a wasted one pays for v. A victim needed now is a miss the prefetch caused:
+    a demand read on the critical path, and the stall the prefetch hid is lost with it (two
+    keys of one visit swapped: a read for nothing). On an idle link (hidden = read_s) the rule
+    is p > (1 + v) / (2 + v) for an unforecast victim and p > 1/2 + u for one forecast now."""
     v = 0.0 if victim_prob is None else victim_prob
-    return prob * hidden_seconds(distance, position, c) - (1.0 - prob) * c.read_s * (1.0 + v)
+    h = hidden_seconds(distance, position, c)
+    return prob * h - (1.0 - prob) * c.read_s * (1.0 + v) - victim_now * (h + c.read_s)
 
 
 def prefetch_threshold(distance: int, position: int, victim_prob: float | None,
-                       c: PrefetchCosts) -> float:
+                       c: PrefetchCosts, victim_now: float = 0.0) -> float:
     """The smallest probability at which prefetch_gain is positive (> 1: never)."""
     v = 0.0 if victim_prob is None else victim_prob
     waste = c.read_s * (1.0 + v)
     h = hidden_seconds(distance, position, c)
-    return waste / (h + waste) if h + waste > 0 else 1.0
+    return (waste + victim_now * (h + c.read_s)) / (h + waste) if h + waste > 0 else 1.0
 
 
 def lookahead_depth(loads_per_layer: float | None, read_s: float | None, layer_s: float | None,

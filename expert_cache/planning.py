@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from expert_cache.cost_model import PrefetchCosts, prefetch_gain
 from expert_cache.policies import (ExpertKey, PolicyInputs, Position, Prediction, belady_keep, choose_victims,
-                                   should_displace)
+                                   reuse_chance, should_displace)
 
 if TYPE_CHECKING:
     from expert_cache.state import CacheState
@@ -155,8 +155,9 @@ def plan_prefetch(state: "CacheState", candidates: Iterable[ExpertKey],
 
     With `costs`, a candidate is issued only where cost_model.prefetch_gain is positive for its
     probability (Prediction.prob), its place in the transfer queue (costs.queued + the loads
-    planned before it) and the slot it would take (free, or its victim's chance of reuse: the
-    victim's forecast probability, else costs.victim_reuse): the bandwidth-aware rule."""
+    planned before it) and the slot it would take (free, or its victim's chance of being used
+    at its own forecast visit, and of reuse later: by its age from the position's measured
+    reuse rates, else costs.victim_reuse): the bandwidth-aware rule."""
     if limit <= 0 or not predicted:
         return PrefetchPlan(())
     inputs = state.policy_inputs(predicted, position=position)
@@ -165,13 +166,18 @@ def plan_prefetch(state: "CacheState", candidates: Iterable[ExpertKey],
 
     def worth_it(load: Load) -> bool:
         p = predicted[load.key]
-        if load.victim is None:
-            victim_prob = None
-        else:
+        victim_prob, victim_now = None, 0.0
+        if load.victim is not None:
             v = predicted.get(load.victim)
-            victim_prob = costs.victim_reuse if v is None else (1.0 if v.prob is None else v.prob)
+            if v is not None:  # forecast: its chance of being needed at its own visit
+                victim_now = 1.0 if v.prob is None else v.prob
+            # later reuse: measured by its age, else the cache's measured early-reload rate
+            q = None if position is None else reuse_chance(load.victim, position,
+                                                           state.last_use.get(load.victim))
+            victim_prob = costs.victim_reuse if q is None else q
         prob = 1.0 if p.prob is None else p.prob
-        return prefetch_gain(prob, p.distance, costs.queued + len(loads), victim_prob, costs) > 0
+        return prefetch_gain(prob, p.distance, costs.queued + len(loads), victim_prob, costs,
+                             victim_now) > 0
 
     for key in candidates:
         if len(loads) >= limit:
@@ -211,12 +217,13 @@ def prefetches_to_drop(queued: Iterable[ExpertKey], layer: int, used: Iterable[E
                        predicted: Mapping[ExpertKey, Prediction] | None) -> tuple[list[ExpertKey], list[ExpertKey]]:
     """(proven wrong, withdrawn) among the queued prefetches as layer `layer` is about to run with
     `used`: one of `layer` that it does not use is proven wrong; one of another layer that the
-    forecast in force (`predicted`, made after the previous layer routed) no longer names was
-    withdrawn. Without a forecast nothing is withdrawn. Both keep queue order."""
+    forecast in force (`predicted`, made after the previous layer routed) no longer votes for
+    (absent, or only a runner-up) was withdrawn. Without a forecast nothing is withdrawn. Both keep queue order."""
     used = set(used)
     queued = list(queued)
     wrong = [k for k in queued if k[0] == layer and k not in used]
-    withdrawn = [] if predicted is None else [k for k in queued if k[0] != layer and k not in predicted]
+    withdrawn = [] if predicted is None else [
+        k for k in queued if k[0] != layer and (k not in predicted or predicted[k].score <= 0)]
     return wrong, withdrawn
 
 

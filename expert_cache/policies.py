@@ -33,6 +33,8 @@ class Prediction:
     # measured precision at this distance (forecast.with_probabilities). None: not estimated
     # (ranked as certain).
     prob: float | None = None
+    # Votes per grade (router_predict.graded: how confident each vote is); () when not graded.
+    grades: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,19 @@ def forecast_next_use(key: ExpertKey, pos: Position, predicted: Mapping[ExpertKe
         return first
     # With a measured reuse rate q (by steps since the last use): the layer's visits are L
     # apart and each uses the key with chance q, so on average (1 - q) / q visits are skipped.
-    r = (pos.now + first - last_use - 1) // L
-    q = max(pos.reuse[min(max(r, 0), len(pos.reuse) - 1)], 1e-3)
+    q = max(reuse_chance(key, pos, last_use), 1e-3)
     return first + L * (1.0 - q) / q
+
+
+def reuse_chance(key: ExpertKey, pos: Position, last_use: int | None) -> float | None:
+    """Measured chance an unforecast `key` is used at its layer's next visit, from the steps
+    since its `last_use` (Position.reuse); None when not measured or the key was never used."""
+    if not pos.reuse or pos.now is None or last_use is None:
+        return None
+    L = pos.num_layers
+    ahead = (key[0] - pos.layer) % L or L
+    r = (pos.now + ahead - last_use - 1) // L
+    return pos.reuse[min(max(r, 0), len(pos.reuse) - 1)]
 
 
 def forecast_belady_key(inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:

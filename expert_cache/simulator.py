@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from expert_cache.cost_model import PrefetchCosts
+from expert_cache.cost_model import PrefetchCosts, bytes_only_costs
 from expert_cache.forecast import ForecastAccuracy, aggregate_scores, prefetch_order, with_probabilities
 from expert_cache.link_clock import LinkClock
 from expert_cache.planning import plan_demand, plan_keep, plan_prefetch
@@ -152,8 +152,12 @@ class SimOptions:
     expert_bytes: int = 0  # for byte counters; 0 leaves them at 0
     # Link and layer times (read_s, layer_s; queued and victim_reuse are filled in as replay
     # goes): prefetch by the runtime's cost rule (prefetch_rule: cost) and model the stall time
-    # on a LinkClock. None: every forecast key may be prefetched (prefetch_rule: always), no time.
+    # on a LinkClock. None: no time is modelled; the cost rule then weighs bytes alone
+    # (cost_model.bytes_only_costs: every prefetch lands in time, a wasted one costs a read).
     costs: PrefetchCosts | None = None
+    # cost: prefetch only where cost_model.prefetch_gain is positive (the runtime's default);
+    # always: every forecast key that may displace its victim (prefetch_rule: always).
+    prefetch_rule: str = "cost"
 
 
 @dataclass
@@ -227,9 +231,14 @@ def simulate(needs: BatchNeeds, options: SimOptions,
                     predicted = with_probabilities(schedule.forecasts[s][l], accuracy)
                     position = Position(l, L, schedule.depth, s * L + l,
                                         state.reuse_probabilities())
+                costs = options.costs
+                if costs is None and options.prefetch_rule == "cost":
+                    costs = bytes_only_costs()
+                elif options.prefetch_rule == "always":
+                    costs = None
                 _visit(state, keys, s * L + l, policy, predicted,
                        options.prefetch_queue if policy == "predictive" else 0, position,
-                       options.costs, clock)
+                       costs, clock)
     result = SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
     if clock is not None:
         state.stats.stall_s = clock.stall_s
@@ -254,7 +263,8 @@ def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
         clock.begin_layer(keys[0][0] if keys else 0, keys, len(demand.loads) + len(demand.streamed),
                           predicted)
     if costs is not None:
-        demand = state.stats.misses / max(tick + 1, 1)  # per visit so far (ticks count visits)
+        # per visit so far (ticks count visits); none on an idle link (bytes-only costs)
+        demand = state.stats.misses / max(tick + 1, 1) if clock is not None else 0.0
         costs = PrefetchCosts(costs.read_s, costs.layer_s, 0 if clock is None else clock.queued(),
                               state.victim_reuse(), demand)
     candidates = prefetch_order(predicted, state.entries, len(predicted))

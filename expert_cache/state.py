@@ -77,6 +77,7 @@ class SlotEntry:
     in_flight: bool = False
     prefetched: bool = False  # brought by a prefetch (an aborted load takes its count back)
     prefetched_unused: bool = False  # brought by a prefetch and not hit yet
+    prior_use: int = -1  # the key's last use before this load (a wrong prefetch falls back to it)
 
 
 @dataclass
@@ -201,6 +202,24 @@ class CacheState:
             out.append(low)
         return tuple(out)
 
+    def _forget_wrong_prefetches(self, keys: tuple[ExpertKey, ...]) -> None:
+        """Before a visit's accesses: a resident prefetch of this layer that the visit does not
+        use was a wrong forecast. Its load counted as a use so LRU would not evict it before it
+        was read; it now was passed over, so its recency falls back to its last real use (a
+        never-used key: the least recent), and neither recency ranking nor the reuse counts
+        take it for a key just used."""
+        if not keys:
+            return
+        used = set(keys)
+        for e_id in self.layer_slots.get(keys[0][0], {}):
+            key = (keys[0][0], e_id)
+            e = self.entries[key]
+            if e.prefetched_unused and not e.in_flight and key not in used:
+                if e.prior_use < 0:
+                    self.last_use.pop(key, None)
+                else:
+                    self.last_use[key] = e.prior_use
+
     def _count_reuse(self, keys: tuple[ExpertKey, ...], now: int) -> None:
         """Before a visit's accesses: for each key its layer used before, was it used again."""
         if not keys:
@@ -236,7 +255,7 @@ class CacheState:
         pool = self.pool_of(key)
         slot = self.free_slots[pool].pop()
         self.entries[key] = SlotEntry(slot, in_flight=in_flight, prefetched=prefetch,
-                                      prefetched_unused=prefetch)
+                                      prefetched_unused=prefetch, prior_use=self.last_use.get(key, -1))
         self.pool_keys[pool].add(key)
         self.layer_slots.setdefault(key[0], {})[key[1]] = slot
         self.evicted_at.pop(key, None)  # back before it was missed: no regret to count
@@ -367,6 +386,7 @@ class CacheState:
         """Access every key of the visit, then evict and admit as planned (loads `in_flight` until
         the executor's copy completes, so a failed copy can be aborted), and count the streamed
         misses. Returns each key's access result. The visit's keys should be marked needed."""
+        self._forget_wrong_prefetches(plan.keys)
         self._count_reuse(plan.keys, now)
         results = {key: self.access(key, now) for key in plan.keys}
         for load in plan.loads:

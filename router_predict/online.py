@@ -42,6 +42,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.events import Forecast, RouterEvent, RoutingHub
 from router_predict.base import LayerObservation, Predictor
 from router_predict.evaluate import ranked_rows
+from router_predict.graded import GradedForecast, grade_counts, vote_grades
 from router_predict.layer_output import hook_layer_outputs
 
 _FRESH = ("fresh",)  # no forward seen yet: the next event starts one
@@ -248,7 +249,11 @@ class OnlinePredictor:
             scores = self.predictor.predict(obs, self.depth).float().cpu()  # [d, T, E]
         d_max, t, e = scores.shape
         # One ranking for all distances; ties go to the lower expert id, as in offline replay.
-        picked = ranked_rows(scores.reshape(d_max * t, e), self.predictor.top_k)  # d_max*T rows of k ids
+        flat = scores.reshape(d_max * t, e)
+        k = self.predictor.top_k
+        ranked = ranked_rows(flat, 2 * k)  # d_max*T rows: k votes, then k runner-ups
+        picked = [row[:k] for row in ranked]
+        grades = vote_grades(flat, ranked, k)  # how confident each pick is (router_predict/graded.py)
         for d in range(1, d_max + 1):
             target = l + d
             rows = picked[(d - 1) * t: d * t]
@@ -258,7 +263,7 @@ class OnlinePredictor:
                     votes[x] += 1.0
             self._pending[(target, d)] = rows
             self._latest[target] = agg = torch.tensor(votes)  # [E]
-            self._ready.append(Forecast(target, agg, d))
+            self._ready.append(GradedForecast(target, agg, d, grade_counts(ranked[(d - 1) * t: d * t], grades[(d - 1) * t: d * t])))
 
     def _new_forward(self, event: RouterEvent, batch, forward: tuple | None) -> None:
         self._forward = forward

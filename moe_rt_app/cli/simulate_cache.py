@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefetch by the runtime's cost rule and report modelled stall time")
     parser.add_argument("--layer-ms", type=float, default=None,
                         help="milliseconds of compute per MoE layer (with --read-ms)")
+    parser.add_argument("--prefetch-rule", choices=("cost", "always"), default="cost",
+                        help="cost (default, as the runtime): prefetch a forecast expert only where "
+                             "its calibrated probability pays for the read and the expert it evicts "
+                             "(with --read-ms/--layer-ms also for when it lands); always: every "
+                             "forecast expert that may displace its victim")
     parser.add_argument("--schedule", choices=("fcfs", "expert_aware"), default=None,
                         help="first regroup the trace's rows into the steps this scheduling policy takes "
                              "(docs/scheduling.md); default: replay the trace's own steps")
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     slots = pool_slots(args.capacity, args.scope, L)
     costs = _costs(args)
-    results = {p: simulate(needs, SimOptions(p, slots, args.scope, args.prefetch_queue, costs=costs),
+    results = {p: simulate(needs, SimOptions(p, slots, args.scope, args.prefetch_queue, costs=costs,
+                                                    prefetch_rule=args.prefetch_rule),
                            schedule if p == "predictive" else None)
                for p in [*policies, "belady"]}
     bound = results["belady"].hit_rate

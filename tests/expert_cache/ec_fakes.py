@@ -54,8 +54,14 @@ class Source:
     def __init__(self, cache: ExpertCache, num_experts: int):
         self.cache, self.num_experts = cache, num_experts
 
-    def send(self, target, scores, d=1):
-        self.cache.prefetch([Forecast(target, scores, d)])
+    def send(self, target, scores, d=1, grades=None):
+        """grades (expert -> picks per grade): a GradedForecast, as the online forecaster makes."""
+        if grades:
+            from router_predict.graded import GradedForecast
+
+            self.cache.prefetch([GradedForecast(target, scores, d, grades)])
+        else:
+            self.cache.prefetch([Forecast(target, scores, d)])
 
     def forecast(self, target, experts, d=1):
         scores = torch.zeros(self.num_experts)

@@ -54,10 +54,13 @@ def feed(src: ec_fakes.Source, forecast: dict, layer: int, depth: int) -> None:
     vector per target layer, distance 1 first (it opens the round)."""
     for d in range(1, depth + 1):
         scores = torch.zeros(E)
+        grades = {}
         for (m, e), p in forecast.items():
             if m == layer + d:
                 scores[e] = p.score
-        src.send(layer + d, scores, d)
+                if p.grades:
+                    grades[e] = p.grades
+        src.send(layer + d, scores, d, grades)
 
 
 def run_cache(trace, policy, slots, scope, schedule, queue, pinned):
@@ -99,8 +102,9 @@ def test_replay_and_runtime_take_the_same_decisions(journal, seed, policy, cap, 
     schedule = oracle_schedule(trace, depth) if depth is not None else None
     slots = pool_slots(cap, scope, L)
     expert_bytes = ec_fakes.fake_spec(L, E).bytes_per_expert(4)  # float32
-    sim = simulate(BatchNeeds.from_trace(trace),
-                   SimOptions(policy, slots, scope, queue, pinned, expert_bytes), schedule)
+    sim = simulate(BatchNeeds.from_trace(trace),  # make_cache's rule: every forecast key
+                   SimOptions(policy, slots, scope, queue, pinned, expert_bytes, prefetch_rule="always"),
+                   schedule)
     cache, tier = run_cache(trace, policy, slots, scope, schedule, queue, pinned)
     (_, replay_log), (cache_state, cache_log) = journal  # replay ran first
     assert cache_state is cache.state
@@ -129,13 +133,20 @@ class Fixed:
         pass
 
 
-def noisy_schedule(trace, depth, seed):
+def noisy_schedule(trace, depth, seed, graded=False):
     """The oracle's forecasts plus wrong ones, so the measured precision falls below 1 and the
-    cost rule turns some prefetches down."""
+    cost rule turns some prefetches down. `graded`: right votes graded 6, wrong ones 1, plus a
+    runner-up (no vote) per layer, as router_predict.graded grades a predictor's forecasts."""
     import random
 
     from expert_cache.policies import Prediction
     from expert_cache.simulator import ForecastSchedule
+    from router_predict.graded import NUM_GRADES
+
+    def grade(g, n=1):
+        out = [0] * NUM_GRADES
+        out[g] = n
+        return tuple(out)
 
     rng = random.Random(seed)
     exact = oracle_schedule(trace, depth)
@@ -143,22 +154,26 @@ def noisy_schedule(trace, depth, seed):
     for step in exact.forecasts:
         per_layer = []
         for f in step:
-            f = dict(f)
+            f = {k: Prediction(p.distance, p.score, grades=grade(6, int(p.score))) if graded else p
+                 for k, p in f.items()}
             for (m, _), p in list(f.items()):
                 for _ in range(2):  # about two wrong votes per right one: precision near 1/3
-                    f.setdefault((m, rng.randrange(E)), p)
+                    f.setdefault((m, rng.randrange(E)),
+                                 Prediction(p.distance, 1.0, grades=grade(1)) if graded else p)
+                if graded:
+                    f.setdefault((m, rng.randrange(E)), Prediction(p.distance, 0.0, grades=grade(10)))
             per_layer.append(f)
         rounds.append(tuple(per_layer))
     return ForecastSchedule(depth, tuple(rounds))
 
 
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed, graded", [(0, False), (1, False), (0, True), (1, True)])
 @pytest.mark.parametrize("cap, scope, depth", [(2, "per_layer", 1), (3, "per_layer", 2), (2, "global", 2)])
-def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, seed, cap, scope, depth):
+def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, seed, graded, cap, scope, depth):
     from expert_cache.cost_model import PrefetchCosts
 
     trace = random_trace(seed, n=120, num_layers=L, num_experts=E)
-    schedule = noisy_schedule(trace, depth, seed)
+    schedule = noisy_schedule(trace, depth, seed, graded)
     slots = pool_slots(cap, scope, L)
     read_s, layer_s = 0.001, 0.01  # every prefetch lands before the next layer: queue empty
     sim = simulate(BatchNeeds.from_trace(trace),
@@ -180,7 +195,8 @@ def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, se
     assert cache_log == replay_log
     assert stats["prefetches_issued"] == sim.stats.prefetches_issued > 0
     # The rule turned forecasts down that prefetching everything would have issued.
-    always = simulate(BatchNeeds.from_trace(trace), SimOptions("predictive", slots, scope, 8), schedule)
+    always = simulate(BatchNeeds.from_trace(trace),
+                      SimOptions("predictive", slots, scope, 8, prefetch_rule="always"), schedule)
     assert always.stats.prefetches_issued >= sim.stats.prefetches_issued
     if scope == "global":  # (small per-layer pools are full of forecast keys either way)
         assert always.stats.prefetches_issued > sim.stats.prefetches_issued

@@ -138,10 +138,24 @@ def test_oracle_predictive_reaches_belady(seed):
         assert oracle >= bound - 0.02, (cap, oracle, bound)
 
 
-def test_aggregate_scores_counts_top_k_votes():
+def _grades(**picks):
+    """A grade tuple from g<index>=count (router_predict.graded: 0-7 votes, 8-15 runner-ups)."""
+    out = [0] * 16
+    for name, n in picks.items():
+        out[int(name[1:])] = n
+    return tuple(out)
+
+
+def test_aggregate_scores_counts_top_k_votes_and_grades_them():
     scores = torch.tensor([[[0.9, 0.1, 0.5, 0.0], [0.2, 0.8, 0.7, 0.1]]])  # [d=1, T=2, E=4]
+    # softmax shares x E (1: a uniform router's): token 0 1.58 .71 1.06 .64 (votes 0, 2), token 1
+    # .74 1.36 1.23 .67 (votes 1, 2); a vote's grade is its bucket (>= .8: 1), a runner-up's
+    # (ranks 2-3) 8 + its bucket (< .8: 0)
     assert aggregate_scores(scores, top_k=2, first_layer=3) == {
-        (3, 0): Prediction(1, 1.0), (3, 1): Prediction(1, 1.0), (3, 2): Prediction(1, 2.0)}
+        (3, 0): Prediction(1, 1.0, grades=_grades(g1=1, g8=1)),
+        (3, 1): Prediction(1, 1.0, grades=_grades(g1=1, g8=1)),
+        (3, 2): Prediction(1, 2.0, grades=_grades(g1=2)),
+        (3, 3): Prediction(1, 0.0, grades=_grades(g8=2))}
 
 
 class OraclePredictor(Predictor):
@@ -165,7 +179,11 @@ def test_predictor_schedule_matches_the_built_in_oracle():
     tr = random_trace(5, n=12, num_experts=8)
     for depth in (1, 2):
         got = predict_schedule(tr, OraclePredictor(tr), depth, progress=False)
-        assert got.forecasts == oracle_schedule(tr, depth).forecasts
+        # the same votes; the predictor's forecasts also grade them and name runner-ups
+        votes = tuple(tuple({k: Prediction(p.distance, p.score) for k, p in f.items() if p.score > 0}
+                            for f in step) for step in got.forecasts)
+        assert votes == oracle_schedule(tr, depth).forecasts
+        assert all(sum(p.grades[:8]) == p.score for step in got.forecasts for f in step for p in f.values())
 
 
 def test_predictor_problems_are_user_errors():

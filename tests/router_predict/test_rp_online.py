@@ -212,3 +212,28 @@ def test_gate_lookahead_exact_when_routers_identical_and_residual_zero(tmp_path)
     assert replay(trace, plain, 1, progress=False).by_distance[1]["recall"] < 1.0
     assert {(c[0], c[1]) for c in calls} == {(1, 1), (2, 2), (2, 1)}
     assert online.latest(2).sum() == 2 * int((trace.steps == trace.steps.max()).sum())
+
+
+def test_forecasts_carry_the_grades_replay_gives_them():
+    from expert_cache.forecast import aggregate_scores, predictions
+    from router_predict.graded import GradedForecast
+
+    hub = RoutingHub()
+    pred = Fixed(3, 4, 2)
+    online = OnlinePredictor(hub, pred, depth=2)
+    online.start(forecaster=True)
+    try:
+        ev = event(0, [[0, 1], [2, 3]])
+        hub.observe(ev)
+        forecasts = hub.forecast(ev)
+    finally:
+        online.stop()
+    assert all(isinstance(f, GradedForecast) for f in forecasts)
+    # shares x E of scores 4 3 2 1: 2.58 (grade 2), .95 (1); runner-ups .35, .13 (8); two tokens
+    assert forecasts[0].grades == {0: (0, 0, 2) + (0,) * 13, 1: (0, 2) + (0,) * 14,
+                                   2: (0,) * 8 + (2,) + (0,) * 7, 3: (0,) * 8 + (2,) + (0,) * 7}
+    got = {}
+    for f in forecasts:
+        got.update(predictions(f))
+    scores = pred.predict(LayerObservation(0, torch.tensor([[0, 1], [2, 3]]), None, None, None, None), 2)
+    assert got == aggregate_scores(scores, 2, 1)

@@ -129,7 +129,8 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
                 y[:, col : col + len(rows)] = ((F.silu(h[:, :I]) * h[:, I:]) @ w2[s].t()).t()
             else:
                 h = w13[s] @ xs[cols].t()
-                torch.mm(w2[s], F.silu(h[:I]) * h[I:], out=y[:, col : col + len(cols)])
+                z = (F.silu(h[:I]) * h[I:]).t().contiguous()  # rows, read by w2 transposed
+                torch.mm(w2[s], z.t(), out=y[:, col : col + len(cols)])
             out.index_add_(0, rows, y[:, col : col + len(rows)].t() * w[rows, ks][:, None])
             col += len(rows)
         return out

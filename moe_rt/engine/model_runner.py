@@ -58,11 +58,15 @@ class ModelRunner:
         seq_rows.extend(s.seq_id for s in decode)
         T, B, width = len(ids), len(decode), rows.width
         buf = self._t(ids + pos + slots + rows.lens + rows.flat_tables(B, width))
-        meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=buf[2 * T : 3 * T], block_size=self.block_size)
+
+        def part(start: int, *shape: int) -> torch.Tensor:  # one as_strided op (a slice takes two)
+            return buf.as_strided(shape, (shape[-1], 1)[-len(shape):], start)
+
+        meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=part(2 * T, T), block_size=self.block_size)
         if decode:
-            meta.context_lens = buf[3 * T : 3 * T + B]
-            meta.block_tables = buf[3 * T + B :].view(B, width)
-        return buf[:T], buf[T : 2 * T], meta, seq_rows
+            meta.context_lens = part(3 * T, B)
+            meta.block_tables = part(3 * T + B, B, width)
+        return part(0, T), part(T, T), meta, seq_rows
 
     def _t(self, x) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.int64, device=self.device)

@@ -51,9 +51,10 @@ def test_decode_attention_matches_sdpa_over_the_gathered_keys(heads, kv_heads, c
     kv.v.normal_(generator=gen)
     meta = _metadata(ctx, width, gen)
     q = torch.randn(len(ctx), heads, hd, generator=gen)
-    got = attn._decode(q, kv, meta)
-    assert got.shape == (len(ctx), heads * hd)
-    torch.testing.assert_close(got, _reference(q, kv, meta, window), rtol=1e-5, atol=1e-6)
+    ref = _reference(q, kv, meta, window)
+    for got in (attn._decode(q, kv, meta), attn._decode_one(q, kv, meta)):  # the engine's path, the batched matmuls
+        assert got.shape == (len(ctx), heads * hd)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the gather index is laid out contiguously: the keys it gathers are, and decode reads them so
     rows = meta.key_rows(kv_heads)
     assert rows.is_contiguous()

@@ -1,3 +1,6 @@
+"""aten ops of one decode engine step per region (attention, MLP / MoE block, the rest of the layer,
+outside the layers), per layer, with the most frequent ops: the counts `bench decode --profile`
+makes, broken down by op name. Usage: opcount_regions.py CHECKPOINT_DIR BATCH (fp32, two threads)."""
 import sys, torch
 from collections import Counter
 from moe_rt_app.llm import LLM

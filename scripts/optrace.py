@@ -1,4 +1,7 @@
-"""Print the aten event tree of one decode step's first layer (attention, mlp, glue) and the outside part."""
+"""The aten event tree, in call order, of one region of one decode engine step: a layer's attention,
+MLP / MoE block or glue, or what runs outside the layers. Usage: optrace.py CHECKPOINT_DIR BATCH
+[attention|mlp|layer|outside] [LAYER] (fp32, one thread; LAYER counts from 0, default 0: the layer
+that also builds the step's shared decode metadata)."""
 import sys, torch
 from moe_rt_app.llm import LLM
 from moe_rt_app.bench import profile as P

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from moe_rt.layers.attention import AttentionMetadata, LayerKV
@@ -27,6 +28,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self._on_cpu = torch.device(device).type == "cpu"
         slots = num_blocks * block_size
         # With graphs, one slot past the last block: the padding rows of a captured step write there.
         extra = 1 if graphs is not None else 0
@@ -69,7 +71,9 @@ class ModelRunner:
         return part(0, T), part(T, T), meta, seq_rows
 
     def _t(self, x) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=self.device)
+        # through numpy: one dispatched op where torch.tensor(list) takes four
+        t = torch.from_numpy(np.array(x, dtype=np.int64))
+        return t if self._on_cpu else t.to(self.device)
 
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:

@@ -61,8 +61,10 @@ class ModelRunner:
         T, B, width = len(ids), len(decode), rows.width
         buf = self._t(ids + pos + slots + rows.lens + rows.flat_tables(B, width))
 
-        def part(start: int, *shape: int) -> torch.Tensor:  # one as_strided op (a slice takes two)
-            return buf.as_strided(shape, (shape[-1], 1)[-len(shape):], start)
+        def part(start: int, *shape: int) -> torch.Tensor:
+            """buf's rows from `start` as a contiguous [n] or [n, m] view: one as_strided op where a
+            slice takes two (and a slice plus a view three)."""
+            return buf.as_strided(shape, (1,) if len(shape) == 1 else (shape[1], 1), start)
 
         meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=part(2 * T, T), block_size=self.block_size)
         if decode:

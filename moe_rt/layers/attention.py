@@ -9,9 +9,8 @@ Shape legend: T tokens, B sequences, H query heads, KV key/value heads, hd head 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +82,8 @@ class AttentionMetadata:
             within = torch.arange(bs * kv_heads, device=t.device).as_strided((kv_heads, 1, bs), (1, 0, kv_heads))
             blocks = t.as_strided((B, 1, nb, 1), (t.stride(0), 0, t.stride(1), 0), t.storage_offset())
             rows = torch.empty((B, kv_heads, nb, bs), dtype=t.dtype, device=t.device)
-            rows = self._shared[key] = torch.add(within, blocks, alpha=bs * kv_heads, out=rows).view(B * kv_heads, nb * bs)
+            torch.add(within, blocks, alpha=bs * kv_heads, out=rows)
+            rows = self._shared[key] = rows.view(B * kv_heads, nb * bs)
         return rows
 
 

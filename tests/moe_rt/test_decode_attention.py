@@ -40,7 +40,8 @@ def _reference(q, kv: LayerKV, meta: AttentionMetadata, window):
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(6, 2), (4, 4), (4, 1)])
-@pytest.mark.parametrize("ctx, window, width", [([3], None, 1), ([7], None, 4), ([1, 9, 5], None, 4), ([3, 12, 8], 5, 4)])
+@pytest.mark.parametrize("ctx, window, width",
+                         [([3], None, 1), ([7], None, 4), ([1, 9, 5], None, 4), ([3, 12, 8], 5, 4)])
 def test_decode_attention_matches_sdpa_over_the_gathered_keys(heads, kv_heads, ctx, window, width):
     gen = torch.Generator().manual_seed(len(ctx) * 10 + heads + kv_heads)
     hd = 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from moe_rt.layers.attention import AttentionMetadata, LayerKV
@@ -27,6 +28,7 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self._on_cpu = torch.device(device).type == "cpu"
         slots = num_blocks * block_size
         # With graphs, one slot past the last block: the padding rows of a captured step write there.
         extra = 1 if graphs is not None else 0
@@ -58,14 +60,22 @@ class ModelRunner:
         seq_rows.extend(s.seq_id for s in decode)
         T, B, width = len(ids), len(decode), rows.width
         buf = self._t(ids + pos + slots + rows.lens + rows.flat_tables(B, width))
-        meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=buf[2 * T : 3 * T], block_size=self.block_size)
+
+        def part(start: int, *shape: int) -> torch.Tensor:
+            """buf's rows from `start` as a contiguous [n] or [n, m] view: one as_strided op where a
+            slice takes two (and a slice plus a view three)."""
+            return buf.as_strided(shape, (1,) if len(shape) == 1 else (shape[1], 1), start)
+
+        meta = AttentionMetadata([len(s) for s in prefill], slot_mapping=part(2 * T, T), block_size=self.block_size)
         if decode:
-            meta.context_lens = buf[3 * T : 3 * T + B]
-            meta.block_tables = buf[3 * T + B :].view(B, width)
-        return buf[:T], buf[T : 2 * T], meta, seq_rows
+            meta.context_lens = part(3 * T, B)
+            meta.block_tables = part(3 * T + B, B, width)
+        return part(0, T), part(T, T), meta, seq_rows
 
     def _t(self, x) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int64, device=self.device)
+        # through numpy: one dispatched op where torch.tensor(list) takes four
+        t = torch.from_numpy(np.array(x, dtype=np.int64))
+        return t if self._on_cpu else t.to(self.device)
 
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:

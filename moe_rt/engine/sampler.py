@@ -140,7 +140,7 @@ def _guided(seq: Sequence, x: torch.Tensor, probs: torch.Tensor | None, default_
 def sample(logits: torch.Tensor, seqs: list[Sequence], default_gen: torch.Generator,
            eos_ids: set[int] = frozenset()) -> list[int | Exception]:
     """logits [B, V] -> one token per sequence, or the exception raised while choosing it."""
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float32 else logits.float()  # .float() dispatches even when float
     try:
         return _sample(logits, seqs, default_gen, eos_ids)
     except Exception as e:

@@ -12,7 +12,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, yarn: YarnSpec | None = None) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.theta, self.yarn = head_dim, max_positions, theta, yarn
-        # [P, 3 * hd]: cos | sin | rot_sin per position, so one index per forward looks all three up
+        # [P, 4 * hd]: cos | sin | turn per position, so one index per forward looks them all up
         self.register_buffer("table", torch.empty(0), persistent=False)
         self.reset(torch.device("cpu") if self.table.is_meta else self.table.device)
 
@@ -30,26 +30,37 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, hd]
         cos, sin = emb.cos() * scale, emb.sin() * scale
         half = hd // 2
-        # rot_sin = [-sin | sin] by halves: rotate_half(x) * sin == halves_swapped(x) * rot_sin exactly
-        self.table = torch.cat((cos, sin, -sin[:, :half], sin[:, half:]), dim=-1)
+        # turn = [[cos, -sin], [sin, cos]] by halves ([2, 2, hd / 2] per position): output half i is
+        # sum_j x_half_j * turn[i, j], the rotate-half rule x * cos + rotate_half(x) * sin (rotate)
+        cs, sn = cos[:, :half], sin[:, :half]
+        self.table = torch.cat((cos, sin, cs, -sn, sin[:, half:], cos[:, half:]), dim=-1)
 
     @property
     def cos(self) -> torch.Tensor:
         return self.table[:, : self.head_dim]
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(cos, sin, rot_sin) [T, 1, hd] of `positions`, cast to the compute dtype; done once per forward."""
-        hd = self.head_dim
-        t = self.table[positions].to(dtype)[:, None, :]
-        return t[..., :hd], t[..., hd : 2 * hd], t[..., 2 * hd :]
+        """(cos [T, 1, hd], sin [T, 1, hd], turn [T, 1, 2, 2, hd / 2]) of `positions`, cast to the
+        compute dtype; done once per forward. Each part is one as_strided view of the looked-up rows
+        (one dispatched op each, where slicing and unsqueezing take two or more)."""
+        hd, half = self.head_dim, self.head_dim // 2
+        t = self.table[positions]
+        t = t if t.dtype == dtype else t.to(dtype)  # .to dispatches an op even when it has nothing to do
+        T, w = t.shape
+        return (t.as_strided((T, 1, hd), (w, hd, 1)), t.as_strided((T, 1, hd), (w, hd, 1), hd),
+                t.as_strided((T, 1, 2, 2, half), (w, 2 * hd, hd, half, 1), 2 * hd))
 
     @staticmethod
-    def rotate(cs: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        """x [T, N, hd] turned by the rotate-half rule, x * cos + rotate_half(x) * sin, written with
-        the halves swapped by one flip and the sign folded into rot_sin (same products, same sums)."""
+    def rotate(cs: tuple[torch.Tensor, ...], x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+        """The first `heads` (default: all) heads of x [T, N, hd] (any strides, unit last stride)
+        turned by the rotate-half rule, x * cos + rotate_half(x) * sin -> [T, heads, hd] contiguous.
+        Written as a 2 x 2 contraction over the halves: one multiply by turn and a sum over two
+        terms, the same two products and the same sum per element as the rule (bit for bit), in
+        6 dispatched ops where flipping the halves took 9 and slicing the heads 2 more."""
         T, N, hd = x.shape
-        swapped = x.view(T, N, 2, hd // 2).flip(2).view(T, N, hd)
-        return x * cs[0] + swapped * cs[2]
+        n, half = N if heads is None else heads, hd // 2
+        halves = x.as_strided((T, n, 1, 2, half), (x.stride(0), x.stride(1), 0, half, 1), x.storage_offset())
+        return (halves * cs[2]).sum(3).view(T, n, hd)
 
     @classmethod
     def apply(cls, cs: tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor):

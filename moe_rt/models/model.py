@@ -70,7 +70,7 @@ class MoEForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[LayerKV] | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens.weight[input_ids]  # the embedding's rows: one index op where F.embedding takes six
         meta.rope = self.rope.lookup(positions, x.dtype)
         if self.glue is not None:
             return self._forward_glued(x, positions, meta, kv_caches)

@@ -9,6 +9,7 @@ CASES = {
     "mixtral-top2": ("mixtral", {}, None),
     "mixtral-top1-tied": ("mixtral", {"num_experts_per_tok": 1, "tie_word_embeddings": True}, None),
     "mixtral-top4-mqa-sharded": ("mixtral", {"num_experts_per_tok": 4, "num_key_value_heads": 1}, "60KB"),
+    "mixtral-sliding-window": ("mixtral", {"sliding_window": 5}, None),
     "qwen2_moe-shared": ("qwen2_moe", {}, None),
     "qwen2_moe-norm-top3-sparse-step": (
         "qwen2_moe", {"norm_topk_prob": True, "num_experts_per_tok": 3, "decoder_sparse_step": 2}, "60KB"),

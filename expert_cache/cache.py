@@ -152,6 +152,8 @@ class ExpertCache(ExpertStore):
         ids = ids_on_host(topk_ids)  # the one host read of the layer (device_io.py)
         self.host.saw(topk_ids, ids)
         keys = [(l, e) for e in used_experts(ids)]
+        # the shadow LRU sees every visit (prediction on or off) before its prefetches are planned
+        lru = 0 if pred.budget is None else pred.budget.visit(keys)
         t_host = time.perf_counter()
         if predicting:
             pred.prefetcher.observe(l, keys)  # scores the forecasts made for l (calibration)
@@ -196,7 +198,7 @@ class ExpertCache(ExpertStore):
         if sw is not None:
             sw.add(inside_s=host_s + time.perf_counter() - t_pre, forecaster_s=pred.spent(),
                    stall_s=stall, loads=len(plan.loads) + len(plan.streamed) + issued)
-            sw.visit(keys)
+            sw.visit(lru)
         if out is None:
             out = self.fast.resident_experts(l)
         if host:
@@ -250,8 +252,10 @@ class ExpertCache(ExpertStore):
             self.queued_reads.add(queued)
             # demand reads per visit as replay counts them (ticks count visits)
             costs = p.costs(queued, st.victim_reuse(), st.stats.misses / max(now, 1))
-        plan = plan_prefetch(st, candidates, predicted, min(p.limit, self.transfer.room()),
-                             position, costs)
+        limit = min(p.limit, self.transfer.room())
+        if self.prediction.budget is not None:  # loads_budget.py: reads beyond it are refused
+            limit = self.prediction.budget.limit(st.stats.loads, limit)
+        plan = plan_prefetch(st, candidates, predicted, limit, position, costs)
         self.prefetches_declined += max(0, min(len(candidates), p.limit) - len(plan.loads))
         # Invariant: each key is in flight in CacheState from here until its ticket is finished,
         # so no one evicts it or hands its slot to another key while the worker writes into it.
@@ -340,6 +344,7 @@ class ExpertCache(ExpertStore):
             "transfer_s_avg": None if p is None else p.transfer_s.value,
             "layer_s_avg": None if p is None else p.layer_s.value,
             **({} if self.switch is None else self.switch.stats()),
+            **({} if self.prediction.budget is None else self.prediction.budget.stats()),
             "per_layer": {l: asdict(c) for l, c in enumerate(self.layers)},
         }
         source = self.forecaster

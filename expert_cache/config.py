@@ -78,6 +78,14 @@ class CacheConfig(BaseModel):
                     "while the saving is below the cost or the loads exceed 1.1x LRU's, probing "
                     "again with a growing backoff (expert_cache/prefetch_switch.py). on: always "
                     "predict and prefetch.")
+    prefetch_loads_budget: float | None = Field(
+        1.1, ge=0,
+        description="Most loads (demand misses plus prefetches) as a multiple of what a plain "
+                    "LRU cache of the same size would load on the same accesses (a shadow LRU "
+                    "counts them): a prefetch is issued only while loads + 1 <= budget x LRU's "
+                    "loads (at the start, up to LRU's loads plus one prefetch_queue); demand "
+                    "loads are never refused. Replay applies the same budget "
+                    "(expert_cache/loads_budget.py). null or 0: no budget.")
     pack_dir: str | None = Field(
         None,
         description="offload disk: read experts from this expert pack (written by moe-rt "

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from expert_cache.config import CacheConfig
+from expert_cache.loads_budget import LoadsBudget
 from expert_cache.policies import Position
 from expert_cache.prefetch_switch import PrefetchSwitch, ShadowLRU
 from expert_cache.prefetcher import Prefetcher
@@ -28,6 +29,9 @@ class Prediction:
         self.source = None  # what feeds the prefetcher (OnlinePredictor), stopped on close
         # prefetch_switch measured: prediction on only while it pays (prefetch_switch.py)
         self.switch: PrefetchSwitch | None = None
+        # the shadow LRU's loads on the same accesses: the prefetch loads budget and the switch's
+        # comparison (None when neither is on)
+        self.budget: LoadsBudget | None = None
         self._spent_seen = 0.0  # the source's host seconds already handed to the switch
         self._feed_s = 0.0  # host seconds in feed() (forecasts fed) since the last spent()
 
@@ -38,9 +42,11 @@ class Prediction:
             raise MoeRtError("the expert cache already has a prefetcher")
         self.prefetcher = Prefetcher(self.num_layers, depth, max_depth, cfg.prefetch_queue)
         self.source = owner
+        if cfg.prefetch_loads_budget or cfg.prefetch_switch == "measured":
+            self.budget = LoadsBudget(ShadowLRU.of(state), cfg.prefetch_loads_budget, cfg.prefetch_queue)
         if cfg.prefetch_switch == "measured":
             # a window of 8 steps at batch 1: enough visits that one slow read does not decide
-            self.switch = PrefetchSwitch(ShadowLRU.of(state), 8 * self.num_layers)
+            self.switch = PrefetchSwitch(8 * self.num_layers)
             if not self.switch.on and owner is not None and hasattr(owner, "pause"):
                 owner.pause()  # the first window measures the baseline, prediction off
         return self.prefetcher

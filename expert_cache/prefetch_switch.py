@@ -132,13 +132,15 @@ class ShadowLRU:
 
 
 class PrefetchSwitch:
-    """The cache's side of the switch: sums one window of measurements, runs the shadow LRU on
-    every visit (so it is warm when a probe starts), keeps the off baseline of the time between
-    prepares per batch size, and at a step boundary once `window_visits` visits have passed
-    applies next_switch. The cache pauses and resumes the predictor on `on` changes."""
+    """The cache's side of the switch: sums one window of measurements, counts the shadow LRU's
+    loads on every visit (the shadow runs on every visit, so it is warm when a probe starts),
+    keeps the off baseline of the time between prepares per batch size, and at a step boundary
+    once `window_visits` visits have passed applies next_switch. The cache pauses and resumes the predictor on `on` changes. The shadow
+    LRU is fed by the cache's loads budget (loads_budget.LoadsBudget, one shadow for both), which
+    hands each visit's LRU loads to `visit`."""
 
-    def __init__(self, shadow: ShadowLRU, window_visits: int) -> None:
-        self.shadow, self.window_visits = shadow, max(1, window_visits)
+    def __init__(self, window_visits: int) -> None:
+        self.window_visits = max(1, window_visits)
         self.state = SwitchState()
         self.read_s: float | None = None  # moving average, demand reads with no prefetch in flight
         self._busy_read_s: float | None = None  # the same over every demand read (until a quiet one)
@@ -155,8 +157,8 @@ class PrefetchSwitch:
     def on(self) -> bool:
         return self.state.on
 
-    def visit(self, keys) -> None:
-        lru = self.shadow.visit(keys)
+    def visit(self, lru: int) -> None:
+        """One layer visit, on which a plain LRU cache made `lru` loads."""
         self.visits += 1
         self._visits += 1
         if self.state.on:

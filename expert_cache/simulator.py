@@ -35,7 +35,9 @@ from tqdm import tqdm
 from expert_cache.cost_model import PrefetchCosts, bytes_only_costs
 from expert_cache.forecast import ForecastAccuracy, aggregate_scores, prefetch_order, with_probabilities
 from expert_cache.link_clock import LinkClock
+from expert_cache.loads_budget import LoadsBudget
 from expert_cache.planning import plan_demand, plan_keep, plan_prefetch
+from expert_cache.prefetch_switch import ShadowLRU
 from expert_cache.policies import NEVER, ExpertKey, Position, Prediction
 from expert_cache.state import CacheState, CacheStats, Scope
 from moe_rt.errors import MoeRtError
@@ -158,6 +160,9 @@ class SimOptions:
     # cost: prefetch only where cost_model.prefetch_gain is positive (the runtime's default);
     # always: every forecast key that may displace its victim (prefetch_rule: always).
     prefetch_rule: str = "cost"
+    # predictive: most loads as a multiple of a shadow LRU's on the same accesses; a prefetch
+    # beyond it is refused (loads_budget.py, the runtime's prefetch_loads_budget). None/0: none.
+    prefetch_loads_budget: float | None = 1.1
 
 
 @dataclass
@@ -167,6 +172,7 @@ class SimulationResult:
     stats: CacheStats = field(default_factory=CacheStats)
     modelled_s: float | None = None  # LinkClock time of the whole replay (with options.costs)
     modelled_reads: int | None = None  # reads that moved bytes on the clock (cancels excluded)
+    budget: dict | None = None  # LoadsBudget.stats() (predictive with a loads budget)
 
     @property
     def hit_rate(self) -> float:
@@ -177,7 +183,8 @@ class SimulationResult:
         return {"policy": o.policy, "scope": o.scope, "capacity_slots": o.capacity_slots,
                 "depth": self.depth, **self.stats.as_dict(),
                 **({} if self.modelled_s is None else {"modelled_s": self.modelled_s,
-                                                       "modelled_reads": self.modelled_reads})}
+                                                       "modelled_reads": self.modelled_reads}),
+                **(self.budget or {})}
 
 
 def _next_use_table(needs: BatchNeeds) -> dict[ExpertKey, list[int]]:
@@ -213,12 +220,15 @@ def simulate(needs: BatchNeeds, options: SimOptions,
                              f"{options.capacity_slots} in its pool")
         state.pin(key, now=-1)
     L = needs.num_layers
-    clock = None
+    clock = budget = None
     if policy == "belady":
         _replay_belady(needs, state)
     else:
         accuracy = ForecastAccuracy()
         clock = None if options.costs is None else LinkClock(options.costs.read_s, options.costs.layer_s)
+        if policy == "predictive" and options.prefetch_loads_budget:
+            budget = LoadsBudget(ShadowLRU.of(state), options.prefetch_loads_budget,
+                                 options.prefetch_queue)
         for s, step in enumerate(needs.needs):
             for l, experts in enumerate(step):
                 keys = [(l, e) for e in experts]
@@ -238,8 +248,10 @@ def simulate(needs: BatchNeeds, options: SimOptions,
                     costs = None
                 _visit(state, keys, s * L + l, policy, predicted,
                        options.prefetch_queue if policy == "predictive" else 0, position,
-                       costs, clock)
+                       costs, clock, budget)
     result = SimulationResult(options, schedule.depth if policy == "predictive" else None, state.stats)
+    if budget is not None:
+        result.budget = budget.stats()
     if clock is not None:
         state.stats.stall_s = clock.stall_s
         result.modelled_s = clock.now
@@ -250,11 +262,14 @@ def simulate(needs: BatchNeeds, options: SimOptions,
 def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
            predicted: dict[ExpertKey, Prediction], prefetch_queue: int,
            position: Position | None = None, costs: PrefetchCosts | None = None,
-           clock: LinkClock | None = None) -> None:
+           clock: LinkClock | None = None, budget: LoadsBudget | None = None) -> None:
     """One layer visit under a demand policy, in the engine's order (cache.ExpertCache.prepare):
     the layer's keys become needed, its demand plan is applied, then the forecast's prefetches
     (issued while the layer computes, so its keys stay protected). With `costs` the prefetches
-    follow the cost rule, with the queue and victim reuse as `clock` and the state see them."""
+    follow the cost rule, with the queue and victim reuse as `clock` and the state see them; with
+    `budget` no more than its loads budget allows (the shadow LRU sees the visit first)."""
+    if budget is not None:
+        budget.visit(keys)
     state.clear_needed()
     state.mark_needed(keys)
     demand = plan_demand(state, keys, policy, predicted, position=position)
@@ -268,7 +283,8 @@ def _visit(state: CacheState, keys: list[ExpertKey], tick: int, policy: str,
         costs = PrefetchCosts(costs.read_s, costs.layer_s, 0 if clock is None else clock.queued(),
                               state.victim_reuse(), demand)
     candidates = prefetch_order(predicted, state.entries, len(predicted))
-    plan = plan_prefetch(state, candidates, predicted, prefetch_queue, position, costs)
+    limit = prefetch_queue if budget is None else budget.limit(state.stats.loads, prefetch_queue)
+    plan = plan_prefetch(state, candidates, predicted, limit, position, costs)
     state.apply_prefetch(plan, tick, in_flight=False)  # replay's copies land at once
     if clock is not None:
         clock.issue(load.key for load in plan.loads)

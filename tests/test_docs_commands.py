@@ -153,7 +153,7 @@ def _split(argv) -> tuple[dict, str, list[str]]:
 
 
 # Placeholders in synopses that argparse checks as numbers, read as a user would fill them in.
-NUMBER_PLACEHOLDERS = {"N": "4", "R": "1", "D": "2", "Q": "8"}
+NUMBER_PLACEHOLDERS = {"N": "4", "R": "1", "D": "2", "Q": "8", "C": "4", "M": "1", "X": "1.1"}
 
 
 def parse(argv):

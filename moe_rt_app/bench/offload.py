@@ -43,9 +43,10 @@ import torch
 from tqdm import tqdm
 
 from expert_cache import cost_model as cm
-from moe_rt_app.bench.decode import quantized_sides
 from moe_rt_app.bench.common import (add_model_choice, add_repeats, add_torch_threads, emit, parse_ints,
                                  repeat_stats, resolve_model)
+from moe_rt_app.bench.decode import quantized_sides
+from moe_rt_app.cli.args import non_negative_float
 from moe_rt.errors import MoeRtError
 
 ID_ONLY = ("frequency", "coactivation")
@@ -84,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefetch_switch of the predictive configurations, comma-separated (measured, "
                         "on): one row per predictor, rule and switch; rows of switch on are "
                         "labelled .../on")
+    p.add_argument("--prefetch-loads-budget", type=non_negative_float, default=1.1, metavar="X",
+                   help="prefetch_loads_budget of the predictive configurations: most loads as a "
+                        "multiple of a shadow LRU's on the same accesses (default 1.1; 0: none)")
     p.add_argument("--device", default="cpu", help="where the model and the fast tier live: cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float16)")
     p.add_argument("--tier", choices=("disk", "cpu"), default="disk",
@@ -222,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
                 for switch in switches:
                     cfg = dict(offload=args.tier, capacity_slots=slots, policy="predictive", predictor=name,
                                lookahead=lookahead, prefetch_rule=rule, prefetch_switch=switch,
-                               copies_in_flight=args.copies_in_flight)
+                               copies_in_flight=args.copies_in_flight,
+                               prefetch_loads_budget=args.prefetch_loads_budget or None)
                     if name in ID_ONLY:
                         cfg["predictor_dir"] = fit_path
                     label = (f"pred+{name}" + ("" if rule == "cost" else f"/{rule}")
@@ -399,7 +404,8 @@ def _predict(row, cfg, eval_trace, args, t_res, t_read, L, fit_trace) -> float:
             depth = 1 if cfg["lookahead"] == "auto" else cfg["lookahead"]
             schedule = predict_schedule(trace, _replay_predictor(cfg["predictor"], eval_trace, fit_trace, depth),
                                         depth, progress=False)
-        res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"], cfg.get("scope", "per_layer")),
+        res = simulate(needs, SimOptions(cfg["policy"], cfg["capacity_slots"], cfg.get("scope", "per_layer"),
+                                         prefetch_loads_budget=cfg.get("prefetch_loads_budget", 1.1)),
                        schedule)
         misses, prefetches = cm.rates_from_replay(res.stats.as_dict(), visits)
     layer_s = t_res / args.max_tokens / L

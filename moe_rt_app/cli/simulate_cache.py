@@ -12,7 +12,7 @@ import json
 import sys
 
 from expert_cache.plots import check_plot_path
-from moe_rt_app.cli.args import int_in, output_file, positive_int
+from moe_rt_app.cli.args import int_in, non_negative_float, output_file, positive_int
 from moe_rt.errors import MoeRtError
 
 ORACLE = "oracle"  # built-in perfect predictor: forecasts from the replayed trace itself
@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its calibrated probability pays for the read and the expert it evicts "
                              "(with --read-ms/--layer-ms also for when it lands); always: every "
                              "forecast expert that may displace its victim")
+    parser.add_argument("--prefetch-loads-budget", type=non_negative_float, default=1.1, metavar="X",
+                        help="policy predictive: most loads as a multiple of LRU's on the same "
+                             "accesses; a prefetch beyond it is refused, as the runtime's "
+                             "prefetch_loads_budget (default 1.1; 0: no budget)")
     parser.add_argument("--schedule", choices=("fcfs", "expert_aware"), default=None,
                         help="first regroup the trace's rows into the steps this scheduling policy takes "
                              "(docs/scheduling.md); default: replay the trace's own steps")
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     slots = pool_slots(args.capacity, args.scope, L)
     costs = _costs(args)
     results = {p: simulate(needs, SimOptions(p, slots, args.scope, args.prefetch_queue, costs=costs,
-                                                    prefetch_rule=args.prefetch_rule),
+                                                    prefetch_rule=args.prefetch_rule,
+                                                    prefetch_loads_budget=args.prefetch_loads_budget or None),
                            schedule if p == "predictive" else None)
                for p in [*policies, "belady"]}
     bound = results["belady"].hit_rate

@@ -46,3 +46,40 @@ def write_npz(path, trace: Trace) -> None:
     np.savez(path, topk_ids=trace.topk_ids, topk_weights=trace.topk_weights,
              seq_ids=trace.seq_ids, positions=trace.positions, steps=trace.steps,
              meta=np.array(json.dumps(meta)))
+
+
+def noisy_schedule(trace, depth, seed, graded=False):
+    """The oracle's forecasts plus wrong ones, so the measured precision falls below 1 and the
+    cost rule turns some prefetches down. `graded`: right votes graded 6, wrong ones 1, plus a
+    runner-up (no vote) per layer, as router_predict.graded grades a predictor's forecasts."""
+    import random
+
+    from expert_cache.policies import Prediction
+    from expert_cache.simulator import ForecastSchedule
+    from router_predict.graded import NUM_GRADES
+
+    def grade(g, n=1):
+        out = [0] * NUM_GRADES
+        out[g] = n
+        return tuple(out)
+
+    from expert_cache.simulator import oracle_schedule
+
+    E = trace.num_experts
+    rng = random.Random(seed)
+    exact = oracle_schedule(trace, depth)
+    rounds = []
+    for step in exact.forecasts:
+        per_layer = []
+        for f in step:
+            f = {k: Prediction(p.distance, p.score, grades=grade(6, int(p.score))) if graded else p
+                 for k, p in f.items()}
+            for (m, _), p in list(f.items()):
+                for _ in range(2):  # about two wrong votes per right one: precision near 1/3
+                    f.setdefault((m, rng.randrange(E)),
+                                 Prediction(p.distance, 1.0, grades=grade(1)) if graded else p)
+                if graded:
+                    f.setdefault((m, rng.randrange(E)), Prediction(p.distance, 0.0, grades=grade(10)))
+            per_layer.append(f)
+        rounds.append(tuple(per_layer))
+    return ForecastSchedule(depth, tuple(rounds))

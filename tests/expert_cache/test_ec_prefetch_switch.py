@@ -147,28 +147,28 @@ def test_the_cache_pauses_a_forecaster_that_costs_more_than_it_saves_then_probes
 
 
 def test_a_switch_that_never_measured_a_read_keeps_prediction_on():
-    sw = PrefetchSwitch(ShadowLRU(lambda k: k[0], lambda p: 1), window_visits=2)
+    sw = PrefetchSwitch(window_visits=2)
     for _ in range(2):
-        sw.visit([(0, 1)])
+        sw.visit(1)
     assert sw.step_boundary() and sw.on  # the baseline window passed: probing
     sw.add(inside_s=10.0)
     for _ in range(4):
-        sw.visit([(0, 1)])
+        sw.visit(1)
     assert not sw.step_boundary() and sw.on  # no read time known: nothing to weigh yet
 
 
 def test_the_time_between_prepares_counts_against_its_off_baseline_per_batch_size():
-    sw = PrefetchSwitch(ShadowLRU(lambda k: k[0], lambda p: 1), window_visits=1)
+    sw = PrefetchSwitch(window_visits=1)
     sw.between(1, 0.010)  # off: baseline of one-token visits
     sw.between(16, 0.050)  # and of 16-token ones
-    sw.visit([(0, 1)])
+    sw.visit(1)
     sw.record_read(0.001, quiet=True)
     assert sw.step_boundary() and sw.on
     sw.between(1, 0.013)  # 3 ms slower than off
     sw.between(16, 0.050)
     sw.between(4, 0.5)  # no baseline for 4 rows: not counted
     sw.add(inside_s=0.001, forecaster_s=0.002, stall_s=0.0)
-    sw.visit([(0, 2)])  # an LRU load: 1 ms of stall saved
+    sw.visit(1)  # an LRU load: 1 ms of stall saved
     assert sw.step_boundary() and not sw.on
     (w,) = sw.windows
     assert w.cost_s == pytest.approx(0.001 + 0.003) and w.benefit_s == pytest.approx(0.001)

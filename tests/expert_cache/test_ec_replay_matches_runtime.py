@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ec_fakes
-from ec_helpers import random_trace
+from ec_helpers import noisy_schedule, random_trace
 from expert_cache.simulator import BatchNeeds, SimOptions, oracle_schedule, pool_slots, simulate
 from expert_cache.state import CacheState
 from router_predict.trace import step_bounds
@@ -133,40 +133,6 @@ class Fixed:
         pass
 
 
-def noisy_schedule(trace, depth, seed, graded=False):
-    """The oracle's forecasts plus wrong ones, so the measured precision falls below 1 and the
-    cost rule turns some prefetches down. `graded`: right votes graded 6, wrong ones 1, plus a
-    runner-up (no vote) per layer, as router_predict.graded grades a predictor's forecasts."""
-    import random
-
-    from expert_cache.policies import Prediction
-    from expert_cache.simulator import ForecastSchedule
-    from router_predict.graded import NUM_GRADES
-
-    def grade(g, n=1):
-        out = [0] * NUM_GRADES
-        out[g] = n
-        return tuple(out)
-
-    rng = random.Random(seed)
-    exact = oracle_schedule(trace, depth)
-    rounds = []
-    for step in exact.forecasts:
-        per_layer = []
-        for f in step:
-            f = {k: Prediction(p.distance, p.score, grades=grade(6, int(p.score))) if graded else p
-                 for k, p in f.items()}
-            for (m, _), p in list(f.items()):
-                for _ in range(2):  # about two wrong votes per right one: precision near 1/3
-                    f.setdefault((m, rng.randrange(E)),
-                                 Prediction(p.distance, 1.0, grades=grade(1)) if graded else p)
-                if graded:
-                    f.setdefault((m, rng.randrange(E)), Prediction(p.distance, 0.0, grades=grade(10)))
-            per_layer.append(f)
-        rounds.append(tuple(per_layer))
-    return ForecastSchedule(depth, tuple(rounds))
-
-
 @pytest.mark.parametrize("seed, graded", [(0, False), (1, False), (0, True), (1, True)])
 @pytest.mark.parametrize("cap, scope, depth", [(2, "per_layer", 1), (3, "per_layer", 2), (2, "global", 2)])
 def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, seed, graded, cap, scope, depth):
@@ -194,10 +160,13 @@ def test_replay_with_costs_and_the_cost_rule_take_the_same_decisions(journal, se
     (_, replay_log), (cache_state, cache_log) = journal
     assert cache_log == replay_log
     assert stats["prefetches_issued"] == sim.stats.prefetches_issued > 0
-    # The rule turned forecasts down that prefetching everything would have issued.
-    always = simulate(BatchNeeds.from_trace(trace),
-                      SimOptions("predictive", slots, scope, 8, prefetch_rule="always"), schedule)
-    assert always.stats.prefetches_issued >= sim.stats.prefetches_issued
+    # The rule turned forecasts down that prefetching everything would have issued (both
+    # without the loads budget, which caps either).
+    needs = BatchNeeds.from_trace(trace)
+    always, rule = (simulate(needs, SimOptions("predictive", slots, scope, 8, prefetch_loads_budget=None,
+                                               **kw), schedule)
+                    for kw in ({"prefetch_rule": "always"}, {"costs": PrefetchCosts(read_s, layer_s)}))
+    assert always.stats.prefetches_issued >= rule.stats.prefetches_issued
     if scope == "global":  # (small per-layer pools are full of forecast keys either way)
         assert always.stats.prefetches_issued > sim.stats.prefetches_issued
     assert sim.modelled_s > 0 and sim.stats.stall_s >= 0

@@ -38,7 +38,9 @@ CONFIGS = [
     dict(offload="disk", capacity_slots=3, policy="lru"),
     dict(offload="cpu", capacity_slots=5, policy="lfu"),
     dict(offload="disk", capacity_slots=2, **GATE),
-    dict(offload="cpu", capacity_slots=4, lookahead=2, **GATE),
+    dict(offload="cpu", capacity_slots=4, lookahead=2, prefetch_loads_budget=None, **GATE),  # no budget
+    # a budget that binds: every forecast expert is asked for, LRU's loads are allowed (+ warm-up)
+    dict(offload="disk", capacity_slots=2, lookahead=2, prefetch_rule="always", prefetch_loads_budget=1.0, **GATE),
     dict(offload="disk", capacity_slots=1, lookahead="auto", **GATE),
     dict(offload="cpu", capacity_slots=3, prefetch_queue=0, **GATE),  # predictive, no prefetch
     dict(offload="disk", capacity_slots=2, scope="global", policy="lru"),
@@ -63,6 +65,8 @@ def test_cached_greedy_output_equals_all_resident(model4, reference, cache):
     # experts' start-up loads moved one expert each
     pinned = sum(len(v) for v in cache.get("pinned", {}).values())
     assert stats["bytes_moved_total"] == (stats["loads"] + pinned) * stats["expert_bytes"]
+    if cache.get("prefetch_loads_budget") == 1.0:
+        assert stats["prefetch_budget_bound_visits"] > 0 and stats["shadow_lru_loads"] > 0
 
 
 @pytest.mark.parametrize("predictor", ["gate_lookahead", "gate_lookahead_output"])

@@ -94,9 +94,11 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
     they are equal, not close. In float32 the row loops' matmuls take layers.linear's (w·xᵀ)ᵀ form
     and the backend takes the column loop (compute_columns.py), whose BLAS may add a dot product's
     terms in another order: each equal to its own definition (each used slot's rows through linear;
-    each used slot's rows as columns, a lone row beside a second column), close to grouped_mm."""
+    each used slot's rows as columns, groups of few rows two at a time as batched matmuls), close to
+    grouped_mm."""
     from moe_rt.layers.linear import ROW_MAJOR_MAX_ROWS, linear
     from moe_rt.layers.moe.compute import _grouped, _one_token, _used_slots
+    from moe_rt.layers.moe.compute_columns import PAIR_MAX_ROWS
 
     S, D, I = 8, 32, 48
     g = torch.Generator().manual_seed(T * 10 + K)
@@ -114,26 +116,60 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
             out.index_add_(0, rows, linear(F.silu(h[:, :I]) * h[:, I:], w2[s]) * w[rows, ks][:, None])
         return out
 
-    def by_columns(case):  # each used slot's rows as columns of one [D, pairs + 1] product (BLAS's
-        # result depends on the output's row stride), a lone row beside a second column, groups
-        # over linear's row limit as x·wᵀ; added per token in slot order
-        used = sorted(set(case[case >= 0].tolist()))
-        P = int((case >= 0).sum())
-        y, col, out = torch.zeros(D, P + 1), 0, torch.zeros_like(x)
-        xs = torch.cat((x, torch.randn(1, D, generator=g)))  # row T: a second column for a lone row
-        for s in used:
-            rows, ks = (case == s).nonzero(as_tuple=True)
-            cols = torch.cat((rows, torch.tensor([T]))) if len(rows) == 1 else rows
-            if len(rows) > ROW_MAJOR_MAX_ROWS:  # many rows: x·wᵀ, as linear's rule says
-                h = x[rows] @ w13[s].t()
-                y[:, col : col + len(rows)] = ((F.silu(h[:, :I]) * h[:, I:]) @ w2[s].t()).t()
+    def by_blocks(case):  # each used slot's rows as columns; consecutive groups of at most
+        # PAIR_MAX_ROWS rows two at a time, one batched matmul per projection over n columns (the
+        # larger count, at least 2; a shorter group padded with its first row); other groups alone
+        # (a lone row beside a second column, groups over linear's row limit as x·wᵀ); the
+        # weighted outputs added per token in slot order
+        groups = [(s, *(case == s).nonzero(as_tuple=True)) for s in sorted(set(case[case >= 0].tolist()))]
+        ys, rows_all, w_all, g = [], [], [], 0
+        while g < len(groups):
+            block = groups[g : g + 2]
+            if len(block) == 2 and max(len(r) for _, r, _ in block) <= PAIR_MAX_ROWS:
+                n = max(len(block[0][1]), len(block[1][1]), 2)
+                xs = torch.stack([x[torch.cat((r, r[:1].expand(n - len(r))))] for _, r, _ in block])  # [2, n, D]
+                slots = [s for s, _, _ in block]
+                h = torch.bmm(w13[slots], xs.transpose(1, 2))
+                z = (F.silu(h[:, :I]) * h[:, I:]).transpose(1, 2).contiguous()  # rows, read transposed
+                y = torch.bmm(w2[slots], z.transpose(1, 2))  # [2, D, n]
+                ys += [y[j][:, : len(r)].t() for j, (_, r, _) in enumerate(block)]
             else:
-                h = w13[s] @ xs[cols].t()
-                z = (F.silu(h[:I]) * h[I:]).t().contiguous()  # rows, read by w2 transposed
-                torch.mm(w2[s], z.t(), out=y[:, col : col + len(cols)])
-            out.index_add_(0, rows, y[:, col : col + len(rows)].t() * w[rows, ks][:, None])
-            col += len(rows)
-        return out
+                s, rows, _ = block = groups[g]
+                block = [block]
+                if len(rows) > ROW_MAJOR_MAX_ROWS:  # many rows: x·wᵀ, as linear's rule says
+                    h = x[rows] @ w13[s].t()
+                    ys.append((F.silu(h[:, :I]) * h[:, I:]) @ w2[s].t())
+                else:
+                    cols = torch.cat((rows, rows[:1])) if len(rows) == 1 else rows
+                    h = w13[s] @ x[cols].t()
+                    z = (F.silu(h[:I]) * h[I:]).t().contiguous()
+                    ys.append((w2[s] @ z.t())[:, : len(rows)].t())
+            for _, r, k in block:
+                rows_all.append(r), w_all.append(w[r, k])
+            g += len(block)
+        if not ys:
+            return torch.zeros_like(x)
+        return torch.zeros_like(x).index_add_(0, torch.cat(rows_all), torch.cat(ys) * torch.cat(w_all)[:, None])
+
+    def by_pairs(case):  # one token: its chosen slots two at a time, each pair one batched matmul
+        # per projection over the token as two equal columns (an odd last slot alone); column 0 of
+        # each product weighted and summed in slot order
+        chosen = sorted((s, k) for k, s in enumerate(case[0].tolist()) if s >= 0)
+        if not chosen:
+            return torch.zeros_like(x)
+        xc = torch.cat((x, x)).t()  # [D, 2]
+        ys = []
+        for j in range(0, len(chosen), 2):
+            slots = [s for s, _ in chosen[j : j + 2]]
+            if len(slots) == 2:
+                h = torch.bmm(w13[slots], xc.expand(2, D, 2))
+                z = (F.silu(h[:, :I]) * h[:, I:]).transpose(1, 2).contiguous()  # rows, read transposed
+                ys += list(torch.bmm(w2[slots], z.transpose(1, 2)))
+            else:
+                h = w13[slots[0]] @ xc
+                ys.append(w2[slots[0]] @ (F.silu(h[:I]) * h[I:]).t().contiguous().t())
+        weights = torch.stack([w[0, k] for _, k in chosen])[:, None]
+        return (torch.stack([y[:, 0] for y in ys]) * weights).sum(0, keepdim=True)
 
     for case in (ids, torch.where(torch.rand(T, K, generator=g) < 0.3, -1, ids)):  # with choices computed elsewhere
         ref = _grouped(x, w13, w2, case, w)
@@ -141,7 +177,7 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
         if dtype == torch.float32:
             assert torch.equal(loop, by_definition(case))
             torch.testing.assert_close(loop, ref, rtol=1e-5, atol=1e-6)
-            want = by_columns(case)
+            want = by_pairs(case) if T == 1 else by_blocks(case)
             torch.testing.assert_close(want, ref, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(loop, ref)

@@ -27,10 +27,15 @@ I intermediate, S slots.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moe_rt.layers.linear import ROW_MAJOR_MAX_ROWS
+
+# Groups of at most this many rows are paired (see used_slots_columns): up to here a product's time
+# is the weight's streaming, so a padded column is nearly free; above it columns cost compute.
+PAIR_MAX_ROWS = 4
 
 
 def _slot(w: torch.Tensor, s: int) -> torch.Tensor:
@@ -59,58 +64,124 @@ def supports(w13: torch.Tensor, w2: torch.Tensor) -> bool:
             and w13.stride()[1:] == (w13.shape[2], 1) and w2.stride()[1:] == (w2.shape[2], 1))
 
 
+def _pair(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Slots a < b of a stack [S, N, K] with contiguous slots as one batch [2, N, K] (batch stride
+    (b - a) slots), in one dispatched op: any two slots are evenly spaced."""
+    n, k = w.shape[1], w.shape[2]
+    return w.as_strided((2, n, k), ((b - a) * w.stride(0), k, 1), w.storage_offset() + a * w.stride(0))
+
+
 def one_token_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                       topk_weights: torch.Tensor) -> torch.Tensor:
-    """T == 1: the token's row, doubled into two columns once for every expert, through each chosen
-    slot in slot order; the weighted outputs of column 0 summed in that order -> [1, D]."""
+    """T == 1: the token's row, doubled into two columns once for every expert, through the chosen
+    slots taken two at a time in slot order, each pair as one batched matmul per projection; the
+    products' first columns weighted and summed in slot order by one [1, n] x [n, D] product
+    -> [1, D].
+
+    Why pairs: two slots of a stack are one strided batch, so a pair costs the dispatched ops of
+    one expert, and bmm gives each of two threads its own expert where mm split one small product
+    between them: a mixtral-56m layer's two experts 185-217 -> 146-161 us (two threads, weights
+    streamed from memory), 43 -> 29 ops. An odd last slot goes alone."""
     D, I = hidden.shape[1], w2.shape[2]
-    xc = torch.cat((hidden, hidden)).as_strided((D, 2), (1, D))
-    ids = topk_ids[0].tolist()
-    w0, wk = topk_weights.storage_offset(), topk_weights.stride(1)
-    out = None
-    for s, k in sorted((s, k) for k, s in enumerate(ids) if s >= 0):
-        y = _expert_columns(xc, w13, w2, s, I)  # [D, 2]
-        # column 0 read as a row [1, D]; the product with the [1] weight is a contiguous row
-        y = y.as_strided((1, D), (2 * D, 2)) * topk_weights.as_strided((1,), (1,), w0 + k * wk)
-        out = y if out is None else out + y
-    return torch.zeros_like(hidden) if out is None else out
+    ids = topk_ids.tolist()[0]  # (indexing the row first would dispatch two more ops)
+    chosen = sorted((s, k) for k, s in enumerate(ids) if s >= 0)
+    n = len(chosen)
+    if n == 0:
+        return torch.zeros_like(hidden)
+    f32 = dict(dtype=hidden.dtype, device=hidden.device)
+    xc = torch.cat((hidden, hidden))  # [2, D]: its transposed view is the two equal columns
+    y = torch.empty((n, D, 2), **f32)  # chosen slot j's [D, 2] product at y[j]
+    for j in range(0, n - 1, 2):
+        (a, _), (b, _) = chosen[j], chosen[j + 1]
+        h = torch.bmm(_pair(w13, a, b), xc.as_strided((2, D, 2), (0, 1, D)))  # [2, 2I, 2]
+        z = torch.empty((2, 2, I), **f32)  # silu(gate)·up as rows, handed to w2 transposed (see above)
+        zc = z.as_strided((2, I, 2), (2 * I, 1, I))
+        torch.mul(F.silu(h.as_strided((2, I, 2), (4 * I, 2, 1))), h.as_strided((2, I, 2), (4 * I, 2, 1), 2 * I), out=zc)
+        torch.bmm(_pair(w2, a, b), zc, out=y.as_strided((2, D, 2), (2 * D, 2, 1), j * 2 * D))
+    if n % 2:
+        _expert_columns(xc.as_strided((D, 2), (1, D)), w13, w2, chosen[-1][0], I,
+                        out=y.as_strided((D, 2), (2, 1), (n - 1) * 2 * D))
+    ks = [k for _, k in chosen]
+    if ks == list(range(n)):  # the weights, as a column in slot order
+        w = topk_weights.as_strided((n, 1), (topk_weights.stride(1), 1), topk_weights.storage_offset())
+    else:
+        w = torch.index_select(topk_weights.reshape(-1), 0, torch.from_numpy(np.array(ks))).view(n, 1)
+    # column 0 of each product, weighted, summed in slot order (a product with y's rows would
+    # first copy them: their stride is 2)
+    return (y.as_strided((n, D), (2 * D, 2)) * w).sum(0, keepdim=True)
 
 
 def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor) -> torch.Tensor:
-    """The pairs grouped by slot (-1 pairs dropped), each used slot's group through its expert as
-    columns of one [D, P] product, which is weighted and added into the tokens' rows -> [T, D].
+    """The (token, choice) pairs grouped by slot (-1 pairs dropped), each used slot's rows through
+    its expert as columns; consecutive groups of few rows two at a time, one batched matmul per
+    projection; products weighted and added into the tokens' rows -> [T, D].
 
-    The pairs' rows and the product have one spare column at the end, so a one-row group can always
-    take its right neighbour as its second column: what it writes there is overwritten by the
-    neighbour's own group, which comes later, or lands in the spare column, which is never read."""
+    Layout: the groups' rows sit in x [R, D] in regions of n rows: a pair's two groups both get n =
+    the larger of their row counts (at least 2), so the pair reads one strided batch of two [D, n]
+    column blocks and writes one contiguous [2, D, n] block of y; a group with fewer rows reads some
+    other token's row as padding, whose column is computed and never read. A one-row group thereby
+    always has a second column (one column would take BLAS's slow matrix-vector kernel). Groups of
+    more than PAIR_MAX_ROWS rows go alone (padding would cost real work there), those over
+    linear.ROW_MAJOR_MAX_ROWS as F.linear's x·wᵀ, as linear would. The routing metadata is read
+    into numpy (a CPU tensor's memory is the host's): it costs no dispatched op per group."""
     T, K = topk_ids.shape
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # -1 pairs first
-    slots = flat[order].tolist()
-    first = next((i for i, s in enumerate(slots) if s >= 0), len(slots))
-    out = torch.zeros_like(hidden)
-    if first == len(slots):
-        return out
-    order = order[first:]
-    tokens = order // K
-    slots = slots[first:]
-    P, D, I = len(slots), hidden.shape[1], w2.shape[2]
-    x = hidden.new_zeros(P + 1, D)  # [P + 1, D]: the pairs' rows in slot order, then the spare
-    torch.index_select(hidden, 0, tokens, out=x.as_strided((P, D), (D, 1)))
-    y = hidden.new_empty(D, P + 1)
-    start = 0
-    for end in range(1, P + 1):
-        if end < P and slots[end] == slots[start]:
-            continue
-        s, r = slots[start], end - start
-        if r > ROW_MAJOR_MAX_ROWS:  # many rows: linear's rule, F.linear's x·wᵀ
-            h = F.linear(x[start:end], _slot(w13, s))
-            y[:, start:end] = F.linear(F.silu(h[:, :I]) * h[:, I:], _slot(w2, s)).t()
+    D, I = hidden.shape[1], w2.shape[2]
+    flat = topk_ids.numpy().reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    order = order[flat[order] >= 0]  # pairs with a slot, in slot order
+    if not len(order):
+        return torch.zeros_like(hidden)
+    slots = flat[order]
+    cuts = (np.flatnonzero(slots[1:] != slots[:-1]) + 1).tolist()
+    groups = [(int(slots[b]), b, e - b) for b, e in zip([0] + cuts, cuts + [len(slots)])]  # (slot, first, rows)
+    # blocks: (first group, groups in it (1 or 2), n, first row of x / column block of y)
+    plan, R, g = [], 0, 0
+    while g < len(groups):
+        r = groups[g][2]
+        if r <= PAIR_MAX_ROWS and g + 1 < len(groups) and groups[g + 1][2] <= PAIR_MAX_ROWS:
+            n = max(r, groups[g + 1][2], 2)
+            plan.append((g, 2, n, R))
+            R, g = R + 2 * n, g + 2
         else:
             n = max(r, 2)
-            _expert_columns(x.as_strided((D, n), (1, D), start * D), w13, w2, s, I,
-                            out=y.as_strided((D, n), (P + 1, 1), start))
-        start = end
-    out.t().index_add_(1, tokens, y.as_strided((D, P), (P + 1, 1)) * topk_weights.reshape(-1)[order])
-    return out
+            plan.append((g, 1, n, R))
+            R, g = R + n, g + 1
+    tokens = order // K
+    src = np.empty(R, dtype=np.int64)  # x's row i is token src[i]'s
+    col = np.empty(len(order), dtype=np.int64)  # where (token, choice) pair p's output starts in y
+    step = np.empty(len(order), dtype=np.int64)  # and the stride of its D values there
+    for g0, m, n, at in plan:
+        for j, (_, b, r) in enumerate(groups[g0 : g0 + m]):
+            o = at + j * n
+            src[o : o + r] = tokens[b : b + r]
+            src[o + r : o + n] = tokens[b]  # padding: a row that is computed and never read
+            if r > ROW_MAJOR_MAX_ROWS:  # F.linear's rows: [r, D] row-major
+                col[b : b + r], step[b : b + r] = o * D + np.arange(r) * D, 1
+            else:  # a [D, n] column block
+                col[b : b + r], step[b : b + r] = o * D + np.arange(r), n
+    f32 = dict(dtype=hidden.dtype, device=hidden.device)
+    x = torch.index_select(hidden, 0, torch.from_numpy(src))  # [R, D]
+    y = torch.empty(R * D, **f32)  # block by block: [2, D, n], [D, n] or [r, D]
+    for g0, m, n, at in plan:
+        if m == 2:
+            a, b = groups[g0][0], groups[g0 + 1][0]
+            h = torch.bmm(_pair(w13, a, b), x.as_strided((2, D, n), (n * D, 1, D), at * D))  # [2, 2I, n]
+            z = torch.empty((2, n, I), **f32)  # silu(gate)·up as rows, read by w2 transposed (see above)
+            zc = z.as_strided((2, I, n), (n * I, 1, I))
+            torch.mul(F.silu(h.as_strided((2, I, n), (2 * I * n, n, 1))),
+                      h.as_strided((2, I, n), (2 * I * n, n, 1), I * n), out=zc)
+            torch.bmm(_pair(w2, a, b), zc, out=y.as_strided((2, D, n), (D * n, n, 1), at * D))
+            continue
+        s, r = groups[g0][0], groups[g0][2]
+        if r > ROW_MAJOR_MAX_ROWS:  # many rows: linear's rule, F.linear's x·wᵀ
+            h = F.linear(x.as_strided((r, D), (D, 1), at * D), _slot(w13, s))
+            torch.mm(F.silu(h[:, :I]) * h[:, I:], _slot(w2, s).t(), out=y.as_strided((r, D), (D, 1), at * D))
+        else:
+            _expert_columns(x.as_strided((D, n), (1, D), at * D), w13, w2, s, I,
+                            out=y.as_strided((D, n), (n, 1), at * D))
+    # pair p's D outputs, gathered into a row
+    rows = torch.index_select(y, 0, torch.from_numpy(col[:, None] + step[:, None] * np.arange(D)).view(-1))
+    w = torch.index_select(topk_weights.reshape(-1), 0, torch.from_numpy(order))
+    out = torch.zeros_like(hidden)
+    return out.index_add_(0, torch.from_numpy(tokens), rows.view(-1, D) * w[:, None])

@@ -52,14 +52,15 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(cs: tuple[torch.Tensor, ...], x: torch.Tensor, heads: int | None = None) -> torch.Tensor:
-        """The first `heads` (default: all) heads of x [T, N, hd] (any strides, unit last stride)
+        """The first `heads` (default: all) heads of x [T, N, hd] (any strides)
         turned by the rotate-half rule, x * cos + rotate_half(x) * sin -> [T, heads, hd] contiguous.
         Written as a 2 x 2 contraction over the halves: one multiply by turn and a sum over two
         terms, the same two products and the same sum per element as the rule (bit for bit), in
         6 dispatched ops where flipping the halves took 9 and slicing the heads 2 more."""
         T, N, hd = x.shape
         n, half = N if heads is None else heads, hd // 2
-        halves = x.as_strided((T, n, 1, 2, half), (x.stride(0), x.stride(1), 0, half, 1), x.storage_offset())
+        e = x.stride(2)
+        halves = x.as_strided((T, n, 1, 2, half), (x.stride(0), x.stride(1), 0, half * e, e), x.storage_offset())
         return (halves * cs[2]).sum(3).view(T, n, hd)
 
     @classmethod

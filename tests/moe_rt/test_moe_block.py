@@ -116,26 +116,31 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
             out.index_add_(0, rows, linear(F.silu(h[:, :I]) * h[:, I:], w2[s]) * w[rows, ks][:, None])
         return out
 
-    def by_blocks(case):  # each used slot's rows as columns; consecutive groups of at most
-        # PAIR_MAX_ROWS rows two at a time, one batched matmul per projection over n columns (the
-        # larger count, at least 2; a shorter group padded with its first row); other groups alone
-        # (a lone row beside a second column, groups over linear's row limit as x·wᵀ); the
-        # weighted outputs added per token in slot order
+    def by_blocks(case):  # each used slot's rows as columns; runs of consecutive groups of at most
+        # PAIR_MAX_ROWS rows whose slots are evenly spaced (any two are), an even number of them,
+        # as one batched matmul per projection over n columns (the largest count, at least 2; a
+        # shorter group padded with its first row); other groups alone (a lone row beside a second column, groups over
+        # linear's row limit as x·wᵀ); the weighted outputs added per token in slot order
         groups = [(s, *(case == s).nonzero(as_tuple=True)) for s in sorted(set(case[case >= 0].tolist()))]
+        few = [len(r) <= PAIR_MAX_ROWS for _, r, _ in groups]
         ys, rows_all, w_all, g = [], [], [], 0
         while g < len(groups):
-            block = groups[g : g + 2]
-            if len(block) == 2 and max(len(r) for _, r, _ in block) <= PAIR_MAX_ROWS:
-                n = max(len(block[0][1]), len(block[1][1]), 2)
-                xs = torch.stack([x[torch.cat((r, r[:1].expand(n - len(r))))] for _, r, _ in block])  # [2, n, D]
+            m = 1
+            while few[g] and g + m < len(groups) and few[g + m] and (
+                    m == 1 or groups[g + m][0] - groups[g + m - 1][0] == groups[g + 1][0] - groups[g][0]):
+                m += 1
+            m -= m % 2 if m > 2 else 0  # an even number of them
+            block = groups[g : g + m]
+            if m > 1:
+                n = max(2, *(len(r) for _, r, _ in block))
+                xs = torch.stack([x[torch.cat((r, r[:1].expand(n - len(r))))] for _, r, _ in block])  # [m, n, D]
                 slots = [s for s, _, _ in block]
                 h = torch.bmm(w13[slots], xs.transpose(1, 2))
                 z = (F.silu(h[:, :I]) * h[:, I:]).transpose(1, 2).contiguous()  # rows, read transposed
-                y = torch.bmm(w2[slots], z.transpose(1, 2))  # [2, D, n]
+                y = torch.bmm(w2[slots], z.transpose(1, 2))  # [m, D, n]
                 ys += [y[j][:, : len(r)].t() for j, (_, r, _) in enumerate(block)]
             else:
-                s, rows, _ = block = groups[g]
-                block = [block]
+                (s, rows, _), = block
                 if len(rows) > ROW_MAJOR_MAX_ROWS:  # many rows: x·wᵀ, as linear's rule says
                     h = x[rows] @ w13[s].t()
                     ys.append((F.silu(h[:, :I]) * h[:, I:]) @ w2[s].t())
@@ -146,7 +151,7 @@ def test_torch_backend_paths_agree_bit_for_bit(dtype, T, K):
                     ys.append((w2[s] @ z.t())[:, : len(rows)].t())
             for _, r, k in block:
                 rows_all.append(r), w_all.append(w[r, k])
-            g += len(block)
+            g += m
         if not ys:
             return torch.zeros_like(x)
         return torch.zeros_like(x).index_add_(0, torch.cat(rows_all), torch.cat(ys) * torch.cat(w_all)[:, None])

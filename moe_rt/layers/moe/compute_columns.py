@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from moe_rt.layers.linear import ROW_MAJOR_MAX_ROWS
 
-# Groups of at most this many rows are paired (see used_slots_columns): up to here a product's time
-# is the weight's streaming, so a padded column is nearly free; above it columns cost compute.
+# Groups of at most this many rows share batched matmuls (see used_slots_columns): up to here a
+# product's time is the weight's streaming, so a padded column is nearly free; above it columns
+# cost compute.
 PAIR_MAX_ROWS = 4
 
 
@@ -62,6 +63,13 @@ def supports(w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Dense stacks whose slots are contiguous (what _slot views)."""
     return (isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor)
             and w13.stride()[1:] == (w13.shape[2], 1) and w2.stride()[1:] == (w2.shape[2], 1))
+
+
+def _spaced(w: torch.Tensor, a: int, d: int, m: int) -> torch.Tensor:
+    """Slots a, a + d, ..., a + (m - 1) d (d > 0) of a stack [S, N, K] with contiguous slots as one
+    batch [m, N, K], in one dispatched op."""
+    n, k = w.shape[1], w.shape[2]
+    return w.as_strided((m, n, k), (d * w.stride(0), k, 1), w.storage_offset() + a * w.stride(0))
 
 
 def _pair(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -114,17 +122,21 @@ def one_token_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                        topk_weights: torch.Tensor) -> torch.Tensor:
     """The (token, choice) pairs grouped by slot (-1 pairs dropped), each used slot's rows through
-    its expert as columns; consecutive groups of few rows two at a time, one batched matmul per
-    projection; products weighted and added into the tokens' rows -> [T, D].
+    its expert as columns; runs of consecutive groups of few rows whose slots are evenly spaced
+    (any two are; at batch 16 most used slots are neighbours), an even number of them, as one
+    batched matmul per projection;
+    products weighted and added into the tokens' rows -> [T, D].
 
-    Layout: the groups' rows sit in x [R, D] in regions of n rows: a pair's two groups both get n =
-    the larger of their row counts (at least 2), so the pair reads one strided batch of two [D, n]
-    column blocks and writes one contiguous [2, D, n] block of y; a group with fewer rows reads some
-    other token's row as padding, whose column is computed and never read. A one-row group thereby
-    always has a second column (one column would take BLAS's slow matrix-vector kernel). Groups of
-    more than PAIR_MAX_ROWS rows go alone (padding would cost real work there), those over
-    linear.ROW_MAJOR_MAX_ROWS as F.linear's x·wᵀ, as linear would. The routing metadata is read
-    into numpy (a CPU tensor's memory is the host's): it costs no dispatched op per group."""
+    Layout: the groups' rows sit in x [R, D] in regions of n rows: the m groups of a block all get
+    n = their largest row count (at least 2), so the block reads one strided batch of m [D, n]
+    column blocks and writes one contiguous [m, D, n] block of y; a group with fewer rows reads
+    some other token's row as padding, whose column is computed and never read. A one-row group
+    thereby always has a second column (one column would take BLAS's slow matrix-vector kernel).
+    Groups of more than PAIR_MAX_ROWS rows go alone (padding would cost real work there), those
+    over linear.ROW_MAJOR_MAX_ROWS as F.linear's x·wᵀ, as linear would. The routing metadata is
+    read into numpy (a CPU tensor's memory is the host's): it costs no dispatched op per group.
+    Mixtral-56m shapes, 16 tokens: 273 ops per layer as one expert at a time, 164 in pairs, 100 in
+    runs; 1422-1581 -> 1290 -> 1143 us (two threads, random routing, weights from memory)."""
     T, K = topk_ids.shape
     D, I = hidden.shape[1], w2.shape[2]
     flat = topk_ids.numpy().reshape(-1)
@@ -138,15 +150,15 @@ def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     # blocks: (first group, groups in it (1 or 2), n, first row of x / column block of y)
     plan, R, g = [], 0, 0
     while g < len(groups):
-        r = groups[g][2]
-        if r <= PAIR_MAX_ROWS and g + 1 < len(groups) and groups[g + 1][2] <= PAIR_MAX_ROWS:
-            n = max(r, groups[g + 1][2], 2)
-            plan.append((g, 2, n, R))
-            R, g = R + 2 * n, g + 2
-        else:
-            n = max(r, 2)
-            plan.append((g, 1, n, R))
-            R, g = R + n, g + 1
+        m = 1  # groups in this block: evenly spaced slots (any two are), each of few rows
+        if groups[g][2] <= PAIR_MAX_ROWS:
+            while (g + m < len(groups) and groups[g + m][2] <= PAIR_MAX_ROWS
+                   and (m == 1 or groups[g + m][0] - groups[g + m - 1][0] == groups[g + 1][0] - groups[g][0])):
+                m += 1
+            m -= m % 2 if m > 2 else 0  # an even batch: bmm shares it out between two threads evenly
+        n = max(2, *(r for _, _, r in groups[g : g + m]))
+        plan.append((g, m, n, R))
+        R, g = R + m * n, g + m
     tokens = order // K
     src = np.empty(R, dtype=np.int64)  # x's row i is token src[i]'s
     col = np.empty(len(order), dtype=np.int64)  # where (token, choice) pair p's output starts in y
@@ -164,14 +176,14 @@ def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     x = torch.index_select(hidden, 0, torch.from_numpy(src))  # [R, D]
     y = torch.empty(R * D, **f32)  # block by block: [2, D, n], [D, n] or [r, D]
     for g0, m, n, at in plan:
-        if m == 2:
-            a, b = groups[g0][0], groups[g0 + 1][0]
-            h = torch.bmm(_pair(w13, a, b), x.as_strided((2, D, n), (n * D, 1, D), at * D))  # [2, 2I, n]
-            z = torch.empty((2, n, I), **f32)  # silu(gate)·up as rows, read by w2 transposed (see above)
-            zc = z.as_strided((2, I, n), (n * I, 1, I))
-            torch.mul(F.silu(h.as_strided((2, I, n), (2 * I * n, n, 1))),
-                      h.as_strided((2, I, n), (2 * I * n, n, 1), I * n), out=zc)
-            torch.bmm(_pair(w2, a, b), zc, out=y.as_strided((2, D, n), (D * n, n, 1), at * D))
+        if m > 1:
+            a, d = groups[g0][0], groups[g0 + 1][0] - groups[g0][0]
+            h = torch.bmm(_spaced(w13, a, d, m), x.as_strided((m, D, n), (n * D, 1, D), at * D))  # [m, 2I, n]
+            z = torch.empty((m, n, I), **f32)  # silu(gate)·up as rows, read by w2 transposed (see above)
+            zc = z.as_strided((m, I, n), (n * I, 1, I))
+            torch.mul(F.silu(h.as_strided((m, I, n), (2 * I * n, n, 1))),
+                      h.as_strided((m, I, n), (2 * I * n, n, 1), I * n), out=zc)
+            torch.bmm(_spaced(w2, a, d, m), zc, out=y.as_strided((m, D, n), (D * n, n, 1), at * D))
             continue
         s, r = groups[g0][0], groups[g0][2]
         if r > ROW_MAJOR_MAX_ROWS:  # many rows: linear's rule, F.linear's x·wᵀ

@@ -218,7 +218,8 @@ def prefetches_to_drop(queued: Iterable[ExpertKey], layer: int, used: Iterable[E
     """(proven wrong, withdrawn) among the queued prefetches as layer `layer` is about to run with
     `used`: one of `layer` that it does not use is proven wrong; one of another layer that the
     forecast in force (`predicted`, made after the previous layer routed) no longer votes for
-    (absent, or only a runner-up) was withdrawn. Without a forecast nothing is withdrawn. Both keep queue order."""
+    (absent, or only a runner-up) was withdrawn. Without a forecast nothing is withdrawn. Both
+    keep queue order."""
     used = set(used)
     queued = list(queued)
     wrong = [k for k in queued if k[0] == layer and k not in used]

@@ -135,9 +135,10 @@ class PrefetchSwitch:
     """The cache's side of the switch: sums one window of measurements, counts the shadow LRU's
     loads on every visit (the shadow runs on every visit, so it is warm when a probe starts),
     keeps the off baseline of the time between prepares per batch size, and at a step boundary
-    once `window_visits` visits have passed applies next_switch. The cache pauses and resumes the predictor on `on` changes. The shadow
-    LRU is fed by the cache's loads budget (loads_budget.LoadsBudget, one shadow for both), which
-    hands each visit's LRU loads to `visit`."""
+    once `window_visits` visits have passed applies next_switch. The cache pauses and resumes the
+    predictor on `on` changes. The shadow LRU is fed by the cache's loads budget
+    (loads_budget.LoadsBudget, one shadow for both), which hands each visit's LRU loads to
+    `visit`."""
 
     def __init__(self, window_visits: int) -> None:
         self.window_visits = max(1, window_visits)

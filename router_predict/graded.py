@@ -7,9 +7,10 @@ trace, distance 1, experts with share >= 0.3 are used 78-99% of the time, those 
 a third (docs/benchmarks.md). A prefetcher that knows only "one vote" must treat both alike.
 
 So each vote carries a grade: the bucket of its expert's softmax share of the token's scores,
-relative to a uniform router's (SHARE_EDGES), and the runner-ups (ranks k..2k-1) are graded too. The expert cache calibrates every (distance, grade) online against what the layer
-then uses (expert_cache.forecast.ForecastAccuracy), which turns grades into probabilities; the
-edges only need to be monotone, not right for any model. Scores that are not logits (a biased
+relative to a uniform router's (SHARE_EDGES), and the runner-ups (ranks k..2k-1) are graded
+too. The expert cache calibrates every (distance, grade) online against what the layer then uses
+(expert_cache.forecast.ForecastAccuracy), which turns grades into probabilities; the edges only
+need to be monotone, not right for any model. Scores that are not logits (a biased
 sigmoid router) give small, flat shares: every vote falls in the low buckets and calibration
 degrades to one precision per distance, the rule without grades.
 

@@ -213,10 +213,9 @@ class Attention(nn.Module):
             # into the layout the batched matmuls below need (mixtral-56m, one thread). One
             # sequence is the other way round: its per-head gather costs less than what the
             # matmuls lose reading keys strided by KV * hd (L = 256: 113 vs 185 us per layer).
-            slots = meta.key_rows(1)  # one head: its rows are the slots
-            L = slots.shape[1]
+            L = meta.key_rows(1).shape[1]  # one head: its rows are the slots
             KV = kv.k.shape[1]
-            k, v = (torch.index_select(t, 0, slots.view(B * L)).view(B, L, KV, hd).transpose(1, 2)
+            k, v = (torch.index_select(t, 0, meta.key_index(1)).view(B, L, KV, hd).transpose(1, 2)
                     for t in (kv.k_slots, kv.v_slots))  # [B, KV, L, hd]
             mask = meta.decode_mask(self.window, q.dtype).view(B, 1, 1, L)
             o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, enable_gqa=True)

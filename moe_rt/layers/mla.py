@@ -95,7 +95,7 @@ class MLAttention(nn.Module):
         L = nblk * meta.block_size
         w_uk, w_uv = self._w_kv()
         q = torch.cat([torch.einsum("bhd,hdr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, R + dr]
-        rows = torch.index_select(kv.k_slots, 0, meta.key_rows(1).view(B * L)).view(B, 1, L, -1)  # one head: rows are slots
+        rows = torch.index_select(kv.k_slots, 0, meta.key_index(1)).view(B, 1, L, -1)  # one head: rows are slots
         mask = meta.decode_mask(None, q.dtype).view(B, 1, 1, L)
         # All H query heads share the one latent head (enable_gqa); values are the latent itself.
         o = F.scaled_dot_product_attention(

@@ -43,7 +43,8 @@ def torch_experts(hidden, w13, w2, topk_ids, topk_weights) -> torch.Tensor:
     grouped_mm (large ones). Every path does the same products and the same additions in the same
     order; the loop's matmuls go through layers.linear, whose BLAS call may sum a dot product in
     another order, so loop and grouped agree to rounding (exactly for half precision). Shapes
-    grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized stacks (moe_rt/quant/experts.py) take compute_quant.quantized_experts; mixed-width ones
+    grouped_mm refuses take the per-expert loop of kernels/loop.py. Quantized stacks
+    (moe_rt/quant/experts.py) take compute_quant.quantized_experts; mixed-width ones
     (moe_rt/quant/mixed.py) run each part through this function."""
     if isinstance(w13, MixedStack):
         return mixed_experts(hidden, w13, w2, topk_ids, topk_weights, torch_experts)

@@ -6,15 +6,16 @@ a row-major weight fast, and then copies the transposed product back into rows. 
 projections of an expert nothing needs rows: w13·xᵀ is [2I, r] and its gate and up halves are
 contiguous row blocks; silu(gate)·up is written out as rows [r, I] (the one layout in which BLAS
 streams w2 fast when it is the right operand's transpose), and w2 multiplies it into [D, r]. So
-the loop never copies a product back into rows: the token sum adds column j into the output row
-of its token (an index_add_ along the transposed output). Every view is one `as_strided` (a slot
-of the stack, a group's columns, the gate and up halves) rather than indexing, which dispatches
-two ops per view: this path runs per used expert per layer per decode step, and at small sizes a
-step's time is mostly operator dispatch (docs/benchmarks.md, "Decode overhead").
+the loop never copies a product back into rows until the token sum, which gathers each pair's
+column once. Evenly spaced slots of a stack (any two are) are one strided batch, so several
+experts go through one bmm per projection (_spaced). Every view is one `as_strided` (slots of the
+stack, a group's columns, the gate and up halves) rather than indexing, which dispatches two ops
+per view: this path runs per layer per decode step, and at small sizes a step's time is mostly
+operator dispatch (docs/benchmarks.md, "Decode overhead").
 
 A one-row group would reach BLAS as a matrix-vector product, its slow kernel for this layout
-(see layers/linear.py), so it is multiplied as two columns: its own and a neighbour's, whose
-result is dropped. A column's result does not depend on the other columns of the product.
+(see layers/linear.py), so it is multiplied as two columns: its own and a padding column, whose
+result is never read. A column's result does not depend on the other columns of the product.
 Groups of more than linear.ROW_MAJOR_MAX_ROWS rows take F.linear's x·wᵀ, as linear would.
 
 Arithmetic: the same products as the row loops of compute.py, the weighted rows added per token
@@ -54,8 +55,8 @@ def _expert_columns(xc: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s: in
     # silu(gate)·up is written as rows [n, I] and handed to w2 as their transposed view: BLAS
     # streams w2 3-4x slower when the right operand is a plain [I, n] (measured at n = 2-4).
     z = torch.empty((n, I), dtype=h.dtype, device=h.device)
-    torch.mul(F.silu(h.as_strided((I, n), (n, 1))), h.as_strided((I, n), (n, 1), I * n), out=z.as_strided((I, n), (1, I)))
     zc = z.as_strided((I, n), (1, I))
+    torch.mul(F.silu(h.as_strided((I, n), (n, 1))), h.as_strided((I, n), (n, 1), I * n), out=zc)
     return torch.mm(_slot(w2, s), zc) if out is None else torch.mm(_slot(w2, s), zc, out=out)
 
 
@@ -72,40 +73,43 @@ def _spaced(w: torch.Tensor, a: int, d: int, m: int) -> torch.Tensor:
     return w.as_strided((m, n, k), (d * w.stride(0), k, 1), w.storage_offset() + a * w.stride(0))
 
 
-def _pair(w: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Slots a < b of a stack [S, N, K] with contiguous slots as one batch [2, N, K] (batch stride
-    (b - a) slots), in one dispatched op: any two slots are evenly spaced."""
-    n, k = w.shape[1], w.shape[2]
-    return w.as_strided((2, n, k), ((b - a) * w.stride(0), k, 1), w.storage_offset() + a * w.stride(0))
+def _block_columns(xc: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, a: int, d: int, I: int,
+                   out: torch.Tensor) -> None:
+    """Columns xc [m, D, n] through slots a, a + d, ... (one strided batch, _spaced): the
+    _expert_columns of m experts in one bmm per projection, written into `out` [m, D, n]
+    (contiguous: bmm writes a strided batch through a per-batch loop)."""
+    m, _, n = xc.shape
+    h = torch.bmm(_spaced(w13, a, d, m), xc)  # [m, 2I, n]
+    z = torch.empty((m, n, I), dtype=h.dtype, device=h.device)  # silu(gate)·up as rows, read by w2 transposed
+    zc = z.as_strided((m, I, n), (n * I, 1, I))
+    torch.mul(F.silu(h.as_strided((m, I, n), (2 * I * n, n, 1))), h.as_strided((m, I, n), (2 * I * n, n, 1), I * n),
+              out=zc)
+    torch.bmm(_spaced(w2, a, d, m), zc, out=out)
 
 
 def one_token_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor,
                       topk_weights: torch.Tensor) -> torch.Tensor:
     """T == 1: the token's row, doubled into two columns once for every expert, through the chosen
     slots taken two at a time in slot order, each pair as one batched matmul per projection; the
-    products' first columns weighted and summed in slot order by one [1, n] x [n, D] product
-    -> [1, D].
+    products' first columns weighted and summed in slot order -> [1, D].
 
     Why pairs: two slots of a stack are one strided batch, so a pair costs the dispatched ops of
     one expert, and bmm gives each of two threads its own expert where mm split one small product
     between them: a mixtral-56m layer's two experts 185-217 -> 146-161 us (two threads, weights
-    streamed from memory), 43 -> 29 ops. An odd last slot goes alone."""
+    streamed from memory), 43 -> 25 ops (34 when the choices are not in slot order and the
+    weights are reordered). An odd last slot goes alone."""
     D, I = hidden.shape[1], w2.shape[2]
     ids = topk_ids.tolist()[0]  # (indexing the row first would dispatch two more ops)
     chosen = sorted((s, k) for k, s in enumerate(ids) if s >= 0)
     n = len(chosen)
     if n == 0:
         return torch.zeros_like(hidden)
-    f32 = dict(dtype=hidden.dtype, device=hidden.device)
     xc = torch.cat((hidden, hidden))  # [2, D]: its transposed view is the two equal columns
-    y = torch.empty((n, D, 2), **f32)  # chosen slot j's [D, 2] product at y[j]
+    y = torch.empty((n, D, 2), dtype=hidden.dtype, device=hidden.device)  # slot j's [D, 2] product at y[j]
     for j in range(0, n - 1, 2):
         (a, _), (b, _) = chosen[j], chosen[j + 1]
-        h = torch.bmm(_pair(w13, a, b), xc.as_strided((2, D, 2), (0, 1, D)))  # [2, 2I, 2]
-        z = torch.empty((2, 2, I), **f32)  # silu(gate)·up as rows, handed to w2 transposed (see above)
-        zc = z.as_strided((2, I, 2), (2 * I, 1, I))
-        torch.mul(F.silu(h.as_strided((2, I, 2), (4 * I, 2, 1))), h.as_strided((2, I, 2), (4 * I, 2, 1), 2 * I), out=zc)
-        torch.bmm(_pair(w2, a, b), zc, out=y.as_strided((2, D, 2), (2 * D, 2, 1), j * 2 * D))
+        _block_columns(xc.as_strided((2, D, 2), (0, 1, D)), w13, w2, a, b - a, I,
+                       out=y.as_strided((2, D, 2), (2 * D, 2, 1), j * 2 * D))
     if n % 2:
         _expert_columns(xc.as_strided((D, 2), (1, D)), w13, w2, chosen[-1][0], I,
                         out=y.as_strided((D, 2), (2, 1), (n - 1) * 2 * D))
@@ -124,8 +128,7 @@ def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     """The (token, choice) pairs grouped by slot (-1 pairs dropped), each used slot's rows through
     its expert as columns; runs of consecutive groups of few rows whose slots are evenly spaced
     (any two are; at batch 16 most used slots are neighbours), an even number of them, as one
-    batched matmul per projection;
-    products weighted and added into the tokens' rows -> [T, D].
+    batched matmul per projection; products weighted and added into the tokens' rows -> [T, D].
 
     Layout: the groups' rows sit in x [R, D] in regions of n rows: the m groups of a block all get
     n = their largest row count (at least 2), so the block reads one strided batch of m [D, n]
@@ -147,7 +150,7 @@ def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     slots = flat[order]
     cuts = (np.flatnonzero(slots[1:] != slots[:-1]) + 1).tolist()
     groups = [(int(slots[b]), b, e - b) for b, e in zip([0] + cuts, cuts + [len(slots)])]  # (slot, first, rows)
-    # blocks: (first group, groups in it (1 or 2), n, first row of x / column block of y)
+    # blocks: (first group, groups in it (m), n, first row of x / column block of y)
     plan, R, g = [], 0, 0
     while g < len(groups):
         m = 1  # groups in this block: evenly spaced slots (any two are), each of few rows
@@ -172,18 +175,13 @@ def used_slots_columns(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
                 col[b : b + r], step[b : b + r] = o * D + np.arange(r) * D, 1
             else:  # a [D, n] column block
                 col[b : b + r], step[b : b + r] = o * D + np.arange(r), n
-    f32 = dict(dtype=hidden.dtype, device=hidden.device)
     x = torch.index_select(hidden, 0, torch.from_numpy(src))  # [R, D]
-    y = torch.empty(R * D, **f32)  # block by block: [2, D, n], [D, n] or [r, D]
+    y = torch.empty(R * D, dtype=hidden.dtype, device=hidden.device)  # block by block: [m, D, n], [D, n] or [r, D]
     for g0, m, n, at in plan:
         if m > 1:
             a, d = groups[g0][0], groups[g0 + 1][0] - groups[g0][0]
-            h = torch.bmm(_spaced(w13, a, d, m), x.as_strided((m, D, n), (n * D, 1, D), at * D))  # [m, 2I, n]
-            z = torch.empty((m, n, I), **f32)  # silu(gate)·up as rows, read by w2 transposed (see above)
-            zc = z.as_strided((m, I, n), (n * I, 1, I))
-            torch.mul(F.silu(h.as_strided((m, I, n), (2 * I * n, n, 1))),
-                      h.as_strided((m, I, n), (2 * I * n, n, 1), I * n), out=zc)
-            torch.bmm(_spaced(w2, a, d, m), zc, out=y.as_strided((m, D, n), (D * n, n, 1), at * D))
+            _block_columns(x.as_strided((m, D, n), (n * D, 1, D), at * D), w13, w2, a, d, I,
+                           out=y.as_strided((m, D, n), (D * n, n, 1), at * D))
             continue
         s, r = groups[g0][0], groups[g0][2]
         if r > ROW_MAJOR_MAX_ROWS:  # many rows: linear's rule, F.linear's x·wᵀ

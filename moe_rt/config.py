@@ -46,8 +46,9 @@ class EngineConfig(BaseModel):
                                      "this (1 = off)")
 
     compile: bool = Field(
-        False, description="run each decoder layer's residual adds and RMSNorms through torch.compile (the "
-                           "attention and the expert step stay eager); docs/benchmarks.md has what it gains")
+        False, description="torch.compile: a one-token decode step as one compiled graph per layer (float32 on "
+                           "the CPU, experts resident, no routing observers; models/compiled_decode.py), other "
+                           "steps' residual adds and RMSNorms; docs/benchmarks.md has what it gains")
     cuda_graphs: bool = Field(
         False, description="CUDA only: replay decode-only steps from CUDA graphs captured per batch size "
                            "(padded up to 1, 2, 4, ... max_num_seqs) and block-table width; prefill and "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from moe_rt.layers.norm import rms_norm
+from moe_rt.models.compiled_decode import OneTokenDecode
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -24,5 +25,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 def compile_dense(model) -> None:
-    """Route `model`'s forward through one compiled add_rms_norm (MoEForCausalLM.forward reads it)."""
+    """Route `model`'s forward through one compiled add_rms_norm, and its one-token decode steps
+    through whole compiled layers where they apply (MoEForCausalLM.forward reads both)."""
     model.glue = torch.compile(add_rms_norm, dynamic=None)
+    if OneTokenDecode.supports(model):
+        model.decode_one = OneTokenDecode(model)

@@ -220,7 +220,7 @@ def run(args) -> int:
         "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
     }
     if args.profile:
-        return _run_profile(llm, batches, args, extra)
+        return _run_profile({"moe_rt": llm, **others}, batches, args, extra)
     hf = llama = None
     if "llama.cpp" in baselines:
         from . import llama_cpp
@@ -306,13 +306,21 @@ def run(args) -> int:
     return 0
 
 
-def _run_profile(llm, batches: list[int], args, extra: dict) -> int:
+def _run_profile(sides: dict, batches: list[int], args, extra: dict) -> int:
+    """Profiles of the plain engine and of each side beside it (--compile, --expert-bits, ...)."""
     from .profile import print_profile, profile_decode
 
     if args.profile_steps < 1:
         raise MoeRtError("--profile-steps must be >= 1")
+    llm = sides["moe_rt"]
     vocab = llm.model.spec.vocab_size
-    rows = [profile_decode(llm, _prompts(B, args.prompt_len, vocab, seed=B), args.profile_steps) for B in batches]
+    rows = []
+    for name, side in sides.items():
+        for B in batches:
+            prompts = _prompts(B, args.prompt_len, vocab, seed=B)
+            if name != "moe_rt":  # compile=True compiles its graphs here, outside the profile
+                time_moe_rt(side, prompts, 4)
+            rows.append({"side": name, **profile_decode(side, prompts, args.profile_steps)})
     extra["num_layers"] = llm.model.spec.num_layers
     if args.json:
         emit(rows, args, [], extra)
@@ -320,5 +328,7 @@ def _run_profile(llm, batches: list[int], args, extra: dict) -> int:
     for k, v in extra.items():
         print(f"{k}: {v}")
     for r in rows:
+        if len(sides) > 1:
+            print(f"[{r['side']}]", end=" ")
         print_profile(r)
     return 0

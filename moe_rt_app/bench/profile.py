@@ -18,6 +18,10 @@ What is counted, per decode step (one new token per sequence):
   torch-function mode. A read nested in another read counts once. On a CPU device every tensor
   is in host memory, so a read costs no wait there; the counts show what would wait on a GPU.
   On CUDA, device-to-host copies (`Memcpy DtoH` activity) are counted as well.
+- **compiled graph calls** (compile=True): calls into torch.compile'd code (`Torch-Compiled
+  Region` events) and the time spent in them. The C++ loops inductor generates are not aten ops,
+  so a compiled region counts only the aten calls it still makes (a whole one-token decode layer:
+  its top-k).
 - **top ops by self time**: the aten ops with the most self CPU time (time not spent in the ops
   they call), with their calls per step.
 """
@@ -48,8 +52,18 @@ class _MarkHostReads(TorchFunctionMode):
 
 @contextmanager
 def _mark_layers(model):
-    """Profiler ranges around each decoder layer, its attention and its MLP, via forward hooks."""
+    """Profiler ranges around each decoder layer, its attention and its MLP, via forward hooks;
+    with compile=True, around each call of a whole compiled decode layer (compiled_decode.py),
+    whose attention and MLP are one graph and have no ranges of their own."""
     handles, open_ranges = [], []
+    whole = getattr(model, "decode_one", None)
+    if whole is not None:
+        compiled_layer = whole.fn
+
+        def marked(*args):
+            with record_function(LAYER):
+                return compiled_layer(*args)
+        whole.fn = marked
 
     def enter(name):
         def hook(module, args):
@@ -69,6 +83,8 @@ def _mark_layers(model):
     finally:
         for h in handles:
             h.remove()
+        if whole is not None:
+            whole.fn = compiled_layer
 
 
 def _region(ev) -> str:
@@ -111,8 +127,12 @@ def summarise(events, steps: int, num_layers: int, batch: int, top: int = 10) ->
     moe_syncs = 0
     d2h = 0
     by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # name -> [calls, self us]
+    compiled, compiled_us = 0, 0.0
     for ev in events:
         name = ev.name
+        if name.startswith("Torch-Compiled Region"):
+            compiled += 1
+            compiled_us += ev.cpu_time_total
         if "Memcpy DtoH" in name or "Memcpy Device -> Host" in name:  # CUDA activity names
             d2h += 1
             continue
@@ -145,6 +165,8 @@ def summarise(events, steps: int, num_layers: int, batch: int, top: int = 10) ->
         "moe_host_reads_step": moe_syncs / steps,
         "host_reads_by_op": {k: v / steps for k, v in sorted(syncs.items())},
         "d2h_copies_step": d2h / steps,
+        "compiled_calls_step": compiled / steps,
+        "compiled_ms_step": compiled_us / 1e3 / steps,
         "top_ops": [{"op": n, "calls_step": c / steps, "self_ms_step": us / 1e3 / steps} for n, (c, us) in ranked],
     }
 
@@ -160,16 +182,19 @@ def profile_decode(llm, prompts: list[list[int]], steps: int) -> dict:
     rids = [eng.add_request(p, params) for p in prompts]
     try:
         run_prefills(eng, rids)
-        for _ in range(WARMUP_STEPS):
-            eng.step()
         activities = [ProfilerActivity.CPU]
         if eng.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        with _mark_layers(llm.model), profile(activities=activities) as prof, _MarkHostReads():
-            for _ in range(steps):
+        # The warm-up steps run under the host-read marker too: compiled code is guarded on the
+        # torch-function modes in force, and would otherwise recompile inside the recording
+        with _MarkHostReads():
+            for _ in range(WARMUP_STEPS):
                 eng.step()
-            if eng.device.type == "cuda":
-                torch.cuda.synchronize()
+            with _mark_layers(llm.model), profile(activities=activities) as prof:
+                for _ in range(steps):
+                    eng.step()
+                if eng.device.type == "cuda":
+                    torch.cuda.synchronize()
     finally:
         for r in rids:
             eng.abort(r)
@@ -185,6 +210,8 @@ def print_profile(res: dict) -> None:
     reads = ", ".join(f"{k} {v:g}" for k, v in res["host_reads_by_op"].items()) or "none"
     print(f"  host reads per step: {res['host_reads_step']:g} (MoE blocks {res['moe_host_reads_step']:g}; {reads})"
           + (f"; device-to-host copies {res['d2h_copies_step']:g}" if res["d2h_copies_step"] else ""))
+    if res["compiled_calls_step"]:
+        print(f"  compiled graph calls per step: {res['compiled_calls_step']:g} ({res['compiled_ms_step']:.3f} ms in them)")
     print("  top ops by self time (per step):")
     for t in res["top_ops"]:
         print(f"    {t['op']:<40} {t['calls_step']:8.1f} calls {t['self_ms_step']:9.3f} ms")

@@ -70,6 +70,22 @@ def test_bench_decode_profile_counts_ops_per_layer(mixtral_dir, capsys):
         assert r["moe_host_reads_step"] <= res["num_layers"]
 
 
+def test_bench_decode_profile_with_compile(mixtral_dir, capsys):
+    """--compile beside --profile profiles the compiled engine too (its graphs compiled before the
+    recording): at batch 1 each layer is one compiled call holding one aten op (the top-k), and
+    its MoE blocks read nothing back to the host."""
+    argv = ["bench", "decode", "--profile", "--compile", "--model", str(mixtral_dir), "--batch-sizes", "1",
+            "--profile-steps", "3", "--prompt-len", "5", "--torch-threads", "1", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    eager, compiled = res["results"]
+    assert (eager["side"], compiled["side"]) == ("moe_rt", "compiled")
+    assert eager["compiled_calls_step"] == 0 and eager["aten_ops_layer"] > 10
+    assert compiled["compiled_calls_step"] == res["num_layers"]
+    assert compiled["aten_ops_layer"] == 1.0 and compiled["moe_host_reads_step"] == 0
+
+
 def test_profile_counts_host_reads_and_regions():
     """The counting rules of bench/profile.py on a hand-made forward: every kind of host read
     counts once, a read nested in another does not count again, ranges attribute ops."""

@@ -2,6 +2,7 @@
 engine's greedy tokens, and its fp32 logits within 1e-5 relative (inductor may sum a norm in
 another order); batch shapes compile a bounded number of graphs. One model, few shapes: every
 graph costs seconds of C++ compilation on a CPU."""
+import pytest
 import torch
 
 from moe_rt.sampling_params import SamplingParams
@@ -41,3 +42,77 @@ def test_compile_flag(mixtral_dir, capsys):
     assert capsys.readouterr().out == eager
     assert main(base + ["--compile", "--ep", "2"]) == 2
     assert capsys.readouterr().err == "moe-rt: error: --compile runs on one rank; drop it under expert parallelism (--ep > 1)\n"
+
+
+# compile=True, one-token decode steps: whole compiled layers (moe_rt/models/compiled_decode.py).
+# One case per attention and MLP variant the compiled layer has: plain GQA; a shared expert with
+# its gate, qkv bias and a dense-MLP layer; per-head q/k norms; full-width norms with clip_qkv;
+# a sliding window shorter than the decode.
+LAYER_CASES = {
+    "mixtral": ("mixtral", {}),
+    "mixtral-window": ("mixtral", {"sliding_window": 5}),
+    "qwen2_moe-shared-dense": ("qwen2_moe", {"mlp_only_layers": [0]}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "olmoe-clip": ("olmoe", {"clip_qkv": 0.6, "num_experts_per_tok": 3}),
+}
+
+
+def _counting(llm) -> list:
+    """Calls of llm's compiled decode layer, counted."""
+    dec, calls = llm.model.decode_one, []
+    fn = dec.fn
+    dec.fn = lambda *a: (calls.append(1), fn(*a))[1]
+    return calls
+
+
+@pytest.mark.parametrize("name", list(LAYER_CASES))
+def test_compiled_decode_layers_keep_tokens_and_logprobs(name, tmp_path):
+    import torch._dynamo
+
+    from checkpoints import write_checkpoint
+
+    family, over = LAYER_CASES[name]
+    folder = write_checkpoint(tmp_path / name, family, seed=3, **over)
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=2)
+    eager, compiled = LLM(folder, **opts), LLM(folder, compile=True, **opts)
+    calls = _counting(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # 7 prompt tokens + 21 new: the decode crosses the 16-slot block boundary (the key count is
+    # dynamic: no recompile as the sequence grows) and outruns the sliding window
+    params = SamplingParams(max_tokens=21, temperature=0, ignore_eos=True, logprobs=3)
+    want = eager.generate([PROMPTS[0]], params)[0].outputs[0]
+    got = compiled.generate([PROMPTS[0]], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert len(calls) == 20 * len(compiled.model.layers)  # every decode step, every layer, compiled
+    for a, b in zip(got.logprobs, want.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert a.top.keys() == b.top.keys()
+        assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-4)
+    kinds = len(set(compiled.model.spec.layer_kinds))
+    # the prefill's glue graph, then one decode graph per layer kind
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 + kinds
+
+
+def test_compiled_decode_steps_aside_for_routing_observers(mixtral_dir):
+    """An observer wants every layer's RouterEvent: the eager layers run while it listens."""
+    llm = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, compile=True)
+    calls = _counting(llm)
+    events = []
+    off = llm.model.hub.subscribe(events.append)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    try:
+        with_observer = llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids
+    finally:
+        off()
+    assert not calls and len(events) == 4 * len(llm.model.moe_blocks())
+    assert llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids == with_observer
+    assert len(calls) == 3 * len(llm.model.layers)
+
+
+def test_mla_models_keep_eager_decode(tmp_path):
+    from checkpoints import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ds", "deepseek_v2")
+    llm = LLM(folder, dtype="float32", device="cpu", progress=False, compile=True)
+    assert llm.model.glue is not None and llm.model.decode_one is None

@@ -1,0 +1,193 @@
+"""`compile=True`, batch-1 decode: each decoder layer as one compiled graph (norms, projections,
+rotary, the KV-cache write, attention, routing, the chosen experts and the residual adds).
+
+Why: at one token a layer's eager work is ~110 dispatched ops whose fixed costs outweigh the
+arithmetic (docs/benchmarks.md, "Decode overhead"); inductor turns the layer into two C++ loops
+and one top-k. The projections are written as multiply-and-sum over the weight's rows, which
+inductor fuses with the norm before them and streams as vectorised row reductions, and the
+experts as the same over `w[ids]`: the chosen experts' rows are read through the routed ids in
+the loop itself (no gather copy, no host read of the routing), one thread per expert.
+
+When: a forward of exactly one decode token, float32 on the CPU, grouped-query attention (not
+MLA), every expert resident in plain stacks (ResidentExpertStore without slot maps), the local
+dispatcher and the torch expert compute, no routing observers or forecaster (they want each
+layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers (model.py), and
+several tokens take the compiled glue (compiled.py). `eligible` is the whole rule.
+
+One graph serves every layer of a kind (the weights are arguments): MoE layers, and dense-MLP
+layers where a family has them. The cache length L is dynamic from the first call, so decoding
+does not recompile as sequences grow.
+
+Exactness: the same products as the eager layer in another summation order (fp32 logits within
+1e-5 relative, greedy tokens equal; tests/moe_rt/test_compile.py).
+
+Shape legend: D hidden, H query heads, KV key/value heads, hd head dim, L keys, K chosen experts,
+I expert intermediate size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_rt.layers.attention import AttentionMetadata, LayerKV
+from moe_rt.layers.moe.compute import torch_experts
+from moe_rt.layers.moe.dispatch import LocalDispatcher
+from moe_rt.layers.moe.routing import route
+from moe_rt.layers.moe.store import ResidentExpertStore
+from moe_rt.layers.norm import rms_norm
+from moe_rt.models.spec import AttentionSpec, RoutingSpec
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a layer's graph is specialised on (constants to dynamo; equal for every layer of a model)."""
+
+    attention: AttentionSpec
+    eps: float
+    routing: RoutingSpec | None  # None: a dense-MLP layer
+
+
+def _rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [N, D] times the vector x [D] -> [N], as a row reduction inductor fuses with x's producer."""
+    return (w * x).sum(-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, hd] turned by the rotate-half rule (cos, sin [hd])."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[:, half:], x[:, :half]), -1) * sin
+
+
+def _mlp(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated MLP of the vector h [D]: gate_up [2I, D], down [D, I] -> [D]."""
+    g = _rows(gate_up, h)
+    i = down.shape[1]
+    return _rows(down, F.silu(g[:i]) * g[i:])
+
+
+def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_index, mask,
+                 ln1, ln2, qkv_w, qkv_b, q_norm, k_norm, o_w,
+                 router, bias, w13, w2, gate_up, down, shared_gate) -> torch.Tensor:
+    """One decoder layer for one token: x [1, D] -> [1, D]; k_cache/v_cache [slots, KV, hd] get the
+    token's key and value at `slot` [1]. key_index [KV * L] are rows of the cache viewed as
+    [slots * KV, hd] (AttentionMetadata.key_index), mask [KV, 1, L] the additive decode mask.
+    MoE layers pass router [E, D], bias (or None), w13 [E, 2I, D], w2 [E, D, I] and, for a
+    shared expert, gate_up/down (and shared_gate [1, D] or None); dense layers gate_up/down only."""
+    a = shape.attention
+    H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
+    h = rms_norm(x, ln1, shape.eps)[0]
+    qkv = _rows(qkv_w, h)
+    if qkv_b is not None:
+        qkv = qkv + qkv_b
+    q, k, v = qkv[: H * hd], qkv[H * hd : (H + KV) * hd], qkv[(H + KV) * hd :]
+    if a.qk_norm == "full":
+        q, k = rms_norm(q, q_norm, shape.eps), rms_norm(k, k_norm, shape.eps)
+    if a.clip_qkv is not None:
+        q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+    q, k, v = q.view(H, hd), k.view(KV, hd), v.view(KV, hd)
+    if a.qk_norm == "head":
+        q, k = rms_norm(q, q_norm, shape.eps), rms_norm(k, k_norm, shape.eps)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k_cache.index_copy_(0, slot, k[None])
+    v_cache.index_copy_(0, slot, v[None])
+    L = key_index.shape[0] // KV
+    keys = k_cache.view(-1, hd)[key_index].view(KV, 1, L, hd)
+    values = v_cache.view(-1, hd)[key_index].view(KV, L, hd)
+    # the query heads of a KV head attend to its keys (grouped-query attention, keys not repeated)
+    scores = (q.view(KV, H // KV, 1, hd) * keys).sum(-1) * (1.0 / math.sqrt(hd)) + mask
+    p = torch.softmax(scores, -1)  # [KV, H / KV, L]
+    o = (p[..., None] * values[:, None]).sum(2).reshape(H * hd)
+    x = x + _rows(o_w, o)
+    h = rms_norm(x, ln2, shape.eps)[0]
+    if shape.routing is None:
+        return x + _mlp(h, gate_up, down)
+    weights, ids = route(_rows(router, h)[None], shape.routing, bias)
+    ids, weights = ids[0], weights[0]
+    # each chosen expert's rows read through its id inside the reduction (no copy of w13[ids])
+    g = (w13[ids] * h).sum(-1)  # [K, 2I]
+    i = w2.shape[2]
+    y = (w2[ids] * (F.silu(g[:, :i]) * g[:, i:])[:, None, :]).sum(-1)  # [K, D]
+    out = (y * weights[:, None]).sum(0)
+    if gate_up is not None:
+        shared = _mlp(h, gate_up, down)
+        if shared_gate is not None:
+            shared = torch.sigmoid(_rows(shared_gate, h)) * shared
+        out = out + shared
+    return x + out
+
+
+class OneTokenDecode:
+    """The compiled decode_layer and the per-layer arguments it takes, for one model."""
+
+    def __init__(self, model) -> None:
+        spec = model.spec
+        self.model = model
+        # dynamic=None: only what maybe_mark_dynamic marks (the key count) is symbolic
+        self.fn = torch.compile(decode_layer, dynamic=None, fullgraph=True)
+        routing = spec.moe.routing
+        self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
+                       for kind in spec.layer_kinds]
+        self.windows = [layer.self_attn.window for layer in model.layers]
+        self._weights: tuple[object, list[tuple]] | None = None  # (store, per layer weights)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Grouped-query attention (MLA's latent cache takes the eager layers)."""
+        return model.spec.attention.mla is None
+
+    def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
+        """This forward is one decode token on the CPU in float32, with nothing that needs the
+        eager MoE block (see the module docstring)."""
+        ctx = self.model.moe_ctx
+        store = ctx.store
+        return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and kv_caches is not None and meta.has_decode and not meta.prefill_lens
+                and meta.slot_mapping is not None
+                and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
+                and type(ctx.dispatcher) is LocalDispatcher
+                and type(store) is ResidentExpertStore and store.slot_of is None
+                and all(type(w) is torch.Tensor for w in store.w13 + store.w2))
+
+    def _layer_weights(self, store) -> list[tuple]:
+        """decode_layer's weight arguments of every layer, gathered once per expert store (the
+        engine may swap the store; the model's own parameters stay)."""
+        if self._weights is not None and self._weights[0] is store:
+            return self._weights[1]
+        out = []
+        for layer, shape in zip(self.model.layers, self.shapes):
+            attn, mlp = layer.self_attn, layer.mlp
+            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                     attn.qkv_proj.weight, attn.qkv_proj.bias,
+                     q_norm.weight if q_norm is not None else None,
+                     k_norm.weight if k_norm is not None else None, attn.o_proj.weight)
+            if shape.routing is None:
+                moe = (None, None, None, None, mlp.gate_up_proj.weight, mlp.down_proj.weight, None)
+            else:
+                shared, sg = mlp.shared_expert, mlp.shared_expert_gate
+                moe = (mlp.gate.weight, mlp.e_score_correction_bias, store.w13[mlp.moe_index],
+                       store.w2[mlp.moe_index],
+                       shared.gate_up_proj.weight if shared is not None else None,
+                       shared.down_proj.weight if shared is not None else None,
+                       sg.weight if sg is not None else None)
+            out.append(dense + moe)
+        self._weights = (store, out)
+        return out
+
+    def __call__(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches: list[LayerKV]) -> torch.Tensor:
+        """Every layer for the one token x [1, D] -> [1, D] (before the final norm)."""
+        cos, sin = meta.rope[0][0, 0], meta.rope[1][0, 0]
+        weights = self._layer_weights(self.model.moe_ctx.store)
+        steps: dict = {}  # (KV, window) -> this step's key index and mask, marked dynamic in L
+        for i, kv in enumerate(kv_caches):
+            KV, window = kv.k.shape[1], self.windows[i]
+            keys = steps.get((KV, window))
+            if keys is None:
+                keys = steps[KV, window] = (meta.key_index(KV), meta.decode_mask(window, x.dtype, KV))
+                torch._dynamo.maybe_mark_dynamic(keys[0], 0)
+                torch._dynamo.maybe_mark_dynamic(keys[1], 2)
+            x = self.fn(self.shapes[i], x, cos, sin, kv.k, kv.v, meta.slot_mapping, *keys, *weights[i])
+        return x

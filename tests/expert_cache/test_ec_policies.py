@@ -42,6 +42,14 @@ def test_predictive_ties_broken_by_lru():
     assert eviction_order("predictive", [A, B, C, D], inp) == [D, C, B, A]
 
 
+def test_predictive_without_a_forecast_is_lru_order():
+    """The cache plans a switched-off predictive visit with LRU's (cheaper) key: the same order."""
+    inp = PolicyInputs(last_use={A: 5, B: 2, C: 9, D: 2})
+    keys = [A, B, C, D, (1, 0), (2, 7)]
+    assert eviction_order("predictive", keys, inp) == eviction_order("lru", keys, inp)
+    assert eviction_order("predictive", keys, inp)[:3] == [(1, 0), (2, 7), B]
+
+
 def test_belady_evicts_furthest_next_use_never_used_first():
     inp = PolicyInputs(last_use={A: 3, B: 1, C: 2, D: 0}, next_use={A: 10, B: 12, C: 11})
     # D is never used again.

@@ -46,7 +46,7 @@ class EngineConfig(BaseModel):
                                      "this (1 = off)")
 
     compile: bool = Field(
-        False, description="torch.compile: a one-token decode step as one compiled graph per layer (float32 on "
+        False, description="torch.compile: a decode step of up to 8 tokens as one compiled graph per layer (float32 on "
                            "the CPU, experts resident, no routing observers; models/compiled_decode.py), other "
                            "steps' residual adds and RMSNorms; docs/benchmarks.md has what it gains")
     cuda_graphs: bool = Field(

@@ -1,28 +1,34 @@
-"""`compile=True`, batch-1 decode: each decoder layer as one compiled graph (norms, projections,
-rotary, the KV-cache write, attention, routing, the chosen experts and the residual adds).
+"""`compile=True`, small decode batches: each decoder layer as one compiled graph (norms,
+projections, rotary, the KV-cache write, attention, routing, the chosen experts and the residual
+adds) for a step of 1 to MAX_ROWS decode tokens.
 
-Why: at one token a layer's eager work is ~110 dispatched ops whose fixed costs outweigh the
-arithmetic (docs/benchmarks.md, "Decode overhead"); inductor turns the layer into two C++ loops
-and one top-k. The projections are written as multiply-and-sum over the weight's rows, which
-inductor fuses with the norm before them and streams as vectorised row reductions, and the
-experts as the same over `w[ids]`: the chosen experts' rows are read through the routed ids in
-the loop itself (no gather copy, no host read of the routing), one thread per expert.
+Why: at a few tokens a layer's eager work is over a hundred dispatched ops whose fixed costs
+outweigh the arithmetic (docs/benchmarks.md, "Decode overhead"); inductor turns the layer into
+two C++ loops and one top-k. Up to ROW_REDUCTION_MAX_ROWS tokens the projections are written as
+multiply-and-sum over the weight's rows, which inductor fuses with the norm before them and
+streams as vectorised row reductions (BLAS's matrix-vector kernel reads this layout at a third of
+the bandwidth); above, as a matmul. The experts are the same reductions over `w13[ids]` and
+`w2[ids]`: each token's chosen experts' rows are read through the routed ids in the loop itself
+(no gather copy, no host read of the routing). A token reads its own experts, so an expert two
+tokens chose is read twice (the second time mostly from cache); that is why the rule stops at
+MAX_ROWS, where the eager grouped loop (one read per used expert) catches up.
 
-When: a forward of exactly one decode token, float32 on the CPU, grouped-query attention (not
-MLA), every expert resident in plain stacks (ResidentExpertStore without slot maps), the local
-dispatcher and the torch expert compute, no routing observers or forecaster (they want each
-layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers (model.py), and
-several tokens take the compiled glue (compiled.py). `eligible` is the whole rule.
+When: a forward of 1 to MAX_ROWS decode tokens and no prefill, float32 on the CPU, grouped-query
+attention (not MLA), every expert resident in plain stacks (ResidentExpertStore without slot
+maps), the local dispatcher and the torch expert compute, no routing observers or forecaster
+(they want each layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers
+(model.py) with the compiled glue (compiled.py). `eligible` is the whole rule.
 
 One graph serves every layer of a kind (the weights are arguments): MoE layers, and dense-MLP
-layers where a family has them. The cache length L is dynamic from the first call, so decoding
-does not recompile as sequences grow.
+layers where a family has them. The key count L and the batch are dynamic from the first call, so
+decoding does not recompile as sequences grow or join: a layer kind compiles one graph for one
+token (dynamo specialises a size of 1), one for 2..ROW_REDUCTION_MAX_ROWS and one above.
 
-Exactness: the same products as the eager layer in another summation order (fp32 logits within
-1e-5 relative, greedy tokens equal; tests/moe_rt/test_compile.py).
+Exactness: the same products as the eager layer in another summation order (greedy tokens equal,
+per-token logprobs within 1e-4; tests/moe_rt/test_compile.py).
 
-Shape legend: D hidden, H query heads, KV key/value heads, hd head dim, L keys, K chosen experts,
-I expert intermediate size.
+Shape legend: B decode tokens (one per sequence), D hidden, H query heads, KV key/value heads, hd
+head dim, L keys, K chosen experts, I expert intermediate size.
 """
 from __future__ import annotations
 
@@ -40,6 +46,14 @@ from moe_rt.layers.moe.store import ResidentExpertStore
 from moe_rt.layers.norm import rms_norm
 from moe_rt.models.spec import AttentionSpec, RoutingSpec
 
+# Decode batches up to this many tokens take the compiled layers. Per layer, mixtral-56m shapes,
+# two threads, weights streamed: eager 0.85 / 1.0 / 1.4 / 2.0 ms at 2 / 4 / 8 / 16 tokens, compiled
+# 0.45-0.5 / 0.77 / 1.16-1.3 / 1.8-2.8 ms (docs/benchmarks.md, "Compiled decode layers").
+MAX_ROWS = 8
+# Up to here projections are row reductions; above, matmuls (compiled, 2 tokens: 450 against
+# 622 us per layer; 4: 767 against 791; 8: 1301 against 1164).
+ROW_REDUCTION_MAX_ROWS = 4
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -50,76 +64,79 @@ class LayerShape:
     routing: RoutingSpec | None  # None: a dense-MLP layer
 
 
-def _rows(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w [N, D] times the vector x [D] -> [N], as a row reduction inductor fuses with x's producer."""
-    return (w * x).sum(-1)
+def _proj(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h [B, D] times w [N, D] transposed -> [B, N]: row reductions inductor fuses with h's
+    producer for few rows, a matmul for more."""
+    if h.shape[0] <= ROW_REDUCTION_MAX_ROWS:
+        return (w * h[:, None, :]).sum(-1)
+    return h @ w.t()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, hd] turned by the rotate-half rule (cos, sin [hd])."""
+    """x [B, n, hd] turned by the rotate-half rule (cos, sin [B, 1, hd])."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[:, half:], x[:, :half]), -1) * sin
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 def _mlp(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SiLU-gated MLP of the vector h [D]: gate_up [2I, D], down [D, I] -> [D]."""
-    g = _rows(gate_up, h)
+    """SiLU-gated MLP of h [B, D]: gate_up [2I, D], down [D, I] -> [B, D]."""
+    g = _proj(h, gate_up)
     i = down.shape[1]
-    return _rows(down, F.silu(g[:i]) * g[i:])
+    return _proj(F.silu(g[:, :i]) * g[:, i:], down)
 
 
 def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_index, mask,
                  ln1, ln2, qkv_w, qkv_b, q_norm, k_norm, o_w,
                  router, bias, w13, w2, gate_up, down, shared_gate) -> torch.Tensor:
-    """One decoder layer for one token: x [1, D] -> [1, D]; k_cache/v_cache [slots, KV, hd] get the
-    token's key and value at `slot` [1]. key_index [KV * L] are rows of the cache viewed as
-    [slots * KV, hd] (AttentionMetadata.key_index), mask [KV, 1, L] the additive decode mask.
-    MoE layers pass router [E, D], bias (or None), w13 [E, 2I, D], w2 [E, D, I] and, for a
-    shared expert, gate_up/down (and shared_gate [1, D] or None); dense layers gate_up/down only."""
+    """One decoder layer for one new token per sequence: x [B, D] -> [B, D]; k_cache/v_cache
+    [slots, KV, hd] get the tokens' keys and values at `slot` [B]. key_index [B * KV * L] are rows
+    of the cache viewed as [slots * KV, hd] (AttentionMetadata.key_index), mask [B * KV, 1, L] the
+    additive decode mask, cos/sin [B, 1, hd]. MoE layers pass router [E, D], bias (or None),
+    w13 [E, 2I, D], w2 [E, D, I] and, for a shared expert, gate_up/down (and shared_gate [1, D] or
+    None); dense layers gate_up/down only."""
     a = shape.attention
-    H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
-    h = rms_norm(x, ln1, shape.eps)[0]
-    qkv = _rows(qkv_w, h)
+    B, H, KV, hd = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
+    h = rms_norm(x, ln1, shape.eps)
+    qkv = _proj(h, qkv_w)
     if qkv_b is not None:
         qkv = qkv + qkv_b
-    q, k, v = qkv[: H * hd], qkv[H * hd : (H + KV) * hd], qkv[(H + KV) * hd :]
+    q, k, v = qkv[:, : H * hd], qkv[:, H * hd : (H + KV) * hd], qkv[:, (H + KV) * hd :]
     if a.qk_norm == "full":
         q, k = rms_norm(q, q_norm, shape.eps), rms_norm(k, k_norm, shape.eps)
     if a.clip_qkv is not None:
         q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
-    q, k, v = q.view(H, hd), k.view(KV, hd), v.view(KV, hd)
+    q, k, v = q.reshape(B, H, hd), k.reshape(B, KV, hd), v.reshape(B, KV, hd)
     if a.qk_norm == "head":
         q, k = rms_norm(q, q_norm, shape.eps), rms_norm(k, k_norm, shape.eps)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k_cache.index_copy_(0, slot, k[None])
-    v_cache.index_copy_(0, slot, v[None])
-    L = key_index.shape[0] // KV
-    keys = k_cache.view(-1, hd)[key_index].view(KV, 1, L, hd)
-    values = v_cache.view(-1, hd)[key_index].view(KV, L, hd)
+    k_cache.index_copy_(0, slot, k)
+    v_cache.index_copy_(0, slot, v)
+    L = key_index.shape[0] // (B * KV)
+    keys = k_cache.view(-1, hd)[key_index].view(B * KV, 1, L, hd)
+    values = v_cache.view(-1, hd)[key_index].view(B * KV, L, hd)
     # the query heads of a KV head attend to its keys (grouped-query attention, keys not repeated)
-    scores = (q.view(KV, H // KV, 1, hd) * keys).sum(-1) * (1.0 / math.sqrt(hd)) + mask
-    p = torch.softmax(scores, -1)  # [KV, H / KV, L]
-    o = (p[..., None] * values[:, None]).sum(2).reshape(H * hd)
-    x = x + _rows(o_w, o)
-    h = rms_norm(x, ln2, shape.eps)[0]
+    scores = (q.reshape(B * KV, H // KV, 1, hd) * keys).sum(-1) * (1.0 / math.sqrt(hd)) + mask
+    p = torch.softmax(scores, -1)  # [B * KV, H / KV, L]
+    o = (p[..., None] * values[:, None]).sum(2).reshape(B, H * hd)
+    x = x + _proj(o, o_w)
+    h = rms_norm(x, ln2, shape.eps)
     if shape.routing is None:
         return x + _mlp(h, gate_up, down)
-    weights, ids = route(_rows(router, h)[None], shape.routing, bias)
-    ids, weights = ids[0], weights[0]
-    # each chosen expert's rows read through its id inside the reduction (no copy of w13[ids])
-    g = (w13[ids] * h).sum(-1)  # [K, 2I]
+    weights, ids = route(_proj(h, router), shape.routing, bias)  # [B, K]
+    # each token's chosen experts' rows read through their ids inside the reduction (no copy)
+    g = (w13[ids] * h[:, None, None, :]).sum(-1)  # [B, K, 2I]
     i = w2.shape[2]
-    y = (w2[ids] * (F.silu(g[:, :i]) * g[:, i:])[:, None, :]).sum(-1)  # [K, D]
-    out = (y * weights[:, None]).sum(0)
+    y = (w2[ids] * (F.silu(g[..., :i]) * g[..., i:])[:, :, None, :]).sum(-1)  # [B, K, D]
+    out = (y * weights[..., None]).sum(1)
     if gate_up is not None:
         shared = _mlp(h, gate_up, down)
         if shared_gate is not None:
-            shared = torch.sigmoid(_rows(shared_gate, h)) * shared
+            shared = torch.sigmoid(_proj(h, shared_gate)) * shared
         out = out + shared
     return x + out
 
 
-class OneTokenDecode:
+class CompiledDecode:
     """The compiled decode_layer and the per-layer arguments it takes, for one model."""
 
     def __init__(self, model) -> None:
@@ -139,11 +156,11 @@ class OneTokenDecode:
         return model.spec.attention.mla is None
 
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-        """This forward is one decode token on the CPU in float32, with nothing that needs the
-        eager MoE block (see the module docstring)."""
+        """This forward is 1 to MAX_ROWS decode tokens on the CPU in float32, with nothing that
+        needs the eager MoE block (see the module docstring)."""
         ctx = self.model.moe_ctx
         store = ctx.store
-        return (x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
                 and kv_caches is not None and meta.has_decode and not meta.prefill_lens
                 and meta.slot_mapping is not None
                 and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
@@ -178,16 +195,19 @@ class OneTokenDecode:
         return out
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches: list[LayerKV]) -> torch.Tensor:
-        """Every layer for the one token x [1, D] -> [1, D] (before the final norm)."""
-        cos, sin = meta.rope[0][0, 0], meta.rope[1][0, 0]
+        """Every layer for the decode tokens x [B, D] -> [B, D] (before the final norm)."""
+        cos, sin, slot = meta.rope[0], meta.rope[1], meta.slot_mapping
+        for t in (x, cos, sin, slot):  # B; what each layer returns inherits it
+            torch._dynamo.maybe_mark_dynamic(t, 0)
         weights = self._layer_weights(self.model.moe_ctx.store)
-        steps: dict = {}  # (KV, window) -> this step's key index and mask, marked dynamic in L
+        steps: dict = {}  # (KV, window) -> this step's key index and mask, marked dynamic in B and L
         for i, kv in enumerate(kv_caches):
             KV, window = kv.k.shape[1], self.windows[i]
             keys = steps.get((KV, window))
             if keys is None:
                 keys = steps[KV, window] = (meta.key_index(KV), meta.decode_mask(window, x.dtype, KV))
                 torch._dynamo.maybe_mark_dynamic(keys[0], 0)
+                torch._dynamo.maybe_mark_dynamic(keys[1], 0)
                 torch._dynamo.maybe_mark_dynamic(keys[1], 2)
-            x = self.fn(self.shapes[i], x, cos, sin, kv.k, kv.v, meta.slot_mapping, *keys, *weights[i])
+            x = self.fn(self.shapes[i], x, cos, sin, kv.k, kv.v, slot, *keys, *weights[i])
         return x

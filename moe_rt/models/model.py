@@ -54,9 +54,9 @@ class MoEForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # compile=True: a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py),
-        # and one compiled graph per layer for one-token decode steps (compiled_decode.py)
+        # and one compiled graph per layer for decode steps of up to 8 tokens (compiled_decode.py)
         self.glue = None
-        self.decode_one = None
+        self.compiled_decode = None
 
     @property
     def hub(self):
@@ -74,8 +74,8 @@ class MoEForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens.weight[input_ids]  # the embedding's rows: one index op where F.embedding takes six
         meta.rope = self.rope.lookup(positions, x.dtype)
-        if self.decode_one is not None and self.decode_one.eligible(x, meta, kv_caches):
-            return self.norm(self.decode_one(x, meta, kv_caches))
+        if self.compiled_decode is not None and self.compiled_decode.eligible(x, meta, kv_caches):
+            return self.norm(self.compiled_decode(x, meta, kv_caches))
         if self.glue is not None:
             return self._forward_glued(x, positions, meta, kv_caches)
         for i, layer in enumerate(self.layers):

@@ -56,7 +56,7 @@ def _mark_layers(model):
     with compile=True, around each call of a whole compiled decode layer (compiled_decode.py),
     whose attention and MLP are one graph and have no ranges of their own."""
     handles, open_ranges = [], []
-    whole = getattr(model, "decode_one", None)
+    whole = getattr(model, "compiled_decode", None)
     if whole is not None:
         compiled_layer = whole.fn
 

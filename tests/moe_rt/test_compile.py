@@ -1,7 +1,8 @@
-"""compile=True (moe_rt/models/compiled.py): the compiled residual adds and norms give the eager
-engine's greedy tokens, and its fp32 logits within 1e-5 relative (inductor may sum a norm in
-another order); batch shapes compile a bounded number of graphs. One model, few shapes: every
-graph costs seconds of C++ compilation on a CPU."""
+"""compile=True (moe_rt/models/compiled.py, compiled_decode.py): whole compiled decode layers, or
+for MLA models the compiled residual adds and norms, give the eager engine's greedy tokens, and
+its logits within 1e-5 relative / logprobs within 1e-4 (inductor may sum in another order); shapes
+compile a bounded number of graphs. Few models, few shapes: every graph costs seconds of C++
+compilation on a CPU."""
 import pytest
 import torch
 
@@ -11,12 +12,17 @@ from moe_rt_app import LLM
 PROMPTS = [[5, 17, 42, 9, 77, 3, 12], [101, 7, 64]]
 
 
-def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(mixtral_dir, capsys):
+def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(tmp_path):
+    """A model whose layers are not compiled whole (MLA) gets the compiled glue."""
     import torch._dynamo
 
+    from checkpoints import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ds", "deepseek_v2")
     opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=4)
-    eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
+    eager, compiled = LLM(folder, **opts), LLM(folder, compile=True, **opts)
     assert eager.model.glue is None and compiled.model.glue is not None
+    assert compiled.model.compiled_decode is None
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests in this process
@@ -29,6 +35,12 @@ def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(mixtral_dir, capsys)
     torch.testing.assert_close(compiled.prompt_logits(PROMPTS[0]), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # static T=10, then dynamic T, then T=1 on its own: no recompiling per batch size
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+def test_whole_layers_replace_the_glue(mixtral_dir):
+    """Grouped-query models compile whole decode layers and leave other steps eager (no glue)."""
+    llm = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, compile=True)
+    assert llm.model.compiled_decode is not None and llm.model.glue is None
 
 
 def test_compile_flag(mixtral_dir, capsys):
@@ -44,7 +56,7 @@ def test_compile_flag(mixtral_dir, capsys):
     assert capsys.readouterr().err == "moe-rt: error: --compile runs on one rank; drop it under expert parallelism (--ep > 1)\n"
 
 
-# compile=True, one-token decode steps: whole compiled layers (moe_rt/models/compiled_decode.py).
+# compile=True, decode steps of a few tokens: whole compiled layers (moe_rt/models/compiled_decode.py).
 # One case per attention and MLP variant the compiled layer has: plain GQA; a shared expert with
 # its gate, qkv bias and a dense-MLP layer; per-head q/k norms; full-width norms with clip_qkv;
 # a sliding window shorter than the decode.
@@ -59,7 +71,7 @@ LAYER_CASES = {
 
 def _counting(llm) -> list:
     """Calls of llm's compiled decode layer, counted."""
-    dec, calls = llm.model.decode_one, []
+    dec, calls = llm.model.compiled_decode, []
     fn = dec.fn
     dec.fn = lambda *a: (calls.append(1), fn(*a))[1]
     return calls
@@ -78,20 +90,41 @@ def test_compiled_decode_layers_keep_tokens_and_logprobs(name, tmp_path):
     calls = _counting(compiled)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    # 7 prompt tokens + 21 new: the decode crosses the 16-slot block boundary (the key count is
-    # dynamic: no recompile as the sequence grows) and outruns the sliding window
+    # one sequence, then two of different lengths decoding together: 7 (and 3) prompt tokens and
+    # 21 new, so the decode crosses the 16-slot block boundary (the key count and the batch are
+    # dynamic: no recompile as sequences grow) and outruns the sliding window
     params = SamplingParams(max_tokens=21, temperature=0, ignore_eos=True, logprobs=3)
-    want = eager.generate([PROMPTS[0]], params)[0].outputs[0]
-    got = compiled.generate([PROMPTS[0]], params)[0].outputs[0]
-    assert got.token_ids == want.token_ids
-    assert len(calls) == 20 * len(compiled.model.layers)  # every decode step, every layer, compiled
-    for a, b in zip(got.logprobs, want.logprobs):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
-        assert a.top.keys() == b.top.keys()
-        assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-4)
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        want = [o.outputs[0] for o in eager.generate(prompts, params)]
+        got = [o.outputs[0] for o in compiled.generate(prompts, params)]
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids
+            for a, b in zip(g.logprobs, w.logprobs):
+                assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert a.top.keys() == b.top.keys()
+                assert list(a.top.values()) == pytest.approx(list(b.top.values()), abs=1e-4)
+    # every decode step of both runs, every layer, compiled (20 steps each)
+    assert len(calls) == 2 * 20 * len(compiled.model.layers)
     kinds = len(set(compiled.model.spec.layer_kinds))
-    # the prefill's glue graph, then one decode graph per layer kind
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 + kinds
+    # per layer kind one decode graph for one token and one for two (prefill stays eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * kinds
+
+
+def test_compiled_decode_takes_up_to_max_rows(mixtral_dir):
+    """A decode batch over MAX_ROWS tokens takes the eager layers (the grouped expert loop reads
+    each used expert once); at MAX_ROWS, the compiled ones. Tokens equal either way."""
+    from moe_rt.models.compiled_decode import MAX_ROWS
+
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=MAX_ROWS + 1)
+    eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
+    calls = _counting(compiled)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for n, compiled_steps in ((MAX_ROWS + 1, 0), (MAX_ROWS, 2)):
+        prompts = [[5 + i, 17, 42 + 3 * i] for i in range(n)]
+        calls.clear()
+        want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+        assert len(calls) == compiled_steps * len(compiled.model.layers)
 
 
 def test_compiled_decode_steps_aside_for_routing_observers(mixtral_dir):
@@ -108,11 +141,3 @@ def test_compiled_decode_steps_aside_for_routing_observers(mixtral_dir):
     assert not calls and len(events) == 4 * len(llm.model.moe_blocks())
     assert llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids == with_observer
     assert len(calls) == 3 * len(llm.model.layers)
-
-
-def test_mla_models_keep_eager_decode(tmp_path):
-    from checkpoints import write_checkpoint
-
-    folder = write_checkpoint(tmp_path / "ds", "deepseek_v2")
-    llm = LLM(folder, dtype="float32", device="cpu", progress=False, compile=True)
-    assert llm.model.glue is not None and llm.model.decode_one is None

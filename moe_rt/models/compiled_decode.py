@@ -142,13 +142,13 @@ class CompiledDecode:
     def __init__(self, model) -> None:
         spec = model.spec
         self.model = model
-        # dynamic=None: only what maybe_mark_dynamic marks (the key count) is symbolic
+        # dynamic=None: only what maybe_mark_dynamic marks (the batch, the key count) is symbolic
         self.fn = torch.compile(decode_layer, dynamic=None, fullgraph=True)
         routing = spec.moe.routing
         self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
                        for kind in spec.layer_kinds]
         self.windows = [layer.self_attn.window for layer in model.layers]
-        self._weights: tuple[object, list[tuple]] | None = None  # (store, per layer weights)
+        self._weights: tuple[tuple, list[tuple]] | None = None  # (the stacks they hold, per layer weights)
 
     @staticmethod
     def supports(model) -> bool:
@@ -169,9 +169,11 @@ class CompiledDecode:
                 and all(type(w) is torch.Tensor for w in store.w13 + store.w2))
 
     def _layer_weights(self, store) -> list[tuple]:
-        """decode_layer's weight arguments of every layer, gathered once per expert store (the
-        engine may swap the store; the model's own parameters stay)."""
-        if self._weights is not None and self._weights[0] is store:
+        """decode_layer's weight arguments of every layer, gathered again only when the expert
+        stacks change (the engine may swap the store or its stacks; the model's own parameters
+        stay)."""
+        stacks = (*store.w13, *store.w2)
+        if self._weights is not None and all(a is b for a, b in zip(self._weights[0], stacks)):
             return self._weights[1]
         out = []
         for layer, shape in zip(self.model.layers, self.shapes):
@@ -191,7 +193,7 @@ class CompiledDecode:
                        shared.down_proj.weight if shared is not None else None,
                        sg.weight if sg is not None else None)
             out.append(dense + moe)
-        self._weights = (store, out)
+        self._weights = (stacks, out)
         return out
 
     def __call__(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches: list[LayerKV]) -> torch.Tensor:

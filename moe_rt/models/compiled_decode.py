@@ -1,6 +1,6 @@
 """`compile=True`, small decode batches: each decoder layer as one compiled graph (norms,
 projections, rotary, the KV-cache write, attention, routing, the chosen experts and the residual
-adds) for a step of 1 to MAX_ROWS decode tokens.
+adds) for a step of 1 to a few decode tokens (rows_limit).
 
 Why: at a few tokens a layer's eager work is over a hundred dispatched ops whose fixed costs
 outweigh the arithmetic (docs/benchmarks.md, "Decode overhead"); inductor turns the layer into
@@ -10,10 +10,13 @@ streams as vectorised row reductions (BLAS's matrix-vector kernel reads this lay
 the bandwidth); above, as a matmul. The experts are the same reductions over `w13[ids]` and
 `w2[ids]`: each token's chosen experts' rows are read through the routed ids in the loop itself
 (no gather copy, no host read of the routing). A token reads its own experts, so an expert two
-tokens chose is read twice (the second time mostly from cache); that is why the rule stops at
-MAX_ROWS, where the eager grouped loop (one read per used expert) catches up.
+tokens chose is read twice, the second time from cache only while the batch's expert reads fit
+in it: several tokens take the compiled layers only up to rows_limit (at most MAX_ROWS, where the
+eager grouped loop, one read per used expert, catches up even for small experts); a model whose
+K experts alone outgrow the last-level cache (any real Mixtral, Qwen-MoE or OLMoE) compiles one
+token only.
 
-When: a forward of 1 to MAX_ROWS decode tokens and no prefill, float32 on the CPU, grouped-query
+When: a forward of 1 to rows_limit decode tokens and no prefill, float32 on the CPU, grouped-query
 attention (not MLA), every expert resident in plain stacks (ResidentExpertStore without slot
 maps), the local dispatcher and the torch expert compute, no routing observers or forecaster
 (they want each layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,31 @@ MAX_ROWS = 8
 # Up to here projections are row reductions; above, matmuls (compiled, 2 tokens: 450 against
 # 622 us per layer; 4: 767 against 791; 8: 1301 against 1164).
 ROW_REDUCTION_MAX_ROWS = 4
+# The last-level cache when the system does not say (this machine's L3)
+DEFAULT_CACHE_BYTES = 32 << 20
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache in bytes (Linux sysfs), else DEFAULT_CACHE_BYTES."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=DEFAULT_CACHE_BYTES)
+
+
+def rows_limit(expert_bytes: int, top_k: int, cache_bytes: int) -> int:
+    """Most decode tokens a step may have to take the compiled layers: as many as keep the
+    experts they read (K each, a shared one read again) within the cache, 1 to MAX_ROWS. Measured:
+    mixtral-56m (1.5 MiB experts, K = 2, 32 MiB L3) gains at 8 tokens; mixtral-gpu (42 MiB experts)
+    is even with eager at 4 (41.1 against 40.4 tok/s), as its re-reads come from memory. Pure."""
+    return max(1, min(MAX_ROWS, cache_bytes // max(1, top_k * expert_bytes)))
 
 
 @dataclass(frozen=True)
@@ -148,6 +177,8 @@ class CompiledDecode:
         self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
                        for kind in spec.layer_kinds]
         self.windows = [layer.self_attn.window for layer in model.layers]
+        esize = model.lm_head.weight.element_size()
+        self.max_rows = rows_limit(spec.bytes_per_expert(esize), routing.top_k, last_level_cache_bytes())
         self._weights: tuple[tuple, list[tuple]] | None = None  # (the stacks they hold, per layer weights)
 
     @staticmethod
@@ -156,11 +187,11 @@ class CompiledDecode:
         return model.spec.attention.mla is None
 
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-        """This forward is 1 to MAX_ROWS decode tokens on the CPU in float32, with nothing that
+        """This forward is 1 to max_rows decode tokens on the CPU in float32, with nothing that
         needs the eager MoE block (see the module docstring)."""
         ctx = self.model.moe_ctx
         store = ctx.store
-        return (x.shape[0] <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (x.shape[0] <= self.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
                 and kv_caches is not None and meta.has_decode and not meta.prefill_lens
                 and meta.slot_mapping is not None
                 and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts

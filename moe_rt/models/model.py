@@ -54,7 +54,7 @@ class MoEForCausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # compile=True: a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py),
-        # and one compiled graph per layer for decode steps of up to 8 tokens (compiled_decode.py)
+        # and one compiled graph per layer for decode steps of a few tokens (compiled_decode.py)
         self.glue = None
         self.compiled_decode = None
 

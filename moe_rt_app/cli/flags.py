@@ -33,9 +33,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
                    help="int4 experts: input columns per scale and zero (default 64)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile: decode steps of up to 8 tokens as one compiled graph per layer, other "
-                        "steps' residual adds and RMSNorms (the first steps of each shape compile; "
-                        "docs/benchmarks.md)")
+                   help="torch.compile: decode steps of one token (up to 8 with small experts) as one "
+                        "compiled graph per layer, or on MLA models the residual adds and RMSNorms (the "
+                        "first steps of each shape compile; docs/benchmarks.md)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="CUDA: replay decode steps from CUDA graphs captured per padded batch size "
                         "(prefill stays eager; docs/benchmarks.md)")

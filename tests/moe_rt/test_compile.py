@@ -110,6 +110,16 @@ def test_compiled_decode_layers_keep_tokens_and_logprobs(name, tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 * kinds
 
 
+def test_rows_limit_keeps_a_batch_s_expert_reads_in_cache():
+    from moe_rt.models.compiled_decode import MAX_ROWS, rows_limit
+
+    MiB = 1 << 20
+    assert rows_limit(int(1.5 * MiB), 2, 32 * MiB) == MAX_ROWS  # mixtral-56m: 10 would fit
+    assert rows_limit(4 * MiB, 2, 32 * MiB) == 4
+    assert rows_limit(42 * MiB, 2, 32 * MiB) == 1  # mixtral-gpu: one token only
+    assert rows_limit(0, 8, 0) == 1
+
+
 def test_compiled_decode_takes_up_to_max_rows(mixtral_dir):
     """A decode batch over MAX_ROWS tokens takes the eager layers (the grouped expert loop reads
     each used expert once); at MAX_ROWS, the compiled ones. Tokens equal either way."""
@@ -117,6 +127,7 @@ def test_compiled_decode_takes_up_to_max_rows(mixtral_dir):
 
     opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=MAX_ROWS + 1)
     eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
+    assert compiled.model.compiled_decode.max_rows == MAX_ROWS  # tiny experts
     calls = _counting(compiled)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     for n, compiled_steps in ((MAX_ROWS + 1, 0), (MAX_ROWS, 2)):

@@ -4,7 +4,7 @@ dense glue between its layers, a residual add then an RMSNorm, run through torch
 attention and the MoE step (whose shapes depend on routing) eager.
 
 The glue is not added beside the whole layers: on the steps those leave eager (prefill, decode
-batches over MAX_ROWS) it measured 0.84-0.98x of eager on this CPU (docs/benchmarks.md).
+batches over their rows_limit) it measured 0.84-0.98x of eager on this CPU (docs/benchmarks.md).
 
 One compiled function serves every norm site of every layer (the weight is an argument, so layers
 share the graph): the post-attention add + norm, and the next layer's input add + norm, which

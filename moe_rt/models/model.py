@@ -53,8 +53,8 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # compile=True: a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py),
-        # and one compiled graph per layer for decode steps of a few tokens (compiled_decode.py)
+        # compile=True: one compiled graph per layer for decode steps of a few tokens (compiled_decode.py);
+        # on MLA models instead a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py)
         self.glue = None
         self.compiled_decode = None
 

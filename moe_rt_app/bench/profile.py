@@ -20,7 +20,7 @@ What is counted, per decode step (one new token per sequence):
   On CUDA, device-to-host copies (`Memcpy DtoH` activity) are counted as well.
 - **compiled graph calls** (compile=True): calls into torch.compile'd code (`Torch-Compiled
   Region` events) and the time spent in them. The C++ loops inductor generates are not aten ops,
-  so a compiled region counts only the aten calls it still makes (a whole one-token decode layer:
+  so a compiled region counts only the aten calls it still makes (a whole compiled decode layer:
   its top-k).
 - **top ops by self time**: the aten ops with the most self CPU time (time not spent in the ops
   they call), with their calls per step.

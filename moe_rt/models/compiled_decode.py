@@ -36,6 +36,7 @@ head dim, L keys, K chosen experts, I expert intermediate size.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,14 +166,23 @@ def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_ind
     return x + out
 
 
+def _own_code(fn):
+    """fn with a code object of its own: dynamo keeps compiled graphs, and counts them against its
+    recompile limit (8), per code object, so each model's graphs live apart from another model's
+    in the same process (a benchmark's sides, a test session)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class CompiledDecode:
     """The compiled decode_layer and the per-layer arguments it takes, for one model."""
 
     def __init__(self, model) -> None:
         spec = model.spec
         self.model = model
-        # dynamic=None: only what maybe_mark_dynamic marks (the batch, the key count) is symbolic
-        self.fn = torch.compile(decode_layer, dynamic=None, fullgraph=True)
+        # dynamic=None: only what maybe_mark_dynamic marks (the batch, the key count) is symbolic.
+        # Not fullgraph: past dynamo's recompile limit a fullgraph function fails hard, a plain one
+        # runs eagerly (the same arithmetic); tests hold the graph counts, so a graph break shows.
+        self.fn = torch.compile(_own_code(decode_layer), dynamic=None)
         routing = spec.moe.routing
         self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
                        for kind in spec.layer_kinds]

@@ -152,3 +152,25 @@ def test_compiled_decode_steps_aside_for_routing_observers(mixtral_dir):
     assert not calls and len(events) == 4 * len(llm.model.moe_blocks())
     assert llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids == with_observer
     assert len(calls) == 3 * len(llm.model.layers)
+
+
+def test_compiled_decode_past_the_recompile_limit_runs_eagerly(mixtral_dir):
+    """Each model compiles into a cache of its own, and a shape past dynamo's recompile limit runs
+    the same layer function eagerly: tokens unchanged, no failure mid-generation."""
+    import torch._dynamo
+
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=2)
+    eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
+    other = LLM(mixtral_dir, compile=True, **opts)
+    assert compiled.model.compiled_decode.fn is not other.model.compiled_decode.fn
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    calls = _counting(compiled)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with torch._dynamo.config.patch(recompile_limit=1):  # (config.patch restores it; setattr would not)
+        for prompts in ([PROMPTS[0]], PROMPTS):  # one token a step (compiled), then two (over the limit)
+            want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+            assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+    assert len(calls) == 2 * 3 * len(compiled.model.layers)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+

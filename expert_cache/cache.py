@@ -171,10 +171,7 @@ class ExpertCache(ExpertStore):
         host = self.host.choose(ids, [k for k in keys if not st.is_resident(k)])
         skip = [(l, e) for e in host]
         self.tickets.reclaim(keys, skip)
-        # with no forecast in force the predictive order is LRU's (policies.predictive_key), and
-        # LRU's sort key is the cheaper call: the switched-off cache costs what LRU costs
-        policy = "lru" if predicted is None and self.cfg.policy == "predictive" else self.cfg.policy
-        plan = plan_demand(st, keys, policy, predicted, skip=skip, position=position)
+        plan = plan_demand(st, keys, self.cfg.policy, predicted, skip=skip, position=position)
         # Each load is in flight until its copy is done, so a failed read can be aborted.
         results = st.apply_demand(plan, now, in_flight=True)
         counters.hits += len(plan.hits)

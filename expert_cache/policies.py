@@ -171,6 +171,10 @@ RANK_KEYS: dict[str, Callable[[PolicyInputs], Callable[[ExpertKey], tuple]]] = {
 
 
 def _rank_key(policy: str, inputs: PolicyInputs) -> Callable[[ExpertKey], tuple]:
+    if policy == "predictive" and not inputs.predicted and inputs.position is None:
+        # no forecast in force: predictive_key's order is LRU's, and LRU's key is the cheaper
+        # call (a switched-off predictive cache then ranks at LRU's cost)
+        return lru_key(inputs)
     if policy == "predictive" and inputs.position is not None:
         return forecast_belady_key(inputs)
     try:

@@ -103,7 +103,8 @@ def _proj(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, n, hd] turned by the rotate-half rule (cos, sin [B, 1, hd])."""
+    """x [B, n, hd] turned by the rotate-half rule (cos, sin [B, 1, hd]). Not RotaryEmbedding.rotate:
+    its as_strided views of x made dynamo recompile per batch size (8 graphs instead of 2)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
@@ -207,15 +208,17 @@ class CompiledDecode:
                 and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
                 and type(ctx.dispatcher) is LocalDispatcher
                 and type(store) is ResidentExpertStore and store.slot_of is None
-                and all(type(w) is torch.Tensor for w in store.w13 + store.w2))
+                and self._layer_weights(store) is not None)
 
-    def _layer_weights(self, store) -> list[tuple]:
+    def _layer_weights(self, store: ResidentExpertStore) -> list[tuple] | None:
         """decode_layer's weight arguments of every layer, gathered again only when the expert
         stacks change (the engine may swap the store or its stacks; the model's own parameters
-        stay)."""
+        stay); None when a stack is not a plain tensor (quantized, mixed widths)."""
         stacks = (*store.w13, *store.w2)
         if self._weights is not None and all(a is b for a, b in zip(self._weights[0], stacks)):
             return self._weights[1]
+        if not all(type(w) is torch.Tensor for w in stacks):
+            return None
         out = []
         for layer, shape in zip(self.model.layers, self.shapes):
             attn, mlp = layer.self_attn, layer.mlp

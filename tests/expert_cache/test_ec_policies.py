@@ -43,9 +43,13 @@ def test_predictive_ties_broken_by_lru():
 
 
 def test_predictive_without_a_forecast_is_lru_order():
-    """The cache plans a switched-off predictive visit with LRU's (cheaper) key: the same order."""
+    """With no forecast in force the predictive policy ranks by LRU's (cheaper) key, which is valid
+    because predictive_key itself gives LRU's order then."""
+    from expert_cache.policies import predictive_key
+
     inp = PolicyInputs(last_use={A: 5, B: 2, C: 9, D: 2})
     keys = [A, B, C, D, (1, 0), (2, 7)]
+    assert sorted(keys, key=predictive_key(inp)) == eviction_order("lru", keys, inp)
     assert eviction_order("predictive", keys, inp) == eviction_order("lru", keys, inp)
     assert eviction_order("predictive", keys, inp)[:3] == [(1, 0), (2, 7), B]
 

@@ -49,7 +49,8 @@ class EngineConfig(BaseModel):
         False, description="torch.compile: a decode step of one token (up to 8 with small experts) as one "
                            "compiled graph per layer (float32 on the CPU, experts resident, no routing observers; "
                            "models/compiled_decode.py), or on MLA models the residual adds and RMSNorms; "
-                           "docs/benchmarks.md has what it gains")
+                           "docs/benchmarks.md has what it gains. Graphs compile at the first step of each "
+                           "shape, or all at once in LLM.warm_up() (serve runs it before it listens)")
     cuda_graphs: bool = Field(
         False, description="CUDA only: replay decode-only steps from CUDA graphs captured per batch size "
                            "(padded up to 1, 2, 4, ... max_num_seqs) and block-table width; prefill and "

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from moe_rt.checkpoint import default_model_dir
 from moe_rt_app.assemble import build_engine
 from moe_rt_app.config import RuntimeConfig, build_config
+from moe_rt.engine.warm_up import warm_up
 from moe_rt.errors import MoeRtError
 from moe_rt.outputs import RequestOutput
 from moe_rt.sampling_params import SamplingParams
@@ -42,10 +43,17 @@ class LLM:
         return llm
 
     def _start(self, config: RuntimeConfig, progress: bool) -> None:
-        self.config = config
+        self.config, self._progress = config, progress
         built = build_engine(config, progress=progress)
         self.engine = built.engine
         self.expert_cache, self.online_predictor = built.expert_cache, built.online_predictor
+
+    def warm_up(self) -> list[int]:
+        """With compile=True, compile every decode graph now (a few greedy tokens at one batch size
+        per graph; moe_rt/engine/warm_up.py) rather than in the first requests; the engine is left
+        as it was. Returns the batch sizes stepped through (none when nothing compiles). Call it
+        before adding requests, as `moe-rt serve` does."""
+        return warm_up(self.engine, progress=self._progress)
 
     def close(self) -> None:
         self.engine.close()  # stops every part installed on the engine

@@ -200,15 +200,26 @@ class CompiledDecode:
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
         """This forward is 1 to max_rows decode tokens on the CPU in float32, with nothing that
         needs the eager MoE block (see the module docstring)."""
-        ctx = self.model.moe_ctx
-        store = ctx.store
         return (x.shape[0] <= self.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
                 and kv_caches is not None and meta.has_decode and not meta.prefill_lens
-                and meta.slot_mapping is not None
-                and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
+                and meta.slot_mapping is not None and self.applies())
+
+    def applies(self) -> bool:
+        """The model's side of `eligible`: nothing installed needs the eager MoE block (routing
+        observers or a forecaster, dynamic top-k, another expert compute or dispatcher, an expert
+        cache or quantized stacks)."""
+        ctx = self.model.moe_ctx
+        store = ctx.store
+        return (not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
                 and type(ctx.dispatcher) is LocalDispatcher
                 and type(store) is ResidentExpertStore and store.slot_of is None
                 and self._layer_weights(store) is not None)
+
+    def warm_batches(self, max_num_seqs: int) -> list[int]:
+        """A decode batch size for each graph a layer kind compiles, up to max_num_seqs: one token,
+        2..ROW_REDUCTION_MAX_ROWS, and above (while within max_rows)."""
+        top = min(self.max_rows, max_num_seqs)
+        return [b for b in (1, 2, ROW_REDUCTION_MAX_ROWS + 1) if b <= top]
 
     def _layer_weights(self, store: ResidentExpertStore) -> list[tuple] | None:
         """decode_layer's weight arguments of every layer, gathered again only when the expert

@@ -35,7 +35,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile: decode steps of one token (up to 8 with small experts) as one "
                         "compiled graph per layer, or on MLA models the residual adds and RMSNorms (the "
-                        "first steps of each shape compile; docs/benchmarks.md)")
+                        "first step of each shape compiles it; serve compiles them all before it listens; "
+                        "docs/benchmarks.md)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="CUDA: replay decode steps from CUDA graphs captured per padded batch size "
                         "(prefill stays eager; docs/benchmarks.md)")

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from moe_rt_app.cli.args import float_in, int_in, non_negative_float, port, positive_float, positive_int
@@ -126,19 +128,39 @@ def serve(async_engine, server_cfg, sock: socket.socket, what: str = "") -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_rt_app.cli.flags import build_llm, config_from_args
-    from server.async_engine import AsyncEngine
+    from moe_rt_app.cli.flags import config_from_args
 
     cfg = config_from_args(args)  # flags over the config file: any problem is one line
-    srv = cfg.server
-    logging.basicConfig(level=srv.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if cfg.parallel.ep > 1:
         from moe_rt_app.cli.serve_ep import serve_group
 
         return serve_group(args, cfg)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _serve_one(args, cfg)
+    # SIGTERM (a supervisor's stop) ends the server as Ctrl-C does, with exit code 0: while loading
+    # or compiling it interrupts; once uvicorn runs, uvicorn stops gracefully and then re-raises the
+    # signal, through this handler, as the KeyboardInterrupt serve() catches.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _serve_one(args, cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_one(args: argparse.Namespace, cfg) -> int:
+    from moe_rt_app.cli.flags import build_llm
+    from server.async_engine import AsyncEngine
+
+    srv = cfg.server
     sock = reserve(srv.host, srv.port)
     try:
         llm = build_llm(args, cfg)  # model, tokenizer, placement, dtype, device: any problem is one line
+        started = time.perf_counter()
+        warmed = llm.warm_up()  # compile=True: the decode graphs compile now, not in the first requests
+        if warmed:
+            print(f"moe-rt: compiled the decode graphs for batch sizes {', '.join(map(str, warmed))} "
+                  f"in {time.perf_counter() - started:.1f} s", flush=True)
         sock.listen(2048)
     except BaseException:
         sock.close()

@@ -26,6 +26,10 @@ def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(tmp_path):
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # graphs compiled by earlier tests in this process
+    # warm-up: one prompt (prefill T=4, a static graph; decode T=1, its own), then two (T=8 and
+    # T=2, one graph dynamic in T)
+    assert compiled.warm_up() == [1, 2]
+    warmed = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # one batch of two prompts (prefill T=10, then decode T=2), then one prompt alone (T=7, T=1)
     for prompts in (PROMPTS, PROMPTS[:1]):
         want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
@@ -33,8 +37,8 @@ def test_compiled_dense_glue_keeps_greedy_tokens_and_logits(tmp_path):
         assert got == want
     ref = eager.prompt_logits(PROMPTS[0])
     torch.testing.assert_close(compiled.prompt_logits(PROMPTS[0]), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-    # static T=10, then dynamic T, then T=1 on its own: no recompiling per batch size
-    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    # no recompiling per batch size, and nothing past the warm-up's graphs
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] == warmed <= 3
 
 
 def test_whole_layers_replace_the_glue(mixtral_dir):
@@ -174,3 +178,45 @@ def test_compiled_decode_past_the_recompile_limit_runs_eagerly(mixtral_dir):
     assert len(calls) == 2 * 3 * len(compiled.model.layers)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
+
+
+def test_warm_up_compiles_every_decode_graph_before_the_first_request(mixtral_dir):
+    """LLM.warm_up (what `moe-rt serve --compile` runs before it listens) compiles one graph per
+    batch range; decoding any batch up to max_rows then compiles nothing, with the eager tokens;
+    the engine is left as it was (no request, KV blocks free, step count and sampler unchanged)."""
+    import torch._dynamo
+
+    from moe_rt.models.compiled_decode import MAX_ROWS
+
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=MAX_ROWS)
+    eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
+    engine = compiled.engine
+    rng = engine.generator.get_state()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compiled.warm_up() == [1, 2, 5]  # one token, 2..4 (row reductions), 5..MAX_ROWS
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    stats = engine.stats()
+    assert stats.num_steps == 0 and stats.last_batch_size == 0 and not stats.active_requests
+    assert stats.kv_blocks_free == stats.kv_blocks_total
+    assert torch.equal(engine.generator.get_state(), rng)
+    calls = _counting(compiled)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    for n in (1, 3, MAX_ROWS):
+        prompts = [[5 + i, 17, 42 + 3 * i] for i in range(n)]
+        want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+        assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want
+    assert len(calls) == 3 * 4 * len(compiled.model.layers)  # every decode step took the graphs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # none compiled on the way
+    assert eager.warm_up() == []  # nothing compiled: nothing to warm
+
+
+def test_warm_up_leaves_an_engine_whose_steps_stay_eager(mixtral_dir):
+    """With an expert cache the decode steps stay eager, and warm-up steps would count as cache
+    traffic: warm_up does nothing. A one-sequence engine warms the one-token graph only."""
+    cached = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, compile=True,
+                 cache=dict(offload="cpu", capacity_slots=2))
+    assert cached.warm_up() == []
+    assert cached.expert_cache.stats()["loads"] == 0
+    one = LLM(mixtral_dir, dtype="float32", device="cpu", progress=False, compile=True, max_num_seqs=1)
+    assert one.warm_up() == [1]

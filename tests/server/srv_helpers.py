@@ -7,12 +7,20 @@ effects are awaited with AsyncEngine.wait_for (a condition variable, always with
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 
 from moe_rt_app.assemble import build_engine
@@ -23,6 +31,7 @@ from server.async_engine import AsyncEngine
 
 MODEL = "tiny-mixtral"
 WAIT = 60.0  # seconds any wait may take on a loaded shared machine before the test fails
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -83,3 +92,58 @@ def assert_error(r: httpx.Response, status: int, *fragments: str) -> dict:
     for f in fragments:
         assert f.lower() in body["error"]["message"].lower(), body
     return body["error"]
+
+
+class ServeProcess:
+    """`python -m moe_rt_app.cli.serve ...` as a subprocess, its output lines collected by reader
+    threads (waits are bounded queue reads: no sleeps, no polling)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "moe_rt_app.cli.serve", *argv], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=self._read_out, daemon=True),
+                         threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read_out(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # EOF: the process closed its stdout (exited)
+
+    def wait_line(self, pattern: str) -> re.Match:
+        """The first later stdout line matching pattern (bounded; fails if the process ends first)."""
+        return self.wait_lines(pattern)[0]
+
+    def wait_lines(self, *patterns: str) -> list[re.Match]:
+        """One later stdout line matching each pattern, in any order (bounded; fails if the process
+        ends first)."""
+        found: dict[str, re.Match] = {}
+        while len(found) < len(patterns):
+            missing = [p for p in patterns if p not in found]
+            try:
+                line = self.lines.get(timeout=WAIT)
+            except queue.Empty:
+                pytest.fail(f"no line matching {missing!r} within {WAIT} s; stderr: {''.join(self.err)[-2000:]}")
+            if line is None:
+                self.proc.wait(WAIT)
+                for t in self._readers:
+                    t.join(WAIT)
+                pytest.fail(f"the server exited ({self.proc.returncode}) before {missing!r}; stderr: {''.join(self.err)[-2000:]}")
+            for p in missing:
+                if m := re.search(p, line):
+                    found[p] = m
+        return [found[p] for p in patterns]
+
+    def stop(self) -> int:
+        """SIGTERM, as a supervisor would; returns the exit code (bounded)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(WAIT)
+        finally:
+            for t in self._readers:
+                t.join(WAIT)

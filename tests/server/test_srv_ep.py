@@ -7,15 +7,9 @@ module's fixture kills whatever is left, so no process outlives the tests.
 """
 from __future__ import annotations
 
-import os
-import queue
 import re
 import signal
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import psutil
@@ -24,66 +18,10 @@ import pytest
 from moe_rt import SamplingParams
 from moe_rt_app.cli import serve as cli_serve
 
-from srv_helpers import sse_events
+from srv_helpers import WAIT, ServeProcess, sse_events
 
-ROOT = Path(__file__).resolve().parents[2]
-WAIT = 60.0
 PROMPTS = ["In the beginning God created", "And the earth was", "Hello world, the quick", "And God said"]
 MAX_TOKENS = 10
-
-
-class ServeProcess:
-    """`python -m moe_rt_app.cli.serve --ep 2 ...` with its output lines collected by reader threads."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "moe_rt_app.cli.serve", *argv], cwd=ROOT,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue = queue.Queue()
-        self.err: list[str] = []
-        self._readers = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True)]
-        for t in self._readers:
-            t.start()
-
-    def _read_out(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)  # EOF: the process closed its stdout (exited)
-
-    def wait_line(self, pattern: str) -> re.Match:
-        """The first later stdout line matching pattern (bounded; fails if the process ends first)."""
-        return self.wait_lines(pattern)[0]
-
-    def wait_lines(self, *patterns: str) -> list[re.Match]:
-        """One later stdout line matching each pattern, in any order (bounded; fails if the process
-        ends first)."""
-        found: dict[str, re.Match] = {}
-        while len(found) < len(patterns):
-            missing = [p for p in patterns if p not in found]
-            try:
-                line = self.lines.get(timeout=WAIT)
-            except queue.Empty:
-                pytest.fail(f"no line matching {missing!r} within {WAIT} s; stderr: {''.join(self.err)[-2000:]}")
-            if line is None:
-                self.proc.wait(WAIT)
-                for t in self._readers:
-                    t.join(WAIT)
-                pytest.fail(f"the server exited ({self.proc.returncode}) before {missing!r}; stderr: {''.join(self.err)[-2000:]}")
-            for p in missing:
-                if m := re.search(p, line):
-                    found[p] = m
-        return [found[p] for p in patterns]
-
-    def stop(self) -> int:
-        """SIGTERM, as a supervisor would; returns the exit code (bounded)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(WAIT)
-        finally:
-            for t in self._readers:
-                t.join(WAIT)
 
 
 def _kill_all(pids: list[int]) -> None:

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soak", action="store_true", help="also sample the server's RSS during the load")
     p.add_argument("--rss-interval", type=float, default=5.0, help="seconds between RSS samples (--soak)")
     p.add_argument("--skip-offline", action="store_true", help="skip the offline LLM.generate comparison")
+    p.add_argument("--compile", action="store_true",
+                   help="serve, and run offline, with compile=True (the server compiles its decode graphs "
+                        "before it listens; the offline run's warm-up compiles them likewise)")
 
 
 def _check(args) -> None:
@@ -77,7 +80,8 @@ def _start_server(args, model_dir: str, max_num_seqs: int) -> tuple[subprocess.P
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "moe_rt_app.cli.serve", "--model", model_dir, "--served-model-name", MODEL_NAME,
            "--host", "127.0.0.1", "--port", "0", "--dtype", args.dtype, "--device", args.device,
-           "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max(256, 4 * args.clients)), "--log-level", "warning"]
+           "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max(256, 4 * args.clients)), "--log-level", "warning",
+           *(["--compile"] if args.compile else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
@@ -205,7 +209,9 @@ def _offline(args, model_dir: str, prompts: list[list[int]], max_num_seqs: int) 
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max_num_seqs)
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, progress=False, max_num_seqs=max_num_seqs,
+              compile=args.compile)
+    llm.warm_up()  # compile=True: every decode graph, as the server did before it listened
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], params)  # warm-up
     t = time.perf_counter()
@@ -233,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
     res = {
         "model": model_dir, "clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,
         "prompt_len": args.prompt_len, "max_num_seqs": max_num_seqs, "device": args.device, "dtype": args.dtype,
-        "torch_threads": args.torch_threads,
+        "torch_threads": args.torch_threads, "compile": args.compile,
         "requests": n, "wall_s": rec["wall_s"],
         "requests_per_s": n / rec["wall_s"], "output_tokens_per_s": rec["tokens"] / rec["wall_s"],
         "ttft_p50_s": _pct(rec["ttft"], 50), "ttft_p99_s": _pct(rec["ttft"], 99),

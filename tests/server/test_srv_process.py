@@ -52,3 +52,18 @@ def test_serve_compile_compiles_before_it_listens(mixtral_dir, mixtral_llm):
         if sp.proc.poll() is None:
             sp.proc.kill()
             sp.proc.wait(WAIT)
+
+
+def test_bench_serve_with_compile(mixtral_dir, capsys):
+    """`moe-rt bench serve --compile`: a compiled server under load, beside a compiled offline run;
+    every request answered (the duration is long: --max-requests ends the load, not a clock)."""
+    import json
+
+    from moe_rt_app.bench import serve as bench_serve
+
+    assert bench_serve.main(["--model", str(mixtral_dir), "--clients", "2", "--duration", "600",
+                             "--max-requests", "4", "--max-tokens", "4", "--prompt-len", "4",
+                             "--compile", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["compile"] is True and res["requests"] == 4 and res["errors_5xx"] == 0
+    assert res["offline_tokens_per_s"] > 0

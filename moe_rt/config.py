@@ -47,7 +47,7 @@ class EngineConfig(BaseModel):
 
     compile: bool = Field(
         False, description="torch.compile: a decode step of one token (up to 8 with small experts) as one "
-                           "compiled graph per layer (float32 on the CPU, experts resident, no routing observers; "
+                           "compiled graph per layer (float32 or bfloat16 on the CPU, experts resident, no routing observers; "
                            "models/compiled_decode.py), or on MLA models the residual adds and RMSNorms; "
                            "docs/benchmarks.md has what it gains. Graphs compile at the first step of each "
                            "shape, or all at once in LLM.warm_up() (serve runs it before it listens)")

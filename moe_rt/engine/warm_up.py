@@ -11,16 +11,16 @@ before. The graphs stay in the process (and in inductor's on-disk cache, so a re
 faster).
 
 It runs only where the compiled graphs will: compile=True, and for whole compiled layers the
-conditions of CompiledDecode.applies (float32 on the CPU, experts resident, no observers). An
-engine whose steps stay eager (an expert cache installed, a routing observer) is left untouched,
-since its steps would count as cache traffic and predictor samples.
+conditions of CompiledDecode.applies (float32 or bfloat16 on the CPU, experts resident, no
+observers). An engine whose steps stay eager (an expert cache installed, a routing observer) is
+left untouched, since its steps would count as cache traffic and predictor samples.
 """
 from __future__ import annotations
 
-import torch
 from tqdm import tqdm
 
 from moe_rt.layers.moe.store import ResidentExpertStore
+from moe_rt.models.compiled_decode import DTYPES
 from moe_rt.sampling_params import SamplingParams
 
 PROMPT_TOKENS = 4  # a few keys: dynamo would specialise a key count of 1
@@ -33,7 +33,7 @@ def warm_batches(engine) -> list[int]:
     ctx = model.moe_ctx
     compiled = model.compiled_decode
     if compiled is not None:
-        if engine.device.type != "cpu" or engine.dtype != torch.float32 or not compiled.applies():
+        if engine.device.type != "cpu" or engine.dtype not in DTYPES or not compiled.applies():
             return []
         return compiled.warm_batches(most)
     if model.glue is not None and not ctx.hub.active and type(ctx.store) is ResidentExpertStore:

@@ -16,7 +16,7 @@ eager grouped loop, one read per used expert, catches up even for small experts)
 K experts alone outgrow the last-level cache (any real Mixtral, Qwen-MoE or OLMoE) compiles one
 token only.
 
-When: a forward of 1 to rows_limit decode tokens and no prefill, float32 on the CPU, grouped-query
+When: a forward of 1 to rows_limit decode tokens and no prefill, float32 or bfloat16 on the CPU (DTYPES), grouped-query
 attention (not MLA), every expert resident in plain stacks (ResidentExpertStore without slot
 maps), the local dispatcher and the torch expert compute, no routing observers or forecaster
 (they want each layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers
@@ -27,8 +27,10 @@ layers where a family has them. The key count L and the batch are dynamic from t
 decoding does not recompile as sequences grow or join: a layer kind compiles one graph for one
 token (dynamo specialises a size of 1), one for 2..ROW_REDUCTION_MAX_ROWS and one above.
 
-Exactness: the same products as the eager layer in another summation order (greedy tokens equal,
-per-token logprobs within 1e-4; tests/moe_rt/test_compile.py).
+Exactness: the same products as the eager layer in another summation order (float32: greedy
+tokens equal, per-token logprobs within 1e-4; tests/moe_rt/test_compile.py). bfloat16 keeps
+intermediates in float32 where the eager layers round them, so greedy paths may part; against the
+float32 model both are equally close (the same test file).
 
 Shape legend: B decode tokens (one per sequence), D hidden, H query heads, KV key/value heads, hd
 head dim, L keys, K chosen experts, I expert intermediate size.
@@ -58,6 +60,10 @@ MAX_ROWS = 8
 # Up to here projections are row reductions; above, matmuls (compiled, 2 tokens: 450 against
 # 622 us per layer; 4: 767 against 791; 8: 1301 against 1164).
 ROW_REDUCTION_MAX_ROWS = 4
+# What the compiled layers take. bfloat16: inductor reads the weights as bfloat16 and computes in
+# float32 (half the bytes: mixtral-56m 2.5x eager bfloat16 at one token, whose F.linear streams
+# slowly). float16 is not tested here, so it stays eager.
+DTYPES = (torch.float32, torch.bfloat16)
 # The last-level cache when the system does not say (this machine's L3)
 DEFAULT_CACHE_BYTES = 32 << 20
 
@@ -158,7 +164,8 @@ def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_ind
     g = (w13[ids] * h[:, None, None, :]).sum(-1)  # [B, K, 2I]
     i = w2.shape[2]
     y = (w2[ids] * (F.silu(g[..., :i]) * g[..., i:])[:, :, None, :]).sum(-1)  # [B, K, D]
-    out = (y * weights[..., None]).sum(1)
+    # each weighted row rounded to x's dtype, summed in float32, rounded once (compute._combine)
+    out = (y * weights[..., None]).to(x.dtype).float().sum(1).to(x.dtype)
     if gate_up is not None:
         shared = _mlp(h, gate_up, down)
         if shared_gate is not None:
@@ -198,9 +205,9 @@ class CompiledDecode:
         return model.spec.attention.mla is None
 
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
-        """This forward is 1 to max_rows decode tokens on the CPU in float32, with nothing that
-        needs the eager MoE block (see the module docstring)."""
-        return (x.shape[0] <= self.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
+        """This forward is 1 to max_rows decode tokens on the CPU in one of DTYPES, with nothing
+        that needs the eager MoE block (see the module docstring)."""
+        return (x.shape[0] <= self.max_rows and x.dtype in DTYPES and x.device.type == "cpu"
                 and kv_caches is not None and meta.has_decode and not meta.prefill_lens
                 and meta.slot_mapping is not None and self.applies())
 

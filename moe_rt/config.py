@@ -46,7 +46,7 @@ class EngineConfig(BaseModel):
                                      "this (1 = off)")
 
     compile: bool = Field(
-        False, description="torch.compile: a decode step of one token (up to 8 with small experts) as one "
+        False, description="torch.compile: a decode step of one token (up to 8 with small experts, 32 in bfloat16) as one "
                            "compiled graph per layer (float32 or bfloat16 on the CPU, experts resident, no routing observers; "
                            "models/compiled_decode.py), or on MLA models the residual adds and RMSNorms; "
                            "docs/benchmarks.md has what it gains. Graphs compile at the first step of each "

@@ -11,8 +11,8 @@ the bandwidth); above, as a matmul. The experts are the same reductions over `w1
 `w2[ids]`: each token's chosen experts' rows are read through the routed ids in the loop itself
 (no gather copy, no host read of the routing). A token reads its own experts, so an expert two
 tokens chose is read twice, the second time from cache only while the batch's expert reads fit
-in it: several tokens take the compiled layers only up to rows_limit (at most MAX_ROWS, where the
-eager grouped loop, one read per used expert, catches up even for small experts); a model whose
+in it: several tokens take the compiled layers only up to rows_limit (at most MAX_ROWS of the
+dtype, where the eager grouped loop, one read per used expert, catches up even for small experts); a model whose
 K experts alone outgrow the last-level cache (any real Mixtral, Qwen-MoE or OLMoE) compiles one
 token only.
 
@@ -53,10 +53,14 @@ from moe_rt.layers.moe.store import ResidentExpertStore
 from moe_rt.layers.norm import rms_norm
 from moe_rt.models.spec import AttentionSpec, RoutingSpec
 
-# Decode batches up to this many tokens take the compiled layers. Per layer, mixtral-56m shapes,
-# two threads, weights streamed: eager 0.85 / 1.0 / 1.4 / 2.0 ms at 2 / 4 / 8 / 16 tokens, compiled
-# 0.45-0.5 / 0.77 / 1.16-1.3 / 1.8-2.8 ms (docs/benchmarks.md, "Compiled decode layers").
-MAX_ROWS = 8
+# Decode batches up to this many tokens take the compiled layers, by dtype (and no more than
+# rows_limit's cache bound). float32: the eager expert loop (BLAS in column form, one read per used
+# expert) catches up by 8-16 tokens; per layer, mixtral-56m shapes, two threads, weights streamed:
+# eager 0.85 / 1.0 / 1.4 / 2.0 ms at 2 / 4 / 8 / 16 tokens, compiled 0.45-0.5 / 0.77 / 1.16-1.3 /
+# 1.8-2.8 ms. bfloat16: the eager kernels stream slowly at a few rows (grouped_mm's per-expert
+# matmul at 2 rows: ~6 GB/s), so the compiled layers still win at 16 (mixtral-56m 1.91x) and 32
+# tokens (demo 2.02x) (docs/benchmarks.md, "Compiled decode layers").
+MAX_ROWS = {torch.float32: 8, torch.bfloat16: 32}
 # Up to here projections are row reductions; above, matmuls (compiled, 2 tokens: 450 against
 # 622 us per layer; 4: 767 against 791; 8: 1301 against 1164).
 ROW_REDUCTION_MAX_ROWS = 4
@@ -83,12 +87,13 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=DEFAULT_CACHE_BYTES)
 
 
-def rows_limit(expert_bytes: int, top_k: int, cache_bytes: int) -> int:
+def rows_limit(expert_bytes: int, top_k: int, cache_bytes: int, most: int = MAX_ROWS[torch.float32]) -> int:
     """Most decode tokens a step may have to take the compiled layers: as many as keep the
-    experts they read (K each, a shared one read again) within the cache, 1 to MAX_ROWS. Measured:
-    mixtral-56m (1.5 MiB experts, K = 2, 32 MiB L3) gains at 8 tokens; mixtral-gpu (42 MiB experts)
-    is even with eager at 4 (41.1 against 40.4 tok/s), as its re-reads come from memory. Pure."""
-    return max(1, min(MAX_ROWS, cache_bytes // max(1, top_k * expert_bytes)))
+    experts they read (K each, a shared one read again) within the cache, 1 to `most` (MAX_ROWS of
+    the dtype). Measured: mixtral-56m (1.5 MiB experts, K = 2, 32 MiB L3) gains at 8 tokens;
+    mixtral-gpu (42 MiB experts) is even with eager at 4 (41.1 against 40.4 tok/s), as its re-reads
+    come from memory. Pure."""
+    return max(1, min(most, cache_bytes // max(1, top_k * expert_bytes)))
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,9 @@ class CompiledDecode:
                        for kind in spec.layer_kinds]
         self.windows = [layer.self_attn.window for layer in model.layers]
         esize = model.lm_head.weight.element_size()
-        self.max_rows = rows_limit(spec.bytes_per_expert(esize), routing.top_k, last_level_cache_bytes())
+        dtype = model.lm_head.weight.dtype
+        self.max_rows = rows_limit(spec.bytes_per_expert(esize), routing.top_k, last_level_cache_bytes(),
+                                   MAX_ROWS.get(dtype, 1))
         self._weights: tuple[tuple, list[tuple]] | None = None  # (the stacks they hold, per layer weights)
 
     @staticmethod

@@ -33,7 +33,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", dest="expert_group_size", type=int, choices=[32, 64, 128],
                    help="int4 experts: input columns per scale and zero (default 64)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile: decode steps of one token (up to 8 with small experts) as one "
+                   help="torch.compile: decode steps of one token (up to 8 with small experts, 32 in bfloat16) as one "
                         "compiled graph per layer, or on MLA models the residual adds and RMSNorms (the "
                         "first step of each shape compiles it; serve compiles them all before it listens; "
                         "docs/benchmarks.md)")

@@ -140,6 +140,9 @@ def test_compiled_decode_layers_in_bfloat16_are_as_accurate_as_eager(name, tmp_p
     opts = dict(dtype="bfloat16", device="cpu", progress=False, max_num_seqs=2)
     eager, compiled = LLM(folder, **opts), LLM(folder, compile=True, **opts)
     ref = LLM(folder, dtype="float32", device="cpu", progress=False)
+    from moe_rt.models.compiled_decode import MAX_ROWS
+
+    assert compiled.model.compiled_decode.max_rows == MAX_ROWS[torch.bfloat16]  # tiny experts: up to 32 tokens
     calls = _counting(compiled)
     params = SamplingParams(max_tokens=21, temperature=0, ignore_eos=True, logprobs=1)
     for prompts in ([PROMPTS[0]], PROMPTS):
@@ -153,7 +156,8 @@ def test_rows_limit_keeps_a_batch_s_expert_reads_in_cache():
     from moe_rt.models.compiled_decode import MAX_ROWS, rows_limit
 
     MiB = 1 << 20
-    assert rows_limit(int(1.5 * MiB), 2, 32 * MiB) == MAX_ROWS  # mixtral-56m: 10 would fit
+    assert rows_limit(int(1.5 * MiB), 2, 32 * MiB) == MAX_ROWS[torch.float32]  # mixtral-56m: 10 would fit
+    assert rows_limit(int(0.75 * MiB), 2, 32 * MiB, MAX_ROWS[torch.bfloat16]) == 21  # its bfloat16 experts
     assert rows_limit(4 * MiB, 2, 32 * MiB) == 4
     assert rows_limit(42 * MiB, 2, 32 * MiB) == 1  # mixtral-gpu: one token only
     assert rows_limit(0, 8, 0) == 1
@@ -164,12 +168,13 @@ def test_compiled_decode_takes_up_to_max_rows(mixtral_dir):
     each used expert once); at MAX_ROWS, the compiled ones. Tokens equal either way."""
     from moe_rt.models.compiled_decode import MAX_ROWS
 
-    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=MAX_ROWS + 1)
+    most = MAX_ROWS[torch.float32]  # float32
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=most + 1)
     eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
-    assert compiled.model.compiled_decode.max_rows == MAX_ROWS  # tiny experts
+    assert compiled.model.compiled_decode.max_rows == most  # tiny experts
     calls = _counting(compiled)
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    for n, compiled_steps in ((MAX_ROWS + 1, 0), (MAX_ROWS, 2)):
+    for n, compiled_steps in ((most + 1, 0), (most, 2)):
         prompts = [[5 + i, 17, 42 + 3 * i] for i in range(n)]
         calls.clear()
         want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
@@ -223,7 +228,8 @@ def test_warm_up_compiles_every_decode_graph_before_the_first_request(mixtral_di
 
     from moe_rt.models.compiled_decode import MAX_ROWS
 
-    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=MAX_ROWS)
+    most = MAX_ROWS[torch.float32]  # float32
+    opts = dict(dtype="float32", device="cpu", progress=False, max_num_seqs=most)
     eager, compiled = LLM(mixtral_dir, **opts), LLM(mixtral_dir, compile=True, **opts)
     engine = compiled.engine
     rng = engine.generator.get_state()
@@ -237,7 +243,7 @@ def test_warm_up_compiles_every_decode_graph_before_the_first_request(mixtral_di
     assert torch.equal(engine.generator.get_state(), rng)
     calls = _counting(compiled)
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    for n in (1, 3, MAX_ROWS):
+    for n in (1, 3, most):
         prompts = [[5 + i, 17, 42 + 3 * i] for i in range(n)]
         want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
         assert [o.outputs[0].token_ids for o in compiled.generate(prompts, params)] == want

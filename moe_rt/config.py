@@ -48,7 +48,7 @@ class EngineConfig(BaseModel):
     compile: bool = Field(
         False, description="torch.compile: a decode step of one token (up to 8 with small experts, 32 in bfloat16) as one "
                            "compiled graph per layer (float32 or bfloat16 on the CPU, experts resident, no routing observers; "
-                           "models/compiled_decode.py), or on MLA models the residual adds and RMSNorms; "
+                           "grouped-query or MLA attention; models/compiled_decode.py); "
                            "docs/benchmarks.md has what it gains. Graphs compile at the first step of each "
                            "shape, or all at once in LLM.warm_up() (serve runs it before it listens)")
     cuda_graphs: bool = Field(

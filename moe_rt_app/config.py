@@ -81,7 +81,7 @@ class RuntimeConfig(BaseModel):
         if self.engine.expert_bits_plan is not None and self.engine.expert_compute not in ("torch", "reference"):
             raise ValueError(f"expert_bits_plan runs on expert_compute torch or reference, not "
                              f"{self.engine.expert_compute}")
-        if self.engine.compile and ep > 1:  # the EP layer driver replaces the layers compile_dense sets up
+        if self.engine.compile and ep > 1:  # the EP layer driver is each layer's forward; the compiled layers would go around it
             raise ValueError("compile runs on one rank; drop it under expert parallelism (parallel.ep > 1)")
         if self.engine.cuda_graphs:  # a captured step cannot wait on a collective, a cache or a predictor
             if ep > 1:

@@ -177,8 +177,6 @@ def apply_expert_parallel(model, group: EPGroup, placement: ExpertParallelPlacem
     runtime = EPRuntime(group, placement, dispatcher, comm, stats)
     model.moe_ctx.store = build_ep_store(model, placement, group.rank, reader)
     model.moe_ctx.dispatcher = dispatcher
-    # The EP driver is each layer's forward: the compiled glue path (compile=True) would go around it.
-    model.glue = None
     for i, layer in enumerate(model.layers):
         shard_attention(layer.self_attn, group.rank, N)
         model.layers[i] = EPDecoderLayer(layer, i, runtime)

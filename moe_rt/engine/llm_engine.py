@@ -23,7 +23,7 @@ from moe_rt.errors import MoeRtError
 from moe_rt.layers.moe.compute import get_expert_compute
 from moe_rt.layers.moe.routing import DynamicTopK
 from moe_rt.loader import load_model
-from moe_rt.models.compiled import compile_dense
+from moe_rt.models.compiled_decode import CompiledDecode
 from moe_rt.outputs import CompletionOutput, RequestOutput, StepOutput, StepResult
 from moe_rt.sampling_params import SamplingParams
 from moe_rt.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -71,7 +71,7 @@ class LLMEngine:
         self._closers: list[tuple[str, Callable[[], None]]] = []
         self.model.moe_ctx.compute = get_expert_compute(engine.expert_compute, self.spec.num_experts)
         if engine.compile:
-            compile_dense(self.model)
+            self.model.compiled_decode = CompiledDecode(self.model)
         self.eos_ids = self._eos_ids(model.model)
         ec = engine
         per_token = self.spec.attention.kv_bytes_per_token(self.dtype.itemsize)  # MLA: its latent row only

@@ -4,22 +4,19 @@ Why: dynamo compiles a graph the first time a step of a new shape arrives, secon
 (mixtral-56m cold: ~14 s for the one-token graph, ~6 s for each of the others). Left to the
 requests, the first one waits for that, and every running stream stalls again the first time the
 batch grows to 2 sequences, and again past ROW_REDUCTION_MAX_ROWS. warm_up decodes a few tokens
-at one batch size per graph (CompiledDecode.warm_batches; the MLA glue's three graphs, a static
-first shape, a dynamic one and one token, are reached by batches 1 and 2), then leaves the engine
-as it found it: no request, every KV block free, the step count and the sampler's generator as
-before. The graphs stay in the process (and in inductor's on-disk cache, so a restart compiles
-faster).
+at one batch size per graph (CompiledDecode.warm_batches), then leaves the engine as it found it:
+no request, every KV block free, the step count and the sampler's generator as before. The graphs
+stay in the process (and in inductor's on-disk cache, so a restart compiles faster).
 
-It runs only where the compiled graphs will: compile=True, and for whole compiled layers the
-conditions of CompiledDecode.applies (float32 or bfloat16 on the CPU, experts resident, no
-observers). An engine whose steps stay eager (an expert cache installed, a routing observer) is
-left untouched, since its steps would count as cache traffic and predictor samples.
+It runs only where the compiled graphs will: compile=True and the conditions of
+CompiledDecode.applies (float32 or bfloat16 on the CPU, experts resident, no observers). An engine
+whose steps stay eager (an expert cache installed, a routing observer) is left untouched, since its
+steps would count as cache traffic and predictor samples.
 """
 from __future__ import annotations
 
 from tqdm import tqdm
 
-from moe_rt.layers.moe.store import ResidentExpertStore
 from moe_rt.models.compiled_decode import DTYPES
 from moe_rt.sampling_params import SamplingParams
 
@@ -29,16 +26,10 @@ NEW_TOKENS = 3  # two decode steps at each batch size
 
 def warm_batches(engine) -> list[int]:
     """The decode batch sizes warm_up steps through for `engine` (empty: nothing to compile)."""
-    model, most = engine.model, engine.scheduler.max_num_seqs
-    ctx = model.moe_ctx
-    compiled = model.compiled_decode
-    if compiled is not None:
-        if engine.device.type != "cpu" or engine.dtype not in DTYPES or not compiled.applies():
-            return []
-        return compiled.warm_batches(most)
-    if model.glue is not None and not ctx.hub.active and type(ctx.store) is ResidentExpertStore:
-        return [b for b in (1, 2) if b <= most]
-    return []
+    compiled = engine.model.compiled_decode
+    if compiled is None or engine.device.type != "cpu" or engine.dtype not in DTYPES or not compiled.applies():
+        return []
+    return compiled.warm_batches(engine.scheduler.max_num_seqs)
 
 
 def warm_up(engine, *, progress: bool = True) -> list[int]:

@@ -4,7 +4,7 @@ from torch import nn
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm's arithmetic (float32 for low-precision inputs, cast back), as a plain function for
-    callers that trace it (compile=True, moe_rt/models/compiled.py)."""
+    callers that trace it (compile=True, moe_rt/models/compiled_decode.py)."""
     if x.dtype == torch.float32:
         return x * torch.rsqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * weight
     h = x.float()

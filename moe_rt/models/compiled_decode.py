@@ -12,15 +12,18 @@ the bandwidth); above, as a matmul. The experts are the same reductions over `w1
 (no gather copy, no host read of the routing). A token reads its own experts, so an expert two
 tokens chose is read twice, the second time from cache only while the batch's expert reads fit
 in it: several tokens take the compiled layers only up to rows_limit (at most MAX_ROWS of the
-dtype, where the eager grouped loop, one read per used expert, catches up even for small experts); a model whose
-K experts alone outgrow the last-level cache (any real Mixtral, Qwen-MoE or OLMoE) compiles one
-token only.
+dtype, where the eager grouped loop, one read per used expert, catches up even for small
+experts); a model whose K experts alone outgrow the last-level cache (any real Mixtral, Qwen-MoE
+or OLMoE) compiles one token only.
 
-When: a forward of 1 to rows_limit decode tokens and no prefill, float32 or bfloat16 on the CPU (DTYPES), grouped-query
-attention (not MLA), every expert resident in plain stacks (ResidentExpertStore without slot
-maps), the local dispatcher and the torch expert compute, no routing observers or forecaster
-(they want each layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers
-(model.py) with the compiled glue (compiled.py). `eligible` is the whole rule.
+Attention: grouped-query over the paged cache, or MLA (DeepSeek) absorbed as layers/mla.py decodes
+it, attending over the cached latent rows.
+
+When: a forward of 1 to rows_limit decode tokens and no prefill, float32 or bfloat16 on the CPU
+(DTYPES), every expert resident in plain stacks (ResidentExpertStore without slot maps), the local
+dispatcher and the torch expert compute, no routing observers or forecaster (they want each
+layer's RouterEvent), no dynamic top-k. Anything else takes the eager layers (model.py).
+`eligible` is the whole rule.
 
 One graph serves every layer of a kind (the weights are arguments): MoE layers, and dense-MLP
 layers where a family has them. The key count L and the batch are dynamic from the first call, so
@@ -37,6 +40,7 @@ head dim, L keys, K chosen experts, I expert intermediate size.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import types
 from dataclasses import dataclass
@@ -127,15 +131,13 @@ def _mlp(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Te
     return _proj(F.silu(g[:, :i]) * g[:, i:], down)
 
 
-def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_index, mask,
-                 ln1, ln2, qkv_w, qkv_b, q_norm, k_norm, o_w,
-                 router, bias, w13, w2, gate_up, down, shared_gate) -> torch.Tensor:
-    """One decoder layer for one new token per sequence: x [B, D] -> [B, D]; k_cache/v_cache
-    [slots, KV, hd] get the tokens' keys and values at `slot` [B]. key_index [B * KV * L] are rows
-    of the cache viewed as [slots * KV, hd] (AttentionMetadata.key_index), mask [B * KV, 1, L] the
-    additive decode mask, cos/sin [B, 1, hd]. MoE layers pass router [E, D], bias (or None),
-    w13 [E, 2I, D], w2 [E, D, I] and, for a shared expert, gate_up/down (and shared_gate [1, D] or
-    None); dense layers gate_up/down only."""
+def _attention(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_index, mask, ln1, attn) -> torch.Tensor:
+    """x [B, D] plus its attention over the cached keys (the input norm, qkv, rotary, the KV-cache
+    write, grouped-query attention, o_proj) -> [B, D]. attn: (qkv_w, qkv_b, q_norm, k_norm, o_w);
+    MLA layers take _mla_attention."""
+    if shape.attention.mla is not None:
+        return _mla_attention(shape, x, cos, sin, k_cache, slot, key_index, mask, ln1, attn)
+    qkv_w, qkv_b, q_norm, k_norm, o_w = attn
     a = shape.attention
     B, H, KV, hd = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
     h = rms_norm(x, ln1, shape.eps)
@@ -160,7 +162,60 @@ def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_ind
     scores = (q.reshape(B * KV, H // KV, 1, hd) * keys).sum(-1) * (1.0 / math.sqrt(hd)) + mask
     p = torch.softmax(scores, -1)  # [B * KV, H / KV, L]
     o = (p[..., None] * values[:, None]).sum(2).reshape(B, H * hd)
-    x = x + _proj(o, o_w)
+    return x + _proj(o, o_w)
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, n, dr] turned pair by pair, (x0, x1), (x2, x3), ..., laid out [even | odd] as
+    RotaryEmbedding.apply_interleaved does (cos, sin [B, 1, dr], each frequency twice)."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * c - odd * s, odd * c + even * s), -1)
+
+
+def _mla_attention(shape: LayerShape, x, cos, sin, cache, slot, key_index, mask, ln1, attn) -> torch.Tensor:
+    """MLA (layers/mla.py) for one new token per sequence, absorbed as its eager decode is: the
+    query's no-rope part is turned into latent space by W_uk, attends over the cached [c | k_pe]
+    rows (one shared head), and the latent output leaves through W_uv. cache [slots, 1, R + dr];
+    attn: (q_w, q_a_w, q_a_b, q_a_norm, q_b_w, kv_a_w, kv_a_b, kv_a_norm, w_uk [H, dn, R],
+    w_uv [H, dv, R], o_w, o_b), q_w None where the query has a LoRA (q_a_*, q_b_w)."""
+    q_w, q_a_w, q_a_b, q_a_norm, q_b_w, kv_a_w, kv_a_b, kv_a_norm, w_uk, w_uv, o_w, o_b = attn
+    m, H = shape.attention.mla, shape.attention.num_heads
+    B, R, dn = x.shape[0], m.kv_lora_rank, m.qk_nope_head_dim
+    h = rms_norm(x, ln1, shape.eps)
+    if q_w is not None:
+        q = _proj(h, q_w)
+    else:
+        qa = _proj(h, q_a_w)
+        q = _proj(rms_norm(qa if q_a_b is None else qa + q_a_b, q_a_norm, 1e-6), q_b_w)
+    q = q.reshape(B, H, m.qk_head_dim)
+    kva = _proj(h, kv_a_w)
+    kva = kva if kv_a_b is None else kva + kv_a_b
+    latent, k_pe = rms_norm(kva[:, :R], kv_a_norm, 1e-6), kva[:, None, R:]
+    turn = _rotate_pairs if m.rope_interleave else _rotate
+    q_pe, k_pe = turn(q[..., dn:], cos, sin), turn(k_pe, cos, sin)
+    cache.index_copy_(0, slot, torch.cat((latent[:, None, :], k_pe), -1))
+    L = key_index.shape[0] // B
+    rows = cache.view(-1, R + m.qk_rope_head_dim)[key_index].view(B, 1, L, R + m.qk_rope_head_dim)
+    q_abs = (q[..., :dn, None] * w_uk).sum(2)  # [B, H, R]: W_uk^T q_nope
+    scores = (torch.cat((q_abs, q_pe), -1)[:, :, None, :] * rows).sum(-1) * m.softmax_scale + mask
+    p = torch.softmax(scores, -1)  # [B, H, L]
+    o = (p[..., None] * rows[..., :R]).sum(2)  # [B, H, R]
+    out = _proj((o[:, :, None, :] * w_uv).sum(-1).reshape(B, -1), o_w)  # W_uv per head, then o_proj
+    return x + (out if o_b is None else out + o_b)
+
+
+def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_index, mask,
+                 ln1, ln2, attn, router, bias, w13, w2, gate_up, down, shared_gate) -> torch.Tensor:
+    """One decoder layer for one new token per sequence: x [B, D] -> [B, D]; k_cache/v_cache
+    [slots, KV, hd] get the tokens' keys and values at `slot` [B] (MLA: k_cache [slots, 1, R + dr]
+    gets the latent rows, v_cache is its view). key_index [B * KV * L] are rows of the cache viewed
+    as [slots * KV, hd] (AttentionMetadata.key_index), mask [B * KV, 1, L] the additive decode
+    mask, cos/sin [B, 1, rope dim]; attn the attention's weights (_attention, _mla_attention). MoE
+    layers pass router [E, D], bias (or None), w13 [E, 2I, D], w2 [E, D, I] and, for a shared
+    expert, gate_up/down (and shared_gate [1, D] or None); dense layers gate_up/down only."""
+    x = _attention(shape, x, cos, sin, k_cache, v_cache, slot, key_index, mask, ln1, attn)
     h = rms_norm(x, ln2, shape.eps)
     if shape.routing is None:
         return x + _mlp(h, gate_up, down)
@@ -179,11 +234,39 @@ def decode_layer(shape: LayerShape, x, cos, sin, k_cache, v_cache, slot, key_ind
     return x + out
 
 
+def _weight(module):
+    return module.weight if module is not None else None
+
+
+def _bias(module):
+    return module.bias if module is not None else None
+
+
+def _attention_weights(attn) -> tuple:
+    """The `attn` tuple _attention takes, from a layer's attention module."""
+    if attn.spec.mla is None:
+        return (attn.qkv_proj.weight, attn.qkv_proj.bias, _weight(getattr(attn, "q_norm", None)),
+                _weight(getattr(attn, "k_norm", None)), attn.o_proj.weight)
+    q, q_a = getattr(attn, "q_proj", None), getattr(attn, "q_a_proj", None)
+    w_uk, w_uv = attn._w_kv()
+    return (_weight(q), _weight(q_a), _bias(q_a), _weight(getattr(attn, "q_a_layernorm", None)),
+            _weight(getattr(attn, "q_b_proj", None)), attn.kv_a_proj_with_mqa.weight, attn.kv_a_proj_with_mqa.bias,
+            attn.kv_a_layernorm.weight, w_uk, w_uv, attn.o_proj.weight, attn.o_proj.bias)
+
+
+_copies = itertools.count()
+
+
 def _own_code(fn):
-    """fn with a code object of its own: dynamo keeps compiled graphs, and counts them against its
-    recompile limit (8), per code object, so each model's graphs live apart from another model's
-    in the same process (a benchmark's sides, a test session)."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    """fn with a code object of its own, under a name of its own: dynamo keeps compiled graphs, and
+    counts them against its recompile limit (8), per code object, and it remembers which sizes
+    changed between calls (automatic dynamic shapes) per code name and line. Each model's graphs
+    thereby live apart from another model's in the same process (a benchmark's sides, a test
+    session): with a shared name, a second model's weights, whose sizes differ from the first's,
+    would compile as dynamic sizes, into slower and differently rounded loops."""
+    name = f"{fn.__name__}_{next(_copies)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 class CompiledDecode:
@@ -199,17 +282,12 @@ class CompiledDecode:
         routing = spec.moe.routing
         self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
                        for kind in spec.layer_kinds]
-        self.windows = [layer.self_attn.window for layer in model.layers]
+        self.windows = [getattr(layer.self_attn, "window", None) for layer in model.layers]  # MLA: none
         esize = model.lm_head.weight.element_size()
         dtype = model.lm_head.weight.dtype
         self.max_rows = rows_limit(spec.bytes_per_expert(esize), routing.top_k, last_level_cache_bytes(),
                                    MAX_ROWS.get(dtype, 1))
         self._weights: tuple[tuple, list[tuple]] | None = None  # (the stacks they hold, per layer weights)
-
-    @staticmethod
-    def supports(model) -> bool:
-        """Grouped-query attention (MLA's latent cache takes the eager layers)."""
-        return model.spec.attention.mla is None
 
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
         """This forward is 1 to max_rows decode tokens on the CPU in one of DTYPES, with nothing
@@ -246,12 +324,9 @@ class CompiledDecode:
             return None
         out = []
         for layer, shape in zip(self.model.layers, self.shapes):
-            attn, mlp = layer.self_attn, layer.mlp
-            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            mlp = layer.mlp
             dense = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                     attn.qkv_proj.weight, attn.qkv_proj.bias,
-                     q_norm.weight if q_norm is not None else None,
-                     k_norm.weight if k_norm is not None else None, attn.o_proj.weight)
+                     _attention_weights(layer.self_attn))
             if shape.routing is None:
                 moe = (None, None, None, None, mlp.gate_up_proj.weight, mlp.down_proj.weight, None)
             else:

@@ -53,9 +53,7 @@ class MoEForCausalLM(nn.Module):
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # compile=True: one compiled graph per layer for decode steps of a few tokens (compiled_decode.py);
-        # on MLA models instead a compiled (x, delta, weight, eps) -> (x + delta, RMSNorm(x + delta)) (compiled.py)
-        self.glue = None
+        # compile=True: one compiled graph per layer for decode steps of a few tokens (compiled_decode.py)
         self.compiled_decode = None
 
     @property
@@ -76,24 +74,9 @@ class MoEForCausalLM(nn.Module):
         meta.rope = self.rope.lookup(positions, x.dtype)
         if self.compiled_decode is not None and self.compiled_decode.eligible(x, meta, kv_caches):
             return self.norm(self.compiled_decode(x, meta, kv_caches))
-        if self.glue is not None:
-            return self._forward_glued(x, positions, meta, kv_caches)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta, kv_caches[i] if kv_caches is not None else None)
         return self.norm(x)
-
-    def _forward_glued(self, x, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """DecoderLayer.forward for every layer, each residual add fused with the norm after it:
-        layer i's MoE output is added at layer i+1's input norm (the last at the final norm)."""
-        eps = self.spec.rms_norm_eps
-        h, delta = self.layers[0].input_layernorm(x), None
-        for i, layer in enumerate(self.layers):
-            if delta is not None:
-                x, h = self.glue(x, delta, layer.input_layernorm.weight, eps)
-            a = layer.self_attn(h, positions, meta, kv_caches[i] if kv_caches is not None else None)
-            x, h = self.glue(x, a, layer.post_attention_layernorm.weight, eps)
-            delta = layer.mlp(h)
-        return self.glue(x, delta, self.norm.weight, eps)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

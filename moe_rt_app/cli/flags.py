@@ -34,9 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="int4 experts: input columns per scale and zero (default 64)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile: decode steps of one token (up to 8 with small experts, 32 in bfloat16) as one "
-                        "compiled graph per layer, or on MLA models the residual adds and RMSNorms (the "
-                        "first step of each shape compiles it; serve compiles them all before it listens; "
-                        "docs/benchmarks.md)")
+                        "compiled graph per layer, grouped-query or MLA attention (the first step of each "
+                        "shape compiles it; serve compiles them all before it listens; docs/benchmarks.md)")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="CUDA: replay decode steps from CUDA graphs captured per padded batch size "
                         "(prefill stays eager; docs/benchmarks.md)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from moe_rt.errors import MoeRtError
 from moe_rt.models.compiled_decode import DTYPES
 from moe_rt.sampling_params import SamplingParams
 
@@ -39,7 +40,7 @@ def warm_up(engine, *, progress: bool = True) -> list[int]:
     if not batches:
         return []
     if engine.has_unfinished():
-        raise RuntimeError("warm_up runs before any request is added")
+        raise MoeRtError("warm_up runs before any request is added: the engine holds requests")
     steps, rng = engine.num_steps, engine.generator.get_state()
     length = max(1, min(PROMPT_TOKENS, engine.max_model_len - NEW_TOKENS))
     prompt = [t % engine.vocab_size for t in range(1, length + 1)]

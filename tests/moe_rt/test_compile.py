@@ -6,6 +6,7 @@ compilation on a CPU."""
 import pytest
 import torch
 
+from moe_rt.errors import MoeRtError
 from moe_rt.sampling_params import SamplingParams
 from moe_rt_app import LLM
 
@@ -235,6 +236,9 @@ def test_warm_up_compiles_every_decode_graph_before_the_first_request(mixtral_di
     assert len(calls) == 3 * 4 * len(compiled.model.layers)  # every decode step took the graphs
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # none compiled on the way
     assert eager.warm_up() == []  # nothing compiled: nothing to warm
+    compiled.engine.add_request([5, 17], SamplingParams(max_tokens=2))
+    with pytest.raises(MoeRtError, match="warm_up runs before any request is added"):
+        compiled.warm_up()
 
 
 def test_warm_up_leaves_an_engine_whose_steps_stay_eager(mixtral_dir):

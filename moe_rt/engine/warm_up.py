@@ -18,7 +18,6 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from moe_rt.errors import MoeRtError
-from moe_rt.models.compiled_decode import DTYPES
 from moe_rt.sampling_params import SamplingParams
 
 PROMPT_TOKENS = 4  # a few keys: dynamo would specialise a key count of 1
@@ -28,7 +27,7 @@ NEW_TOKENS = 3  # two decode steps at each batch size
 def warm_batches(engine) -> list[int]:
     """The decode batch sizes warm_up steps through for `engine` (empty: nothing to compile)."""
     compiled = engine.model.compiled_decode
-    if compiled is None or engine.device.type != "cpu" or engine.dtype not in DTYPES or not compiled.applies():
+    if compiled is None or not compiled.applies():
         return []
     return compiled.warm_batches(engine.scheduler.max_num_seqs)
 

@@ -283,26 +283,25 @@ class CompiledDecode:
         self.shapes = [LayerShape(spec.attention, spec.rms_norm_eps, routing if kind == "moe" else None)
                        for kind in spec.layer_kinds]
         self.windows = [getattr(layer.self_attn, "window", None) for layer in model.layers]  # MLA: none
-        esize = model.lm_head.weight.element_size()
-        dtype = model.lm_head.weight.dtype
-        self.max_rows = rows_limit(spec.bytes_per_expert(esize), routing.top_k, last_level_cache_bytes(),
-                                   MAX_ROWS.get(dtype, 1))
+        w = model.lm_head.weight
+        self.runs_here = w.dtype in DTYPES and w.device.type == "cpu"  # the model's dtype and device
+        self.max_rows = rows_limit(spec.bytes_per_expert(w.element_size()), routing.top_k, last_level_cache_bytes(),
+                                   MAX_ROWS.get(w.dtype, 1))
         self._weights: tuple[tuple, list[tuple]] | None = None  # (the stacks they hold, per layer weights)
 
     def eligible(self, x: torch.Tensor, meta: AttentionMetadata, kv_caches) -> bool:
         """This forward is 1 to max_rows decode tokens on the CPU in one of DTYPES, with nothing
         that needs the eager MoE block (see the module docstring)."""
-        return (x.shape[0] <= self.max_rows and x.dtype in DTYPES and x.device.type == "cpu"
-                and kv_caches is not None and meta.has_decode and not meta.prefill_lens
-                and meta.slot_mapping is not None and self.applies())
+        return (x.shape[0] <= self.max_rows and kv_caches is not None and meta.has_decode
+                and not meta.prefill_lens and meta.slot_mapping is not None and self.applies())
 
     def applies(self) -> bool:
-        """The model's side of `eligible`: nothing installed needs the eager MoE block (routing
-        observers or a forecaster, dynamic top-k, another expert compute or dispatcher, an expert
-        cache or quantized stacks)."""
+        """The model's side of `eligible`: one of DTYPES on the CPU, and nothing installed needs the
+        eager MoE block (routing observers or a forecaster, dynamic top-k, another expert compute or
+        dispatcher, an expert cache or quantized stacks)."""
         ctx = self.model.moe_ctx
         store = ctx.store
-        return (not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
+        return (self.runs_here and not ctx.hub.active and ctx.dynamic_topk is None and ctx.compute is torch_experts
                 and type(ctx.dispatcher) is LocalDispatcher
                 and type(store) is ResidentExpertStore and store.slot_of is None
                 and self._layer_weights(store) is not None)
@@ -335,7 +334,7 @@ class CompiledDecode:
                        store.w2[mlp.moe_index],
                        shared.gate_up_proj.weight if shared is not None else None,
                        shared.down_proj.weight if shared is not None else None,
-                       sg.weight if sg is not None else None)
+                       _weight(sg))
             out.append(dense + moe)
         self._weights = (stacks, out)
         return out

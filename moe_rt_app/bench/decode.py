@@ -318,8 +318,7 @@ def _run_profile(sides: dict, batches: list[int], args, extra: dict) -> int:
     for name, side in sides.items():
         for B in batches:
             prompts = _prompts(B, args.prompt_len, vocab, seed=B)
-            if name != "moe_rt":  # compile=True compiles its graphs here, outside the profile
-                time_moe_rt(side, prompts, 4)
+            # (compile=True compiles its graphs in profile_decode's warm-up steps, before the recording)
             rows.append({"side": name, **profile_decode(side, prompts, args.profile_steps)})
     extra["num_layers"] = llm.model.spec.num_layers
     if args.json:
